@@ -1,0 +1,101 @@
+"""The `pdserve` command line. Each subcommand parses its flags and hands off to one module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", type=Path, default=None,
+                       help="HF model directory (default: the bundled demo)")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--num-blocks", type=int, default=1024, help="KV cache blocks")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    group.add_argument("--max-num-seqs", type=int, default=64)
+    group.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step")
+    group.add_argument("--max-model-len", type=int, default=2048)
+    group.add_argument("--threads", type=int, default=2, help="OMP threads of the engine process")
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        cache=CacheConfig(num_blocks=args.num_blocks, block_size=args.block_size),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+        ),
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode disaggregated LLM serving")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="continue prompts offline through one engine")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--logprobs", type=int, default=None, help="top-k logprobs per token (0-20)")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--speculative-config", default=None, help="JSON, FastDeploy's format")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    _add_engine_flags(gen)
+    gen.set_defaults(handler=_generate)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pdserve.engine.client import EngineClient, EngineClientConfig
+    from pdserve.engine.offline import generate
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.models.loader import default_model_dir
+    from pdserve.models.tokenizer import Tokenizer
+
+    if args.speculative_config is not None:
+        raise SystemExit("--speculative-config: speculative decoding is not available in this build yet")
+    model_dir = args.model or default_model_dir()
+    tokenizer = Tokenizer.from_dir(model_dir)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, seed=args.seed, logprobs=args.logprobs, stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+    config = EngineClientConfig(model_dir=str(model_dir), engine=_engine_config(args),
+                                eos_token_ids=tokenizer.eos_token_ids, dtype=args.dtype,
+                                omp_num_threads=args.threads, log_level=args.log_level)
+    with EngineClient(config) as client:
+        results = generate(client, tokenizer, args.prompt, params)
+    for result in results:
+        if args.json:
+            print(json.dumps(result.to_json()))
+        else:
+            print(f"{result.prompt}\033[1m{result.text}\033[0m  [{result.finish_reason}]\n")
+    return 0 if all(r.error is None for r in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.handler(args)
+    except ValueError as exc:  # config and parameter validation: a clear message, not a traceback
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The paged KV cache pool: every layer's K and V blocks in one buffer, optionally in shared memory.
+
+Layout of the buffer: ``[num_layers, 2 (K, V), num_blocks, num_kv_heads, block_size, head_dim]``, so
+each layer's K (and V) is one contiguous ``[num_blocks, num_kv_heads, block_size, head_dim]`` array
+(docs/architecture.md explains the heads-before-positions choice). Paddle tensors view the buffer
+zero-copy through DLPack: a write by a peer process that maps the same file is visible to the model
+without a copy, which is what the same-host PD transfer relies on.
+
+Shared memory is a file under ``/dev/shm`` (a tmpfs) mapped with numpy. We manage the file ourselves
+instead of ``multiprocessing.shared_memory`` because, on Python 3.11, every process that attaches
+registers the segment with its resource tracker and unlinks it on exit — the peer would delete the
+owner's pool.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import paddle
+
+SHM_DIR = Path("/dev/shm")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int  # decoder layers plus MTP layers; the MTP layer is always last
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"KVCacheSpec.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"KVCacheSpec.dtype must be float32, float16 or bfloat16 (got {self.dtype})")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+
+    @property
+    def block_shape(self) -> tuple[int, int, int]:
+        """One block of one layer's K or V: [num_kv_heads, block_size, head_dim]."""
+        return (self.num_kv_heads, self.block_size, self.head_dim)
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block across every layer, K and V: what a request pays per block."""
+        return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim * self.itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_per_block * self.num_blocks
+
+    def numpy_dtype(self) -> np.dtype:
+        # numpy has no bfloat16: such a pool is stored as raw uint16 and viewed as bf16 by paddle.
+        return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[self.dtype])
+
+
+class KVCachePool:
+    """Owns (or maps) the KV buffer and exposes per-layer ``(k_cache, v_cache)`` paddle views."""
+
+    def __init__(self, spec: KVCacheSpec, array: np.ndarray, shm_path: Path | None, owner: bool):
+        self.spec = spec
+        self.array = array  # [layers, 2, blocks, heads, block_size, head_dim]
+        self.shm_path = shm_path
+        self._owner = owner
+        self.caches: list[tuple[paddle.Tensor, paddle.Tensor]] = [
+            (_paddle_view(array[layer, 0], spec.dtype), _paddle_view(array[layer, 1], spec.dtype))
+            for layer in range(spec.num_layers)
+        ]
+
+    @classmethod
+    def allocate(cls, spec: KVCacheSpec) -> KVCachePool:
+        """A private pool in this process's memory."""
+        return cls(spec, np.zeros(spec.shape, dtype=spec.numpy_dtype()), None, owner=True)
+
+    @classmethod
+    def create_shared(cls, spec: KVCacheSpec, name: str | None = None) -> KVCachePool:
+        """A pool in a new /dev/shm file that peers on this host can `attach` to by name."""
+        name = name or f"pdserve-kv-{uuid.uuid4().hex}"
+        path = SHM_DIR / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, spec.total_bytes)
+        finally:
+            os.close(fd)
+        array = np.memmap(path, dtype=spec.numpy_dtype(), mode="r+", shape=spec.shape)
+        return cls(spec, array, path, owner=True)
+
+    @classmethod
+    def attach(cls, spec: KVCacheSpec, name: str) -> KVCachePool:
+        """Map a peer's shared pool. The size must match the spec exactly: a mismatch means the two
+        processes disagree about the layout, and writing would corrupt the owner's cache."""
+        path = SHM_DIR / name
+        size = path.stat().st_size
+        if size != spec.total_bytes:
+            raise ValueError(f"shared KV pool {name} has {size} bytes, the spec needs {spec.total_bytes}")
+        array = np.memmap(path, dtype=spec.numpy_dtype(), mode="r+", shape=spec.shape)
+        return cls(spec, array, path, owner=False)
+
+    @property
+    def shm_name(self) -> str | None:
+        return self.shm_path.name if self.shm_path else None
+
+    def block_view(self, layer: int, kv: int, block_id: int) -> np.ndarray:
+        """One block of one layer's K (kv=0) or V (kv=1) as a writable numpy view."""
+        return self.array[layer, kv, block_id]
+
+    def close(self) -> None:
+        """Drop the mapping; the owner of a shared pool also removes its file."""
+        # The mapping itself goes with the last reference: unmapping now could pull memory from
+        # under a paddle view that is still alive.
+        self.caches = []
+        if self._owner and self.shm_path is not None:
+            self.shm_path.unlink(missing_ok=True)
+        self.shm_path = None
+
+
+def _paddle_view(array: np.ndarray, dtype: str) -> paddle.Tensor:
+    tensor = paddle.from_dlpack(array.__dlpack__())
+    if dtype == "bfloat16":
+        tensor = tensor.view(paddle.bfloat16)
+    return tensor

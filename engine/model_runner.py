@@ -1,0 +1,166 @@
+"""Runs one scheduled step on the model: builds the flattened batch, runs the forward pass over the
+paged KV cache, then samples and gathers logprobs for the rows that produce tokens.
+
+The runner never decides anything: it consumes a `SchedulerOutput` and returns what the tensors
+said, per request. Logprobs are computed from the raw logits (before penalties and temperature,
+FastDeploy's default) and only for requests that asked for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+
+from pdserve.engine.kv_cache import KVCachePool
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
+from pdserve.kernels.attention import AttentionMetadata
+from pdserve.kernels.logprobs import TokenLogprobs, prompt_logprobs, top_logprobs
+from pdserve.kernels.sampling import SamplingBatch, SamplingRow, sample
+from pdserve.models.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Logprob facts of one emitted token (raw logits)."""
+
+    logprob: float
+    rank: int  # 1-based rank of the token among the whole vocabulary
+    top_ids: tuple[int, ...]  # the request's top-k, most likely first
+    top_logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """What one step produced for one request: accepted drafts, then one new token."""
+
+    token_ids: tuple[int, ...]
+    infos: tuple[TokenInfo, ...] = ()  # one per token when the request asked for logprobs, else empty
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sampled: dict[str, SampledTokens]  # by request id, for chunks with sample=True
+    # Prompt logprobs computed this step: request id -> (prompt positions it covers, one per token).
+    prompt_logprobs: dict[str, tuple[int, tuple[TokenInfo, ...]]]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv_pool: KVCachePool) -> None:
+        self.model = model
+        self.kv_pool = kv_pool
+        self.block_size = kv_pool.spec.block_size
+        self.vocab_size = model.config.vocab_size
+
+    @paddle.no_grad()
+    def execute(self, output: SchedulerOutput) -> StepResult:
+        chunks = output.chunks
+        input_ids, positions, meta = self._prepare(chunks)
+        hidden = self.model(input_ids, positions, self.kv_pool.caches, meta)  # [T, hidden]
+        sample_rows, prompt_rows = _logit_rows(chunks)
+        sampled = self._sample(chunks, hidden, sample_rows)
+        prompts = self._prompt_logprobs(chunks, hidden, prompt_rows)
+        return StepResult(sampled=sampled, prompt_logprobs=prompts)
+
+    def _prepare(self, chunks: Sequence[ScheduledChunk]
+                 ) -> tuple[paddle.Tensor, paddle.Tensor, AttentionMetadata]:
+        ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64)
+        pos = np.concatenate([np.arange(c.start_position, c.context_len, dtype=np.int64) for c in chunks])
+        meta = AttentionMetadata.build(
+            block_tables=[c.block_table for c in chunks],
+            query_lens=[len(c.token_ids) for c in chunks],
+            context_lens=[c.context_len for c in chunks],
+            block_size=self.block_size,
+        )
+        return paddle.to_tensor(ids), paddle.to_tensor(pos), meta
+
+    def _sample(self, chunks: Sequence[ScheduledChunk], hidden: paddle.Tensor,
+                rows: list[int]) -> dict[str, SampledTokens]:
+        sampling_chunks = [c for c in chunks if c.sample]
+        if not sampling_chunks:
+            return {}
+        logits = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))  # [S, vocab]
+        batch = SamplingBatch.from_rows([_sampling_row(c.request) for c in sampling_chunks], self.vocab_size)
+        token_ids = sample(logits, batch)  # [S]
+        infos = self._token_infos([c.request for c in sampling_chunks], logits, token_ids)
+        ids = token_ids.numpy().tolist()
+        return {
+            c.request.request_id: SampledTokens((ids[i],), (infos[i],) if infos[i] else ())
+            for i, c in enumerate(sampling_chunks)
+        }
+
+    def _token_infos(self, requests: Sequence[Request], logits: paddle.Tensor,
+                     token_ids: paddle.Tensor) -> list[TokenInfo | None]:
+        wanted = [r.sampling_params.logprobs for r in requests]
+        if all(k is None for k in wanted):
+            return [None] * len(requests)
+        k_max = max(k for k in wanted if k is not None)
+        facts = top_logprobs(logits, token_ids, k_max)
+        return [None if k is None else info for k, info in zip(wanted, _unpack(facts, wanted), strict=True)]
+
+    def _prompt_logprobs(self, chunks: Sequence[ScheduledChunk], hidden: paddle.Tensor,
+                         prompt_rows: PromptRows) -> dict[str, tuple[int, tuple[TokenInfo, ...]]]:
+        result: dict[str, tuple[int, tuple[TokenInfo, ...]]] = {}
+        requests = {c.request.request_id: c.request for c in chunks}
+        for request_id, (first_position, rows, next_ids) in prompt_rows.items():
+            k = requests[request_id].sampling_params.prompt_logprobs
+            logits = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))
+            facts = prompt_logprobs(logits, paddle.to_tensor(np.asarray(next_ids, dtype=np.int64)), k)
+            result[request_id] = (first_position, tuple(_unpack(facts, [k] * len(rows))))
+        return result
+
+
+PromptRows = dict[str, tuple[int, list[int], list[int]]]  # request id -> (first position, rows, next ids)
+
+
+def _logit_rows(chunks: Sequence[ScheduledChunk]) -> tuple[list[int], PromptRows]:
+    """Rows of the flattened batch whose logits are needed: the last row of every sampling chunk, and
+    for requests that asked for prompt logprobs, every row whose next token is a known prompt token."""
+    sample_rows: list[int] = []
+    prompt_rows: PromptRows = {}
+    offset = 0
+    for chunk in chunks:
+        n = len(chunk.token_ids)
+        if chunk.sample:
+            sample_rows.append(offset + n - 1 - chunk.num_draft_tokens)
+        request = chunk.request
+        wants_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
+        if wants_prompt_logprobs and chunk.start_position < request.num_prompt_tokens:
+            # Row for position p predicts token p + 1; prompt logprobs cover tokens 1 .. prompt_len-1.
+            last = min(chunk.context_len, request.num_prompt_tokens - 1)
+            positions = list(range(chunk.start_position, last))
+            if positions:
+                prompt_rows[request.request_id] = (
+                    chunk.start_position + 1,
+                    [offset + p - chunk.start_position for p in positions],
+                    [request.prompt_token_ids[p + 1] for p in positions],
+                )
+        offset += n
+    return sample_rows, prompt_rows
+
+
+def _sampling_row(request: Request) -> SamplingRow:
+    params = request.sampling_params
+    if params.seed is None:
+        raise ValueError(f"request {request.request_id!r} reached the runner without a resolved seed")
+    return SamplingRow(
+        params=params,
+        seed=params.seed,
+        prompt_token_ids=np.asarray(request.prompt_token_ids, dtype=np.int64),
+        output_token_ids=np.asarray(request.output_token_ids, dtype=np.int64),
+        eos_token_ids=tuple(sorted(request.eos_token_ids)),
+    )
+
+
+def _unpack(facts: TokenLogprobs, ks: Sequence[int | None]) -> list[TokenInfo]:
+    logprob = facts.token_logprob.numpy().tolist()
+    rank = facts.token_rank.numpy().tolist()
+    top_ids = facts.topk_ids.numpy().tolist()
+    top_lps = facts.topk_logprobs.numpy().tolist()
+    return [
+        TokenInfo(logprob[i], rank[i], tuple(top_ids[i][: k or 0]), tuple(top_lps[i][: k or 0]))
+        for i, k in enumerate(ks)
+    ]

@@ -1,0 +1,233 @@
+"""The engine process: a busy loop of take tasks -> step -> emit outputs.
+
+Started by `EngineClient` as ``python -m pdserve.engine.process CONFIG_JSON``. Tasks arrive as frames on
+stdin (read by one I/O thread, so the loop itself never blocks on a pipe); per-step outputs leave over
+the SysV output queue; control events (ready, rejected, failed) leave as frames on stdout. The loop
+ends on a Shutdown task, on stdin closing (the node server is gone), or when the output queue's
+reader is gone — in every case the KV pool and the queue writer are released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import msgspec
+import numpy as np
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine, RequestOutput, kv_spec_for
+from pdserve.engine.kv_cache import KVCachePool
+from pdserve.engine.output_codec import SlotEvent, SlotOutput, StepOutput
+from pdserve.engine.output_queue import OutputQueueAddress, OutputQueueWriter, ReaderGoneError
+from pdserve.engine.protocol import (
+    AbortRequest,
+    AddRequest,
+    EngineEvent,
+    EngineFailed,
+    EngineReady,
+    EngineTask,
+    ProtocolError,
+    RequestRejected,
+    Shutdown,
+    decode_task,
+    encode_event,
+    read_frame,
+    write_frame,
+)
+from pdserve.engine.request import RequestStatus
+from pdserve.engine.scheduler import AdmissionError
+
+log = logging.getLogger("pdserve.engine")
+
+
+@dataclass(frozen=True)
+class EngineProcessConfig:
+    model_dir: str
+    engine: EngineConfig
+    output_queue: OutputQueueAddress
+    dtype: str = "float32"
+    shared_kv_pool: bool = False  # put the KV pool in /dev/shm so a same-host peer can write into it
+    eos_token_ids: tuple[int, ...] = ()
+    log_level: str = "WARNING"
+
+
+def encode_config(config: EngineProcessConfig) -> str:
+    return msgspec.json.encode(config).decode()
+
+
+def decode_config(text: str) -> EngineProcessConfig:
+    return msgspec.json.decode(text.encode(), type=EngineProcessConfig)
+
+
+class TaskInbox:
+    """Frames from a pipe, decoded by a reader thread; the engine loop polls without blocking."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._tasks: queue.SimpleQueue[EngineTask | ProtocolError] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), name="task-inbox", daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: BinaryIO) -> None:
+        while True:
+            try:
+                payload = read_frame(stream)
+            except ProtocolError as exc:  # framing is lost: there is no way to find the next frame
+                log.error("task stream broken, stopping: %s", exc)
+                payload = None
+            if payload is None:  # the node server closed our stdin (or broke it): it is gone
+                self._tasks.put(Shutdown())
+                return
+            try:
+                self._tasks.put(decode_task(payload))
+            except ProtocolError as exc:  # one bad frame; the next one is still readable
+                self._tasks.put(exc)
+
+    def take(self, wait_s: float) -> list[EngineTask | ProtocolError]:
+        """Every queued task; waits up to wait_s for the first one when none is queued."""
+        items = []
+        try:
+            items.append(self._tasks.get(timeout=wait_s) if wait_s > 0 else self._tasks.get_nowait())
+            while True:
+                items.append(self._tasks.get_nowait())
+        except queue.Empty:
+            pass
+        return items
+
+
+class EventWriter:
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def send(self, event: EngineEvent) -> None:
+        write_frame(self._stream, encode_event(event))
+
+
+def to_step_output(step: int, outputs: list[RequestOutput]) -> StepOutput:
+    return StepOutput(step=step, is_draft=False, slots=tuple(_slot(o) for o in outputs))
+
+
+_EVENT_FOR_STATUS = {
+    RequestStatus.RUNNING: SlotEvent.TOKENS,
+    RequestStatus.PREEMPTED: SlotEvent.PREEMPTED,
+    RequestStatus.FINISHED_STOPPED: SlotEvent.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH: SlotEvent.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED: SlotEvent.ABORTED,
+    RequestStatus.FINISHED_ERROR: SlotEvent.ERROR,
+}
+
+
+def _slot(output: RequestOutput) -> SlotOutput:
+    event = _EVENT_FOR_STATUS[output.status]
+    if not output.new_token_ids:
+        return SlotOutput.marker(output.seq_id, event)
+    n = len(output.new_token_ids)
+    infos = output.infos
+    k = len(infos[0].top_ids) if infos else 0
+    return SlotOutput(
+        seq_id=output.seq_id,
+        event=event,
+        token_ids=np.asarray(output.new_token_ids, dtype=np.uint32),
+        logprobs=np.asarray([i.logprob for i in infos] if infos else [0.0] * n, dtype=np.float32),
+        ranks=np.asarray([i.rank for i in infos] if infos else [0] * n, dtype=np.uint32),
+        topk_ids=np.asarray([i.top_ids for i in infos], dtype=np.uint32).reshape(n, k),
+        topk_logprobs=np.asarray([i.top_logprobs for i in infos], dtype=np.float32).reshape(n, k),
+        num_accepted_drafts=output.num_accepted_drafts,
+    )
+
+
+class EngineLoop:
+    """Ties the engine to its channels: take tasks, step, emit. No socket work happens here."""
+
+    def __init__(self, engine: LLMEngine, inbox: TaskInbox, writer: OutputQueueWriter, events: EventWriter):
+        self.engine = engine
+        self.inbox = inbox
+        self.writer = writer
+        self.events = events
+        self._request_ids: dict[int, str] = {}  # seq_id -> request_id of live requests
+
+    def run(self) -> None:
+        while True:
+            idle = not self.engine.has_unfinished()
+            for task in self.inbox.take(wait_s=0.5 if idle else 0.0):
+                if isinstance(task, Shutdown):
+                    return
+                self._apply(task)
+            if not self.engine.has_unfinished():
+                continue
+            outputs = self.engine.step()
+            if outputs:
+                self.writer.send(to_step_output(self.engine.steps, outputs))
+            for output in outputs:
+                if output.finished:
+                    self._request_ids.pop(output.seq_id, None)
+
+    def _apply(self, task: EngineTask | ProtocolError) -> None:
+        if isinstance(task, ProtocolError):
+            log.error("dropped a malformed task frame: %s", task)
+        elif isinstance(task, AddRequest):
+            self._add(task)
+        elif isinstance(task, AbortRequest):
+            request_id = self._request_ids.pop(task.seq_id, None)
+            if request_id is not None and self.engine.abort(request_id):
+                marker = RequestOutput(request_id, task.seq_id, (), (), RequestStatus.FINISHED_ABORTED)
+                self.writer.send(to_step_output(self.engine.steps, [marker]))
+
+    def _add(self, task: AddRequest) -> None:
+        if task.seq_id in self._request_ids:
+            self.events.send(RequestRejected(task.seq_id, f"seq_id {task.seq_id} is already live"))
+            return
+        try:
+            self.engine.add_request(task.request_id, task.prompt_token_ids, task.sampling, task.seq_id)
+        except (AdmissionError, ValueError) as exc:
+            self.events.send(RequestRejected(task.seq_id, str(exc)))
+            return
+        self._request_ids[task.seq_id] = task.request_id
+
+
+def build_engine(config: EngineProcessConfig) -> tuple[LLMEngine, KVCachePool]:
+    from pdserve.models.loader import load_model  # imported here: paddle is heavy and only the child needs it
+
+    model = load_model(config.model_dir, config.dtype)
+    spec = kv_spec_for(model, config.engine)
+    pool = KVCachePool.create_shared(spec) if config.shared_kv_pool else KVCachePool.allocate(spec)
+    return LLMEngine(model, config.engine, pool, config.eos_token_ids), pool
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = decode_config(argv[0])
+    logging.basicConfig(level=config.log_level, format="%(asctime)s engine %(levelname)s %(message)s")
+    events = EventWriter(sys.stdout.buffer)
+    pool = None
+    try:
+        engine, pool = build_engine(config)
+        writer = OutputQueueWriter(config.output_queue)
+        events.send(EngineReady(pid=os.getpid(), num_blocks=config.engine.cache.num_blocks,
+                                block_size=config.engine.cache.block_size, kv_pool_name=pool.shm_name))
+        EngineLoop(engine, TaskInbox(sys.stdin.buffer), writer, events).run()
+    except ReaderGoneError:
+        log.warning("output queue reader is gone; engine stopping")
+    except Exception as exc:  # the process is about to exit: report why, then let the traceback print
+        _try_send(events, EngineFailed(f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+    return 0
+
+
+def _try_send(events: EventWriter, event: EngineEvent) -> None:
+    try:
+        events.send(event)
+    except OSError:
+        log.warning("could not report %s: the node server closed our stdout", type(event).__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

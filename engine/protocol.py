@@ -1,0 +1,116 @@
+"""Messages from a node server to its engine process, and their one codec.
+
+Frames travel over the engine process's stdin pipe: a 4-byte little-endian length, then the payload
+(a version byte + msgpack of one tagged struct). msgspec decodes into the declared types only, so
+untrusted bytes can never construct arbitrary objects (no pickle), and `SamplingParams.__post_init__`
+re-validates every field on the engine side.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO
+
+import msgspec
+
+from pdserve.engine.sampling_params import SamplingParams
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # a 1M-token prompt is ~5 MB of msgpack; anything near this is garbage
+_LENGTH = struct.Struct("<I")
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+class AddRequest(msgspec.Struct, tag="add", frozen=True):
+    seq_id: int  # the compact id used on the output queue; unique among live requests of a node
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+class AbortRequest(msgspec.Struct, tag="abort", frozen=True):
+    seq_id: int
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
+    pass
+
+
+EngineTask = AddRequest | AbortRequest | Shutdown
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(EngineTask)
+
+
+def encode_task(task: EngineTask) -> bytes:
+    return bytes([PROTOCOL_VERSION]) + _encoder.encode(task)
+
+
+def decode_task(payload: bytes) -> EngineTask:
+    if not payload or payload[0] != PROTOCOL_VERSION:
+        raise ProtocolError(f"unknown engine protocol version {payload[:1]!r}, expected {PROTOCOL_VERSION}")
+    try:
+        return _decoder.decode(payload[1:])
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"bad engine task: {exc}") from exc
+
+
+def write_frame(stream: BinaryIO, payload: bytes) -> None:
+    stream.write(_LENGTH.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def read_frame(stream: BinaryIO) -> bytes | None:
+    """The next frame's payload, or None at a clean end of stream (the peer closed the pipe)."""
+    header = stream.read(_LENGTH.size)
+    if not header:
+        return None
+    if len(header) < _LENGTH.size:
+        raise ProtocolError("stream ended inside a frame header")
+    (length,) = _LENGTH.unpack(header)
+    if length > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    payload = stream.read(length)
+    if len(payload) < length:
+        raise ProtocolError(f"stream ended inside a frame ({len(payload)} of {length} bytes)")
+    return payload
+
+
+# -- engine process -> node server, over the engine's stdout (control only; tokens go over SysV) ------
+
+
+class EngineReady(msgspec.Struct, tag="ready", frozen=True):
+    pid: int
+    num_blocks: int
+    block_size: int
+    kv_pool_name: str | None  # the shared-memory pool a same-host peer may attach to
+
+
+class RequestRejected(msgspec.Struct, tag="rejected", frozen=True):
+    seq_id: int
+    message: str  # why the engine can never serve it (e.g. prompt longer than max_model_len)
+
+
+class EngineFailed(msgspec.Struct, tag="failed", frozen=True):
+    message: str  # the engine loop stopped on this error; the process exits after sending it
+
+
+EngineEvent = EngineReady | RequestRejected | EngineFailed
+
+_event_decoder = msgspec.msgpack.Decoder(EngineEvent)
+
+
+def encode_event(event: EngineEvent) -> bytes:
+    return bytes([PROTOCOL_VERSION]) + _encoder.encode(event)
+
+
+def decode_event(payload: bytes) -> EngineEvent:
+    if not payload or payload[0] != PROTOCOL_VERSION:
+        raise ProtocolError(f"unknown engine protocol version {payload[:1]!r}, expected {PROTOCOL_VERSION}")
+    try:
+        return _event_decoder.decode(payload[1:])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"bad engine event: {exc}") from exc

@@ -1,0 +1,119 @@
+"""Turns one request's per-step slot outputs into what a client sees: text deltas, logprobs, and a
+finish reason. Stop strings live here, not in the engine: the engine only knows token ids.
+
+Streaming never shows text that a stop string might still claim: the last ``len(longest stop) - 1``
+characters are held back until the next token proves they are not the start of a stop string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.engine.output_codec import SlotEvent, SlotOutput
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
+
+FINISH_REASONS = {
+    SlotEvent.FINISHED_STOPPED: "stop",
+    SlotEvent.FINISHED_LENGTH: "length",
+    SlotEvent.ABORTED: "abort",
+    SlotEvent.ERROR: "error",
+}
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...]  # empty unless the request asked for logprobs
+    finish_reason: str | None  # set on the last delta of the request
+    stopped_by_string: bool = False  # the engine still runs it: the caller must abort it
+    preempted: bool = False
+
+
+@dataclass
+class RequestStream:
+    request_id: str
+    params: SamplingParams
+    tokenizer: Tokenizer
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # every character decoded so far (stop strings already cut)
+    finish_reason: str | None = None
+    num_accepted_drafts: int = 0
+    _emitted_chars: int = 0
+    _detokenizer: IncrementalDetokenizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._detokenizer = IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def on_slot(self, slot: SlotOutput) -> StreamDelta:
+        if self.finished:
+            raise ValueError(f"request {self.request_id!r} got an output after it finished")
+        if slot.event is SlotEvent.PREEMPTED:
+            return StreamDelta((), "", (), None, preempted=True)
+        new_ids = [int(t) for t in slot.token_ids]
+        logprobs = _logprobs(slot) if self.params.logprobs is not None else ()
+        self.num_accepted_drafts += slot.num_accepted_drafts
+        stopped = False
+        kept = 0  # tokens of this slot up to (and including) the one that completed a stop string
+        for token_id in new_ids:
+            self.token_ids.append(token_id)
+            kept += 1
+            previous_len = len(self.text)
+            self.text += self._detokenizer.add(token_id)
+            if self._cut_at_stop_string(previous_len):
+                stopped = True
+                break
+        if stopped:
+            self.finish_reason = "stop"
+        elif slot.event in FINISH_REASONS:
+            self.text += self._detokenizer.flush()
+            self.finish_reason = FINISH_REASONS[slot.event]
+        delta_text = self._take_text()
+        return StreamDelta(tuple(new_ids[:kept]), delta_text, logprobs[:kept], self.finish_reason,
+                           stopped_by_string=stopped)
+
+    def _cut_at_stop_string(self, previous_len: int) -> bool:
+        """Cut the text before the first stop string that the newest characters complete."""
+        if not self.params.stop:
+            return False
+        start = max(0, previous_len - (max(map(len, self.params.stop)) - 1))
+        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+    def _take_text(self) -> str:
+        """The text not yet emitted, minus a tail that could still become a stop string."""
+        end = len(self.text)
+        if not self.finished and self.params.stop:
+            end = max(self._emitted_chars, end - (max(map(len, self.params.stop)) - 1))
+        delta = self.text[self._emitted_chars:end]
+        self._emitted_chars = end
+        return delta
+
+
+def _logprobs(slot: SlotOutput) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(
+            token_id=int(slot.token_ids[i]),
+            logprob=float(slot.logprobs[i]),
+            rank=int(slot.ranks[i]),
+            top=tuple(zip(slot.topk_ids[i].tolist(), slot.topk_logprobs[i].tolist(), strict=True)),
+        )
+        for i in range(slot.num_tokens)
+    )
