@@ -1,0 +1,12 @@
+"""RMSNorm (Zhang & Sennrich 2019), computed in float32 whatever the activation dtype, as HF does."""
+
+from __future__ import annotations
+
+import paddle
+
+
+def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
+    """x: ``[..., hidden]``; returns ``weight * x / sqrt(mean(x^2) + eps)`` in x's dtype."""
+    x32 = x.astype("float32")
+    normed = x32 * paddle.rsqrt(x32.pow(2).mean(axis=-1, keepdim=True) + eps)
+    return weight * normed.astype(x.dtype)

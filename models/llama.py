@@ -1,0 +1,189 @@
+"""Llama / Qwen2 decoder in Paddle, on a flattened batch of tokens and the paged KV cache.
+
+Read top to bottom: RMSNorm, rotary embedding, attention, MLP, decoder layer, model, causal-LM
+head. Qwen2 is the same model with bias on the q/k/v projections (``config.qkv_bias``).
+
+Projections are fused (``qkv_proj`` = [q | k | v], ``gate_up_proj`` = [gate | up]) so each layer
+runs 4 GEMMs instead of 7; the loader concatenates the HF tensors into them. Paddle ``Linear``
+weights are ``[in, out]`` (HF stores ``[out, in]``).
+"""
+
+from __future__ import annotations
+
+import paddle
+from paddle import nn
+
+from pdserve.kernels.activation import silu_and_mul
+from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from pdserve.kernels.norm import rms_norm
+from pdserve.kernels.rope import apply_rope, rope_cos_sin_cache
+from pdserve.models.config import ModelConfig
+
+KVCache = tuple[
+    paddle.Tensor, paddle.Tensor
+]  # (k_cache, v_cache): [num_blocks, kv_heads, block_size, head_dim]
+
+
+class RMSNorm(nn.Layer):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Layer):
+    """Holds the cos/sin cache for every position; ``forward`` gathers the rows of a step's tokens."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        cos, sin = rope_cos_sin_cache(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        # Not persistable: derived from the config, never part of a checkpoint.
+        self.register_buffer("cos_cache", paddle.to_tensor(cos), persistable=False)  # [P, head_dim]
+        self.register_buffer("sin_cache", paddle.to_tensor(sin), persistable=False)
+
+    def forward(self, positions: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """positions: ``[T]`` int64 -> (cos, sin), each ``[T, head_dim]``."""
+        return (
+            paddle.index_select(self.cos_cache, positions, axis=0),
+            paddle.index_select(self.sin_cache, positions, axis=0),
+        )
+
+
+class Attention(nn.Layer):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        qkv_bias = None if config.qkv_bias else False
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias_attr=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias_attr=False)
+
+    def forward(
+        self,
+        x: paddle.Tensor,
+        cos: paddle.Tensor,
+        sin: paddle.Tensor,
+        kv_cache: KVCache,
+        attn_meta: AttentionMetadata,
+    ) -> paddle.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = paddle.split(self.qkv_proj(x), [self.q_size, self.kv_size, self.kv_size], axis=-1)
+        q = apply_rope(q.reshape([num_tokens, self.num_heads, self.head_dim]), cos, sin)  # [T, H, D]
+        k = apply_rope(k.reshape([num_tokens, self.num_kv_heads, self.head_dim]), cos, sin)  # [T, Hkv, D]
+        v = v.reshape([num_tokens, self.num_kv_heads, self.head_dim])  # [T, Hkv, D]
+        k_cache, v_cache = kv_cache
+        write_kv(k, v, k_cache, v_cache, attn_meta.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, attn_meta, self.scale)  # [T, H, D]
+        return self.o_proj(out.reshape([num_tokens, self.q_size]))
+
+
+class MLP(nn.Layer):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias_attr=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias_attr=False)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Layer):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: paddle.Tensor,
+        cos: paddle.Tensor,
+        sin: paddle.Tensor,
+        kv_cache: KVCache,
+        attn_meta: AttentionMetadata,
+    ) -> paddle.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn_meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Layer):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.layers = nn.LayerList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: paddle.Tensor,
+        positions: paddle.Tensor,
+        kv_caches: list[KVCache],
+        attn_meta: AttentionMetadata,
+    ) -> paddle.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.rotary_emb(positions)  # gathered once per step, shared by all layers
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=False):
+            x = layer(x, cos, sin, kv_cache, attn_meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Layer):
+    """The decoder plus LM head; ``mtp`` is the DeepSeek-V3 MTP module or None (set by the loader)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        # Tied: the head is the embedding matrix itself, so no separate parameter exists.
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias_attr=False)
+        )
+        self.mtp: nn.Layer | None = None
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    @property
+    def rotary_emb(self) -> RotaryEmbedding:
+        return self.model.rotary_emb
+
+    def forward(
+        self,
+        input_ids: paddle.Tensor,
+        positions: paddle.Tensor,
+        kv_caches: list[KVCache],
+        attn_meta: AttentionMetadata,
+    ) -> paddle.Tensor:
+        """input_ids, positions: ``[T]`` int64 -> final-normed hidden states ``[T, hidden]``.
+
+        ``kv_caches`` has one pair per decoder layer (an extra trailing pair for MTP is ignored here).
+        """
+        if len(kv_caches) < self.config.num_hidden_layers:
+            raise ValueError(f"need {self.config.num_hidden_layers} kv cache pairs, got {len(kv_caches)}")
+        return self.model(input_ids, positions, kv_caches, attn_meta)
+
+    def compute_logits(self, hidden: paddle.Tensor) -> paddle.Tensor:
+        """hidden ``[N, hidden]`` -> logits ``[N, vocab]`` float32."""
+        if self.lm_head is None:
+            logits = paddle.matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype("float32")

@@ -1,0 +1,60 @@
+"""DeepSeek-V3 multi-token prediction (MTP) module (DeepSeek-V3 report, section 2.2).
+
+For the main model's final-normed hidden state ``h_i`` at position ``i`` and the next token
+``t_{i+1}``:
+
+    h'_i      = eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)])      # concat order as DeepSeek-V3 stores eh_proj
+    h_i^mtp   = Block(h'_i)          # causal attention over the MTP layer's own KV cache, RoPE position i
+    logits_i  = head(shared_head.norm(h_i^mtp))                 # predicts t_{i+2}
+
+The embedding and the LM head are the main model's (shared, not copied); ``forward`` returns the
+state after ``shared_head.norm`` and the caller takes logits with the main model's
+``compute_logits``.
+"""
+
+from __future__ import annotations
+
+import paddle
+from paddle import nn
+
+from pdserve.kernels.attention import AttentionMetadata
+from pdserve.models.config import ModelConfig
+from pdserve.models.llama import DecoderLayer, KVCache, RMSNorm, RotaryEmbedding
+
+
+class SharedHead(nn.Layer):
+    """Only the norm: the head matrix is the main model's (DeepSeek-V3 names it ``shared_head``)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPModule(nn.Layer):
+    def __init__(self, config: ModelConfig, embed_tokens: nn.Embedding, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        # Shared with the main model. Kept out of this layer's sublayers so the parameters are owned,
+        # loaded and cast once, by the main model.
+        object.__setattr__(self, "_embed_tokens", embed_tokens)
+        object.__setattr__(self, "_rotary_emb", rotary_emb)
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias_attr=False)
+        self.layer = DecoderLayer(config)
+        self.shared_head = SharedHead(config)
+
+    def forward(
+        self,
+        next_token_ids: paddle.Tensor,
+        positions: paddle.Tensor,
+        target_hidden: paddle.Tensor,
+        kv_cache: KVCache,
+        attn_meta: AttentionMetadata,
+    ) -> paddle.Tensor:
+        """next_token_ids, positions: ``[T]`` int64; target_hidden: ``[T, hidden]`` (the main model's
+        final-normed state at the same positions) -> ``[T, hidden]`` after ``shared_head.norm``."""
+        embeds = self.enorm(self._embed_tokens(next_token_ids))  # [T, hidden]
+        x = self.eh_proj(paddle.concat([embeds, self.hnorm(target_hidden)], axis=-1))  # [T, 2h] -> [T, h]
+        cos, sin = self._rotary_emb(positions)
+        x = self.layer(x, cos, sin, kv_cache, attn_meta)
+        return self.shared_head.norm(x)
