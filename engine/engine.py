@@ -15,6 +15,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
 from pdserve.engine.model_runner import ModelRunner, TokenInfo
+from pdserve.engine.protocol import EngineStats
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
@@ -76,6 +77,15 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            free_blocks=self.block_manager.num_free_blocks,
+            total_blocks=self.config.cache.num_blocks,
+            steps=self.steps,
+        )
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns outputs of sampled and preempted requests."""

@@ -9,11 +9,13 @@ reader is gone — in every case the KV pool and the queue writer are released.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -31,6 +33,7 @@ from pdserve.engine.protocol import (
     EngineEvent,
     EngineFailed,
     EngineReady,
+    EngineStats,
     EngineTask,
     ProtocolError,
     RequestRejected,
@@ -44,6 +47,9 @@ from pdserve.engine.request import RequestStatus
 from pdserve.engine.scheduler import AdmissionError
 
 log = logging.getLogger("pdserve.engine")
+
+STATS_MIN_INTERVAL_S = 0.05
+STATS_MAX_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,8 @@ class EngineLoop:
         self.writer = writer
         self.events = events
         self._request_ids: dict[int, str] = {}  # seq_id -> request_id of live requests
+        self._last_stats: EngineStats | None = None
+        self._last_stats_at = 0.0
 
     def run(self) -> None:
         while True:
@@ -158,6 +166,7 @@ class EngineLoop:
                 if isinstance(task, Shutdown):
                     return
                 self._apply(task)
+            self._report_stats()
             if not self.engine.has_unfinished():
                 continue
             outputs = self.engine.step()
@@ -166,6 +175,18 @@ class EngineLoop:
             for output in outputs:
                 if output.finished:
                     self._request_ids.pop(output.seq_id, None)
+
+    def _report_stats(self) -> None:
+        """Load for the node server's Stats RPC: sent when it changes, at most every 50 ms, and once
+        a second regardless (so a reader can tell a quiet engine from a stuck one)."""
+        now = time.monotonic()
+        if now - self._last_stats_at < STATS_MIN_INTERVAL_S:
+            return
+        stats = self.engine.stats()
+        if stats == self._last_stats and now - self._last_stats_at < STATS_MAX_INTERVAL_S:
+            return
+        self.events.send(stats)
+        self._last_stats, self._last_stats_at = stats, now
 
     def _apply(self, task: EngineTask | ProtocolError) -> None:
         if isinstance(task, ProtocolError):
@@ -190,6 +211,25 @@ class EngineLoop:
         self._request_ids[task.seq_id] = task.request_id
 
 
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit hosts
+
+
+def tune_malloc() -> None:
+    """Keep step-sized temporaries (a batch's gathered KV is several MB) on the heap.
+
+    By default glibc serves every allocation above 128 KiB with a fresh mmap until a larger block
+    has been freed, so the KV gather of a batch-32 decode step page-faults its whole buffer on
+    every call (about 3x slower attention, bench/bench_attention.py --cold-malloc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    libc.mallopt(M_TRIM_THRESHOLD, 4 * MMAP_THRESHOLD_MAX)
+
+
 def build_engine(config: EngineProcessConfig) -> tuple[LLMEngine, KVCachePool]:
     from pdserve.models.loader import load_model  # imported here: paddle is heavy and only the child needs it
 
@@ -204,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     config = decode_config(argv[0])
     logging.basicConfig(level=config.log_level, format="%(asctime)s engine %(levelname)s %(message)s")
     events = EventWriter(sys.stdout.buffer)
+    tune_malloc()
     pool = None
     try:
         engine, pool = build_engine(config)

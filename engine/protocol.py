@@ -98,7 +98,15 @@ class EngineFailed(msgspec.Struct, tag="failed", frozen=True):
     message: str  # the engine loop stopped on this error; the process exits after sending it
 
 
-EngineEvent = EngineReady | RequestRejected | EngineFailed
+class EngineStats(msgspec.Struct, tag="stats", frozen=True):
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    steps: int
+
+
+EngineEvent = EngineReady | RequestRejected | EngineFailed | EngineStats
 
 _event_decoder = msgspec.msgpack.Decoder(EngineEvent)
 
