@@ -55,7 +55,55 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     _add_engine_flags(gen)
     gen.set_defaults(handler=_generate)
+
+    for role, helptext in (("mixed", "a node that prefills and decodes (the single-node baseline)"),
+                           ("decode", "a decode node: takes KV from prefill nodes, decodes, streams"),
+                           ("prefill", "a prefill node: prefills prompts, pushes KV to decode nodes")):
+        node = sub.add_parser(role, help=helptext)
+        _add_node_flags(node)
+        _add_engine_flags(node)
+        node.set_defaults(handler=_run_node, role=role)
     return parser
+
+
+def _add_node_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("node")
+    group.add_argument("--node-id", default=None, help="unique name (default: ROLE-PID)")
+    group.add_argument("--host", default="127.0.0.1", help="interface every socket of the node binds")
+    group.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    group.add_argument("--data-port", type=int, default=0, help="KV data-plane port (0: any free port)")
+    group.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: none)")
+    group.add_argument("--model-name", default="pdserve-demo", help="the name clients ask for")
+    group.add_argument("--registry", default=None,
+                       help="router URL (http://...) or redis://... to register with")
+
+
+def _node_config(args: argparse.Namespace):
+    import os
+
+    from pdserve.engine.node_server import NodeConfig
+    from pdserve.models.loader import default_model_dir
+    from pdserve.models.tokenizer import Tokenizer
+
+    model_dir = args.model or default_model_dir()
+    return NodeConfig(
+        role=args.role, node_id=args.node_id or f"{args.role}-{os.getpid()}", model_dir=str(model_dir),
+        engine=_engine_config(args), model_name=args.model_name, host=args.host, grpc_port=args.port,
+        data_port=args.data_port, metrics_port=args.metrics_port, omp_num_threads=args.threads,
+        eos_token_ids=Tokenizer.from_dir(model_dir).eos_token_ids, registry_url=args.registry,
+        log_level=args.log_level,
+    )
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    from pdserve.engine.node_server import run_node
+
+    config = _node_config(args)
+    if config.role == "prefill":
+        from pdserve.prefill_node.server import PrefillNodeServer as server_class
+    else:
+        from pdserve.decode_node.server import DecodeNodeServer as server_class
+    return run_node(server_class(config))
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -33,6 +33,8 @@ class RequestOutput:
     status: RequestStatus  # RUNNING, PREEMPTED or a FINISHED_* status
     num_accepted_drafts: int = 0
     error: str | None = None
+    # Raw logprobs of prompt tokens 1 .. n-1, on the request's first sampled output, when asked for.
+    prompt_logprobs: tuple[TokenInfo, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -61,6 +63,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(model, kv_pool)
         self.steps = 0
+        # Prompt logprobs gathered chunk by chunk until the request's first output carries them,
+        # keyed by position so a prefill recomputed after preemption does not add them twice.
+        self._prompt_logprobs: dict[str, dict[int, TokenInfo]] = {}
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                     seq_id: int) -> Request:
@@ -94,16 +99,29 @@ class LLMEngine:
             RequestOutput(r.request_id, r.seq_id, (), (), RequestStatus.PREEMPTED)
             for r in map(self.scheduler.get, plan.preempted_request_ids) if r is not None
         ]
+        for request_id in plan.finished_request_ids:  # aborted before their first output
+            self._prompt_logprobs.pop(request_id, None)
         if not plan.chunks:
             return outputs
         result = self.runner.execute(plan)
         self.steps += 1
+        self._collect_prompt_logprobs(result.prompt_logprobs)
         sampled = {rid: s.token_ids for rid, s in result.sampled.items()}
         for update in self.scheduler.on_step_done(plan, sampled):
             request = update.request
             infos = result.sampled[request.request_id].infos[: len(update.new_token_ids)]
+            prompt = self._prompt_logprobs.pop(request.request_id, {})
             outputs.append(RequestOutput(
                 request.request_id, request.seq_id, update.new_token_ids, infos, request.status,
-                update.num_accepted_draft_tokens, request.error,
+                update.num_accepted_draft_tokens, request.error, tuple(prompt[p] for p in sorted(prompt)),
             ))
         return outputs
+
+    def _collect_prompt_logprobs(self, computed: dict[str, tuple[int, tuple[TokenInfo, ...]]]) -> None:
+        for request_id, (first_position, infos) in computed.items():
+            request = self.scheduler.get(request_id)
+            if request is None or request.num_output_tokens:  # already reported (recomputed after preemption)
+                continue
+            held = self._prompt_logprobs.setdefault(request_id, {})
+            for offset, info in enumerate(infos):
+                held.setdefault(first_position + offset, info)

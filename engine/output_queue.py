@@ -98,7 +98,7 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # exists, owned by another user
-    return True
+    return not _is_zombie(pid)
 
 
 def _is_zombie(pid: int) -> bool:

@@ -49,6 +49,7 @@ from pdserve.engine.scheduler import AdmissionError
 log = logging.getLogger("pdserve.engine")
 
 STATS_MIN_INTERVAL_S = 0.05
+IDLE_WAIT_S = 0.05  # an idle engine still reports load changes (e.g. an abort) this quickly
 STATS_MAX_INTERVAL_S = 1.0
 
 
@@ -162,7 +163,7 @@ class EngineLoop:
     def run(self) -> None:
         while True:
             idle = not self.engine.has_unfinished()
-            for task in self.inbox.take(wait_s=0.5 if idle else 0.0):
+            for task in self.inbox.take(wait_s=IDLE_WAIT_S if idle else 0.0):
                 if isinstance(task, Shutdown):
                     return
                 self._apply(task)
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = decode_config(argv[0])
     logging.basicConfig(level=config.log_level, format="%(asctime)s engine %(levelname)s %(message)s")
-    events = EventWriter(sys.stdout.buffer)
+    events, tasks = _claim_pipes()
     tune_malloc()
     pool = None
     try:
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = OutputQueueWriter(config.output_queue)
         events.send(EngineReady(pid=os.getpid(), num_blocks=config.engine.cache.num_blocks,
                                 block_size=config.engine.cache.block_size, kv_pool_name=pool.shm_name))
-        EngineLoop(engine, TaskInbox(sys.stdin.buffer), writer, events).run()
+        EngineLoop(engine, TaskInbox(tasks), writer, events).run()
     except ReaderGoneError:
         log.warning("output queue reader is gone; engine stopping")
     except Exception as exc:  # the process is about to exit: report why, then let the traceback print
@@ -261,6 +262,20 @@ def main(argv: list[str] | None = None) -> int:
         if pool is not None:
             pool.close()
     return 0
+
+
+def _claim_pipes() -> tuple[EventWriter, BinaryIO]:
+    """Take stdout for control frames and stdin for task frames.
+
+    Anything else in this process that prints (a library at import or exit) must not corrupt the
+    control stream, so the frames get a private duplicate of fd 1 and fd 1 itself is pointed at
+    stderr. Tasks are read unbuffered: a daemon thread blocked inside a buffered reader's lock makes
+    interpreter shutdown abort."""
+    control = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    tasks = os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
+    return EventWriter(control), tasks
 
 
 def _try_send(events: EventWriter, event: EngineEvent) -> None:

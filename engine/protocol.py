@@ -64,8 +64,9 @@ def write_frame(stream: BinaryIO, payload: bytes) -> None:
 
 
 def read_frame(stream: BinaryIO) -> bytes | None:
-    """The next frame's payload, or None at a clean end of stream (the peer closed the pipe)."""
-    header = stream.read(_LENGTH.size)
+    """The next frame's payload, or None at a clean end of stream (the peer closed the pipe).
+    Works on raw (unbuffered) streams too: short reads are completed."""
+    header = _read_exact(stream, _LENGTH.size)
     if not header:
         return None
     if len(header) < _LENGTH.size:
@@ -73,10 +74,23 @@ def read_frame(stream: BinaryIO) -> bytes | None:
     (length,) = _LENGTH.unpack(header)
     if length > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-    payload = stream.read(length)
+    payload = _read_exact(stream, length)
     if len(payload) < length:
         raise ProtocolError(f"stream ended inside a frame ({len(payload)} of {length} bytes)")
     return payload
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    """Up to size bytes: fewer only at end of stream."""
+    parts: list[bytes] = []
+    remaining = size
+    while remaining:
+        part = stream.read(remaining)
+        if not part:
+            break
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
 
 
 # -- engine process -> node server, over the engine's stdout (control only; tokens go over SysV) ------

@@ -1,0 +1,206 @@
+"""What every node server has, whatever its role: the engine bridge, the gRPC server with the Node
+service and the standard health service, Stats and Drain, Prometheus metrics, and the ready line.
+
+A node server prints one line ``PDSERVE_READY {json}`` on stdout when it serves: the addresses it
+bound (ports chosen by the OS when configured as 0). Launchers and tests read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from pdserve.engine.bridge import EngineBridge
+from pdserve.engine.client import EngineClient, EngineClientConfig
+from pdserve.engine.config import EngineConfig
+from pdserve.rpc import node_pb2 as pb
+from pdserve.rpc import node_pb2_grpc
+
+log = logging.getLogger("pdserve.node")
+
+READY_PREFIX = "PDSERVE_READY "
+ROLES = ("prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    role: str
+    node_id: str
+    model_dir: str
+    engine: EngineConfig
+    model_name: str = "pdserve-demo"
+    host: str = "127.0.0.1"  # every socket of the node binds here
+    grpc_port: int = 0
+    data_port: int = 0  # KV data plane: decode nodes receive KV here, prefill nodes take tasks here
+    metrics_port: int | None = None  # Prometheus; None = no metrics endpoint
+    omp_num_threads: int = 1
+    eos_token_ids: tuple[int, ...] = ()
+    registry_url: str | None = None  # the router (http://...) or redis://...; None = not registered
+    heartbeat_interval_s: float = 1.0
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES} (got {self.role!r})")
+        if not self.node_id:
+            raise ValueError("node_id must not be empty")
+        for name in ("grpc_port", "data_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535] (got {getattr(self, name)})")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat_interval_s must be > 0 (got {self.heartbeat_interval_s})")
+
+    def engine_client_config(self) -> EngineClientConfig:
+        return EngineClientConfig(
+            model_dir=self.model_dir, engine=self.engine, eos_token_ids=self.eos_token_ids,
+            shared_kv_pool=self.role != "mixed", omp_num_threads=self.omp_num_threads,
+            log_level=self.log_level,
+        )
+
+
+class NodeMetrics:
+    """One node's Prometheus metrics, on a registry of its own (never the process-global one)."""
+
+    def __init__(self, role: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"role": role}
+        self.requests = Counter("pdserve_node_requests", "requests by outcome", ["role", "outcome"],
+                                registry=self.registry)
+        self.running = Gauge("pdserve_node_running", "requests running in the engine", ["role"],
+                             registry=self.registry).labels(**labels)
+        self.waiting = Gauge("pdserve_node_waiting", "requests waiting in the engine", ["role"],
+                             registry=self.registry).labels(**labels)
+        self.free_blocks = Gauge("pdserve_node_free_blocks", "free KV blocks", ["role"],
+                                 registry=self.registry).labels(**labels)
+        self.ttft = Histogram("pdserve_node_ttft_seconds", "time to first token at the node, by part",
+                              ["part"], registry=self.registry,
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved", ["direction", "transport"],
+                                registry=self.registry)
+        self.kv_seconds = Counter("pdserve_kv_transfer_seconds", "time spent moving KV",
+                                  ["direction", "transport"], registry=self.registry)
+        self.kv_failures = Counter("pdserve_kv_transfer_failures", "failed or rejected KV transfers",
+                                   ["reason"], registry=self.registry)
+        self.role = role
+
+    def outcome(self, outcome: str) -> None:
+        self.requests.labels(role=self.role, outcome=outcome).inc()
+
+
+class NodeServer:
+    """The parts every role shares. Subclasses add their Node RPCs and data-plane endpoints."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.bridge = EngineBridge(EngineClient(config.engine_client_config()))
+        self.metrics = NodeMetrics(config.role)
+        self.draining = False
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.grpc_address = ""
+        self._stop = asyncio.Event()
+
+    # -- the shared RPCs -------------------------------------------------------------------------------
+
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.NodeStats:
+        return self.node_stats()
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        self.draining = True
+        await self._set_health(serving=False)
+        return pb.DrainResponse(draining=True, inflight=self.bridge.num_live)
+
+    def node_stats(self) -> pb.NodeStats:
+        stats = self.bridge.stats
+        total = stats.total_blocks if stats else self.config.engine.cache.num_blocks
+        free = stats.free_blocks if stats else total
+        return pb.NodeStats(
+            node_id=self.config.node_id, role=self.config.role, model=self.config.model_name,
+            running=stats.running if stats else 0, waiting=stats.waiting if stats else 0,
+            free_blocks=free, total_blocks=total, kv_usage=1.0 - free / total if total else 0.0,
+            draining=self.draining,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.bridge.start()
+        self._server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServicer_to_server(self, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        port = self._server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        if port == 0:
+            raise OSError(f"could not bind gRPC to {self.config.host}:{self.config.grpc_port}")
+        self.grpc_address = f"{self.config.host}:{port}"
+        await self.start_data_plane()
+        await self._server.start()
+        await self._set_health(serving=True)
+        if self.config.metrics_port is not None:
+            start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
+        asyncio.get_running_loop().create_task(self._watch_engine())
+
+    async def start_data_plane(self) -> None:
+        """Roles with a KV data plane bind it here, before the node reports ready."""
+
+    def ready_info(self) -> dict:
+        return {"node_id": self.config.node_id, "role": self.config.role, "grpc": self.grpc_address,
+                "pid": self.bridge.client.pid}
+
+    async def _set_health(self, serving: bool) -> None:
+        states = health_pb2.HealthCheckResponse
+        status = states.SERVING if serving else states.NOT_SERVING
+        for service in ("", "pdserve.node.v1.Node"):
+            await self.health.set(service, status)
+
+    async def _watch_engine(self) -> None:
+        """An engine that dies takes the node's health with it, so routers stop sending requests."""
+        while not self._stop.is_set():
+            if not self.bridge.alive:
+                log.error("engine process is gone; node %s stops serving", self.config.node_id)
+                await self._set_health(serving=False)
+                self._stop.set()
+                return
+            s = self.bridge.stats
+            if s is not None:
+                self.metrics.running.set(s.running)
+                self.metrics.waiting.set(s.waiting)
+                self.metrics.free_blocks.set(s.free_blocks)
+            await asyncio.sleep(0.1)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        await self.stop_data_plane()
+        await asyncio.get_running_loop().run_in_executor(None, self.bridge.close)
+
+    async def stop_data_plane(self) -> None:
+        """Roles with a KV data plane close it here."""
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.start()
+        print(READY_PREFIX + json.dumps(self.ready_info()), flush=True)
+        await self._stop.wait()
+        await self.stop()
+
+
+def run_node(server: NodeServer) -> int:
+    logging.basicConfig(level=server.config.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s {server.config.node_id} %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(server.serve_forever())
+    except OSError as exc:
+        print(f"pdserve: node {server.config.node_id} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0 if server.bridge.failure is None else 1
