@@ -18,7 +18,7 @@ from pdserve.engine.model_runner import ModelRunner, TokenInfo
 from pdserve.engine.protocol import EngineStats
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import AdmissionError, Scheduler
 from pdserve.models.llama import LlamaForCausalLM
 
 
@@ -63,6 +63,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(model, kv_pool)
         self.steps = 0
+        self._held: dict[str, Request] = {}  # prefilled requests whose blocks the transfer agent reads
+        self._progressed: list[Request] = []
         # Prompt logprobs gathered chunk by chunk until the request's first output carries them,
         # keyed by position so a prefill recomputed after preemption does not add them twice.
         self._prompt_logprobs: dict[str, dict[int, TokenInfo]] = {}
@@ -71,9 +73,11 @@ class LLMEngine:
                     seq_id: int) -> Request:
         """Queue a request. Raises AdmissionError if it can never be served (the request is then
         already FINISHED_ERROR). An unseeded request gets its seed here, so it can be replayed."""
-        if params.seed is None:
-            params = replace(params, seed=secrets.randbits(63))
-        request = Request(request_id, prompt_token_ids, params, seq_id, self.eos_token_ids)
+        vocab_size = self.runner.vocab_size
+        if prompt_token_ids and not 0 <= min(prompt_token_ids) <= max(prompt_token_ids) < vocab_size:
+            # Checked here: an out-of-range id would fail the embedding mid-step, taking the whole batch down.
+            raise AdmissionError(f"request {request_id!r}: prompt token ids must be in [0, {vocab_size})")
+        request = Request(request_id, prompt_token_ids, self._seeded(params), seq_id, self.eos_token_ids)
         self.scheduler.add(request)
         return request
 
@@ -82,6 +86,61 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def has_schedulable_work(self) -> bool:
+        """Something to step on: requests waiting for a peer's KV alone keep the engine idle."""
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    # -- PD: the decode side ---------------------------------------------------------------------------
+
+    def reserve(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                seq_id: int, num_extra_tokens: int) -> Request:
+        """Reserve blocks for a request whose prompt KV a prefill node will write (raises
+        AdmissionError / CapacityError). The blocks are `request.block_table`."""
+        request = Request(request_id, prompt_token_ids, self._seeded(params), seq_id, self.eos_token_ids)
+        self.scheduler.reserve_for_remote_kv(request, num_extra_tokens)
+        return request
+
+    def on_remote_kv(self, request_id: str, first_token_id: int,
+                     draft_token_ids: Sequence[int] = ()) -> RequestOutput | None:
+        """The peer delivered the prompt's KV and sampled the first token: decode from here."""
+        update = self.scheduler.on_remote_kv(request_id, first_token_id, draft_token_ids)
+        if update is None:
+            return None
+        r = update.request
+        return RequestOutput(r.request_id, r.seq_id, update.new_token_ids, (), r.status, 0, r.error)
+
+    # -- PD: the prefill side --------------------------------------------------------------------------
+
+    def add_prefill_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                            seq_id: int) -> Request:
+        """Prefill the prompt and sample the first token (with logprobs), then hold the blocks for the
+        transfer agent until `release`."""
+        request = Request(request_id, prompt_token_ids, self._seeded(params), seq_id, self.eos_token_ids)
+        request.prefill_only = True
+        self.scheduler.add(request)
+        return request
+
+    def release(self, request_id: str) -> bool:
+        """Free a prefilled request's blocks (its KV has been handed over, or the hand-over failed)."""
+        request = self._held.pop(request_id, None)
+        if request is None:
+            return False
+        self.block_manager.free(request)
+        return True
+
+    def held(self, request_id: str) -> Request | None:
+        """A prefilled request whose blocks are held for the transfer agent."""
+        return self._held.get(request_id)
+
+    def take_prefill_progress(self) -> list[Request]:
+        """Prefill-only requests that computed more prompt KV since the last call (for streaming the
+        KV out chunk by chunk while prefill continues)."""
+        progressed, self._progressed = self._progressed, []
+        return progressed
+
+    def _seeded(self, params: SamplingParams) -> SamplingParams:
+        return params if params.seed is not None else replace(params, seed=secrets.randbits(63))
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -107,8 +166,11 @@ class LLMEngine:
         self.steps += 1
         self._collect_prompt_logprobs(result.prompt_logprobs)
         sampled = {rid: s.token_ids for rid, s in result.sampled.items()}
+        self._progressed.extend(c.request for c in plan.chunks if c.request.prefill_only and not c.sample)
         for update in self.scheduler.on_step_done(plan, sampled):
             request = update.request
+            if request.status is RequestStatus.FINISHED_PREFILLED:
+                self._held[request.request_id] = request
             infos = result.sampled[request.request_id].infos[: len(update.new_token_ids)]
             prompt = self._prompt_logprobs.pop(request.request_id, {})
             outputs.append(RequestOutput(

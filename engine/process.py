@@ -16,6 +16,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -29,14 +30,21 @@ from pdserve.engine.output_codec import SlotEvent, SlotOutput, StepOutput
 from pdserve.engine.output_queue import OutputQueueAddress, OutputQueueWriter, ReaderGoneError
 from pdserve.engine.protocol import (
     AbortRequest,
+    AddPrefillRequest,
     AddRequest,
     EngineEvent,
     EngineFailed,
     EngineReady,
     EngineStats,
     EngineTask,
+    KVReserved,
+    PrefillDone,
+    PrefillProgress,
     ProtocolError,
+    ReleaseRequest,
+    RemoteKVReady,
     RequestRejected,
+    ReserveRequest,
     Shutdown,
     decode_task,
     encode_event,
@@ -162,20 +170,41 @@ class EngineLoop:
 
     def run(self) -> None:
         while True:
-            idle = not self.engine.has_unfinished()
+            idle = not self.engine.has_schedulable_work()
             for task in self.inbox.take(wait_s=IDLE_WAIT_S if idle else 0.0):
                 if isinstance(task, Shutdown):
                     return
                 self._apply(task)
             self._report_stats()
-            if not self.engine.has_unfinished():
+            if not self.engine.has_schedulable_work():
                 continue
-            outputs = self.engine.step()
-            if outputs:
-                self.writer.send(to_step_output(self.engine.steps, outputs))
-            for output in outputs:
-                if output.finished:
-                    self._request_ids.pop(output.seq_id, None)
+            self._emit(self.engine.step())
+            for request in self.engine.take_prefill_progress():
+                self.events.send(PrefillProgress(request.seq_id, request.num_computed_tokens,
+                                                 list(request.block_table)))
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        """Token outputs go over the SysV queue; a prefill node's first token goes out as PrefillDone."""
+        slots = []
+        for output in outputs:
+            if output.status is RequestStatus.FINISHED_PREFILLED:
+                self.events.send(self._prefill_done(output))
+                continue
+            slots.append(output)
+            if output.finished:
+                self._request_ids.pop(output.seq_id, None)
+        if slots:
+            self.writer.send(to_step_output(self.engine.steps, slots))
+
+    def _prefill_done(self, output: RequestOutput) -> PrefillDone:
+        request = self.engine.held(output.request_id)
+        info = output.infos[0]
+        return PrefillDone(
+            seq_id=output.seq_id, num_prompt_tokens=request.num_prompt_tokens,
+            block_ids=list(request.block_table), token_id=output.new_token_ids[0], logprob=info.logprob,
+            rank=info.rank, top_ids=list(info.top_ids), top_logprobs=list(info.top_logprobs),
+            draft_token_ids=[],  # the prefill side does not draft with MTP yet
+        )
 
     def _report_stats(self) -> None:
         """Load for the node server's Stats RPC: sent when it changes, at most every 50 ms, and once
@@ -192,24 +221,65 @@ class EngineLoop:
     def _apply(self, task: EngineTask | ProtocolError) -> None:
         if isinstance(task, ProtocolError):
             log.error("dropped a malformed task frame: %s", task)
-        elif isinstance(task, AddRequest):
-            self._add(task)
-        elif isinstance(task, AbortRequest):
-            request_id = self._request_ids.pop(task.seq_id, None)
-            if request_id is not None and self.engine.abort(request_id):
-                marker = RequestOutput(request_id, task.seq_id, (), (), RequestStatus.FINISHED_ABORTED)
-                self.writer.send(to_step_output(self.engine.steps, [marker]))
+            return
+        handler = {
+            AddRequest: self._add, AddPrefillRequest: self._add, ReserveRequest: self._reserve,
+            AbortRequest: self._abort, ReleaseRequest: self._release, RemoteKVReady: self._kv_ready,
+        }[type(task)]
+        handler(task)
 
-    def _add(self, task: AddRequest) -> None:
+    def _admit(self, task: AddRequest | AddPrefillRequest | ReserveRequest,
+               admit: Callable[[], object]) -> bool:
         if task.seq_id in self._request_ids:
             self.events.send(RequestRejected(task.seq_id, f"seq_id {task.seq_id} is already live"))
-            return
+            return False
         try:
-            self.engine.add_request(task.request_id, task.prompt_token_ids, task.sampling, task.seq_id)
+            admit()
         except (AdmissionError, ValueError) as exc:
             self.events.send(RequestRejected(task.seq_id, str(exc)))
-            return
+            return False
         self._request_ids[task.seq_id] = task.request_id
+        return True
+
+    def _add(self, task: AddRequest | AddPrefillRequest) -> None:
+        prefill_only = isinstance(task, AddPrefillRequest)
+        add = self.engine.add_prefill_request if prefill_only else self.engine.add_request
+        self._admit(task, lambda: add(task.request_id, task.prompt_token_ids, task.sampling, task.seq_id))
+
+    def _reserve(self, task: ReserveRequest) -> None:
+        reserved: list = []
+
+        def admit() -> None:
+            reserved.append(self.engine.reserve(task.request_id, task.prompt_token_ids, task.sampling,
+                                                task.seq_id, task.num_extra_tokens))
+
+        if self._admit(task, admit):
+            self.events.send(KVReserved(task.seq_id, list(reserved[0].block_table)))
+
+    def _abort(self, task: AbortRequest) -> None:
+        request_id = self._request_ids.pop(task.seq_id, None)
+        if request_id is None:
+            return
+        if self.engine.abort(request_id):
+            marker = RequestOutput(request_id, task.seq_id, (), (), RequestStatus.FINISHED_ABORTED)
+            self.writer.send(to_step_output(self.engine.steps, [marker]))
+        elif self.engine.release(request_id):  # a prefilled request: the hand-over was abandoned
+            marker = RequestOutput(request_id, task.seq_id, (), (), RequestStatus.FINISHED_ABORTED)
+            self.writer.send(to_step_output(self.engine.steps, [marker]))
+
+    def _release(self, task: ReleaseRequest) -> None:
+        request_id = self._request_ids.pop(task.seq_id, None)
+        if request_id is not None:
+            self.engine.release(request_id)
+
+    def _kv_ready(self, task: RemoteKVReady) -> None:
+        request_id = self._request_ids.get(task.seq_id)
+        output = None if request_id is None else self.engine.on_remote_kv(
+            request_id, task.first_token_id, task.draft_token_ids)
+        if output is not None and output.finished:
+            # The node server already streamed the first token (from the peer): only the end is news.
+            marker = RequestOutput(output.request_id, output.seq_id, (), (), output.status)
+            self._emit([marker])
 
 
 M_TRIM_THRESHOLD = -1
@@ -246,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level, format="%(asctime)s engine %(levelname)s %(message)s")
     events, tasks = _claim_pipes()
     tune_malloc()
-    pool = None
+    pool = writer = None
     try:
         engine, pool = build_engine(config)
         writer = OutputQueueWriter(config.output_queue)
@@ -255,12 +325,16 @@ def main(argv: list[str] | None = None) -> int:
         EngineLoop(engine, TaskInbox(tasks), writer, events).run()
     except ReaderGoneError:
         log.warning("output queue reader is gone; engine stopping")
+    except BrokenPipeError:  # the control pipe's reader is the node server: it is gone
+        log.warning("node server closed the control pipe; engine stopping")
     except Exception as exc:  # the process is about to exit: report why, then let the traceback print
         _try_send(events, EngineFailed(f"{type(exc).__name__}: {exc}"))
         raise
     finally:
         if pool is not None:
             pool.close()
+        if writer is not None:
+            writer.release()  # a node server killed -9 cannot remove its queue; we do
     return 0
 
 

@@ -35,11 +35,45 @@ class AbortRequest(msgspec.Struct, tag="abort", frozen=True):
     seq_id: int
 
 
+class AddPrefillRequest(msgspec.Struct, tag="add_prefill", frozen=True):
+    """Prefill node: compute the prompt's KV and first token, then hold the blocks (PrefillDone)."""
+
+    seq_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+class ReleaseRequest(msgspec.Struct, tag="release", frozen=True):
+    """Prefill node: the request's KV has been handed over (or never will be): free its blocks."""
+
+    seq_id: int
+
+
+class ReserveRequest(msgspec.Struct, tag="reserve", frozen=True):
+    """Decode node: reserve blocks for a prompt whose KV a prefill node will write (KVReserved)."""
+
+    seq_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    num_extra_tokens: int  # room beyond the prompt: the first token and the drafts to verify
+
+
+class RemoteKVReady(msgspec.Struct, tag="kv_ready", frozen=True):
+    """Decode node: the reserved blocks hold the prompt's KV; decode on from the peer's first token."""
+
+    seq_id: int
+    first_token_id: int
+    draft_token_ids: list[int] = []
+
+
 class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     pass
 
 
-EngineTask = AddRequest | AbortRequest | Shutdown
+EngineTask = (AddRequest | AbortRequest | Shutdown | AddPrefillRequest | ReleaseRequest | ReserveRequest
+              | RemoteKVReady)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(EngineTask)
@@ -120,7 +154,36 @@ class EngineStats(msgspec.Struct, tag="stats", frozen=True):
     steps: int
 
 
-EngineEvent = EngineReady | RequestRejected | EngineFailed | EngineStats
+class KVReserved(msgspec.Struct, tag="kv_reserved", frozen=True):
+    seq_id: int
+    block_ids: list[int]
+
+
+class PrefillProgress(msgspec.Struct, tag="prefill_progress", frozen=True):
+    """Prefill node: the first num_computed_tokens of the prompt have their KV in block_ids."""
+
+    seq_id: int
+    num_computed_tokens: int
+    block_ids: list[int]
+
+
+class PrefillDone(msgspec.Struct, tag="prefill_done", frozen=True):
+    """Prefill node: the whole prompt's KV is in block_ids (held until ReleaseRequest), and the first
+    token was sampled with its raw logprob, rank and top-k."""
+
+    seq_id: int
+    num_prompt_tokens: int
+    block_ids: list[int]
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+    draft_token_ids: list[int] = []
+
+
+EngineEvent = (EngineReady | RequestRejected | EngineFailed | EngineStats | KVReserved | PrefillProgress
+               | PrefillDone)
 
 _event_decoder = msgspec.msgpack.Decoder(EngineEvent)
 

@@ -26,6 +26,9 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = 5  # max_tokens or max_model_len
     FINISHED_ABORTED = 6
     FINISHED_ERROR = 7  # rejected or failed; `Request.error` says why
+    # Prefill node: the first token is sampled and the request left the scheduler, but its blocks stay
+    # allocated until the transfer agent has copied its KV to the decode node (LLMEngine.release).
+    FINISHED_PREFILLED = 8
 
     @property
     def is_finished(self) -> bool:
@@ -37,6 +40,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_ERROR: "error",
+    RequestStatus.FINISHED_PREFILLED: "prefilled",
 }
 
 
@@ -65,6 +69,8 @@ class Request:
         # Proposed continuation of all_token_ids, verified by the next decode step (issue 4).
         self.draft_token_ids: list[int] = []
         self.error: str | None = None
+        # Prefill node: stop after the first token and hand the KV over instead of decoding on.
+        self.prefill_only = False
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "

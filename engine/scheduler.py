@@ -25,6 +25,10 @@ class AdmissionError(ValueError):
     """A request can never be served by this engine (the message says why); it is FINISHED_ERROR."""
 
 
+class CapacityError(AdmissionError):
+    """No room for the request right now (a busy pool); another node, or later, may serve it."""
+
+
 @dataclass(frozen=True)
 class ScheduledChunk:
     """The tokens one request feeds in one step."""
@@ -92,6 +96,8 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
+        # Decode side: blocks reserved, the prompt's KV is being written by a prefill peer.
+        self.awaiting_kv: dict[str, Request] = {}
         self._requests: dict[str, Request] = {}
         self._seq_ids: set[int] = set()
         self._finished_since_last_step: list[str] = []
@@ -107,10 +113,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         """Queue a new request; raises AdmissionError (and finishes it) if it can never be served."""
-        if request.status is not RequestStatus.WAITING or request.num_output_tokens:
-            raise ValueError(f"add: {request!r} must be a fresh WAITING request")
-        if request.request_id in self._requests or request.seq_id in self._seq_ids:
-            raise ValueError(f"add: request id {request.request_id!r} or seq_id {request.seq_id} in use")
+        self._check_new(request)
         reason = self._rejection_reason(request)
         if reason is not None:
             request.finish(RequestStatus.FINISHED_ERROR, error=reason)
@@ -130,11 +133,61 @@ class Scheduler:
             return False
         if request in self.running:
             self.running.remove(request)
+        elif request.request_id in self.awaiting_kv:
+            del self.awaiting_kv[request.request_id]
         else:
             self.waiting.remove(request)
         request.finish(status)
         self._release(request)
         return True
+
+    # -- the decode side of PD ---------------------------------------------------------------------------
+
+    def reserve_for_remote_kv(self, request: Request, num_extra_tokens: int) -> None:
+        """Decode side: allocate blocks for the prompt plus the first token and its drafts, which a
+        prefill peer will fill; the request is not scheduled until `on_remote_kv`.
+
+        Raises AdmissionError when the request can never be served, CapacityError when the pool has no
+        room for it now (the caller fails fast; the router may retry elsewhere)."""
+        self._check_new(request)
+        reason = self._rejection_reason(request)
+        if reason is not None:
+            request.finish(RequestStatus.FINISHED_ERROR, error=reason)
+            raise AdmissionError(f"request {request.request_id!r}: {reason}")
+        if not self.block_manager.ensure_capacity(request, request.num_prompt_tokens + 1 + num_extra_tokens):
+            request.finish(RequestStatus.FINISHED_ERROR, error="no free KV blocks")
+            raise CapacityError(f"request {request.request_id!r}: no free KV blocks for "
+                                f"{request.num_prompt_tokens} prompt tokens")
+        request.wait_for_remote_kv()
+        self._requests[request.request_id] = request
+        self._seq_ids.add(request.seq_id)
+        self.awaiting_kv[request.request_id] = request
+
+    def on_remote_kv(self, request_id: str, first_token_id: int,
+                     draft_token_ids: Sequence[int] = ()) -> RequestUpdate | None:
+        """The prompt's KV is in the reserved blocks and the peer sampled the first token: the request
+        joins the running batch (or finishes at once if that token ends it). None if it is unknown."""
+        request = self.awaiting_kv.pop(request_id, None)
+        if request is None:
+            return None
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.start_running()
+        request.append_token(first_token_id)
+        stop = request.stop_status(self.config.max_model_len)
+        if stop is not None:
+            request.finish(stop)
+            self._release(request)
+        else:
+            request.draft_token_ids = list(draft_token_ids[: self.config.num_speculative_tokens])
+            self.running.append(request)
+        return RequestUpdate(request=request, new_token_ids=(first_token_id,), num_draft_tokens=0,
+                             num_accepted_draft_tokens=0)
+
+    def _check_new(self, request: Request) -> None:
+        if request.status is not RequestStatus.WAITING or request.num_output_tokens:
+            raise ValueError(f"add: {request!r} must be a fresh WAITING request")
+        if request.request_id in self._requests or request.seq_id in self._seq_ids:
+            raise ValueError(f"add: request id {request.request_id!r} or seq_id {request.seq_id} in use")
 
     def _rejection_reason(self, request: Request) -> str | None:
         max_model_len = self.config.max_model_len
@@ -276,8 +329,22 @@ class Scheduler:
             # Accepted drafts' KV was written this step and is valid; rejected drafts' is overwritten.
             request.num_computed_tokens += num_real + len(sampled) - 1
             request.draft_token_ids = []
-            updates.append(self._append_sampled(request, chunk, sampled))
+            if request.prefill_only:
+                updates.append(self._hand_off_prefilled(request, sampled[-1]))
+            else:
+                updates.append(self._append_sampled(request, chunk, sampled))
         return updates
+
+    def _hand_off_prefilled(self, request: Request, first_token_id: int) -> RequestUpdate:
+        """Prefill node: the first token is sampled. The request leaves the scheduler but keeps its
+        blocks — the transfer agent still reads them — until the engine releases it."""
+        request.append_token(first_token_id)
+        self.running.remove(request)
+        request.finish(RequestStatus.FINISHED_PREFILLED)
+        del self._requests[request.request_id]
+        self._seq_ids.discard(request.seq_id)
+        return RequestUpdate(request=request, new_token_ids=(first_token_id,), num_draft_tokens=0,
+                             num_accepted_draft_tokens=0)
 
     def _append_sampled(self, request: Request, chunk: ScheduledChunk,
                         sampled: tuple[int, ...]) -> RequestUpdate:
