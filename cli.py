@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.engine.spec_config import SpeculativeConfig
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,13 +26,17 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    text = getattr(args, "speculative_config", None)
+    speculative = SpeculativeConfig.from_json(text) if text is not None else None
     return EngineConfig(
         cache=CacheConfig(num_blocks=args.num_blocks, block_size=args.block_size),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
+            num_speculative_tokens=speculative.num_speculative_tokens if speculative else 0,
         ),
+        speculative=speculative,
     )
 
 
@@ -63,7 +68,41 @@ def _build_parser() -> argparse.ArgumentParser:
         _add_node_flags(node)
         _add_engine_flags(node)
         node.set_defaults(handler=_run_node, role=role)
+
+    up = sub.add_parser("up", help="a local cluster: router + prefill/decode/mixed nodes")
+    up.add_argument("--config", type=Path, default=None, help="YAML file with the same keys as the flags")
+    up.add_argument("--host", default=None)
+    up.add_argument("--port", type=int, default=None, help="the router's HTTP port (default 8000)")
+    up.add_argument("--prefill", type=int, default=None, help="prefill nodes (default 1)")
+    up.add_argument("--decode", type=int, default=None, help="decode nodes (default 1)")
+    up.add_argument("--mixed", type=int, default=None, help="mixed nodes (default 0)")
+    up.add_argument("--model", default=None, help="HF model directory (default: the bundled demo)")
+    up.add_argument("--model-name", default=None)
+    up.add_argument("--speculative-config", default=None, help="JSON, FastDeploy's format")
+    up.add_argument("--registry", default=None, help="'embedded' (default) or redis://host:port")
+    up.add_argument("--api-key", action="append", default=None, help="required API key (repeatable)")
+    up.add_argument("--threads-per-node", type=int, default=None)
+    up.add_argument("--num-blocks", type=int, default=None, help="KV blocks per node")
+    up.set_defaults(handler=_up)
     return parser
+
+
+def _up(args: argparse.Namespace) -> int:
+    from pdserve.deploy.cluster import ClusterSpec, run_cluster
+
+    overrides = {
+        "host": args.host, "port": args.port, "prefill": args.prefill, "decode": args.decode,
+        "mixed": args.mixed, "model": args.model, "model_name": args.model_name,
+        "speculative_config": args.speculative_config, "registry": args.registry,
+        "api_keys": tuple(args.api_key) if args.api_key else None,
+        "threads_per_node": args.threads_per_node, "num_blocks": args.num_blocks,
+        "log_level": args.log_level,
+    }
+    if args.config is not None:
+        spec = ClusterSpec.from_yaml(args.config, **overrides)
+    else:
+        spec = ClusterSpec(**{k: v for k, v in overrides.items() if v is not None})
+    return run_cluster(spec)
 
 
 def _add_node_flags(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +115,16 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model-name", default="pdserve-demo", help="the name clients ask for")
     group.add_argument("--registry", default=None,
                        help="router URL (http://...) or redis://... to register with")
+    group.add_argument("--registry-api-key", default=None,
+                       help="API key for registering with a router that requires one")
+    group.add_argument("--speculative-config", default=None, help="JSON, FastDeploy's format")
+    group.add_argument("--transport", default="auto", choices=["auto", "shm", "zmq"],
+                       help="prefill node: how KV reaches the decode node (auto: shm on the same host)")
+    group.add_argument("--prefill-timeout", type=float, default=120.0,
+                       help="decode node: seconds to wait for a prefill peer's first token")
+    group.add_argument("--kv-lease", type=float, default=10.0, help="KV reservation lease, seconds")
+    group.add_argument("--prefill-fallback", default="fail", choices=["fail", "local"],
+                       help="decode node when its prefill peer fails: fail the request or prefill here")
 
 
 def _node_config(args: argparse.Namespace):
@@ -91,6 +140,9 @@ def _node_config(args: argparse.Namespace):
         engine=_engine_config(args), model_name=args.model_name, host=args.host, grpc_port=args.port,
         data_port=args.data_port, metrics_port=args.metrics_port, omp_num_threads=args.threads,
         eos_token_ids=Tokenizer.from_dir(model_dir).eos_token_ids, registry_url=args.registry,
+        registry_api_key=args.registry_api_key, speculative_config=args.speculative_config,
+        transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
+        prefill_fallback=args.prefill_fallback,
         log_level=args.log_level,
     )
 
@@ -113,8 +165,7 @@ def _generate(args: argparse.Namespace) -> int:
     from pdserve.models.loader import default_model_dir
     from pdserve.models.tokenizer import Tokenizer
 
-    if args.speculative_config is not None:
-        raise SystemExit("--speculative-config: speculative decoding is not available in this build yet")
+    engine_config = _engine_config(args)  # validates --speculative-config before anything starts
     model_dir = args.model or default_model_dir()
     tokenizer = Tokenizer.from_dir(model_dir)
     params = SamplingParams(
@@ -122,11 +173,11 @@ def _generate(args: argparse.Namespace) -> int:
         min_p=args.min_p, seed=args.seed, logprobs=args.logprobs, stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
     )
-    config = EngineClientConfig(model_dir=str(model_dir), engine=_engine_config(args),
+    config = EngineClientConfig(model_dir=str(model_dir), engine=engine_config,
                                 eos_token_ids=tokenizer.eos_token_ids, dtype=args.dtype,
                                 omp_num_threads=args.threads, log_level=args.log_level)
     with EngineClient(config) as client:
-        results = generate(client, tokenizer, args.prompt, params)
+        results = generate(client, tokenizer, args.prompt, params, speculative=engine_config.speculative)
     for result in results:
         if args.json:
             print(json.dumps(result.to_json()))

@@ -8,28 +8,49 @@ mixed node, or a decode node asked to prefill locally — this engine prefills i
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
+import numpy as np
 
+from pdserve.decode_node.remote_prefill import RemotePrefill, RemotePrefillError
 from pdserve.engine.bridge import EngineGone, RequestHandle
 from pdserve.engine.client import EngineError
-from pdserve.engine.node_server import NodeServer
+from pdserve.engine.kv_cache import kv_spec_for_model
+from pdserve.engine.node_server import NodeConfig, NodeServer
+from pdserve.engine.output_codec import SlotEvent, SlotOutput
 from pdserve.engine.protocol import RequestRejected
 from pdserve.engine.request_stream import RequestStream
-from pdserve.engine.sampling_params import SamplingParamsError
+from pdserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from pdserve.models.config import ModelConfig
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc.convert import delta_to_chunk, sampling_from_proto
+from pdserve.transfer.messages import FirstToken
 
 log = logging.getLogger("pdserve.decode")
 
 
 class DecodeNodeServer(NodeServer):
-    def __init__(self, config, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, config: NodeConfig, tokenizer: Tokenizer | None = None) -> None:
         super().__init__(config)
         self.tokenizer = tokenizer or Tokenizer.from_dir(config.model_dir)
+        self.remote: RemotePrefill | None = None
+        if config.role == "decode":
+            spec = kv_spec_for_model(ModelConfig.from_dir(config.model_dir), config.engine.cache.num_blocks,
+                                     config.engine.cache.block_size)
+            self.remote = RemotePrefill(config, self.bridge, spec, self.metrics)
+
+    async def start_data_plane(self) -> None:
+        if self.remote is not None:
+            self.data_address = self.remote.start(self.bridge.ready.kv_pool_name)
+
+    async def stop_data_plane(self) -> None:
+        if self.remote is not None:
+            await self.remote.close()
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
@@ -46,18 +67,43 @@ class DecodeNodeServer(NodeServer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prompt token id {max(prompt)} is outside the vocabulary "
                                 f"({self.tokenizer.vocab_size} tokens)")
+        # One seed for both nodes: the first token is drawn on the prefill node, the rest here.
+        params = replace(params, seed=params.seed if params.seed is not None else secrets.randbits(63))
+        stream = RequestStream(request.request_id, params, self.tokenizer, prompt)
+        started = time.monotonic()
+        if request.HasField("prefill") and self.remote is not None:
+            try:
+                handle, first = await self.remote.prefill(request.request_id, prompt, params,
+                                                          request.prefill.data_address, num_extra_tokens=1)
+            except RemotePrefillError as exc:
+                if self.config.prefill_fallback != "local":
+                    self.metrics.outcome("prefill_failed")
+                    code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.INVALID_ARGUMENT
+                    await context.abort(code, f"remote prefill failed: {exc}")
+                log.warning("remote prefill of %s failed (%s); prefilling locally", request.request_id, exc)
+            else:
+                delta = stream.on_slot(_first_token_slot(handle.seq_id, first, params))
+                chunk = delta_to_chunk(delta)
+                t = first.timings
+                chunk.timing.CopyFrom(pb.TimingInfo(queue_s=t.queue_ms / 1000, prefill_s=t.prefill_ms / 1000,
+                                                    transfer_s=t.transfer_ms / 1000))
+                self.metrics.ttft.labels(part="total").observe(time.monotonic() - started)
+                for part in ("queue", "prefill", "transfer"):
+                    self.metrics.ttft.labels(part=part).observe(getattr(t, f"{part}_ms") / 1000)
+                yield chunk
+                async for chunk in self._relay(handle, stream, started, first=False):
+                    yield chunk
+                return
         try:
             handle = self.bridge.submit(request.request_id, prompt, params)
         except EngineError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        stream = RequestStream(request.request_id, params, self.tokenizer, prompt)
-        async for chunk in self._relay(handle, stream, time.monotonic()):
+        async for chunk in self._relay(handle, stream, started):
             yield chunk
 
-    async def _relay(self, handle: RequestHandle, stream: RequestStream,
-                     started: float) -> AsyncIterator[pb.GenerateChunk]:
+    async def _relay(self, handle: RequestHandle, stream: RequestStream, started: float,
+                     first: bool = True) -> AsyncIterator[pb.GenerateChunk]:
         """Engine outputs -> chunks. Leaving early (client cancelled) aborts the engine request."""
-        first = True
         try:
             while not stream.finished:
                 item = await handle.items.get()
@@ -91,3 +137,15 @@ def _usage(handle: RequestHandle, stream: RequestStream) -> pb.Usage:
     return pb.Usage(prompt_tokens=handle.prompt_len, completion_tokens=len(stream.token_ids))
 
 
+
+
+def _first_token_slot(seq_id: int, first: FirstToken, params: SamplingParams) -> SlotOutput:
+    """The peer's first token as if our engine had emitted it, so one RequestStream sees every token."""
+    k = len(first.top_ids)
+    return SlotOutput(
+        seq_id=seq_id, event=SlotEvent.TOKENS, token_ids=np.asarray([first.token_id], dtype=np.uint32),
+        logprobs=np.asarray([first.logprob], dtype=np.float32),
+        ranks=np.asarray([first.rank], dtype=np.uint32),
+        topk_ids=np.asarray([first.top_ids], dtype=np.uint32).reshape(1, k),
+        topk_logprobs=np.asarray([first.top_logprobs], dtype=np.float32).reshape(1, k),
+    )

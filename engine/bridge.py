@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.client import EngineClient, EngineError
 from pdserve.engine.output_codec import SlotEvent, SlotOutput
-from pdserve.engine.protocol import EngineFailed, EngineReady, EngineStats, RequestRejected
+from pdserve.engine.protocol import (
+    EngineFailed,
+    EngineReady,
+    EngineStats,
+    KVReserved,
+    PrefillDone,
+    PrefillProgress,
+    RequestRejected,
+)
 from pdserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("pdserve.engine.bridge")
@@ -32,7 +40,7 @@ class EngineGone:
     message: str
 
 
-BridgeItem = SlotOutput | RequestRejected | EngineGone
+BridgeItem = SlotOutput | RequestRejected | EngineGone | KVReserved | PrefillProgress | PrefillDone
 
 
 @dataclass
@@ -70,14 +78,29 @@ class EngineBridge:
     def num_live(self) -> int:
         return len(self._handles)
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               mode: str = "generate", num_extra_tokens: int = 0) -> RequestHandle:
+        """Start a request in the engine (modes: EngineClient.submit); its outputs and lifecycle
+        events arrive on the handle's queue."""
         if not self.alive:
             raise EngineError(self.failure or "engine process is not running")
         with self._lock:
-            seq_id = self.client.submit(request_id, prompt_token_ids, params)
+            seq_id = self.client.submit(request_id, prompt_token_ids, params, mode, num_extra_tokens)
             handle = RequestHandle(request_id, seq_id, len(prompt_token_ids))
             self._handles[seq_id] = handle
         return handle
+
+    def kv_ready(self, handle: RequestHandle, first_token_id: int, draft_token_ids: list[int]) -> None:
+        self.client.kv_ready(handle.seq_id, first_token_id, draft_token_ids)
+
+    def release_prefilled(self, handle: RequestHandle) -> None:
+        """Prefill node: free the request's blocks; the handle gets nothing more."""
+        with self._lock:
+            self._handles.pop(handle.seq_id, None)
+        try:
+            self.client.release_prefilled(handle.seq_id)
+        except EngineError:
+            pass  # the engine is gone, and its blocks with it
 
     def abort(self, handle: RequestHandle) -> None:
         """Ask the engine to stop the request; its ABORTED marker (or finish) releases the seq_id."""
@@ -111,6 +134,8 @@ class EngineBridge:
                 self.stats = event
             elif isinstance(event, RequestRejected):
                 self._deliver(event.seq_id, event, final=True)
+            elif isinstance(event, (KVReserved, PrefillProgress, PrefillDone)):
+                self._deliver(event.seq_id, event, final=False)
             elif isinstance(event, EngineFailed):
                 raise EngineError(f"engine failed: {event.message}")
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.output_codec import StepOutput
@@ -23,11 +24,15 @@ from pdserve.engine.output_queue import OutputQueueReader
 from pdserve.engine.process import EngineProcessConfig, encode_config
 from pdserve.engine.protocol import (
     AbortRequest,
+    AddPrefillRequest,
     AddRequest,
     EngineEvent,
     EngineFailed,
     EngineReady,
     ProtocolError,
+    ReleaseRequest,
+    RemoteKVReady,
+    ReserveRequest,
     Shutdown,
     decode_event,
     encode_task,
@@ -39,6 +44,7 @@ from pdserve.engine.sampling_params import SamplingParams
 log = logging.getLogger("pdserve.engine.client")
 
 MAX_SEQ_ID = 0xFFFF_FFFF
+SHM_DIR = Path("/dev/shm")  # where engine/kv_cache.py puts shared pools (not imported: it pulls in paddle)
 
 
 class EngineError(RuntimeError):
@@ -138,13 +144,21 @@ class EngineClient:
             try:
                 self._send(process, encode_task(Shutdown()))
                 process.stdin.close()
-            except (OSError, ValueError):
+            except (OSError, ValueError, EngineError):
                 pass  # already gone: nothing to tell
             _wait_or_kill(process, timeout_s)
             process.stdout.close()
+            self._remove_orphaned_kv_pool()
         if self._outputs is not None:
             self._outputs.close()
             self._outputs = None
+
+    def _remove_orphaned_kv_pool(self) -> None:
+        """An engine that died (kill -9) could not remove its shared KV pool; its file is ours to remove
+        now that the process is gone (a peer that still maps it keeps its mapping)."""
+        name = self.ready.kv_pool_name if self.ready else None
+        if name:
+            (SHM_DIR / name).unlink(missing_ok=True)
 
     def __enter__(self) -> EngineClient:
         self.start()
@@ -155,12 +169,36 @@ class EngineClient:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Send a request to the engine; returns its seq_id (the id its outputs carry)."""
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               mode: str = "generate", num_extra_tokens: int = 0) -> int:
+        """Send a request to the engine; returns its seq_id (the id its outputs carry).
+
+        mode: "generate" (prefill + decode here), "prefill" (prefill node: first token, then hold the
+        KV for the transfer agent), "reserve" (decode node: blocks for KV a prefill node will write,
+        plus num_extra_tokens for the first token and drafts)."""
         seq_id = self._allocate_seq_id()
-        task = AddRequest(seq_id, request_id, prompt_token_ids, params)
+        if mode == "generate":
+            task = AddRequest(seq_id, request_id, prompt_token_ids, params)
+        elif mode == "prefill":
+            task = AddPrefillRequest(seq_id, request_id, prompt_token_ids, params)
+        elif mode == "reserve":
+            task = ReserveRequest(seq_id, request_id, prompt_token_ids, params, num_extra_tokens)
+        else:
+            self._live_seq_ids.discard(seq_id)
+            raise ValueError(f"unknown submit mode {mode!r}")
         self._send(self._require_process(), encode_task(task))
         return seq_id
+
+    def kv_ready(self, seq_id: int, first_token_id: int, draft_token_ids: list[int]) -> None:
+        """Decode node: the reserved blocks hold the prompt's KV; decode on from the peer's token."""
+        task = RemoteKVReady(seq_id, first_token_id, draft_token_ids)
+        self._send(self._require_process(), encode_task(task))
+
+    def release_prefilled(self, seq_id: int) -> None:
+        """Prefill node: the request's KV is handed over; free its blocks and forget the seq_id."""
+        if seq_id in self._live_seq_ids:
+            self._send(self._require_process(), encode_task(ReleaseRequest(seq_id)))
+            self._live_seq_ids.discard(seq_id)
 
     def abort(self, seq_id: int) -> None:
         if seq_id in self._live_seq_ids:

@@ -68,6 +68,15 @@ class KVCacheSpec:
         return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[self.dtype])
 
 
+def kv_spec_for_model(model_config, num_blocks: int, block_size: int, dtype: str = "float32") -> KVCacheSpec:
+    """The pool a model needs: one layer per decoder layer plus its MTP layers (always last)."""
+    return KVCacheSpec(
+        num_layers=model_config.num_hidden_layers + model_config.num_nextn_predict_layers,
+        num_blocks=num_blocks, block_size=block_size, num_kv_heads=model_config.num_key_value_heads,
+        head_dim=model_config.head_dim, dtype=dtype,
+    )
+
+
 class KVCachePool:
     """Owns (or maps) the KV buffer and exposes per-layer ``(k_cache, v_cache)`` paddle views."""
 

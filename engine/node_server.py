@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,6 +44,12 @@ class NodeConfig:
     omp_num_threads: int = 1
     eos_token_ids: tuple[int, ...] = ()
     registry_url: str | None = None  # the router (http://...) or redis://...; None = not registered
+    registry_api_key: str | None = field(default=None, repr=False)  # never in a log line
+    speculative_config: str | None = None  # FastDeploy's JSON; None = no speculative decoding
+    transport: str = "auto"  # KV transport a prefill node uses: auto (shm on the same host) | shm | zmq
+    prefill_timeout_s: float = 120.0  # decode node: no FirstToken by then -> the request fails
+    kv_lease_s: float = 10.0  # reservation lease, renewed while the peer works
+    prefill_fallback: str = "fail"  # decode node when its prefill peer fails: "fail" | "local"
     heartbeat_interval_s: float = 1.0
     log_level: str = "WARNING"
 
@@ -55,6 +61,12 @@ class NodeConfig:
         for name in ("grpc_port", "data_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535] (got {getattr(self, name)})")
+        if self.transport not in ("auto", "shm", "zmq"):
+            raise ValueError(f"transport must be auto, shm or zmq (got {self.transport!r})")
+        if self.prefill_fallback not in ("fail", "local"):
+            raise ValueError(f"prefill_fallback must be 'fail' or 'local' (got {self.prefill_fallback!r})")
+        if self.prefill_timeout_s <= 0 or self.kv_lease_s <= 0:
+            raise ValueError("prefill_timeout_s and kv_lease_s must be > 0")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0 (got {self.heartbeat_interval_s})")
 
@@ -106,6 +118,8 @@ class NodeServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.grpc_address = ""
+        self.data_address = ""  # set by roles with a KV data plane
+        self._heartbeater = None
         self._stop = asyncio.Event()
 
     # -- the shared RPCs -------------------------------------------------------------------------------
@@ -146,13 +160,34 @@ class NodeServer:
         if self.config.metrics_port is not None:
             start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
         asyncio.get_running_loop().create_task(self._watch_engine())
+        if self.config.registry_url:
+            await self._start_heartbeats()
+
+    async def _start_heartbeats(self) -> None:
+        from pdserve.router.registry_client import Heartbeater, registry_client_for
+
+        client = registry_client_for(self.config.registry_url, api_key=self.config.registry_api_key)
+        self._heartbeater = Heartbeater(client, self.node_info, self.config.heartbeat_interval_s)
+        await self._heartbeater.start()
+
+    def node_info(self):
+        """This node's registry entry, current load included."""
+        from pdserve.router.registry import NodeInfo
+
+        stats = self.bridge.stats
+        return NodeInfo(
+            node_id=self.config.node_id, role=self.config.role, model=self.config.model_name,
+            grpc_address=self.grpc_address, data_address=self.data_address,
+            capacity=self.config.engine.scheduler.max_num_seqs,
+            load=float(stats.running + stats.waiting) if stats else 0.0, draining=self.draining,
+        )
 
     async def start_data_plane(self) -> None:
         """Roles with a KV data plane bind it here, before the node reports ready."""
 
     def ready_info(self) -> dict:
         return {"node_id": self.config.node_id, "role": self.config.role, "grpc": self.grpc_address,
-                "pid": self.bridge.client.pid}
+                "data": self.data_address, "pid": self.bridge.client.pid}
 
     async def _set_health(self, serving: bool) -> None:
         states = health_pb2.HealthCheckResponse
@@ -177,6 +212,8 @@ class NodeServer:
 
     async def stop(self, grace_s: float = 2.0) -> None:
         self._stop.set()
+        if self._heartbeater is not None:
+            await self._heartbeater.stop(deregister=True)
         if self._server is not None:
             await self._server.stop(grace_s)
         await self.stop_data_plane()

@@ -52,7 +52,7 @@ from pdserve.engine.protocol import (
     write_frame,
 )
 from pdserve.engine.request import RequestStatus
-from pdserve.engine.scheduler import AdmissionError
+from pdserve.engine.scheduler import AdmissionError, CapacityError
 
 log = logging.getLogger("pdserve.engine")
 
@@ -236,7 +236,7 @@ class EngineLoop:
         try:
             admit()
         except (AdmissionError, ValueError) as exc:
-            self.events.send(RequestRejected(task.seq_id, str(exc)))
+            self.events.send(RequestRejected(task.seq_id, str(exc), retryable=isinstance(exc, CapacityError)))
             return False
         self._request_ids[task.seq_id] = task.request_id
         return True

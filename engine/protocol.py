@@ -139,7 +139,8 @@ class EngineReady(msgspec.Struct, tag="ready", frozen=True):
 
 class RequestRejected(msgspec.Struct, tag="rejected", frozen=True):
     seq_id: int
-    message: str  # why the engine can never serve it (e.g. prompt longer than max_model_len)
+    message: str  # why the engine does not serve it (e.g. prompt longer than max_model_len)
+    retryable: bool = False  # no room right now (CapacityError): another node may serve it
 
 
 class EngineFailed(msgspec.Struct, tag="failed", frozen=True):

@@ -1,0 +1,202 @@
+"""The decode node's side of PD: reserve blocks, hand the prompt to a prefill node, take its KV, and
+hand the engine the first token.
+
+    Generate -> engine ReserveRequest -> KVReserved(block ids) -> reservation in the KV endpoint
+             -> PrefillTask to P (our block ids, our data address, a lease; renewed while waiting)
+             <- KV chunks (zmq frames, or in-place notices after P wrote our shared pool)
+             <- FirstToken, strictly after the last chunk (same connection)
+             -> engine RemoteKVReady(first token, drafts): the request decodes on here.
+
+Abort while P works: tell P, and free our blocks only once P confirms (or a grace period passed) —
+a same-host copy already under way writes into our pool whatever we do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pdserve.engine.bridge import EngineBridge, EngineGone, RequestHandle
+from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.engine.node_server import NodeConfig, NodeMetrics
+from pdserve.engine.protocol import KVReserved, RequestRejected
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.transfer.channel import Outbox, TransferError
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.endpoint import KVEndpoint, Malformed
+from pdserve.transfer.messages import Abort, FirstToken, LeaseRenewal, PrefillTask
+from pdserve.transfer.receiver import ChunkResult
+
+log = logging.getLogger("pdserve.decode.pd")
+
+ABORT_GRACE_S = 0.5  # how long we wait for P to confirm an abort before reusing the blocks
+
+
+class RemotePrefillError(Exception):
+    """The prefill peer could not deliver; `retryable` errors may succeed on another pair."""
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass
+class _Pending:
+    first_token: asyncio.Future[FirstToken]
+    abort_confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+    peer_address: str = ""
+
+
+class RemotePrefill:
+    def __init__(self, config: NodeConfig, bridge: EngineBridge, kv_spec: KVCacheSpec,
+                 metrics: NodeMetrics) -> None:
+        self.config = config
+        self.bridge = bridge
+        self.kv_spec = kv_spec
+        self.metrics = metrics
+        self.transfer = TransferConfig(transport=config.transport, bind_host=config.host,
+                                       port=config.data_port)
+        self.endpoint: KVEndpoint | None = None
+        self.pool: KVCachePool | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._outboxes: dict[str, Outbox] = {}
+        self._sends = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd-control")
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self, pool_name: str) -> str:
+        self._loop = asyncio.get_running_loop()
+        self.pool = KVCachePool.attach(self.kv_spec, pool_name)
+        self.endpoint = KVEndpoint(self.pool, self.transfer, self._from_inbox_thread).start()
+        return self.endpoint.address
+
+    async def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+        await self._loop.run_in_executor(self._sends, self._close_outboxes)
+        self._sends.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.close()
+
+    def _close_outboxes(self) -> None:
+        for outbox in self._outboxes.values():
+            outbox.close()
+
+    # -- one request -----------------------------------------------------------------------------------
+
+    async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, peer_address: str,
+                      num_extra_tokens: int) -> tuple[RequestHandle, FirstToken]:
+        """Reserve blocks, have the peer fill them; returns the engine handle (now decoding) and the
+        peer's first token. Raises RemotePrefillError; on any failure our blocks are freed."""
+        handle = self.bridge.submit(request_id, prompt, params, mode="reserve",
+                                    num_extra_tokens=num_extra_tokens)
+        pending = _Pending(self._loop.create_future(), peer_address=peer_address)
+        self._pending[request_id] = pending
+        try:
+            block_ids = await self._reserved_blocks(handle)
+            self.endpoint.reservations.reserve(request_id, block_ids, len(prompt), self.config.kv_lease_s)
+            task = PrefillTask(
+                request_id=request_id, prompt_token_ids=tuple(prompt), sampling=params,
+                block_ids=tuple(block_ids), decode_node_id=self.config.node_id,
+                kv_target=self.endpoint.target(), lease_ms=int(self.config.kv_lease_s * 1000),
+            )
+            await self._send(peer_address, task)
+            first = await self._await_first_token(request_id, pending)
+            self._check_complete(request_id)
+        except BaseException:
+            # Keep the pending entry until the peer confirms: abandon() waits for its Abort.
+            self._loop.create_task(self.abandon(request_id, handle, pending))
+            raise
+        self._pending.pop(request_id, None)
+        self.endpoint.reservations.release(request_id)
+        self.bridge.kv_ready(handle, first.token_id, list(first.draft_token_ids))
+        return handle, first
+
+    async def _reserved_blocks(self, handle: RequestHandle) -> list[int]:
+        item = await handle.items.get()
+        if isinstance(item, KVReserved):
+            return item.block_ids
+        if isinstance(item, RequestRejected):
+            raise RemotePrefillError(item.message, retryable=item.retryable)
+        if isinstance(item, EngineGone):
+            raise RemotePrefillError(item.message, retryable=True)
+        raise RemotePrefillError(f"unexpected engine event {type(item).__name__} while reserving", True)
+
+    async def _await_first_token(self, request_id: str, pending: _Pending) -> FirstToken:
+        """Wait for the peer, renewing its lease; a silent or failed peer becomes an error."""
+        deadline = time.monotonic() + self.config.prefill_timeout_s
+        renew_every = self.config.kv_lease_s / 3
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RemotePrefillError(f"prefill node {pending.peer_address} sent no first token within "
+                                         f"{self.config.prefill_timeout_s} s", retryable=True)
+            try:
+                first = await asyncio.wait_for(asyncio.shield(pending.first_token), min(renew_every, left))
+            except TimeoutError:
+                self.endpoint.reservations.renew(request_id, self.config.kv_lease_s)
+                renewal = LeaseRenewal(request_id, int(self.config.kv_lease_s * 1000))
+                await self._send(pending.peer_address, renewal)
+                continue
+            if not first.ok:
+                raise RemotePrefillError(
+                    f"prefill node failed: {first.error_code.name}: {first.error_message}", retryable=True)
+            return first
+
+    def _check_complete(self, request_id: str) -> None:
+        reservation = self.endpoint.reservations.get(request_id)
+        if reservation is None or not reservation.complete:
+            # FirstToken travels behind the last chunk: this means chunks were rejected on the way.
+            self.metrics.kv_failures.labels(reason="incomplete").inc()
+            raise RemotePrefillError("the prefill node's KV did not all arrive", retryable=True)
+
+    async def abandon(self, request_id: str, handle: RequestHandle, pending: _Pending | None) -> None:
+        """Stop the peer, wait for it to confirm (bounded), then free our blocks."""
+        if pending is not None and pending.peer_address:
+            try:
+                await self._send(pending.peer_address, Abort(request_id, "abandoned by the decode node"))
+                await asyncio.wait_for(pending.abort_confirmed.wait(), ABORT_GRACE_S)
+            except (TransferError, TimeoutError):
+                pass  # the peer is gone or slow: after the grace period its copies are over too
+        self._pending.pop(request_id, None)
+        self.endpoint.reservations.release(request_id)
+        self.bridge.abort(handle)
+
+    def pending(self, request_id: str) -> _Pending | None:
+        return self._pending.get(request_id)
+
+    # -- data-plane events (inbox thread -> event loop) -------------------------------------------------
+
+    def _from_inbox_thread(self, event) -> None:
+        self._loop.call_soon_threadsafe(self._on_event, event)
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, ChunkResult):
+            if event.accepted:
+                self.metrics.kv_bytes.labels(direction="in", transport="any").inc(event.nbytes)
+            else:
+                self.metrics.kv_failures.labels(reason=str(event.reason)).inc()
+                log.warning("rejected a KV chunk of %r: %s", event.request_id, event.reason)
+        elif isinstance(event, FirstToken):
+            pending = self._pending.get(event.request_id)
+            if pending is not None and not pending.first_token.done():
+                pending.first_token.set_result(event)
+        elif isinstance(event, Abort):
+            pending = self._pending.get(event.request_id)
+            if pending is not None:
+                pending.abort_confirmed.set()
+        elif isinstance(event, Malformed):
+            self.metrics.kv_failures.labels(reason="malformed").inc()
+            log.warning("dropped a malformed data-plane message: %s", event.reason)
+
+    async def _send(self, address: str, message) -> None:
+        await self._loop.run_in_executor(self._sends, self._send_now, address, message)
+
+    def _send_now(self, address: str, message) -> None:
+        if address not in self._outboxes:
+            self._outboxes[address] = Outbox(address, self.transfer)
+        self._outboxes[address].send(message)

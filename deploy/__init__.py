@@ -1,0 +1,1 @@
+"""pdserve.deploy: launching clusters (pdserve up) and deployment files."""

@@ -1,0 +1,288 @@
+"""The prefill node: takes PrefillTasks from decode nodes, prefills, and pushes the KV into the decode
+node's reserved blocks chunk by chunk while prefill continues; the FirstToken (token id, raw logprob,
+rank, top-k) follows the request's last KV chunk on the same connection.
+
+Every send (KV chunks, FirstToken, Abort acks) goes through one transfer thread: ZMQ sockets belong to
+one thread, and a memcpy of a large chunk must not stall the event loop (gRPC, other requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.engine.bridge import EngineGone, RequestHandle
+from pdserve.engine.client import EngineError
+from pdserve.engine.kv_cache import KVCachePool, kv_spec_for_model
+from pdserve.engine.node_server import NodeConfig, NodeServer
+from pdserve.engine.output_codec import SlotOutput
+from pdserve.engine.protocol import PrefillDone, PrefillProgress, RequestRejected
+from pdserve.models.config import ModelConfig
+from pdserve.rpc import node_pb2 as pb
+from pdserve.transfer.channel import Inbox, Outbox, TransferError
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.endpoint import InboxDispatcher, Malformed
+from pdserve.transfer.messages import (
+    MAX_MESSAGE_BYTES,
+    Abort,
+    ErrorCode,
+    FirstToken,
+    LeaseRenewal,
+    PrefillTask,
+    PrefillTimings,
+)
+from pdserve.transfer.transport import KVChunker, KVSender, choose_transport, local_host_id, open_kv_sender
+
+log = logging.getLogger("pdserve.prefill")
+
+DELIVERY_TIMEOUT_S = 30.0
+
+
+class PrefillFailed(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class PrefillJob:
+    task: PrefillTask
+    received_at: float
+    deadline: float  # lease: dropped unless renewed (monotonic seconds)
+    handle: RequestHandle | None = None
+    aborted: bool = False
+    started_at: float = 0.0
+    transfer_s: float = 0.0
+    runner: asyncio.Task | None = field(default=None, repr=False)
+
+
+class PrefillNodeServer(NodeServer):
+    def __init__(self, config: NodeConfig, transfer: TransferConfig | None = None) -> None:
+        super().__init__(config)
+        self.transfer = transfer or TransferConfig(bind_host=config.host, port=config.data_port)
+        model_config = ModelConfig.from_dir(config.model_dir)
+        self.kv_spec = kv_spec_for_model(model_config, config.engine.cache.num_blocks,
+                                         config.engine.cache.block_size)
+        self.jobs: dict[str, PrefillJob] = {}
+        self.pool: KVCachePool | None = None
+        self._inbox: Inbox | None = None
+        self._outboxes: dict[str, Outbox] = {}
+        self._senders: dict[tuple[str, str], KVSender] = {}
+        self._sends = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-transfer")
+        self._host_id = local_host_id()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            "a prefill node does not serve Generate; send requests to a decode or mixed node")
+        yield pb.GenerateChunk()  # never reached: makes this an async generator like the servicer expects
+
+    # -- data plane ------------------------------------------------------------------------------------
+
+    async def start_data_plane(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.pool = KVCachePool.attach(self.kv_spec, self.bridge.ready.kv_pool_name)
+        dispatcher = InboxDispatcher(self._from_inbox_thread, receiver=None)
+        self._inbox = Inbox(self.transfer, dispatcher, MAX_MESSAGE_BYTES).start()
+        host = self.transfer.advertise_host or self.transfer.bind_host
+        self.data_address = f"tcp://{host}:{self._inbox.port}"
+        self._loop.create_task(self._expire_leases())
+
+    async def stop_data_plane(self) -> None:
+        for job in list(self.jobs.values()):
+            self._abort_job(job, "prefill node stopping")
+        if self._inbox is not None:
+            self._inbox.close()
+        await self._loop.run_in_executor(self._sends, self._close_peers)
+        self._sends.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.close()
+
+    def _close_peers(self) -> None:
+        for sender in self._senders.values():
+            sender.close()
+        for outbox in self._outboxes.values():
+            outbox.close()
+
+    def _from_inbox_thread(self, event) -> None:
+        self._loop.call_soon_threadsafe(self._on_message, event)
+
+    def _on_message(self, message) -> None:
+        if isinstance(message, PrefillTask):
+            self._accept(message)
+        elif isinstance(message, Abort):
+            job = self.jobs.get(message.request_id)
+            if job is not None:
+                self._abort_job(job, message.reason or "aborted by the decode node")
+                self._send_soon(job.task, Abort(message.request_id, "abort confirmed"))
+        elif isinstance(message, LeaseRenewal):
+            job = self.jobs.get(message.request_id)
+            if job is not None:
+                job.deadline = time.monotonic() + message.lease_ms / 1000
+        elif isinstance(message, Malformed):
+            self.metrics.kv_failures.labels(reason="malformed").inc()
+            log.warning("dropped a malformed data-plane message: %s", message.reason)
+        else:
+            log.warning("prefill node ignores %s", type(message).__name__)
+
+    def _accept(self, task: PrefillTask) -> None:
+        now = time.monotonic()
+        if task.request_id in self.jobs:
+            log.warning("duplicate PrefillTask %s ignored", task.request_id)
+            return
+        job = PrefillJob(task, received_at=now, deadline=now + task.lease_ms / 1000)
+        self.jobs[task.request_id] = job
+        job.runner = self._loop.create_task(self._run(job))
+
+    # -- one request -----------------------------------------------------------------------------------
+
+    async def _run(self, job: PrefillJob) -> None:
+        task = job.task
+        try:
+            if self.draining:
+                raise PrefillFailed(ErrorCode.OVERLOADED, f"prefill node {self.config.node_id} is draining")
+            sender = await self._in_transfer_thread(self._sender_for, task)
+            chunker = KVChunker(task.request_id, task.block_ids, len(task.prompt_token_ids),
+                                self.kv_spec.num_layers, self.kv_spec.block_size)
+            job.handle = self._submit(task)
+            job.started_at = time.monotonic()
+            done = await self._prefill_and_push(job, sender, chunker)
+            first = _first_token(task.request_id, done, _timings(job))
+            await self._in_transfer_thread(self._outbox(task).send, first)
+            self.metrics.outcome("prefilled")
+        except PrefillFailed as exc:
+            self._fail(job, exc.code, str(exc))
+        except TransferError as exc:
+            self.metrics.kv_failures.labels(reason="send").inc()
+            self._fail(job, ErrorCode.KV_TRANSFER_FAILED, str(exc))
+        finally:
+            if job.handle is not None:
+                self.bridge.release_prefilled(job.handle)
+            self.jobs.pop(task.request_id, None)
+
+    def _submit(self, task: PrefillTask) -> RequestHandle:
+        try:
+            return self.bridge.submit(task.request_id, list(task.prompt_token_ids), task.sampling,
+                                      mode="prefill")
+        except EngineError as exc:
+            raise PrefillFailed(ErrorCode.PREFILL_FAILED, str(exc)) from exc
+
+    async def _prefill_and_push(self, job: PrefillJob, sender: KVSender, chunker: KVChunker) -> PrefillDone:
+        """Follow the engine's progress: push each newly computed span, the rest after the first token."""
+        while True:
+            item = await job.handle.items.get()
+            if job.aborted:
+                raise PrefillFailed(ErrorCode.ABORTED, "aborted")
+            if isinstance(item, PrefillProgress):
+                await self._push(job, sender, chunker, item.block_ids, item.num_computed_tokens)
+            elif isinstance(item, PrefillDone):
+                if not chunker.done:
+                    await self._push(job, sender, chunker, item.block_ids, item.num_prompt_tokens)
+                return item
+            elif isinstance(item, (RequestRejected, EngineGone)):
+                raise PrefillFailed(ErrorCode.PREFILL_FAILED, item.message)
+            elif isinstance(item, SlotOutput):
+                # PREEMPTED: blocks already pushed may have been reused; ABORTED/ERROR: gone.
+                raise PrefillFailed(ErrorCode.PREFILL_FAILED, f"prefill {item.event.name.lower()}")
+
+    async def _push(self, job: PrefillJob, sender: KVSender, chunker: KVChunker, block_table: list[int],
+                    token_end: int) -> None:
+        chunk = chunker.next_chunk(block_table, token_end)
+        started = time.monotonic()
+
+        def send() -> int:
+            delivery = sender.send_chunk(chunk, self.pool)
+            # The source blocks are released after the FirstToken; zero-copy frames must be gone first.
+            if not delivery.wait(DELIVERY_TIMEOUT_S):
+                raise TransferError(f"KV chunk of {chunk.request_id} not taken by the peer in time")
+            return delivery.nbytes
+
+        nbytes = await self._in_transfer_thread(send)
+        elapsed = time.monotonic() - started
+        job.transfer_s += elapsed
+        transport = type(sender).__name__
+        self.metrics.kv_bytes.labels(direction="out", transport=transport).inc(nbytes)
+        self.metrics.kv_seconds.labels(direction="out", transport=transport).inc(elapsed)
+
+    # -- failures and leases ---------------------------------------------------------------------------
+
+    def _abort_job(self, job: PrefillJob, reason: str) -> None:
+        job.aborted = True
+        if job.handle is not None:
+            self.bridge.abort(job.handle)
+            job.handle.items.put_nowait(EngineGone(reason))  # wake the runner
+        elif job.runner is not None:
+            job.runner.cancel()
+
+    def _fail(self, job: PrefillJob, code: ErrorCode, message: str) -> None:
+        self.metrics.outcome("error")
+        log.info("prefill of %s failed: %s", job.task.request_id, message)
+        if code is not ErrorCode.ABORTED:
+            error = FirstToken(job.task.request_id, error_code=code, error_message=message[:1000])
+            self._send_soon(job.task, error)
+
+    async def _expire_leases(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for job in [j for j in self.jobs.values() if j.deadline < now and not j.aborted]:
+                log.warning("lease of %s expired; dropping it", job.task.request_id)
+                self._abort_job(job, "lease expired")
+                self._send_soon(job.task, FirstToken(job.task.request_id, error_code=ErrorCode.LEASE_EXPIRED,
+                                                     error_message="prefill lease expired"))
+
+    # -- the transfer thread ---------------------------------------------------------------------------
+
+    async def _in_transfer_thread(self, fn, *args):
+        return await self._loop.run_in_executor(self._sends, fn, *args)
+
+    def _send_soon(self, task: PrefillTask, message) -> None:
+        def send() -> None:
+            try:
+                self._outbox(task).send(message)
+            except TransferError as exc:
+                log.warning("could not tell %s: %s", task.decode_node_id, exc)
+
+        self._sends.submit(send)
+
+    def _outbox(self, task: PrefillTask) -> Outbox:
+        address = task.kv_target.address
+        if address not in self._outboxes:
+            self._outboxes[address] = Outbox(address, self.transfer)
+        return self._outboxes[address]
+
+    def _sender_for(self, task: PrefillTask) -> KVSender:
+        target = task.kv_target
+        kind = choose_transport(self.transfer.transport, target, self._host_id)
+        key = (target.address, kind)
+        if key not in self._senders:
+            try:
+                self._senders[key] = open_kv_sender(kind, self._outbox(task), target, self.kv_spec)
+            except TransferError as exc:
+                raise PrefillFailed(ErrorCode.INVALID_TASK, str(exc)) from exc
+        return self._senders[key]
+
+
+def _first_token(request_id: str, done: PrefillDone, timings: PrefillTimings) -> FirstToken:
+    return FirstToken(
+        # float32 rounding can put a near-certain token's logprob a hair above 0: the wire wants <= 0.
+        request_id=request_id, token_id=done.token_id, logprob=min(done.logprob, 0.0),
+        rank=done.rank, top_ids=tuple(done.top_ids),
+        top_logprobs=tuple(min(x, 0.0) for x in done.top_logprobs),
+        draft_token_ids=tuple(done.draft_token_ids), timings=timings,
+    )
+
+
+def _timings(job: PrefillJob) -> PrefillTimings:
+    now = time.monotonic()
+    queue_ms = max(0.0, (job.started_at - job.received_at) * 1000)
+    total_ms = max(0.0, (now - job.started_at) * 1000)
+    transfer_ms = min(job.transfer_s * 1000, total_ms)
+    return PrefillTimings(queue_ms=queue_ms, prefill_ms=total_ms - transfer_ms, transfer_ms=transfer_ms)
+
+
