@@ -11,6 +11,8 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from prometheus_client import CollectorRegistry
+
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
@@ -19,6 +21,7 @@ from pdserve.engine.protocol import EngineStats
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import AdmissionError, Scheduler
+from pdserve.engine.spec_decoder import SpecDecoder
 from pdserve.models.llama import LlamaForCausalLM
 
 
@@ -35,6 +38,8 @@ class RequestOutput:
     error: str | None = None
     # Raw logprobs of prompt tokens 1 .. n-1, on the request's first sampled output, when asked for.
     prompt_logprobs: tuple[TokenInfo, ...] = ()
+    # FINISHED_PREFILLED (prefill node): the MTP / n-gram drafts the decode node's first step verifies.
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -54,7 +59,7 @@ def kv_spec_for(model: LlamaForCausalLM, config: EngineConfig) -> KVCacheSpec:
 
 class LLMEngine:
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, kv_pool: KVCachePool,
-                 eos_token_ids: Sequence[int]) -> None:
+                 eos_token_ids: Sequence[int], spec_registry: CollectorRegistry | None = None) -> None:
         if kv_pool.spec != kv_spec_for(model, config):
             raise ValueError(f"KV pool {kv_pool.spec} does not match the model and config")
         self.config = config
@@ -62,6 +67,10 @@ class LLMEngine:
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(model, kv_pool)
+        # Speculative decoding's draft side; its counters go to the registry given (a private one if none).
+        self.spec = None if config.speculative is None else SpecDecoder.build(
+            config.speculative, model, kv_pool, self.block_manager, config.scheduler.max_model_len,
+            spec_registry or CollectorRegistry())
         self.steps = 0
         self._held: dict[str, Request] = {}  # prefilled requests whose blocks the transfer agent reads
         self._progressed: list[Request] = []
@@ -160,6 +169,9 @@ class LLMEngine:
         ]
         for request_id in plan.finished_request_ids:  # aborted before their first output
             self._prompt_logprobs.pop(request_id, None)
+        if self.spec is not None:
+            self.spec.on_preempted(plan.preempted_request_ids)
+            self.spec.forget(plan.finished_request_ids)
         if not plan.chunks:
             return outputs
         result = self.runner.execute(plan)
@@ -167,7 +179,10 @@ class LLMEngine:
         self._collect_prompt_logprobs(result.prompt_logprobs)
         sampled = {rid: s.token_ids for rid, s in result.sampled.items()}
         self._progressed.extend(c.request for c in plan.chunks if c.request.prefill_only and not c.sample)
-        for update in self.scheduler.on_step_done(plan, sampled):
+        updates = self.scheduler.on_step_done(plan, sampled)
+        if self.spec is not None:
+            self.spec.after_step(plan.chunks, result.hidden, updates)
+        for update in updates:
             request = update.request
             if request.status is RequestStatus.FINISHED_PREFILLED:
                 self._held[request.request_id] = request
@@ -176,6 +191,7 @@ class LLMEngine:
             outputs.append(RequestOutput(
                 request.request_id, request.seq_id, update.new_token_ids, infos, request.status,
                 update.num_accepted_draft_tokens, request.error, tuple(prompt[p] for p in sorted(prompt)),
+                tuple(request.draft_token_ids) if request.status is RequestStatus.FINISHED_PREFILLED else (),
             ))
         return outputs
 

@@ -246,6 +246,17 @@ class OutputQueueWriter:
             raise OutputQueueError(f"sending on the output queue failed: {err}") from err
         return True
 
+    def release(self, grace_s: float = 0.05) -> None:
+        """The engine is stopping: remove the queue if its reader died without closing it (a live
+        reader removes its own queue on close). A reader whose pipes just closed may still be exiting,
+        so its death is awaited for up to grace_s."""
+        deadline = time.monotonic() + grace_s
+        while self._reader_alive():
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
+        _remove_queue(self._queue)
+
     def _check_reader_alive(self) -> None:
         if self._reader_alive():
             return
