@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.spec_config import SpeculativeConfig
+from pdserve.router.cli import add_router_parser
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads-per-node", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None, help="KV blocks per node")
     up.set_defaults(handler=_up)
+    add_router_parser(sub)
     return parser
 
 

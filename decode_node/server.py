@@ -43,6 +43,8 @@ class DecodeNodeServer(NodeServer):
             spec = kv_spec_for_model(ModelConfig.from_dir(config.model_dir), config.engine.cache.num_blocks,
                                      config.engine.cache.block_size)
             self.remote = RemotePrefill(config, self.bridge, spec, self.metrics)
+        # Reserved beyond the prompt: the peer's first token and the drafts our first step verifies.
+        self._extra_tokens = 1 + config.engine.scheduler.num_speculative_tokens
 
     async def start_data_plane(self) -> None:
         if self.remote is not None:
@@ -74,7 +76,7 @@ class DecodeNodeServer(NodeServer):
         if request.HasField("prefill") and self.remote is not None:
             try:
                 handle, first = await self.remote.prefill(request.request_id, prompt, params,
-                                                          request.prefill.data_address, num_extra_tokens=1)
+                                                          request.prefill.data_address, self._extra_tokens)
             except RemotePrefillError as exc:
                 if self.config.prefill_fallback != "local":
                     self.metrics.outcome("prefill_failed")

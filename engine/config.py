@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.engine.spec_config import SpeculativeConfig
+
 
 class EngineConfigError(ValueError):
     """An engine configuration field is out of range; the message names the field."""
@@ -74,7 +76,16 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """One engine's configuration: the KV pool and the scheduler."""
+    """One engine's configuration: the KV pool, the scheduler and (optionally) speculative decoding."""
 
     cache: CacheConfig
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        k = self.speculative.num_speculative_tokens if self.speculative else 0
+        if self.scheduler.num_speculative_tokens != k:
+            # One number, two readers: the scheduler feeds k drafts, the proposer makes them.
+            raise EngineConfigError(
+                f"SchedulerConfig.num_speculative_tokens must equal speculative_config."
+                f"num_speculative_tokens ({k}) (got {self.scheduler.num_speculative_tokens})")

@@ -1,6 +1,10 @@
 """Runs one scheduled step on the model: builds the flattened batch, runs the forward pass over the
 paged KV cache, then samples and gathers logprobs for the rows that produce tokens.
 
+A sampling chunk with d speculative drafts produces logits for its last 1 + d rows; verification
+(kernels/spec_verify.py) accepts a prefix of the drafts and emits one new token, and logprobs are
+gathered for the emitted rows only. Without drafts this is plain sampling of the last row.
+
 The runner never decides anything: it consumes a `SchedulerOutput` and returns what the tensors
 said, per request. Logprobs are computed from the raw logits (before penalties and temperature,
 FastDeploy's default) and only for requests that asked for them.
@@ -18,8 +22,9 @@ from pdserve.engine.kv_cache import KVCachePool
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from pdserve.kernels.attention import AttentionMetadata
-from pdserve.kernels.logprobs import TokenLogprobs, prompt_logprobs, top_logprobs
-from pdserve.kernels.sampling import SamplingBatch, SamplingRow, sample
+from pdserve.kernels.logprobs import TokenLogprobs, prompt_logprobs
+from pdserve.kernels.sampling import SamplingBatch, SamplingRow
+from pdserve.kernels.spec_verify import verify_drafts
 from pdserve.models.llama import LlamaForCausalLM
 
 
@@ -46,6 +51,8 @@ class StepResult:
     sampled: dict[str, SampledTokens]  # by request id, for chunks with sample=True
     # Prompt logprobs computed this step: request id -> (prompt positions it covers, one per token).
     prompt_logprobs: dict[str, tuple[int, tuple[TokenInfo, ...]]]
+    # [T, hidden] final-normed hidden states of the step, kept for the MTP draft proposer.
+    hidden: paddle.Tensor | None = None
 
 
 class ModelRunner:
@@ -63,7 +70,7 @@ class ModelRunner:
         sample_rows, prompt_rows = _logit_rows(chunks)
         sampled = self._sample(chunks, hidden, sample_rows)
         prompts = self._prompt_logprobs(chunks, hidden, prompt_rows)
-        return StepResult(sampled=sampled, prompt_logprobs=prompts)
+        return StepResult(sampled=sampled, prompt_logprobs=prompts, hidden=hidden)
 
     def _prepare(self, chunks: Sequence[ScheduledChunk]
                  ) -> tuple[paddle.Tensor, paddle.Tensor, AttentionMetadata]:
@@ -82,24 +89,18 @@ class ModelRunner:
         sampling_chunks = [c for c in chunks if c.sample]
         if not sampling_chunks:
             return {}
-        logits = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))  # [S, vocab]
-        batch = SamplingBatch.from_rows([_sampling_row(c.request) for c in sampling_chunks], self.vocab_size)
-        token_ids = sample(logits, batch)  # [S]
-        infos = self._token_infos([c.request for c in sampling_chunks], logits, token_ids)
-        ids = token_ids.numpy().tolist()
+        logits = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))  # [R, vocab]
+        drafts = [_drafts_of(c) for c in sampling_chunks]
+        rows = [r for c, d in zip(sampling_chunks, drafts, strict=True) for r in _sampling_rows(c.request, d)]
+        ks = [_logprobs_k(c.request) for c in sampling_chunks]
+        verified = verify_drafts(logits, SamplingBatch.from_rows(rows, self.vocab_size), drafts, ks)
+        # verified.logprobs has one row per emitted token of the requests that asked, in batch order.
+        emitted_ks = [k for k, ids in zip(ks, verified.token_ids, strict=True) if k is not None for _ in ids]
+        infos = iter(_unpack(verified.logprobs, emitted_ks) if verified.logprobs else [])
         return {
-            c.request.request_id: SampledTokens((ids[i],), (infos[i],) if infos[i] else ())
-            for i, c in enumerate(sampling_chunks)
+            c.request.request_id: SampledTokens(ids, () if k is None else tuple(next(infos) for _ in ids))
+            for c, k, ids in zip(sampling_chunks, ks, verified.token_ids, strict=True)
         }
-
-    def _token_infos(self, requests: Sequence[Request], logits: paddle.Tensor,
-                     token_ids: paddle.Tensor) -> list[TokenInfo | None]:
-        wanted = [r.sampling_params.logprobs for r in requests]
-        if all(k is None for k in wanted):
-            return [None] * len(requests)
-        k_max = max(k for k in wanted if k is not None)
-        facts = top_logprobs(logits, token_ids, k_max)
-        return [None if k is None else info for k, info in zip(wanted, _unpack(facts, wanted), strict=True)]
 
     def _prompt_logprobs(self, chunks: Sequence[ScheduledChunk], hidden: paddle.Tensor,
                          prompt_rows: PromptRows) -> dict[str, tuple[int, tuple[TokenInfo, ...]]]:
@@ -111,6 +112,13 @@ class ModelRunner:
             facts = prompt_logprobs(logits, paddle.to_tensor(np.asarray(next_ids, dtype=np.int64)), k)
             result[request_id] = (first_position, tuple(_unpack(facts, [k] * len(rows))))
         return result
+
+
+def _logprobs_k(request: Request) -> int | None:
+    """Top-k logprobs to gather for the request's tokens; None = none at all. A prefill node always
+    reports the first token's logprob and rank: the decode node streams them as if it sampled it."""
+    k = request.sampling_params.logprobs
+    return (k or 0) if request.prefill_only else k
 
 
 PromptRows = dict[str, tuple[int, list[int], list[int]]]  # request id -> (first position, rows, next ids)
@@ -125,7 +133,8 @@ def _logit_rows(chunks: Sequence[ScheduledChunk]) -> tuple[list[int], PromptRows
     for chunk in chunks:
         n = len(chunk.token_ids)
         if chunk.sample:
-            sample_rows.append(offset + n - 1 - chunk.num_draft_tokens)
+            # The last real token's row, then one row per draft (row j verifies draft j).
+            sample_rows.extend(range(offset + n - 1 - chunk.num_draft_tokens, offset + n))
         request = chunk.request
         wants_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
         if wants_prompt_logprobs and chunk.start_position < request.num_prompt_tokens:
@@ -142,17 +151,23 @@ def _logit_rows(chunks: Sequence[ScheduledChunk]) -> tuple[list[int], PromptRows
     return sample_rows, prompt_rows
 
 
-def _sampling_row(request: Request) -> SamplingRow:
+def _drafts_of(chunk: ScheduledChunk) -> tuple[int, ...]:
+    return chunk.token_ids[len(chunk.token_ids) - chunk.num_draft_tokens:]
+
+
+def _sampling_rows(request: Request, drafts: Sequence[int]) -> list[SamplingRow]:
+    """One row per logits row of the request: row j sees the outputs plus drafts 0 .. j-1, so its
+    penalties, min_tokens and generation index are those of the token it decides."""
     params = request.sampling_params
     if params.seed is None:
         raise ValueError(f"request {request.request_id!r} reached the runner without a resolved seed")
-    return SamplingRow(
-        params=params,
-        seed=params.seed,
-        prompt_token_ids=np.asarray(request.prompt_token_ids, dtype=np.int64),
-        output_token_ids=np.asarray(request.output_token_ids, dtype=np.int64),
-        eos_token_ids=tuple(sorted(request.eos_token_ids)),
-    )
+    prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
+    outputs = np.asarray([*request.output_token_ids, *drafts], dtype=np.int64)
+    num_outputs = request.num_output_tokens
+    eos = tuple(sorted(request.eos_token_ids))
+    return [SamplingRow(params=params, seed=params.seed, prompt_token_ids=prompt,
+                        output_token_ids=outputs[:num_outputs + j], eos_token_ids=eos)
+            for j in range(len(drafts) + 1)]
 
 
 def _unpack(facts: TokenLogprobs, ks: Sequence[int | None]) -> list[TokenInfo]:

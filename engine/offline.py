@@ -14,6 +14,8 @@ from pdserve.engine.output_codec import SlotEvent
 from pdserve.engine.protocol import EngineFailed, RequestRejected
 from pdserve.engine.request_stream import RequestStream, TokenLogprob
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.spec_config import SpeculativeConfig
+from pdserve.engine.spec_metrics import RequestSpecStats, SpeculateMetrics
 from pdserve.models.tokenizer import Tokenizer
 
 TERMINAL_EVENTS = frozenset({SlotEvent.FINISHED_STOPPED, SlotEvent.FINISHED_LENGTH, SlotEvent.ABORTED,
@@ -29,6 +31,7 @@ class GenerationResult:
     top_logprobs: list[list[list[float]]] | None  # per token: [[token_id, logprob], ...]
     finish_reason: str
     error: str | None = None
+    speculate_metrics: SpeculateMetrics | None = None  # with speculative decoding on
 
     def to_json(self) -> dict:
         out = {"prompt": self.prompt, "token_ids": self.token_ids, "text": self.text,
@@ -36,6 +39,8 @@ class GenerationResult:
                "finish_reason": self.finish_reason}
         if self.error is not None:
             out["error"] = self.error
+        if self.speculate_metrics is not None:
+            out["speculate_metrics"] = self.speculate_metrics.to_json()
         return out
 
 
@@ -44,18 +49,20 @@ class _Pending:
     index: int
     stream: RequestStream
     logprobs: list[TokenLogprob]
+    spec_stats: RequestSpecStats | None = None
     error: str | None = None
     engine_done: bool = False  # the engine sent this seq_id's last event; the id may be reused
 
 
 def generate(client: EngineClient, tokenizer: Tokenizer, prompts: Sequence[str], params: SamplingParams,
-             poll_s: float = 0.5) -> list[GenerationResult]:
+             poll_s: float = 0.5, speculative: SpeculativeConfig | None = None) -> list[GenerationResult]:
     pending: dict[int, _Pending] = {}
     for index, prompt in enumerate(prompts):
         prompt_ids = tokenizer.encode(prompt)
         seq_id = client.submit(f"generate-{index}", prompt_ids, params)
         stream = RequestStream(f"generate-{index}", params, tokenizer, prompt_ids)
-        pending[seq_id] = _Pending(index, stream, [])
+        stats = RequestSpecStats(speculative.num_speculative_tokens) if speculative else None
+        pending[seq_id] = _Pending(index, stream, [], stats)
     results: dict[int, _Pending] = {}
     while any(not p.engine_done for p in pending.values()):
         _handle_events(client, pending)
@@ -64,6 +71,8 @@ def generate(client: EngineClient, tokenizer: Tokenizer, prompts: Sequence[str],
             entry = pending.get(slot.seq_id)
             if entry is None:
                 continue
+            if entry.spec_stats is not None:
+                entry.spec_stats.on_slot(slot)
             if not entry.stream.finished:
                 delta = entry.stream.on_slot(slot)
                 entry.logprobs.extend(delta.logprobs)
@@ -102,4 +111,5 @@ def _result(prompt: str, entry: _Pending) -> GenerationResult:
         top_logprobs=[[[t, lp] for t, lp in x.top] for x in entry.logprobs] if wants_logprobs else None,
         finish_reason=stream.finish_reason or "error",
         error=entry.error,
+        speculate_metrics=entry.spec_stats.metrics() if entry.spec_stats is not None else None,
     )

@@ -144,8 +144,8 @@ class Scheduler:
     # -- the decode side of PD ---------------------------------------------------------------------------
 
     def reserve_for_remote_kv(self, request: Request, num_extra_tokens: int) -> None:
-        """Decode side: allocate blocks for the prompt plus the first token and its drafts, which a
-        prefill peer will fill; the request is not scheduled until `on_remote_kv`.
+        """Decode side: allocate blocks for the prompt plus num_extra_tokens (the first token and the
+        drafts to verify), which a prefill peer will fill; not scheduled until `on_remote_kv`.
 
         Raises AdmissionError when the request can never be served, CapacityError when the pool has no
         room for it now (the caller fails fast; the router may retry elsewhere)."""
@@ -154,7 +154,7 @@ class Scheduler:
         if reason is not None:
             request.finish(RequestStatus.FINISHED_ERROR, error=reason)
             raise AdmissionError(f"request {request.request_id!r}: {reason}")
-        if not self.block_manager.ensure_capacity(request, request.num_prompt_tokens + 1 + num_extra_tokens):
+        if not self.block_manager.ensure_capacity(request, request.num_prompt_tokens + num_extra_tokens):
             request.finish(RequestStatus.FINISHED_ERROR, error="no free KV blocks")
             raise CapacityError(f"request {request.request_id!r}: no free KV blocks for "
                                 f"{request.num_prompt_tokens} prompt tokens")

@@ -23,9 +23,9 @@ def running(**params: object) -> Request:
 def test_statuses_are_ordered_and_finished_is_a_comparison() -> None:
     order = [RequestStatus.WAITING, RequestStatus.WAITING_FOR_KV, RequestStatus.RUNNING,
              RequestStatus.PREEMPTED, RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-             RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR]
+             RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR, RequestStatus.FINISHED_PREFILLED]
     assert order == sorted(RequestStatus)
-    assert [s.is_finished for s in order] == [False] * 4 + [True] * 4
+    assert [s.is_finished for s in order] == [False] * 4 + [True] * 5
 
 
 def test_new_request_counts_prompt_tokens() -> None:

@@ -1,0 +1,174 @@
+"""Speculative decoding on the demo model: acceptance and decode speedup per method, side by side.
+
+Run: ``OMP_NUM_THREADS=1 python bench/bench_spec.py`` (a script, not a test).
+
+For each prompt set (code completion, chat-like prose) and batch size (1, 16), the plain engine and
+every speculative method generate the same greedy continuations in one process, one after another.
+TPOT is, per request, (time of its last token - time of its first token) / (tokens - 1); the table
+shows medians over requests and speedup = TPOT plain / TPOT spec. Average accept length and the
+acceptance per draft position are FastDeploy's speculate_metrics over all requests of the run.
+Writes bench_out/spec.md (the table) and bench_out/spec.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdserve.engine.engine import LLMEngine, kv_spec_for
+from pdserve.engine.kv_cache import KVCachePool
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.spec_config import SpeculativeConfig
+from pdserve.engine.spec_metrics import SpeculateMetrics
+from pdserve.models.llama import LlamaForCausalLM
+from pdserve.models.loader import default_model_dir, load_model
+from pdserve.models.tokenizer import Tokenizer
+
+CODE_PROMPTS = [
+    "import os\nimport sys\n\n\ndef main(",
+    "class Stack:\n    def __init__(self):\n        self.",
+    "def read_lines(path):\n    with open(path) as f:\n        ",
+    "for key, value in sorted(",
+    "    def __repr__(self):\n        return '%s(%r)' % (",
+    "try:\n    import _thread\nexcept ImportError:\n    ",
+    "def test_basic(self):\n        self.assertEqual(",
+    "if __name__ == '__main__':\n    ",
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n",
+    "    @property\n    def name(self):\n        ",
+    'class Error(Exception):\n    """Base class',
+    "import unittest\nfrom test import support\n\n\nclass ",
+    "        if not isinstance(other, ",
+    "    raise ValueError('invalid ",
+    "def _check(self, value):\n        if ",
+    "with self.assertRaises(",
+]
+CHAT_PROMPTS = [
+    "Hello! Can you tell me how",
+    "The weather today is",
+    "Please explain why the sky",
+    "My favourite book is",
+    "Write a short story about a",
+    "What is the capital of",
+    "I think that the best way to learn",
+    "Thank you for your help with",
+    "Could you summarize the following",
+    "Once upon a time there",
+    "The meeting is scheduled for",
+    "Why do cats like to",
+    "Here is a recipe for",
+    "In my opinion, the",
+    "Dear team, I wanted to",
+    "The history of the Roman",
+]
+METHODS = {
+    "mtp s=1": '{"method": "mtp", "num_speculative_tokens": 1}',
+    "mtp s=3": '{"method": "mtp", "num_speculative_tokens": 3}',
+    "ngram k=5": '{"method": "ngram", "num_speculative_tokens": 5, "max_ngram_size": 5, "min_ngram_size": 1}',
+    "hybrid s=1 k=5": '{"method": "mtp", "num_speculative_tokens": 5, "num_model_steps": 1, '
+    '"mtp_strategy": "with_ngram", "min_ngram_size": 1}',
+}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    tpot_ms: float  # median over requests
+    metrics: SpeculateMetrics | None
+
+
+def run(
+    model: LlamaForCausalLM,
+    prompts: list[list[int]],
+    spec: SpeculativeConfig | None,
+    batch: int,
+    max_tokens: int,
+) -> RunResult:
+    k = spec.num_speculative_tokens if spec else 0
+    config = EngineConfig(
+        CacheConfig(num_blocks=512, block_size=16),
+        SchedulerConfig(
+            max_num_batched_tokens=2048, max_num_seqs=batch, max_model_len=512, num_speculative_tokens=k
+        ),
+        spec,
+    )
+    engine = LLMEngine(model, config, KVCachePool.allocate(kv_spec_for(model, config)), eos_token_ids=[])
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, seed=0)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"r{i}", ids, params, seq_id=i)
+    times: dict[str, list[float]] = {}
+    counts: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.new_token_ids:
+                times.setdefault(out.request_id, []).append(now)
+                counts.setdefault(out.request_id, []).append(len(out.new_token_ids))
+    tpots = [(t[-1] - t[0]) / (sum(counts[r]) - counts[r][0]) * 1e3 for r, t in times.items()]
+    steps = [n for c in counts.values() for n in c[1:]]
+    metrics = SpeculateMetrics.from_step_lengths(steps, k) if spec else None
+    return RunResult(statistics.median(tpots), metrics)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = parser.parse_args()
+    model = load_model(default_model_dir(), "float32")
+    tokenizer = Tokenizer.from_dir(default_model_dir())
+    sets = {"code": CODE_PROMPTS, "chat": CHAT_PROMPTS}
+    rows = []
+    header = (
+        "| prompts | batch | method | avg accept len | acceptance per position | TPOT plain ms "
+        "| TPOT spec ms | speedup |"
+    )
+    print(header)
+    print("|" + "---|" * 8)
+    for set_name, texts in sets.items():
+        encoded = [tokenizer.encode(t) for t in texts]
+        for batch in (1, 16):
+            prompts = encoded[:4] if batch == 1 else encoded[:16]
+            run(model, prompts[:1], None, batch, 8)  # warm-up
+            plain = run(model, prompts, None, batch, args.max_tokens)
+            for name, text in METHODS.items():
+                spec = run(model, prompts, SpeculativeConfig.from_json(text), batch, args.max_tokens)
+                m = spec.metrics
+                per_pos = "/".join(f"{r:.2f}" for r in m.accept_ratio_per_head)
+                speedup = plain.tpot_ms / spec.tpot_ms
+                line = (
+                    f"| {set_name} | {batch} | {name} | {m.average_accept_length:.2f} | {per_pos} | "
+                    f"{plain.tpot_ms:.2f} | {spec.tpot_ms:.2f} | {speedup:.2f}x |"
+                )
+                print(line, flush=True)
+                rows.append((set_name, batch, name, speedup, line))
+    args.out.mkdir(exist_ok=True)
+    (args.out / "spec.md").write_text("\n".join([header, "|" + "---|" * 8, *(r[-1] for r in rows)]) + "\n")
+    _plot(rows, args.out / "spec.png")
+
+
+def _plot(rows: list[tuple[str, int, str, float, str]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(s, b) for s in ("code", "chat") for b in (1, 16)]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(METHODS)
+    for i, name in enumerate(METHODS):
+        values = [next(r[3] for r in rows if (r[0], r[1], r[2]) == (s, b, name)) for s, b in groups]
+        ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], [f"{s}, batch {b}" for s, b in groups])
+    ax.set_ylabel("decode speedup (TPOT plain / spec)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Draft proposers: after each step, propose the tokens the next decode step verifies.
+
+One small interface (`DraftProposer`), three implementations chosen by name from `make_proposer`:
+`mtp` (the model's MTP layer), `ngram` (prompt lookup), `hybrid` (MTP drafts first, the n-gram
+match extends them). Proposers only propose; the runner verifies (kernels/spec_verify.py) and the
+scheduler feeds the drafts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+
+from pdserve.engine.kv_cache import KVCachePool
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.engine.spec_config import SpeculativeConfig
+from pdserve.kernels.attention import AttentionMetadata
+from pdserve.kernels.ngram import ngram_propose, split_draft_budget
+from pdserve.models.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class ProposalInput:
+    """What one finished step hands the proposer; requests already hold the step's new tokens."""
+
+    # The step's chunks in batch order; chunk c's tokens are rows offset_c .. of `hidden`.
+    chunks: tuple[ScheduledChunk, ...]
+    # [T, hidden] target hidden states of the step (final-normed, the LM head's input).
+    hidden: paddle.Tensor
+    # Request id -> the most drafts it may get (room left, blocks held); requests not listed get none.
+    max_drafts: Mapping[str, int]
+
+
+class DraftProposer(ABC):
+    """Proposes draft tokens for the next decode step.
+
+    Invariants every implementation keeps:
+    - `propose` runs once per step, after the scheduler applied it: a request's drafts continue its
+      `all_token_ids` (whose last token has no KV yet);
+    - it returns at most `max_drafts[id]` drafts per listed request, and nothing for others;
+    - the drafts depend only on the request's own tokens and KV, never on the rest of the batch
+      (except through the batch-wide draft budget, which serves requests in batch order);
+    - it may write KV only in layers it owns (the MTP layer) and only at positions of the request's
+      block table; it never changes request state.
+    """
+
+    @abstractmethod
+    def propose(self, step: ProposalInput) -> dict[str, list[int]]:
+        """Request id -> drafts (possibly empty) for each request in step.max_drafts."""
+
+
+# A prefilled request (prefill node) gets drafts too: they travel with its first token.
+DRAFTING_STATUSES = frozenset({RequestStatus.RUNNING, RequestStatus.FINISHED_PREFILLED})
+
+
+def _sampling_requests(step: ProposalInput) -> list[Request]:
+    """Requests that drafts are wanted for, in batch order."""
+    return [
+        c.request
+        for c in step.chunks
+        if c.request.request_id in step.max_drafts and c.request.status in DRAFTING_STATUSES
+    ]
+
+
+class NgramProposer(DraftProposer):
+    def __init__(self, max_ngram_size: int, min_ngram_size: int, max_batch_draft_tokens: int) -> None:
+        self.max_n = max_ngram_size
+        self.min_n = min_ngram_size
+        self.budget = max_batch_draft_tokens
+
+    def propose(self, step: ProposalInput) -> dict[str, list[int]]:
+        return self.extend({r.request_id: [] for r in _sampling_requests(step)}, step)
+
+    def extend(self, drafts: Mapping[str, list[int]], step: ProposalInput) -> dict[str, list[int]]:
+        """Extend each request's drafts (MTP's, or none) by an n-gram match up to its limit."""
+        requests = [r for r in _sampling_requests(step) if r.request_id in drafts]
+        wanted = [step.max_drafts[r.request_id] - len(drafts[r.request_id]) for r in requests]
+        granted = split_draft_budget(wanted, self.budget - sum(len(d) for d in drafts.values()))
+        result = dict(drafts)
+        for request, n in zip(requests, granted, strict=True):
+            if n <= 0:
+                continue
+            prior = drafts[request.request_id]
+            context = np.asarray(request.all_token_ids + prior, dtype=np.int64)
+            result[request.request_id] = prior + ngram_propose(
+                context, request.num_prompt_tokens, self.max_n, self.min_n, n
+            )
+        return result
+
+
+class MTPProposer(DraftProposer):
+    """The model's MTP layer, run for `num_model_steps` substeps.
+
+    Substep 1 runs the layer over every position the target computed this step (entry i pairs h_i
+    with t_{i+1}, RoPE position i, docs/architecture.md), which also (re)writes the MTP KV of those
+    positions — so entries written by earlier substeps for drafts that were then rejected are
+    overwritten before any query can attend to them. Its last row drafts t_{n+1} after the new token
+    t_n. Substep j > 1 feeds the previous draft at position n + j - 2, with the previous substep's MTP
+    state standing in for the (unknown) target hidden state there, as in DeepSeek-V3 / FastDeploy.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, kv_pool: KVCachePool, num_model_steps: int) -> None:
+        if model.mtp is None:
+            raise ValueError(
+                "speculative_config.method 'mtp' needs a model with an MTP layer "
+                "(num_nextn_predict_layers >= 1 in config.json)"
+            )
+        self.model = model
+        self.mtp = model.mtp
+        self.kv_cache = kv_pool.caches[-1]
+        self.block_size = kv_pool.spec.block_size
+        self.num_model_steps = num_model_steps
+
+    @paddle.no_grad()
+    def propose(self, step: ProposalInput) -> dict[str, list[int]]:
+        segments = _mtp_segments(step.chunks)
+        if not segments:
+            return {}
+        out = self._run_layer(segments, step.hidden)  # [sum m, hidden]
+        last_rows = np.cumsum([s.num_positions for s in segments]) - 1
+        wanted = [
+            (s, row)
+            for s, row in zip(segments, last_rows, strict=True)
+            if step.max_drafts.get(s.request.request_id, 0) > 0
+        ]
+        drafts: dict[str, list[int]] = {s.request.request_id: [] for s, _ in wanted}
+        if not wanted:
+            return drafts
+        state = paddle.gather(out, paddle.to_tensor(np.asarray([row for _, row in wanted], dtype=np.int64)))
+        tokens = self._draft(state)
+        for substep in range(self.num_model_steps):
+            for (segment, _), token in zip(wanted, tokens, strict=True):
+                if len(drafts[segment.request.request_id]) < step.max_drafts[segment.request.request_id]:
+                    drafts[segment.request.request_id].append(token)
+            if substep + 1 == self.num_model_steps:
+                break
+            active = [
+                i
+                for i, (s, _) in enumerate(wanted)
+                if len(drafts[s.request.request_id]) < step.max_drafts[s.request.request_id]
+            ]
+            if not active:
+                break
+            wanted = [wanted[i] for i in active]
+            state = paddle.gather(state, paddle.to_tensor(np.asarray(active, dtype=np.int64)))
+            state = self._substep(wanted, [tokens[i] for i in active], state, substep)
+            tokens = self._draft(state)
+        return drafts
+
+    def _draft(self, state: paddle.Tensor) -> list[int]:
+        return paddle.argmax(self.model.compute_logits(state), axis=-1).numpy().tolist()
+
+    def _run_layer(self, segments: Sequence[_Segment], hidden: paddle.Tensor) -> paddle.Tensor:
+        rows = np.concatenate([np.arange(s.first_row, s.first_row + s.num_positions) for s in segments])
+        next_ids = np.asarray([t for s in segments for t in s.next_token_ids], dtype=np.int64)
+        positions = np.concatenate([np.arange(s.start, s.start + s.num_positions) for s in segments])
+        meta = AttentionMetadata.build(
+            block_tables=[s.request.block_table for s in segments],
+            query_lens=[s.num_positions for s in segments],
+            context_lens=[s.start + s.num_positions for s in segments],
+            block_size=self.block_size,
+        )
+        return self.mtp(
+            paddle.to_tensor(next_ids),
+            paddle.to_tensor(positions),
+            paddle.gather(hidden, paddle.to_tensor(rows)),
+            self.kv_cache,
+            meta,
+        )
+
+    def _substep(
+        self,
+        wanted: Sequence[tuple[_Segment, int]],
+        tokens: Sequence[int],
+        state: paddle.Tensor,
+        substep: int,
+    ) -> paddle.Tensor:
+        # Substep j = substep + 2 (1-based) writes the entry at position n + j - 2, n = num_computed_tokens.
+        positions = [s.start + s.num_positions + substep for s, _ in wanted]
+        meta = AttentionMetadata.build(
+            block_tables=[s.request.block_table for s, _ in wanted],
+            query_lens=[1] * len(wanted),
+            context_lens=[p + 1 for p in positions],
+            block_size=self.block_size,
+        )
+        return self.mtp(
+            paddle.to_tensor(np.asarray(tokens, dtype=np.int64)),
+            paddle.to_tensor(np.asarray(positions, dtype=np.int64)),
+            state,
+            self.kv_cache,
+            meta,
+        )
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """The positions of one request the MTP layer runs over in substep 1."""
+
+    request: Request
+    first_row: int  # row of the step's hidden states for position `start`
+    start: int
+    num_positions: int
+    next_token_ids: list[int]  # t_{i+1} for each position i
+
+
+def _mtp_segments(chunks: Sequence[ScheduledChunk]) -> list[_Segment]:
+    """Every running request's positions whose target KV this step made valid (accepted ones only)."""
+    segments = []
+    offset = 0
+    for chunk in chunks:
+        request = chunk.request
+        num_positions = request.num_computed_tokens - chunk.start_position
+        if request.status in DRAFTING_STATUSES and num_positions > 0:
+            next_ids = request.token_ids_between(chunk.start_position + 1, request.num_computed_tokens + 1)
+            segments.append(_Segment(request, offset, chunk.start_position, num_positions, next_ids))
+        offset += len(chunk.token_ids)
+    return segments
+
+
+class HybridProposer(DraftProposer):
+    """MTP drafts `num_model_steps` tokens, then the n-gram match over prompt + all tokens + those
+    drafts extends each request up to `num_speculative_tokens`."""
+
+    def __init__(self, mtp: MTPProposer, ngram: NgramProposer) -> None:
+        self.mtp = mtp
+        self.ngram = ngram
+
+    def propose(self, step: ProposalInput) -> dict[str, list[int]]:
+        drafts = self.mtp.propose(step)
+        return self.ngram.extend(drafts, step)
+
+
+ProposerFactory = Callable[[SpeculativeConfig, LlamaForCausalLM, KVCachePool], DraftProposer]
+
+
+def _ngram(config: SpeculativeConfig, model: LlamaForCausalLM, kv_pool: KVCachePool) -> DraftProposer:
+    return NgramProposer(config.max_ngram_size, config.min_ngram_size, config.max_batch_draft_tokens)
+
+
+def _mtp(config: SpeculativeConfig, model: LlamaForCausalLM, kv_pool: KVCachePool) -> DraftProposer:
+    return MTPProposer(model, kv_pool, config.num_model_steps)
+
+
+def _hybrid(config: SpeculativeConfig, model: LlamaForCausalLM, kv_pool: KVCachePool) -> DraftProposer:
+    ngram = NgramProposer(config.max_ngram_size, config.min_ngram_size, config.max_batch_draft_tokens)
+    return HybridProposer(MTPProposer(model, kv_pool, config.num_model_steps), ngram)
+
+
+PROPOSERS: Mapping[str, ProposerFactory] = {"ngram": _ngram, "mtp": _mtp, "hybrid": _hybrid}
+
+
+def make_proposer(config: SpeculativeConfig, model: LlamaForCausalLM, kv_pool: KVCachePool) -> DraftProposer:
+    return PROPOSERS[config.proposer_name](config, model, kv_pool)

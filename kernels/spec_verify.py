@@ -1,0 +1,186 @@
+"""Speculative-decoding verification as pure functions: accept drafts, pick the new token, and gather
+logprobs for exactly the emitted rows.
+
+Row layout: request ``i`` owns ``1 + d_i`` consecutive rows of the logits, starting at ``row_starts[i]``.
+Row ``j`` holds the target's prediction *after* the request's tokens plus drafts ``0 .. j-1``; so row
+``j`` verifies draft ``j`` and the last row (``j = d_i``) gives the bonus token when every draft
+is accepted. A request without drafts is the plain one-row sampling case.
+
+Acceptance rule (Leviathan et al. 2023; Chen et al. 2023), per request, for j = 0, 1, ...:
+
+    accept draft x_j  with probability  min(1, p_j(x_j) / q_j(x_j))
+    at the first rejection emit  x ~ normalize(max(0, p_j - q_j))  and stop
+    if all d drafts are accepted emit the bonus  x ~ p_d
+
+where p_j is the target's filtered sampling distribution at row j and q_j the proposer's. Our
+proposers draft deterministically (MTP argmax, n-gram copy), so q_j is one-hot at x_j: accept with
+probability p_j(x_j), and the residual is p_j with x_j removed. Greedy rows have a one-hot p_j,
+which turns the rule into "accept exactly the target's argmax chain". The emitted tokens are then
+distributed exactly as non-speculative sampling from the target.
+
+Uniforms come from the request's own key (``request_uniforms``) at the row's generation index, in
+separate streams for the accept test, the residual draw and the bonus draw (the bonus uses the
+plain sampling stream, so a request without drafts samples exactly like ``sample``): results never
+depend on the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import paddle
+
+from pdserve.kernels.logprobs import TokenLogprobs, top_logprobs
+from pdserve.kernels.sampling import (
+    RngStream,
+    SamplingBatch,
+    batch_uniforms,
+    greedy_tokens,
+    process_logits,
+    sample_from_probs,
+    sampling_probs,
+)
+
+
+class VerifiedTokens(NamedTuple):
+    token_ids: list[tuple[int, ...]]  # per request: accepted drafts, then one new token
+    num_accepted_drafts: list[int]  # per request
+    # Logprobs of the emitted tokens of requests with a k (None: none asked), one row per emitted
+    # token, in request order; never computed for rejected or padding rows.
+    logprobs: TokenLogprobs | None
+
+
+def row_starts(num_drafts: Sequence[int]) -> np.ndarray:
+    """First logits row of each request when request i owns 1 + num_drafts[i] rows."""
+    sizes = np.asarray(num_drafts, dtype=np.int64) + 1
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+
+def greedy_accept(target_ids: np.ndarray, drafts: Sequence[Sequence[int]]) -> list[int]:
+    """Drafts accepted per request: the longest prefix equal to the target's argmax at each row."""
+    starts = row_starts([len(d) for d in drafts])
+    accepted = []
+    for start, draft in zip(starts, drafts, strict=True):
+        n = 0
+        while n < len(draft) and draft[n] == target_ids[start + n]:
+            n += 1
+        accepted.append(n)
+    return accepted
+
+
+def rejection_accept(
+    target_probs: np.ndarray,
+    drafts: Sequence[Sequence[int]],
+    accept_uniforms: np.ndarray,
+    draft_probs: np.ndarray | None = None,
+) -> list[int]:
+    """Drafts accepted per request under the rule in the module docstring.
+
+    target_probs: ``[R, V]`` rows summing to 1; accept_uniforms: ``[R]``; draft_probs: ``[R, V]``
+    (the proposer's q per row; None means one-hot at the draft token, q(x) = 1).
+    """
+    starts = row_starts([len(d) for d in drafts])
+    accepted = []
+    for start, draft in zip(starts, drafts, strict=True):
+        n = 0
+        while n < len(draft):
+            row, token = start + n, draft[n]
+            q = 1.0 if draft_probs is None else float(draft_probs[row, token])
+            p = float(target_probs[row, token])
+            # u < min(1, p / q), written without dividing so q = 0 (never proposed) rejects cleanly.
+            if not accept_uniforms[row] * q < p:
+                break
+            n += 1
+        accepted.append(n)
+    return accepted
+
+
+def residual_probs(
+    target_probs: np.ndarray, draft_probs: np.ndarray | None, rows: np.ndarray, rejected_tokens: np.ndarray
+) -> np.ndarray:
+    """``normalize(max(0, p - q))`` for the given rows ``[N, V]``; with q one-hot at the rejected token.
+
+    If rounding leaves no mass (p == q to float precision, where a rejection is all but impossible),
+    the row falls back to p itself.
+    """
+    p = target_probs[rows]
+    if draft_probs is None:
+        residual = p.copy()
+        residual[np.arange(len(rows)), rejected_tokens] = 0.0
+    else:
+        residual = np.maximum(p - draft_probs[rows], 0.0)
+    mass = residual.sum(axis=1, keepdims=True)
+    return np.where(mass > 0, residual / np.where(mass > 0, mass, 1.0), p)
+
+
+def verify_drafts(
+    raw_logits: paddle.Tensor,
+    batch: SamplingBatch,
+    drafts: Sequence[Sequence[int]],
+    logprobs_k: Sequence[int | None],
+) -> VerifiedTokens:
+    """Accept drafts and emit one new token per request, then gather logprobs of the emitted rows.
+
+    raw_logits: ``[R, V]`` float32 with the row layout of the module docstring; ``batch`` has one row
+    per logits row (row j of a request sees its outputs plus drafts 0 .. j-1, so penalties and the
+    generation index are right); logprobs_k: the request's top-k (None: no logprobs).
+    """
+    if raw_logits.shape[0] != sum(len(d) + 1 for d in drafts):
+        raise ValueError(
+            f"{raw_logits.shape[0]} logits rows for {len(drafts)} requests with "
+            f"{sum(len(d) for d in drafts)} drafts"
+        )
+    processed = process_logits(raw_logits, batch)
+    starts = row_starts([len(d) for d in drafts])
+    if batch.greedy.all():
+        targets = greedy_tokens(processed).numpy()
+        accepted = greedy_accept(targets, drafts)
+        new_tokens = [int(targets[start + n]) for start, n in zip(starts, accepted, strict=True)]
+    else:
+        accepted, new_tokens = _rejection_sample(sampling_probs(processed, batch), batch, drafts, starts)
+    token_ids = [tuple(d[:n]) + (t,) for d, n, t in zip(drafts, accepted, new_tokens, strict=True)]
+    return VerifiedTokens(
+        token_ids, accepted, gather_emitted_logprobs(raw_logits, starts, token_ids, logprobs_k)
+    )
+
+
+def _rejection_sample(
+    probs: paddle.Tensor, batch: SamplingBatch, drafts: Sequence[Sequence[int]], starts: np.ndarray
+) -> tuple[list[int], list[int]]:
+    target_probs = probs.numpy()  # [R, V] float64
+    accepted = rejection_accept(target_probs, drafts, batch_uniforms(batch, RngStream.SPEC_ACCEPT))
+    stop_rows = np.asarray([start + n for start, n in zip(starts, accepted, strict=True)], dtype=np.int64)
+    rejected = np.asarray([n < len(d) for d, n in zip(drafts, accepted, strict=True)])
+    # A rejected request draws from its residual with the resample stream; a fully accepted one
+    # draws the bonus from p itself with the sampling stream.
+    rejected_tokens = np.asarray([d[n] if n < len(d) else 0 for d, n in zip(drafts, accepted, strict=True)])
+    residual = residual_probs(target_probs, None, stop_rows, rejected_tokens)
+    stop_probs = np.where(rejected[:, None], residual, target_probs[stop_rows])
+    resample_u = batch_uniforms(batch, RngStream.SPEC_RESAMPLE)[stop_rows]
+    bonus_u = batch_uniforms(batch, RngStream.SAMPLE)[stop_rows]
+    uniforms = np.where(rejected, resample_u, bonus_u)
+    new_tokens = sample_from_probs(paddle.to_tensor(stop_probs), uniforms).numpy().tolist()
+    return accepted, new_tokens
+
+
+def gather_emitted_logprobs(
+    raw_logits: paddle.Tensor,
+    starts: np.ndarray,
+    token_ids: Sequence[tuple[int, ...]],
+    logprobs_k: Sequence[int | None],
+) -> TokenLogprobs | None:
+    """Logprobs, ranks and top-k of the emitted tokens only: request i's first len(token_ids[i]) rows.
+
+    Emitted token j of a request is scored on row j, whose prefix is exactly the emitted tokens
+    before it. Rows of rejected drafts and of requests without logprobs are never touched.
+    """
+    wanted = [i for i, k in enumerate(logprobs_k) if k is not None]
+    if not wanted:
+        return None
+    rows = np.concatenate([np.arange(starts[i], starts[i] + len(token_ids[i])) for i in wanted])
+    ids = np.concatenate([np.asarray(token_ids[i], dtype=np.int64) for i in wanted])
+    k_max = max(k for k in logprobs_k if k is not None)
+    gathered = paddle.gather(raw_logits, paddle.to_tensor(rows))
+    return top_logprobs(gathered, paddle.to_tensor(ids), k_max)

@@ -1,0 +1,64 @@
+"""Configuration of the PD data plane (one frozen dataclass, validated on creation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TRANSPORT_CHOICES = ("auto", "shm", "zmq")
+
+
+class TransferConfigError(ValueError):
+    """A transfer setting is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class CurveServerKeys:
+    """CURVE for a bound endpoint: its key pair and the public keys of the peers allowed in."""
+
+    secret_file: Path  # a `zmq.auth.create_certificates` *.key_secret file
+    authorized_clients_dir: Path  # a directory of *.key files; any other client is refused
+
+    def __post_init__(self) -> None:
+        _require(self.secret_file.is_file(), "curve_server.secret_file", f"no such file {self.secret_file}")
+        _require(self.authorized_clients_dir.is_dir(), "curve_server.authorized_clients_dir",
+                 f"no such directory {self.authorized_clients_dir}")
+
+
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """CURVE for a connecting endpoint: its key pair and the server's public key."""
+
+    secret_file: Path
+    server_public_file: Path
+
+    def __post_init__(self) -> None:
+        _require(self.secret_file.is_file(), "curve_client.secret_file", f"no such file {self.secret_file}")
+        _require(self.server_public_file.is_file(), "curve_client.server_public_file",
+                 f"no such file {self.server_public_file}")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    transport: str = "auto"  # auto: shm when the peer shares this host and pool, else zmq
+    bind_host: str = "127.0.0.1"  # the interface the inbox binds; loopback unless peers are remote
+    port: int = 0  # 0: pick a free port (the inbox reports the one it got)
+    advertise_host: str | None = None  # the host peers dial (None: bind_host; set it when binding 0.0.0.0)
+    send_timeout_s: float = 10.0  # a send to an unreachable or stalled peer fails after this
+    send_hwm: int = 1000  # messages queued per peer before sends block (backpressure)
+    curve_server: CurveServerKeys | None = None
+    curve_client: CurveClientKeys | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.transport in TRANSPORT_CHOICES, "transport", f"must be one of {TRANSPORT_CHOICES}")
+        _require(bool(self.bind_host) and "/" not in self.bind_host, "bind_host", "must be a host or address")
+        _require(self.advertise_host is None or bool(self.advertise_host), "advertise_host",
+                 "must not be empty")
+        _require(0 <= self.port <= 65535, "port", "must be in [0, 65535]")
+        _require(0 < self.send_timeout_s <= 3600, "send_timeout_s", "must be in (0, 3600]")
+        _require(self.send_hwm >= 1, "send_hwm", "must be >= 1")
+
+
+def _require(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise TransferConfigError(f"transfer.{name} {why}")

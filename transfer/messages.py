@@ -1,0 +1,243 @@
+"""Wire messages between prefill and decode nodes, and their one codec.
+
+A message is one ZMQ frame: a version byte, then the msgpack of one tagged struct. msgspec decodes
+into the declared types only and checks every bound declared here (`Meta`) plus the cross-field
+rules in each `__post_init__`, so bytes from a peer can never build arbitrary objects (no pickle)
+and a message that decodes is internally consistent. Whether it fits the *receiver's* state (known
+request, reserved blocks, its own KV layout) is the receiver's check, not the codec's.
+
+Durations travel as relative milliseconds (`lease_ms`), never as absolute times: the two nodes'
+clocks are not comparable (each side turns a lease into a deadline on its own monotonic clock).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from typing import Annotated, Literal
+
+import msgspec
+
+from pdserve.engine.kv_cache import KVCacheSpec
+from pdserve.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+
+WIRE_VERSION = 1
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 1M-token PrefillTask is ~5 MB of msgpack
+MAX_PROMPT_TOKENS = 1 << 20
+MAX_BLOCKS = 1 << 20
+MAX_DRAFT_TOKENS = 32
+MAX_LEASE_MS = 3_600_000
+MAX_TEXT = 1024
+
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+BlockId = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+Count = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+Positive = Annotated[int, msgspec.Meta(ge=1, lt=2**31)]
+LeaseMs = Annotated[int, msgspec.Meta(ge=1, le=MAX_LEASE_MS)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+DType = Literal["float32", "float16", "bfloat16"]
+
+# A /dev/shm file name: no separators and no leading dot, so a peer cannot point us at another path.
+_SHM_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+_ADDRESS = re.compile(r"(tcp|ipc)://\S{1,250}")
+
+
+class WireError(ValueError):
+    """Bytes that are not a valid message of this wire version."""
+
+
+class ErrorCode(enum.IntEnum):
+    OK = 0
+    PREFILL_FAILED = 1  # the prefill engine failed on this request
+    KV_TRANSFER_FAILED = 2  # P could not deliver the KV (peer unreachable, send timeout)
+    ABORTED = 3  # the task was aborted before it finished
+    LEASE_EXPIRED = 4  # P dropped the task: its lease ran out without renewal
+    INVALID_TASK = 5  # the task does not fit P (KV layout mismatch, too few blocks, too long)
+    OVERLOADED = 6  # P refused the task: its queue is full
+
+
+class KVLayout(msgspec.Struct, frozen=True):
+    """A KV pool's geometry, as `KVCacheSpec` (which it converts to and from)."""
+
+    num_layers: Positive
+    num_blocks: Positive
+    block_size: Positive
+    num_kv_heads: Positive
+    head_dim: Positive
+    dtype: DType
+
+    @classmethod
+    def from_spec(cls, spec: KVCacheSpec) -> KVLayout:
+        return cls(spec.num_layers, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
+                   spec.dtype)  # type: ignore[arg-type]
+
+    def to_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.num_layers, self.num_blocks, self.block_size, self.num_kv_heads,
+                           self.head_dim, self.dtype)
+
+
+class KVTarget(msgspec.Struct, frozen=True):
+    """Where a decode node takes KV: its data address and, for peers on its host, its shared pool."""
+
+    address: Annotated[str, msgspec.Meta(max_length=256)]  # D's inbox, tcp://host:port
+    host_id: Annotated[str, msgspec.Meta(max_length=256)]  # `transport.local_host_id()` of D
+    layout: KVLayout  # D's pool; P checks its own layout matches before it prefills
+    shm_name: Annotated[str, msgspec.Meta(max_length=200)] | None = None  # D's pool under /dev/shm
+
+    def __post_init__(self) -> None:
+        if not _ADDRESS.fullmatch(self.address):
+            raise ValueError(f"KVTarget.address must be tcp://... or ipc://... (got {self.address!r})")
+        if self.shm_name is not None and not _SHM_NAME.fullmatch(self.shm_name):
+            raise ValueError(f"KVTarget.shm_name must be a plain file name (got {self.shm_name!r})")
+
+
+class PrefillTask(msgspec.Struct, tag="prefill_task", frozen=True):
+    """D -> P: prefill this prompt and write its KV into my blocks `block_ids` (in token order)."""
+
+    request_id: RequestId
+    prompt_token_ids: Annotated[tuple[TokenId, ...], msgspec.Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+    sampling: SamplingParams
+    block_ids: Annotated[tuple[BlockId, ...], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
+    decode_node_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    kv_target: KVTarget
+    lease_ms: LeaseMs  # P drops the task this long after receiving it unless a LeaseRenewal arrives
+    num_draft_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_DRAFT_TOKENS)] = 0  # MTP drafts wanted
+
+    def __post_init__(self) -> None:
+        if len(set(self.block_ids)) != len(self.block_ids):
+            raise ValueError("PrefillTask.block_ids must be distinct")
+        needed = -(-len(self.prompt_token_ids) // self.kv_target.layout.block_size)
+        if len(self.block_ids) < needed:
+            raise ValueError(f"PrefillTask.block_ids has {len(self.block_ids)} blocks, "
+                             f"the prompt needs {needed}")
+        if max(self.block_ids) >= self.kv_target.layout.num_blocks:
+            raise ValueError("PrefillTask.block_ids must be < kv_target.layout.num_blocks")
+
+
+class KVChunkHeader(msgspec.Struct, tag="kv_chunk", frozen=True):
+    """P -> D: KV of tokens [token_start, token_end) for layers [layer_start, layer_end).
+
+    `block_ids` are D's blocks holding those tokens, in token order (a block partly filled by an
+    earlier chunk is sent again whole). Unless `in_place`, `2 * (layer_end - layer_start)` payload
+    frames follow, one per (layer, K then V), each the chunk's blocks `[n, *block_shape]` in order.
+    `in_place`: the sender already wrote the bytes into D's shared pool (same host), no frames follow.
+    """
+
+    request_id: RequestId
+    seq: Count  # 0, 1, 2, ... per request: D rejects a chunk out of order
+    layer_start: Count
+    layer_end: Positive  # exclusive
+    token_start: Count
+    token_end: Positive  # exclusive
+    block_ids: Annotated[tuple[BlockId, ...], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
+    dtype: DType
+    block_shape: tuple[Positive, Positive, Positive]  # [num_kv_heads, block_size, head_dim]
+    payload_nbytes: Annotated[int, msgspec.Meta(ge=0, lt=2**48)]
+    last: bool  # this chunk completes the request's KV (every layer, every token)
+    in_place: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layer_end <= self.layer_start:
+            raise ValueError("KVChunkHeader.layer_end must be > layer_start")
+        if self.token_end <= self.token_start:
+            raise ValueError("KVChunkHeader.token_end must be > token_start")
+        block_size = self.block_shape[1]
+        expected_blocks = -(-self.token_end // block_size) - self.token_start // block_size
+        if len(self.block_ids) != expected_blocks:
+            raise ValueError(f"KVChunkHeader.block_ids has {len(self.block_ids)} blocks, tokens "
+                             f"[{self.token_start}, {self.token_end}) span {expected_blocks}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    @property
+    def num_frames(self) -> int:
+        """Payload frames that follow the header (0 when in place)."""
+        return 0 if self.in_place else 2 * self.num_layers
+
+
+class PrefillTimings(msgspec.Struct, frozen=True):
+    """Where P spent the request's time, for the TTFT split D reports."""
+
+    queue_ms: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    prefill_ms: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    transfer_ms: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+
+
+class FirstToken(msgspec.Struct, tag="first_token", frozen=True):
+    """P -> D, sent only after every KV chunk of the request: the first sampled token, or an error.
+
+    When `error_code` is not OK the token fields carry nothing and must be left at their defaults.
+    """
+
+    request_id: RequestId
+    token_id: TokenId = 0
+    logprob: float = 0.0  # the sampled token's raw logprob (before sampling transforms)
+    rank: Count = 0  # 1-based rank of the sampled token in the raw distribution (0 only on error)
+    top_ids: Annotated[tuple[TokenId, ...], msgspec.Meta(max_length=MAX_TOP_LOGPROBS)] = ()
+    top_logprobs: Annotated[tuple[float, ...], msgspec.Meta(max_length=MAX_TOP_LOGPROBS)] = ()
+    draft_token_ids: Annotated[tuple[TokenId, ...], msgspec.Meta(max_length=MAX_DRAFT_TOKENS)] = ()
+    error_code: ErrorCode = ErrorCode.OK
+    error_message: Text = ""
+    timings: PrefillTimings = PrefillTimings()
+
+    def __post_init__(self) -> None:
+        if len(self.top_ids) != len(self.top_logprobs):
+            raise ValueError("FirstToken.top_ids and top_logprobs must have the same length")
+        if not all(_is_logprob(x) for x in (self.logprob, *self.top_logprobs)):
+            raise ValueError("FirstToken logprobs must be <= 0 and not NaN")
+        if self.error_code == ErrorCode.OK and self.rank < 1:
+            raise ValueError("FirstToken.rank must be >= 1 when error_code is OK")
+        if self.error_code != ErrorCode.OK and (self.rank or self.top_ids or self.draft_token_ids):
+            raise ValueError("FirstToken with an error must carry no token data")
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code == ErrorCode.OK
+
+
+class Abort(msgspec.Struct, tag="abort", frozen=True):
+    """Either direction: stop working on this request and free its blocks."""
+
+    request_id: RequestId
+    reason: Text = ""
+
+
+class LeaseRenewal(msgspec.Struct, tag="lease_renewal", frozen=True):
+    """D -> P: the request is still wanted; hold the task for `lease_ms` more from receipt."""
+
+    request_id: RequestId
+    lease_ms: LeaseMs
+
+
+WireMessage = PrefillTask | KVChunkHeader | FirstToken | Abort | LeaseRenewal
+
+
+def _is_logprob(x: float) -> bool:
+    return not math.isnan(x) and x <= 0.0
+
+
+class WireCodec:
+    """Encodes and decodes `WireMessage`s: one instance per thread (msgspec coders are not shared)."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(WireMessage)
+
+    def encode(self, message: WireMessage) -> bytes:
+        return bytes([WIRE_VERSION]) + self._encoder.encode(message)
+
+    def decode(self, data: bytes | memoryview) -> WireMessage:
+        if len(data) < 2:
+            raise WireError(f"message of {len(data)} bytes is too short")
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise WireError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+        if data[0] != WIRE_VERSION:
+            raise WireError(f"unknown wire version {data[0]}, expected {WIRE_VERSION}")
+        try:
+            return self._decoder.decode(memoryview(data)[1:])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise WireError(f"bad message: {exc}") from exc
