@@ -140,7 +140,8 @@ def test_prefill_and_decode_phases_equal_the_single_phase_run(
         assert len(first.draft_token_ids) == spec.num_speculative_tokens
         prefilled = engine.held(f"p{i}")
         # Decode phase: reserve, receive the KV (every layer, the MTP layer's too), then the first token.
-        decode = engine.reserve(f"r{i}", ids, PARAMS, seq_id=i, num_extra_tokens=1 + spec.num_speculative_tokens)
+        decode = engine.reserve(f"r{i}", ids, PARAMS, seq_id=i,
+                                num_extra_tokens=1 + spec.num_speculative_tokens)
         num_blocks = -(-len(ids) // pool.spec.block_size)
         src, dst = prefilled.block_table[:num_blocks], decode.block_table[:num_blocks]
         pool.array[:, :, dst] = pool.array[:, :, src]
