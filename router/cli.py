@@ -1,0 +1,62 @@
+"""`pdserve router`: flags -> RouterConfig -> run_router. Registered into the main CLI by
+``add_router_parser(subparsers)``; heavy imports wait until the command runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pdserve.router.config import (
+    POLICY_NAMES,
+    AdmissionConfig,
+    HealthConfig,
+    PolicyConfig,
+    RegistryConfig,
+    RetryConfig,
+    RouterConfig,
+    default_model_dir,
+)
+
+
+def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("router", help="the OpenAI-compatible router (nodes register with it)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    p.add_argument("--model", type=Path, default=None, help="HF model directory: tokenizer, chat template")
+    p.add_argument("--model-name", default="pdserve-demo", help="the model id clients ask for")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--api-key", action="append", default=[], help="required API key (repeatable)")
+    p.add_argument("--registry", default="embedded", help="'embedded' or redis://host:port/db")
+    p.add_argument("--heartbeat-ttl", type=float, default=10.0, help="seconds a node entry lives unrenewed")
+    p.add_argument("--prefill-policy", default="prefix_aware", choices=POLICY_NAMES)
+    p.add_argument("--decode-policy", default="power_of_two", choices=POLICY_NAMES)
+    p.add_argument("--block-size", type=int, default=16, help="the nodes' KV block size (prefix hashing)")
+    p.add_argument("--max-inflight-requests", type=int, default=256)
+    p.add_argument("--max-queued-requests", type=int, default=512)
+    p.add_argument("--max-inflight-tokens", type=int, default=1 << 20)
+    p.add_argument("--retry-attempts", type=int, default=3)
+    p.add_argument("--health-interval", type=float, default=2.0)
+    p.set_defaults(handler=_run)
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        host=args.host, port=args.port, model_name=args.model_name,
+        model_dir=args.model or default_model_dir(), max_model_len=args.max_model_len,
+        api_keys=tuple(args.api_key),
+        admission=AdmissionConfig(max_inflight_requests=args.max_inflight_requests,
+                                  max_queued_requests=args.max_queued_requests,
+                                  max_inflight_tokens=args.max_inflight_tokens),
+        retry=RetryConfig(attempts=args.retry_attempts),
+        health=HealthConfig(interval_s=args.health_interval),
+        registry=RegistryConfig(backend=args.registry, heartbeat_ttl_s=args.heartbeat_ttl),
+        policy=PolicyConfig(prefill=args.prefill_policy, decode=args.decode_policy,
+                            block_size=args.block_size),
+        log_level=args.log_level,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pdserve.router.server import run_router
+
+    return run_router(config_from_args(args))

@@ -1,0 +1,172 @@
+"""ASGI pieces the router needs beyond FastAPI: the auth/size/status gate, a disconnect-aware SSE
+response, and racing work against a client disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import TypeVar
+
+import anyio
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pdserve.router.errors import error_body
+from pdserve.router.metrics import RouterMetrics
+
+T = TypeVar("T")
+OPEN_PATHS = frozenset({"/health"})
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the response was ready."""
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def keys_match(presented: str, keys: tuple[str, ...]) -> bool:
+    """Constant time in the presented key's content: every configured key is compared."""
+    result = False
+    for key in keys:
+        result |= hmac.compare_digest(presented.encode(), key.encode())
+    return result
+
+
+def _bearer(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return ""
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+async def _send_error(send: Send, status: int, message: str, code: str,
+                      headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    body = json.dumps(error_body(status, message, None, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GateMiddleware:
+    """API keys on every route but /health, a body size limit, and requests counted by status."""
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], max_body_bytes: int,
+                 metrics: RouterMetrics) -> None:
+        self._app = app
+        self._api_keys = api_keys
+        self._max_body_bytes = max_body_bytes
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path = scope["path"]
+        if self._api_keys and path not in OPEN_PATHS and not keys_match(_bearer(scope), self._api_keys):
+            await _send_error(send, 401, "a valid API key is required (Authorization: Bearer <key>)",
+                              "invalid_api_key", ((b"www-authenticate", b"Bearer"),))
+            return
+        length = _content_length(scope)
+        if length is not None and length > self._max_body_bytes:
+            await _send_error(send, 413, f"the request body is larger than {self._max_body_bytes} bytes",
+                              "body_too_large")
+            return
+        status: list[int] = []
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self._max_body_bytes:  # a chunked body without Content-Length
+                raise _BodyTooLarge
+            return message
+
+        async def status_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self._app(scope, counting_receive, status_send)
+        except _BodyTooLarge:
+            if not status:
+                await _send_error(send, 413, f"the request body is larger than {self._max_body_bytes} bytes",
+                                  "body_too_large")
+                status.append(413)
+        finally:
+            if path.startswith("/v1/") and scope["method"] == "POST":
+                self._metrics.requests.labels(str(status[0]) if status else "499").inc()
+
+
+class SSEResponse(Response):
+    """Streams server-sent events and stops (closing the event source, which cancels the node call)
+    as soon as the client disconnects, not only at the next write."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        # no super().__init__: Response would declare Content-Length 0 for the empty initial body
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        self._events = events
+        self._on_close = on_close
+
+    async def _stream(self, send: Send) -> None:
+        async with aclosing(self._events) as events:  # type: ignore[type-var]
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            async for event in events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    try:
+                        await self._stream(send)
+                    except OSError:  # the client went away mid-write
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await wait_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self._on_close()
+
+
+async def wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """``work``'s result, or ClientGone (with ``work`` cancelled) if the client disconnects first."""
+    task: asyncio.Task[T] = asyncio.ensure_future(work)
+    watch = asyncio.create_task(wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also on our own cancellation
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(watch, task, return_exceptions=True)
+    if task not in done:
+        raise ClientGone
+    return task.result()

@@ -1,0 +1,33 @@
+"""The router's Prometheus metrics, on a registry owned by one app (no process-global collectors)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.ttft = Histogram("pdserve_router_time_to_first_token_seconds",
+                              "Request arrival to the first token leaving the router",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("pdserve_router_inter_token_latency_seconds",
+                             "Time per output token after the first (TPOT/ITL), per chunk and token",
+                             buckets=ITL_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("pdserve_router_e2e_request_latency_seconds",
+                             "Request arrival to its last byte", buckets=LATENCY_BUCKETS,
+                             registry=self.registry)
+        self.requests = Counter("pdserve_router_requests", "Finished requests by HTTP status",
+                                ["status"], registry=self.registry)
+        self.node_inflight = Gauge("pdserve_router_node_inflight", "Requests the router has on a node",
+                                   ["node_id", "role"], registry=self.registry)
+        self.retries = Counter("pdserve_router_retries", "Tries that failed before the first token",
+                               registry=self.registry)
+        self.ejections = Counter("pdserve_router_node_ejections", "Nodes taken out of rotation",
+                                 registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

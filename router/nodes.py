@@ -1,0 +1,177 @@
+"""The nodes the router can send to: health state, inflight counts, gRPC channels, route choice."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.router.config import HealthConfig
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.policies import Policy, RouteContext
+from pdserve.router.registry import NodeInfo, Registry
+from pdserve.rpc import node_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class NoRoute(RuntimeError):
+    """No usable decode/mixed node (or no prefill node for a decode node) right now."""
+
+
+@dataclass(frozen=True)
+class Route:
+    decode: NodeInfo  # where Generate is called: a decode node or a mixed node
+    prefill: NodeInfo | None  # None for a mixed node
+
+    @property
+    def nodes(self) -> tuple[NodeInfo, ...]:
+        return (self.decode,) if self.prefill is None else (self.decode, self.prefill)
+
+
+@dataclass
+class _NodeState:
+    failures: int = 0  # consecutive failed health checks
+    ejected: bool = False
+    inflight: int = 0  # requests this router has on the node
+
+
+@dataclass
+class _Channel:
+    channel: grpc.aio.Channel
+    node: node_pb2_grpc.NodeStub
+    health: health_pb2_grpc.HealthStub
+
+
+class NodePool:
+    def __init__(self, registry: Registry, model_name: str, health: HealthConfig,
+                 prefill_policy: Policy, decode_policy: Policy, metrics: RouterMetrics) -> None:
+        self._registry = registry
+        self._model_name = model_name
+        self._health = health
+        self._prefill_policy = prefill_policy
+        self._decode_policy = decode_policy
+        self._metrics = metrics
+        self._states: dict[str, _NodeState] = {}
+        self._channels: dict[str, _Channel] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- views
+    def _state(self, node_id: str) -> _NodeState:
+        return self._states.setdefault(node_id, _NodeState())
+
+    def usable(self, role: str) -> list[NodeInfo]:
+        return [n for n in self._registry.snapshot()
+                if n.role == role and n.model == self._model_name and not n.draining
+                and not self._state(n.node_id).ejected]
+
+    def ready(self) -> bool:
+        """At least one mixed node, or one prefill and one decode node, can take a request."""
+        return bool(self.usable("mixed")) or (bool(self.usable("prefill")) and bool(self.usable("decode")))
+
+    def load(self, node: NodeInfo) -> float:
+        return (node.load + self._state(node.node_id).inflight) / node.capacity
+
+    def is_ejected(self, node_id: str) -> bool:
+        return self._state(node_id).ejected
+
+    def inflight(self, node_id: str) -> int:
+        return self._state(node_id).inflight
+
+    # ---- routing
+    def pick(self, prompt_token_ids: Sequence[int], exclude: Iterable[str] = ()) -> Route:
+        excluded = set(exclude)
+        ctx = RouteContext(prompt_token_ids, self.load)
+        prefills = [n for n in self.usable("prefill") if n.node_id not in excluded]
+        # a decode node is only a candidate while some prefill node can feed it
+        heads = [n for n in self.usable("mixed") if n.node_id not in excluded]
+        if prefills:
+            heads += [n for n in self.usable("decode") if n.node_id not in excluded]
+        if not heads:
+            raise NoRoute("no usable mixed node or prefill/decode pair")
+        decode = self._decode_policy.choose(sorted(heads, key=lambda n: n.node_id), ctx)
+        prefill = self._prefill_policy.choose(prefills, ctx) if decode.role == "decode" else None
+        return Route(decode, prefill)
+
+    def begin(self, route: Route) -> None:
+        for node in route.nodes:
+            self._state(node.node_id).inflight += 1
+            self._metrics.node_inflight.labels(node.node_id, node.role).inc()
+
+    def end(self, route: Route) -> None:
+        for node in route.nodes:
+            self._state(node.node_id).inflight -= 1
+            self._metrics.node_inflight.labels(node.node_id, node.role).dec()
+
+    def eject(self, node_id: str, why: str) -> None:
+        """Out of rotation now (the request path saw it fail); the next passing health check re-admits."""
+        state = self._state(node_id)
+        if not state.ejected:
+            log.warning("node %s ejected: %s", node_id, why)
+            self._metrics.ejections.inc()
+        state.ejected = True
+        state.failures = max(state.failures, self._health.eject_after)
+
+    # ---- gRPC
+    def _channel(self, address: str) -> _Channel:
+        entry = self._channels.get(address)
+        if entry is None:
+            # no proxies: node addresses are internal, and an env proxy would add a hop to every token
+            channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+            entry = _Channel(channel, node_pb2_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(channel))
+            self._channels[address] = entry
+        return entry
+
+    def stub(self, node: NodeInfo) -> node_pb2_grpc.NodeStub:
+        return self._channel(node.grpc_address).node
+
+    # ---- health checks
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._health_loop(), name="node-health")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for entry in self._channels.values():
+            await entry.channel.close()
+        self._channels.clear()
+
+    async def check_all(self) -> None:
+        nodes = self._registry.snapshot()
+        await asyncio.gather(*(self._check(n) for n in nodes))
+        await self._forget_absent({n.node_id for n in nodes}, {n.grpc_address for n in nodes})
+
+    async def _check(self, node: NodeInfo) -> None:
+        state = self._state(node.node_id)
+        try:
+            reply = await self._channel(node.grpc_address).health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self._health.timeout_s)
+            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            ok = False
+        if ok:
+            if state.ejected:
+                log.info("node %s re-admitted", node.node_id)
+            state.failures, state.ejected = 0, False
+            return
+        state.failures += 1
+        if state.failures >= self._health.eject_after and not state.ejected:
+            self.eject(node.node_id, f"{state.failures} failed health checks")
+
+    async def _forget_absent(self, live_ids: set[str], live_addresses: set[str]) -> None:
+        for node_id in [i for i, s in self._states.items() if i not in live_ids and s.inflight == 0]:
+            del self._states[node_id]
+        for address in [a for a in self._channels if a not in live_addresses]:
+            # in-flight calls to a node that left the registry keep their channel until the next pass
+            if not any(s.inflight for s in self._states.values()):
+                await self._channels.pop(address).channel.close()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self._health.interval_s)

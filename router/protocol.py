@@ -1,0 +1,96 @@
+"""The OpenAI request bodies the router accepts (pydantic: FastAPI's schema and first validation).
+
+Unknown fields are ignored, as OpenAI-compatible servers do. Ranges are checked here so a bad value
+is a 400 naming the field; cross-field rules (context length, n) are checked in ``prepare``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+UINT32_MAX = 2**32 - 1
+
+
+
+def _encodable(text: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"): valid Python str, but not UTF-8 the tokenizer can take
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text: {e.reason} at position {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
+StopString = Annotated[Text, Field(min_length=1, max_length=1024)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    """Fields shared by both endpoints; pdserve extensions (vLLM's names) marked."""
+
+    model: Text = Field(min_length=1, max_length=256)
+    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1, description="extension; 0 or -1: off")
+    min_p: Probability | None = Field(default=None, description="extension")
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: StopString | list[StopString] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=64, description="extension")
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="extension")
+    ignore_eos: bool = Field(default=False, description="extension")
+    min_tokens: int = Field(default=0, ge=0, le=UINT32_MAX, description="extension")
+    user: Text | None = Field(default=None, max_length=512)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Text | list[TokenId] | list[Text] | list[list[TokenId]]
+    max_tokens: int | None = Field(default=16, ge=1, le=UINT32_MAX)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
+    name: Text | None = Field(default=None, max_length=256)
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = Field(default=True, description="extension")

@@ -1,0 +1,198 @@
+"""The cluster registry as the router sees it: which nodes exist, their roles, addresses and load.
+
+Nodes register and renew with heartbeats; an entry not renewed within the TTL is gone. Two backends
+behind one ABC:
+
+- ``EmbeddedRegistry``: a dict in the router process (nodes heartbeat over the router's HTTP API).
+- ``RedisRegistry``: one key per node with a TTL in Redis, so several routers share one view. Each
+  router re-reads the keys periodically; when Redis is unreachable it keeps serving from its last view
+  (entries do not expire while the store is gone) and re-syncs when Redis returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from pdserve.router.config import RegistryConfig
+
+log = logging.getLogger(__name__)
+
+NodeRole = Literal["prefill", "decode", "mixed"]
+REDIS_KEY_PREFIX = "pdserve:node:"
+
+
+class NodeInfoError(ValueError):
+    """A node's registration is malformed; the message names the field."""
+
+
+class NodeInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    node_id: str
+    role: NodeRole
+    model: str
+    grpc_address: str  # host:port of the node's Node service
+    data_address: str = ""  # host:port of its KV data plane (prefill/decode)
+    capacity: int = 1  # requests it runs at once (its max_num_seqs)
+    load: float = 0.0  # requests running + waiting, as the node last reported
+    draining: bool = False
+    last_seen: float = 0.0  # unix time of the last heartbeat, set by whoever stores the entry
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("node_id", 0 < len(self.node_id) <= 128, "must be 1-128 characters"),
+            ("model", bool(self.model), "must be non-empty"),
+            ("grpc_address", self.grpc_address.rpartition(":")[2].isdigit(), "must be host:port"),
+            ("capacity", self.capacity >= 1, "must be >= 1"),
+            ("load", self.load >= 0, "must be >= 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise NodeInfoError(f"{name} {why} (got {getattr(self, name)!r})")
+
+    def seen_now(self) -> NodeInfo:
+        return msgspec.structs.replace(self, last_seen=time.time())
+
+
+def encode_node(node: NodeInfo) -> bytes:
+    return msgspec.json.encode(node)
+
+
+def decode_node(data: bytes | str) -> NodeInfo:
+    """Raises NodeInfoError for anything that is not a valid NodeInfo JSON object."""
+    try:
+        return msgspec.json.decode(data, type=NodeInfo)
+    except msgspec.ValidationError as e:
+        raise NodeInfoError(str(e)) from e
+    except msgspec.DecodeError as e:
+        raise NodeInfoError(f"not valid JSON: {e}") from e
+
+
+class Registry(ABC):
+    """The router's view of the cluster.
+
+    Invariants: ``snapshot`` is cheap and never blocks (the request path calls it per request) and
+    returns only entries renewed within the TTL (or, for a shared store that is unreachable, the last
+    view read from it); ``upsert`` replaces the whole entry for ``node.node_id``.
+    """
+
+    async def start(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Begin background work (sync loops)."""
+
+    async def close(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Stop background work and release connections."""
+
+    @abstractmethod
+    async def upsert(self, node: NodeInfo) -> None:
+        """Register or renew ``node`` (a heartbeat)."""
+
+    @abstractmethod
+    async def remove(self, node_id: str) -> None:
+        """Forget a node at once (a clean shutdown)."""
+
+    @abstractmethod
+    def snapshot(self) -> list[NodeInfo]:
+        """Live nodes, in a stable order (by node_id)."""
+
+
+class EmbeddedRegistry(Registry):
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._nodes: dict[str, NodeInfo] = {}
+
+    async def upsert(self, node: NodeInfo) -> None:
+        self._nodes[node.node_id] = node.seen_now()  # the router's clock, not the node's
+
+    async def remove(self, node_id: str) -> None:
+        self._nodes.pop(node_id, None)
+
+    def snapshot(self) -> list[NodeInfo]:
+        deadline = time.time() - self._ttl_s
+        expired = [nid for nid, n in self._nodes.items() if n.last_seen < deadline]
+        for node_id in expired:
+            del self._nodes[node_id]
+        return sorted(self._nodes.values(), key=lambda n: n.node_id)
+
+
+class RedisRegistry(Registry):
+    def __init__(self, url: str, ttl_s: float, sync_interval_s: float, timeout_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._sync_interval_s = sync_interval_s
+        self._client = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
+                                               socket_connect_timeout=timeout_s)
+        self._view: list[NodeInfo] = []
+        self._connected = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the last sync reached Redis (False: serving from the last view)."""
+        return self._connected
+
+    async def start(self) -> None:
+        await self.sync()
+        self._task = asyncio.create_task(self._sync_loop(), name="redis-registry-sync")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._client.aclose()
+
+    async def upsert(self, node: NodeInfo) -> None:
+        await redis_put(self._client, node.seen_now(), self._ttl_s)
+
+    async def remove(self, node_id: str) -> None:
+        await self._client.delete(REDIS_KEY_PREFIX + node_id)
+
+    def snapshot(self) -> list[NodeInfo]:
+        return list(self._view)
+
+    async def sync(self) -> None:
+        """Re-read every node key; on a Redis error keep the last view."""
+        try:
+            keys = [k async for k in self._client.scan_iter(match=REDIS_KEY_PREFIX + "*", count=500)]
+            values = await self._client.mget(keys) if keys else []
+        except (RedisError, OSError) as e:
+            if self._connected:
+                log.warning("registry: Redis unreachable (%s); serving from the last view", e)
+            self._connected = False
+            return
+        if not self._connected:
+            log.info("registry: Redis reachable; view re-synced")
+        self._connected = True
+        self._view = sorted(self._decode_all(values), key=lambda n: n.node_id)
+
+    @staticmethod
+    def _decode_all(values: list[bytes | None]) -> list[NodeInfo]:
+        nodes = []
+        for value in values:
+            if value is None:  # expired between SCAN and MGET
+                continue
+            try:
+                nodes.append(decode_node(value))
+            except NodeInfoError as e:  # one bad writer must not hide every other node
+                log.warning("registry: skipping a malformed Redis entry: %s", e)
+        return nodes
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._sync_interval_s)
+            await self.sync()
+
+
+async def redis_put(client: aioredis.Redis, node: NodeInfo, ttl_s: float) -> None:
+    await client.set(REDIS_KEY_PREFIX + node.node_id, encode_node(node), px=max(1, int(ttl_s * 1000)))
+
+
+def build_registry(config: RegistryConfig) -> Registry:
+    if config.is_redis:
+        return RedisRegistry(config.backend, config.heartbeat_ttl_s, config.sync_interval_s,
+                             config.redis_timeout_s)
+    return EmbeddedRegistry(config.heartbeat_ttl_s)

@@ -1,0 +1,102 @@
+"""OpenAPI-driven fuzz of the router: for any request body, no 5xx, and every 4xx carries the OpenAI
+error body. Field names come from the router's own /openapi.json; values are arbitrary JSON (and
+non-JSON: NaN, raw bytes), mixed into otherwise valid requests so that deep validation paths run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pdserve.router.config import HealthConfig, RouterConfig
+from pdserve.router.server import BackgroundRouter
+from pdserve.router.stub_node import StubBehavior, StubNodeServer, register_with_router
+
+MODEL = "pdserve-demo"
+ENDPOINTS = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest"}
+VALID = {
+    "/v1/completions": {"model": MODEL, "prompt": "def f(", "max_tokens": 2},
+    "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                             "max_tokens": 2},
+}
+FUZZ_SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([0, 1, -1, 20, 21, 2048, 2**32, 0.5, 2.5]),
+    st.text(max_size=40), st.sampled_from(["", "user", "text", MODEL, "\x00", "\ud7ff", "\ud800"]),
+)
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=12)
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[tuple[BackgroundRouter, dict[str, list[str]]]]:
+    config = RouterConfig(port=0, model_name=MODEL, health=HealthConfig(interval_s=1.0))
+    with StubNodeServer("fuzz-0", behavior=StubBehavior(tokens=2)) as node, BackgroundRouter(config) as r:
+        register_with_router(r.url, node.info(capacity=64))
+        schema = httpx.get(r.url + "/openapi.json").json()["components"]["schemas"]
+        fields = {path: sorted(schema[name]["properties"]) for path, name in ENDPOINTS.items()}
+        nested = [name for name in ("ChatMessage", "StreamOptions", "TextPart") if name in schema]
+        assert len(nested) == 3 and "messages" in fields["/v1/chat/completions"]
+        yield r, fields
+
+
+def _check(response: httpx.Response, streaming: bool) -> None:
+    assert response.status_code < 500, response.text[:500]
+    if response.status_code >= 400:
+        body = response.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    elif streaming and response.headers.get("content-type", "").startswith("text/event-stream"):
+        assert response.text.rstrip().endswith("data: [DONE]")
+
+
+def _post(url: str, content: bytes) -> httpx.Response:
+    return httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=10)
+
+
+@FUZZ_SETTINGS
+@given(data=st.data())
+def test_mutated_valid_requests_never_5xx(router: tuple[BackgroundRouter, dict[str, list[str]]],
+                                          data: st.DataObject) -> None:
+    r, fields = router
+    path = data.draw(st.sampled_from(sorted(ENDPOINTS)))
+    body: dict[str, Any] = dict(VALID[path])
+    names = data.draw(st.lists(st.sampled_from(fields[path] + ["unknown_field"]), min_size=1, max_size=4))
+    for name in names:
+        body[name] = data.draw(json_values)
+    if data.draw(st.booleans()) and "messages" in body and isinstance(body["messages"], list):
+        body["messages"] = [data.draw(st.dictionaries(st.sampled_from(["role", "content", "name", "x"]),
+                                                      json_values, max_size=3))]
+    content = json.dumps(body, allow_nan=False).encode()
+    _check(_post(r.url + path, content), streaming=body.get("stream") is True)
+
+
+@FUZZ_SETTINGS
+@given(path=st.sampled_from(sorted(ENDPOINTS)), value=json_values)
+def test_any_json_document_never_5xx(router: tuple[BackgroundRouter, dict[str, list[str]]], path: str,
+                                     value: object) -> None:
+    r, _ = router
+    _check(_post(r.url + path, json.dumps(value).encode()), streaming=False)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(sorted(ENDPOINTS)), raw=st.one_of(
+    st.binary(max_size=200),
+    st.sampled_from([b'{"model": "pdserve-demo", "prompt": "x", "temperature": NaN}',
+                     b'{"model": "pdserve-demo", "prompt": "x", "top_p": Infinity}',
+                     b'{"model": "pdserve-demo", "prompt": "x", "max_tokens": 1e400}',
+                     b'{"model": "pdserve-demo", "prompt": "\\ud800"}', b"", b"[]", b"null"])))
+def test_non_json_bodies_never_5xx(router: tuple[BackgroundRouter, dict[str, list[str]]], path: str,
+                                   raw: bytes) -> None:
+    r, _ = router
+    _check(_post(r.url + path, raw), streaming=False)

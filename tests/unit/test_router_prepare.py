@@ -1,0 +1,103 @@
+"""Request validation and tokenization at the router (the bundled demo tokenizer, no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.models.tokenizer import Tokenizer
+from pdserve.router.config import default_model_dir
+from pdserve.router.errors import APIError
+from pdserve.router.prepare import Preparer, model_max_len
+from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest
+
+MODEL = "demo"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_dir(default_model_dir())
+
+
+@pytest.fixture()
+def preparer(tokenizer: Tokenizer) -> Preparer:
+    return Preparer(tokenizer, MODEL, max_model_len=64)
+
+
+def _completion(**kw: object) -> CompletionRequest:
+    return CompletionRequest.model_validate({"model": MODEL, "prompt": "def f(x):", **kw})
+
+
+def test_model_max_len_reads_the_demo_config() -> None:
+    assert model_max_len(default_model_dir()) == 2048
+
+
+def test_completion_tokenizes_once_and_maps_sampling(preparer: Preparer, tokenizer: Tokenizer) -> None:
+    p = preparer.completion(_completion(max_tokens=5, temperature=0.0, top_k=-1, stop="\n", seed=3,
+                                        logprobs=2, echo=True))
+    assert p.prompt_token_ids == tokenizer.encode("def f(x):")
+    assert p.prompt_text == "def f(x):" and p.echo
+    s = p.sampling
+    assert (s.max_tokens, s.temperature, s.top_k, s.stop, s.seed, s.logprobs) == (5, 0.0, 0, ("\n",), 3, 2)
+    proto = p.to_proto()
+    assert list(proto.prompt_token_ids) == p.prompt_token_ids
+    assert proto.sampling.seed == 3 and proto.sampling.logprobs == 2 and not proto.HasField("prefill")
+    assert p.token_budget == len(p.prompt_token_ids) + 5
+
+
+def test_completion_accepts_token_id_prompts(preparer: Preparer) -> None:
+    assert preparer.completion(_completion(prompt=[5, 6, 7])).prompt_token_ids == [5, 6, 7]
+    assert preparer.completion(_completion(prompt=[[5, 6]])).prompt_token_ids == [5, 6]
+
+
+@pytest.mark.parametrize(("body", "status", "param", "fragment"), [
+    ({"model": "other"}, 404, "model", "does not exist"),
+    ({"prompt": [1, 99999]}, 400, "prompt", "out of the vocabulary"),
+    ({"prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
+    ({"prompt": ""}, 400, "prompt", "empty"),
+    ({"max_tokens": 60}, 400, "max_tokens", "maximum context length is 64 tokens"),
+])
+def test_completion_errors(preparer: Preparer, body: dict[str, object], status: int, param: str,
+                           fragment: str) -> None:
+    with pytest.raises(APIError) as info:
+        preparer.completion(_completion(**body))
+    assert (info.value.status, info.value.param) == (status, param)
+    assert fragment in info.value.message
+
+
+def test_context_overflow_names_the_limit_and_the_counts(preparer: Preparer, tokenizer: Tokenizer) -> None:
+    prompt = "x " * 80
+    n = len(tokenizer.encode(prompt))
+    with pytest.raises(APIError) as info:
+        preparer.completion(_completion(prompt=prompt, max_tokens=1))
+    assert info.value.code == "context_length_exceeded"
+    assert "64 tokens" in info.value.message and f"{n} in the prompt" in info.value.message
+
+
+def test_chat_default_max_tokens_fills_the_context(preparer: Preparer, tokenizer: Tokenizer) -> None:
+    req = ChatCompletionRequest.model_validate({"model": MODEL,
+                                                "messages": [{"role": "user", "content": "hi"}]})
+    p = preparer.chat(req)
+    # the demo's template, written out by hand
+    expected = tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                                add_special_tokens=False)
+    assert p.prompt_token_ids == expected
+    assert p.sampling.max_tokens == 64 - len(expected)
+    assert p.top_logprobs is None
+
+
+def test_chat_logprobs_and_content_parts(preparer: Preparer, tokenizer: Tokenizer) -> None:
+    req = ChatCompletionRequest.model_validate({
+        "model": MODEL, "logprobs": True, "top_logprobs": 3, "max_completion_tokens": 4,
+        "messages": [{"role": "user",
+                      "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]})
+    p = preparer.chat(req)
+    assert p.top_logprobs == 3 and p.sampling.logprobs == 3 and p.sampling.max_tokens == 4
+    assert tokenizer.decode(p.prompt_token_ids, skip_special_tokens=False).count("hi") == 1
+
+
+def test_chat_top_logprobs_needs_logprobs(preparer: Preparer) -> None:
+    req = ChatCompletionRequest.model_validate({"model": MODEL, "top_logprobs": 2,
+                                                "messages": [{"role": "user", "content": "x"}]})
+    with pytest.raises(APIError) as info:
+        preparer.chat(req)
+    assert (info.value.status, info.value.param) == (400, "top_logprobs")
