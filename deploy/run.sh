@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Sets up .venv (deploy/setup.sh) and runs pdserve on the bundled demo model, CPU.
-# With no arguments it runs the default job; any arguments go to the `pdserve` command.
+# With no arguments it runs the local cluster (pdserve up); any arguments go to the `pdserve` command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/setup.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 if [ $# -eq 0 ]; then
-    set -- generate --prompt "def fibonacci(n):" --prompt "class Stack:" --max-tokens 48
+    set -- up
 fi
 exec .venv/bin/pdserve "$@"
