@@ -46,6 +46,7 @@ MIB = 1 << 20
 # 16 layers x (K, V) x 4 KV heads x 16 tokens x 128 head_dim x fp32 = 1 MiB per block.
 SPEC_ARGS = dict(num_layers=16, block_size=16, num_kv_heads=4, head_dim=128)
 OUT_DIR = Path("bench_out")
+RATIOS = {"shm": "memcpy", "shm fragmented": "memcpy", "zmq": "tcp", "zmq fragmented": "tcp"}
 
 
 class TcpLoopback:
@@ -123,15 +124,19 @@ class TransferRig:
         self.dst.close()
 
 
-def block_ids(n: int, num_blocks: int, fragmented: bool, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+def block_ids(n: int, num_blocks: int, fragmented: bool,
+              rng: np.random.Generator) -> tuple[list[int], list[int]]:
     if not fragmented:
         return list(range(n)), list(range(n))
-    return ([int(b) for b in rng.permutation(num_blocks)[:n]], [int(b) for b in rng.permutation(num_blocks)[:n]])
+    src, dst = rng.permutation(num_blocks)[:n], rng.permutation(num_blocks)[:n]
+    return [int(x) for x in src], [int(x) for x in dst]
 
 
 def measure_size(rig: TransferRig, tcp: TcpLoopback, nblocks: int, repeats: int,
                  rng: np.random.Generator) -> dict[str, float]:
-    """Median GB/s of every case for one request size, the cases interleaved within each repeat."""
+    """Median GB/s of every case for one request size, the cases interleaved within each repeat, and
+    the ratios to the ceilings as medians of per-repeat ratios (each transport runs right after its
+    ceiling, so the two see the same load)."""
     nbytes = nblocks * rig.spec.bytes_per_block
     copy_src = np.full(nbytes // 4, 2.0, np.float32)
     copy_dst = np.zeros_like(copy_src)
@@ -140,9 +145,9 @@ def measure_size(rig: TransferRig, tcp: TcpLoopback, nblocks: int, repeats: int,
     everything = slice(0, rig.spec.num_layers)
     cases: dict[str, Callable[[], float]] = {
         "memcpy": lambda: _timed(lambda: np.copyto(copy_dst, copy_src)),
-        "tcp": lambda: tcp.transfer(copy_src),
         "shm": lambda: rig.transfer("shm", *contiguous),
         "shm fragmented": lambda: rig.transfer("shm", *fragmented),
+        "tcp": lambda: tcp.transfer(copy_src),
         "zmq": lambda: rig.transfer("zmq", *contiguous),
         "zmq fragmented": lambda: rig.transfer("zmq", *fragmented),
     }
@@ -151,12 +156,16 @@ def measure_size(rig: TransferRig, tcp: TcpLoopback, nblocks: int, repeats: int,
             lambda copy=copy: _timed(lambda: copy(rig.src.array, fragmented[0], rig.dst.array, fragmented[1],
                                                   everything)))
     seconds: dict[str, list[float]] = {name: [] for name in cases}
-    for name, case in cases.items():  # warm-up: first touches, socket buffers, allocator
+    for case in cases.values():  # warm-up: first touches, socket buffers, allocator
         case()
     for _ in range(repeats):
         for name, case in cases.items():
             seconds[name].append(case())
-    return {name: nbytes / statistics.median(values) / 1e9 for name, values in seconds.items()}
+    gbps = {name: nbytes / statistics.median(values) / 1e9 for name, values in seconds.items()}
+    for transport, ceiling in RATIOS.items():
+        gbps[f"{transport}/{ceiling}"] = statistics.median(
+            c / t for c, t in zip(seconds[ceiling], seconds[transport], strict=True))
+    return gbps
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -166,17 +175,16 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def repeats_for(mib: int) -> int:
-    return max(5, min(40, 256 // mib))
+    return max(9, min(40, 512 // mib))
 
 
 def write_outputs(rows: list[tuple[int, dict[str, float]]]) -> None:
     OUT_DIR.mkdir(exist_ok=True)
     names = list(rows[0][1])
-    lines = ["| KV MiB | " + " | ".join(f"{n} GB/s" for n in names) + " | shm/memcpy | zmq/tcp |",
-             "| --- " * (len(names) + 3) + "|"]
+    lines = ["| KV MiB | " + " | ".join(n if "/" in n else f"{n} GB/s" for n in names) + " |",
+             "| --- " * (len(names) + 1) + "|"]
     for mib, gbps in rows:
-        cells = " | ".join(f"{gbps[n]:.2f}" for n in names)
-        lines.append(f"| {mib} | {cells} | {gbps['shm'] / gbps['memcpy']:.2f} | {gbps['zmq'] / gbps['tcp']:.2f} |")
+        lines.append(f"| {mib} | " + " | ".join(f"{gbps[n]:.2f}" for n in names) + " |")
     (OUT_DIR / "bench_transfer.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -200,10 +208,10 @@ def write_outputs(rows: list[tuple[int, dict[str, float]]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--repeats", type=int, default=0, help="0: 256 / size, between 5 and 40")
+    parser.add_argument("--repeats", type=int, default=0, help="0: 512 / size, between 9 and 40")
     args = parser.parse_args()
     max_blocks = max(args.sizes_mib)
-    spec = KVCacheSpec(num_blocks=max_blocks * 2, **SPEC_ARGS)
+    spec = KVCacheSpec(num_blocks=max_blocks + max_blocks // 2, **SPEC_ARGS)
     assert spec.bytes_per_block == MIB
     rng = np.random.default_rng(0)
     rig, tcp = TransferRig(spec), TcpLoopback(max_blocks * MIB)
@@ -215,11 +223,11 @@ def main() -> None:
         rig.close()
         tcp.close()
     names = list(rows[0][1])
-    print("median GB/s per case; ratios: shm / memcpy, zmq / tcp (consecutive block ids)")
-    print(f"{'KV MiB':>7}" + "".join(f"{n:>{max(len(n), 6) + 2}}" for n in names) + f"{'shm/mc':>8}{'zmq/tcp':>9}")
+    print("median GB/s per case; a/b columns: median over repeats of a's throughput / b's, side by side")
+    widths = {n: max(len(n), 6) + 2 for n in names}
+    print(f"{'KV MiB':>7}" + "".join(f"{n:>{widths[n]}}" for n in names))
     for mib, gbps in rows:
-        cells = "".join(f"{gbps[n]:>{max(len(n), 6) + 2}.2f}" for n in names)
-        print(f"{mib:>7}{cells}{gbps['shm'] / gbps['memcpy']:>8.2f}{gbps['zmq'] / gbps['tcp']:>9.2f}")
+        print(f"{mib:>7}" + "".join(f"{gbps[n]:>{widths[n]}.2f}" for n in names))
     write_outputs(rows)
     print(f"wrote {OUT_DIR / 'bench_transfer.md'} and {OUT_DIR / 'bench_transfer.png'}")
 

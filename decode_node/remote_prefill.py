@@ -57,8 +57,10 @@ class RemotePrefill:
         self.bridge = bridge
         self.kv_spec = kv_spec
         self.metrics = metrics
+        # A send to a dead peer blocks until send_timeout_s: never longer than a prefill may take.
+        send_timeout_s = min(TransferConfig.send_timeout_s, config.prefill_timeout_s)
         self.transfer = TransferConfig(transport=config.transport, bind_host=config.host,
-                                       port=config.data_port)
+                                       port=config.data_port, send_timeout_s=send_timeout_s)
         self.endpoint: KVEndpoint | None = None
         self.pool: KVCachePool | None = None
         self._pending: dict[str, _Pending] = {}
@@ -104,7 +106,12 @@ class RemotePrefill:
                 block_ids=tuple(block_ids), decode_node_id=self.config.node_id,
                 kv_target=self.endpoint.target(), lease_ms=int(self.config.kv_lease_s * 1000),
             )
-            await self._send(peer_address, task)
+            try:
+                await self._send(peer_address, task)
+            except TransferError as exc:
+                pending.peer_address = ""  # P never got the task: nothing to abort, nothing it writes
+                raise RemotePrefillError(f"prefill node {peer_address} is unreachable: {exc}",
+                                         retryable=True) from exc
             first = await self._await_first_token(request_id, pending)
             self._check_complete(request_id)
         except BaseException:
@@ -140,7 +147,11 @@ class RemotePrefill:
             except TimeoutError:
                 self.endpoint.reservations.renew(request_id, self.config.kv_lease_s)
                 renewal = LeaseRenewal(request_id, int(self.config.kv_lease_s * 1000))
-                await self._send(pending.peer_address, renewal)
+                try:
+                    await self._send(pending.peer_address, renewal)
+                except TransferError as exc:
+                    raise RemotePrefillError(f"prefill node {pending.peer_address} stopped taking messages: "
+                                             f"{exc}", retryable=True) from exc
                 continue
             if not first.ok:
                 raise RemotePrefillError(

@@ -25,6 +25,7 @@ from pdserve.engine.output_codec import SlotEvent, SlotOutput
 from pdserve.engine.protocol import RequestRejected
 from pdserve.engine.request_stream import RequestStream
 from pdserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from pdserve.engine.spec_metrics import RequestSpecStats, SpeculateMetrics
 from pdserve.models.config import ModelConfig
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.rpc import node_pb2 as pb
@@ -72,7 +73,10 @@ class DecodeNodeServer(NodeServer):
         # One seed for both nodes: the first token is drawn on the prefill node, the rest here.
         params = replace(params, seed=params.seed if params.seed is not None else secrets.randbits(63))
         stream = RequestStream(request.request_id, params, self.tokenizer, prompt)
+        spec = self.config.engine.speculative
+        stats = RequestSpecStats(spec.num_speculative_tokens) if spec is not None else None
         started = time.monotonic()
+        engine_request_id = request.request_id
         if request.HasField("prefill") and self.remote is not None:
             try:
                 handle, first = await self.remote.prefill(request.request_id, prompt, params,
@@ -83,8 +87,13 @@ class DecodeNodeServer(NodeServer):
                     code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.INVALID_ARGUMENT
                     await context.abort(code, f"remote prefill failed: {exc}")
                 log.warning("remote prefill of %s failed (%s); prefilling locally", request.request_id, exc)
+                # The abandoned reservation holds the request id in the engine until its abort lands.
+                engine_request_id = f"{request.request_id}/local-prefill"
             else:
-                delta = stream.on_slot(_first_token_slot(handle.seq_id, first, params))
+                first_slot = _first_token_slot(handle.seq_id, first, params)
+                if stats is not None:
+                    stats.on_slot(first_slot)
+                delta = stream.on_slot(first_slot)
                 chunk = delta_to_chunk(delta)
                 t = first.timings
                 chunk.timing.CopyFrom(pb.TimingInfo(queue_s=t.queue_ms / 1000, prefill_s=t.prefill_ms / 1000,
@@ -93,18 +102,18 @@ class DecodeNodeServer(NodeServer):
                 for part in ("queue", "prefill", "transfer"):
                     self.metrics.ttft.labels(part=part).observe(getattr(t, f"{part}_ms") / 1000)
                 yield chunk
-                async for chunk in self._relay(handle, stream, started, first=False):
+                async for chunk in self._relay(handle, stream, started, stats, first=False):
                     yield chunk
                 return
         try:
-            handle = self.bridge.submit(request.request_id, prompt, params)
+            handle = self.bridge.submit(engine_request_id, prompt, params)
         except EngineError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        async for chunk in self._relay(handle, stream, started):
+        async for chunk in self._relay(handle, stream, started, stats):
             yield chunk
 
     async def _relay(self, handle: RequestHandle, stream: RequestStream, started: float,
-                     first: bool = True) -> AsyncIterator[pb.GenerateChunk]:
+                     stats: RequestSpecStats | None, first: bool = True) -> AsyncIterator[pb.GenerateChunk]:
         """Engine outputs -> chunks. Leaving early (client cancelled) aborts the engine request."""
         try:
             while not stream.finished:
@@ -114,6 +123,8 @@ class DecodeNodeServer(NodeServer):
                     yield pb.GenerateChunk(finish_reason="error", error=item.message,
                                            usage=_usage(handle, stream))
                     return
+                if stats is not None:
+                    stats.on_slot(item)
                 delta = stream.on_slot(item)
                 if delta.stopped_by_string:
                     self.bridge.abort(handle)
@@ -127,6 +138,8 @@ class DecodeNodeServer(NodeServer):
                     first = False
                 if stream.finished:
                     chunk.usage.CopyFrom(_usage(handle, stream))
+                    if stats is not None:
+                        chunk.speculate_metrics.CopyFrom(_metrics_to_proto(stats.metrics()))
                     self.metrics.outcome(stream.finish_reason)
                 yield chunk
         finally:
@@ -150,4 +163,13 @@ def _first_token_slot(seq_id: int, first: FirstToken, params: SamplingParams) ->
         ranks=np.asarray([first.rank], dtype=np.uint32),
         topk_ids=np.asarray([first.top_ids], dtype=np.uint32).reshape(1, k),
         topk_logprobs=np.asarray([first.top_logprobs], dtype=np.float32).reshape(1, k),
+    )
+
+
+def _metrics_to_proto(m: SpeculateMetrics) -> pb.SpeculateMetrics:
+    return pb.SpeculateMetrics(
+        accepted_tokens=m.accepted_tokens, rejected_tokens=m.rejected_tokens, accept_ratio=m.accept_ratio,
+        average_accept_length=m.average_accept_length,
+        accepted_tokens_per_head=list(m.accepted_tokens_per_head),
+        accept_ratio_per_head=list(m.accept_ratio_per_head),
     )

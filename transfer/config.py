@@ -48,6 +48,9 @@ class TransferConfig:
     send_hwm: int = 1000  # messages queued per peer before sends block (backpressure)
     curve_server: CurveServerKeys | None = None
     curve_client: CurveClientKeys | None = None
+    tune_malloc: bool = True  # reuse freed message buffers (channel.keep_message_buffers; process-wide)
+    malloc_retain_bytes: int = 1 << 30  # freed heap memory glibc keeps before trimming
+
 
     def __post_init__(self) -> None:
         _require(self.transport in TRANSPORT_CHOICES, "transport", f"must be one of {TRANSPORT_CHOICES}")
@@ -57,6 +60,7 @@ class TransferConfig:
         _require(0 <= self.port <= 65535, "port", "must be in [0, 65535]")
         _require(0 < self.send_timeout_s <= 3600, "send_timeout_s", "must be in (0, 3600]")
         _require(self.send_hwm >= 1, "send_hwm", "must be >= 1")
+        _require(0 < self.malloc_retain_bytes < 2**31, "malloc_retain_bytes", "must be in (0, 2**31)")
 
 
 def _require(ok: bool, name: str, why: str) -> None:

@@ -24,7 +24,9 @@ KEY = "sk-test-7f3a9c"
 
 
 def _config(**kw: object) -> RouterConfig:
-    return RouterConfig(port=0, model_name=MODEL, health=HealthConfig(interval_s=0.2, timeout_s=0.5), **kw)  # type: ignore[arg-type]
+    # lenient health checks: a stall of this shared machine must not eject the stub node
+    health = HealthConfig(interval_s=0.2, timeout_s=2.0, eject_after=20)
+    return RouterConfig(port=0, model_name=MODEL, health=health, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +147,15 @@ def test_sampling_parameters_reach_the_node(client: openai.OpenAI, node: StubNod
     client.completions.create(
         model=MODEL, prompt="q", max_tokens=3, temperature=0.7, top_p=0.9, seed=11, stop=["\n\n", "END"],
         presence_penalty=0.5, frequency_penalty=-0.5, user="u1",
-        extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2, "min_tokens": 1, "ignore_eos": True})
+        extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2, "min_tokens": 1,
+                    "ignore_eos": True})
     sent = node.counters.requests[-1]
     s = sent.sampling
     assert list(sent.prompt_token_ids) == tokenizer.encode("q")
     assert (s.max_tokens, s.top_k, s.seed, list(s.stop), s.min_tokens, s.ignore_eos) == (
         3, 5, 11, ["\n\n", "END"], 1, True)
-    assert (s.temperature, s.top_p, s.min_p, s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (
+    floats = (s.temperature, s.top_p, s.min_p, s.repetition_penalty, s.presence_penalty, s.frequency_penalty)
+    assert floats == (
         pytest.approx(0.7), pytest.approx(0.9), pytest.approx(0.05), pytest.approx(1.2), 0.5, -0.5)
     assert not s.HasField("logprobs") and not sent.HasField("prefill")
 
@@ -181,7 +185,8 @@ def test_http_level_errors(router: BackgroundRouter) -> None:
     cases = [
         httpx.get(router.url + "/v1/completions"),  # wrong method
         httpx.get(router.url + "/v1/nope"),
-        httpx.post(router.url + "/v1/completions", content=b"{", headers={"content-type": "application/json"}),
+        httpx.post(router.url + "/v1/completions", content=b"{",
+                   headers={"content-type": "application/json"}),
         httpx.post(router.url + "/v1/completions", content=b"x" * (5 << 20)),
         httpx.post(router.url + "/internal/v1/nodes/heartbeat", content=b'{"node_id": 3}'),
     ]
@@ -190,19 +195,23 @@ def test_http_level_errors(router: BackgroundRouter) -> None:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_metrics_expose_latency_status_and_node_inflight(client: openai.OpenAI, router: BackgroundRouter) -> None:
+def test_metrics_expose_latency_status_and_node_inflight(client: openai.OpenAI,
+                                                         router: BackgroundRouter) -> None:
     client.completions.create(model=MODEL, prompt="m", max_tokens=2)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="m", max_tokens=2)
     text = httpx.get(router.url + "/metrics").text
-    for name in ("pdserve_router_time_to_first_token_seconds_count", "pdserve_router_inter_token_latency_seconds",
-                 "pdserve_router_e2e_request_latency_seconds_count", 'pdserve_router_requests_total{status="200"}',
+    for name in ("pdserve_router_time_to_first_token_seconds_count",
+                 "pdserve_router_inter_token_latency_seconds",
+                 "pdserve_router_e2e_request_latency_seconds_count",
+                 'pdserve_router_requests_total{status="200"}',
                  'pdserve_router_requests_total{status="404"}',
                  'pdserve_router_node_inflight{node_id="mixed-0",role="mixed"} 0.0'):
         assert name in text
 
 
-def test_api_keys_guard_every_route_but_health(node: StubNodeServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_api_keys_guard_every_route_but_health(node: StubNodeServer,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     with BackgroundRouter(_config(api_keys=(KEY, "sk-other"))) as r:
         assert httpx.post(r.url + "/internal/v1/nodes/heartbeat", content=b"{}").status_code == 401

@@ -46,8 +46,9 @@ class RedisProcess:
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self._workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self._workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -99,7 +100,8 @@ class NodeBeats:
 
 
 def _config(redis_url: str, ttl_s: float = 1.0) -> RouterConfig:
-    return RouterConfig(port=0, model_name=MODEL, health=HealthConfig(interval_s=0.2, timeout_s=0.5),
+    health = HealthConfig(interval_s=0.2, timeout_s=2.0, eject_after=20)  # no ejection on a stalled machine
+    return RouterConfig(port=0, model_name=MODEL, health=health,
                         registry=RegistryConfig(backend=redis_url, heartbeat_ttl_s=ttl_s, sync_interval_s=0.1,
                                                 redis_timeout_s=0.2))
 

@@ -19,7 +19,8 @@ BODY = {"model": MODEL, "prompt": "def f(", "max_tokens": 4}
 
 
 def _config(**kw: object) -> RouterConfig:
-    kw.setdefault("health", HealthConfig(interval_s=0.1, timeout_s=0.5, eject_after=1))
+    # NOT_SERVING answers eject at once; the generous timeout keeps a stalled machine from doing so
+    kw.setdefault("health", HealthConfig(interval_s=0.1, timeout_s=2.0, eject_after=1))
     kw.setdefault("retry", RetryConfig(attempts=3, backoff_s=0.01, first_chunk_timeout_s=2.0,
                                        chunk_timeout_s=2.0))
     return RouterConfig(port=0, model_name=MODEL, policy=PolicyConfig(decode="round_robin"), **kw)  # type: ignore[arg-type]
@@ -45,7 +46,7 @@ def _stream_events(r: BackgroundRouter, body: dict[str, object]) -> list[str]:
 
 def test_failure_before_first_token_is_retried_on_another_node_and_ejects_it() -> None:
     with StubNodeServer("a", behavior=StubBehavior(fail_first_calls=1)) as a, StubNodeServer("b") as b, \
-            BackgroundRouter(_config(health=HealthConfig(interval_s=0.3, timeout_s=0.5))) as r:
+            BackgroundRouter(_config(health=HealthConfig(interval_s=0.3, timeout_s=2.0))) as r:
         register_with_router(r.url, a.info())
         register_with_router(r.url, b.info())
         response = httpx.post(r.url + "/v1/completions", json=BODY, timeout=10)
@@ -54,7 +55,8 @@ def test_failure_before_first_token_is_retried_on_another_node_and_ejects_it() -
         # a answers its health checks, so the next pass re-admits it
         _wait_until(lambda: _node_view(r, "a")["ejected"] is False)
         metrics = httpx.get(r.url + "/metrics").text
-        assert "pdserve_router_retries_total 1.0" in metrics and "pdserve_router_node_ejections_total 1.0" in metrics
+        assert "pdserve_router_retries_total 1.0" in metrics
+        assert "pdserve_router_node_ejections_total 1.0" in metrics
 
 
 def test_failure_after_first_token_ends_the_stream_with_an_error_event() -> None:
@@ -87,7 +89,8 @@ def test_a_silent_node_times_out_and_the_call_is_cancelled() -> None:
 
 
 def test_node_error_chunks_exhaust_the_bounded_retries() -> None:
-    with StubNodeServer("a", behavior=StubBehavior(error_first_chunk=True)) as a, BackgroundRouter(_config()) as r:
+    with StubNodeServer("a", behavior=StubBehavior(error_first_chunk=True)) as a, \
+            BackgroundRouter(_config()) as r:
         register_with_router(r.url, a.info())
         response = httpx.post(r.url + "/v1/completions", json=BODY, timeout=10)
         assert response.status_code == 503 and "injected node error" in response.json()["error"]["message"]

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
-from pdserve.transfer.channel import Outbox, TransferError
+from pdserve.transfer.channel import Outbox, TransferError, keep_message_buffers
 from pdserve.transfer.config import TransferConfig, TransferConfigError
 from pdserve.transfer.endpoint import InboxDispatcher, KVEndpoint, Malformed
 from pdserve.transfer.messages import (
@@ -341,6 +341,7 @@ def test_chunker_refuses_chunks_that_do_not_follow() -> None:
     (dict(send_timeout_s=0), "send_timeout_s"),
     (dict(send_hwm=0), "send_hwm"),
     (dict(advertise_host=""), "advertise_host"),
+    (dict(malloc_retain_bytes=2**31), "malloc_retain_bytes"),
 ])
 def test_config_errors_name_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(TransferConfigError, match=f"transfer.{field} "):
@@ -353,3 +354,8 @@ def test_inbox_binds_the_configured_interface_and_port(decode: DecodeSide) -> No
     assert decode.endpoint.target() == KVTarget(decode.endpoint.address, local_host_id(), layout,
                                                 decode.pool.shm_name)
     assert WIRE_VERSION == 1
+
+
+def test_malloc_tuning_applies_on_glibc_and_can_be_switched_off() -> None:
+    assert keep_message_buffers(TransferConfig())  # this host's Python runs on glibc
+    assert not keep_message_buffers(TransferConfig(tune_malloc=False))
