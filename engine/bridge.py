@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from pdserve.engine.client import EngineClient, EngineError
-from pdserve.engine.output_codec import SlotEvent, SlotOutput
+from pdserve.engine.output_codec import SlotOutput
 from pdserve.engine.protocol import (
     EngineFailed,
     EngineReady,
@@ -28,8 +28,6 @@ from pdserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("pdserve.engine.bridge")
 
-TERMINAL_EVENTS = frozenset({SlotEvent.FINISHED_STOPPED, SlotEvent.FINISHED_LENGTH, SlotEvent.ABORTED,
-                             SlotEvent.ERROR})
 POLL_S = 0.02
 
 
@@ -126,7 +124,7 @@ class EngineBridge:
                 self._fail(str(exc))
                 return
             for slot in step.slots if step else ():
-                self._deliver(slot.seq_id, slot, final=slot.event in TERMINAL_EVENTS)
+                self._deliver(slot.seq_id, slot, final=slot.event.is_terminal)
 
     def _handle_events(self) -> None:
         for event in self.client.events():

@@ -10,16 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdserve.engine.client import EngineClient, EngineError
-from pdserve.engine.output_codec import SlotEvent
 from pdserve.engine.protocol import EngineFailed, RequestRejected
 from pdserve.engine.request_stream import RequestStream, TokenLogprob
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.engine.spec_metrics import RequestSpecStats, SpeculateMetrics
 from pdserve.models.tokenizer import Tokenizer
-
-TERMINAL_EVENTS = frozenset({SlotEvent.FINISHED_STOPPED, SlotEvent.FINISHED_LENGTH, SlotEvent.ABORTED,
-                             SlotEvent.ERROR})
 
 
 @dataclass(frozen=True)
@@ -78,7 +74,7 @@ def generate(client: EngineClient, tokenizer: Tokenizer, prompts: Sequence[str],
                 entry.logprobs.extend(delta.logprobs)
                 if delta.stopped_by_string:
                     client.abort(slot.seq_id)
-            if slot.event in TERMINAL_EVENTS:
+            if slot.event.is_terminal:
                 _done(client, slot.seq_id, entry)
         results.update({p.index: p for p in pending.values()})
     return [_result(prompts[i], results[i]) for i in range(len(prompts))]

@@ -61,6 +61,12 @@ class SlotEvent(enum.IntEnum):
     ERROR = 5
 
     @property
+    def is_terminal(self) -> bool:
+        """The engine's last event for a sequence: its seq_id may be reused afterwards."""
+        return self in (SlotEvent.FINISHED_STOPPED, SlotEvent.FINISHED_LENGTH, SlotEvent.ABORTED,
+                        SlotEvent.ERROR)
+
+    @property
     def min_tokens(self) -> int:
         return 1 if self is SlotEvent.TOKENS else 0
 
