@@ -145,6 +145,8 @@ class RemotePrefill:
             try:
                 first = await asyncio.wait_for(asyncio.shield(pending.first_token), min(renew_every, left))
             except TimeoutError:
+                if time.monotonic() >= deadline:
+                    continue  # out of time: fail now, not after a renewal to a peer that may be dead
                 self.endpoint.reservations.renew(request_id, self.config.kv_lease_s)
                 renewal = LeaseRenewal(request_id, int(self.config.kv_lease_s * 1000))
                 try:
@@ -169,13 +171,18 @@ class RemotePrefill:
         """Stop the peer, wait for it to confirm (bounded), then free our blocks."""
         if pending is not None and pending.peer_address:
             try:
-                await self._send(pending.peer_address, Abort(request_id, "abandoned by the decode node"))
-                await asyncio.wait_for(pending.abort_confirmed.wait(), ABORT_GRACE_S)
+                # One bound for send and confirmation: a send to a dead peer blocks until the send
+                # timeout, and our blocks must not wait for that.
+                await asyncio.wait_for(self._abort_peer(request_id, pending), ABORT_GRACE_S)
             except (TransferError, TimeoutError):
                 pass  # the peer is gone or slow: after the grace period its copies are over too
         self._pending.pop(request_id, None)
         self.endpoint.reservations.release(request_id)
         self.bridge.abort(handle)
+
+    async def _abort_peer(self, request_id: str, pending: _Pending) -> None:
+        await self._send(pending.peer_address, Abort(request_id, "abandoned by the decode node"))
+        await pending.abort_confirmed.wait()
 
     def pending(self, request_id: str) -> _Pending | None:
         return self._pending.get(request_id)

@@ -1,0 +1,277 @@
+"""Real PD nodes for integration and chaos tests: start `pdserve prefill|decode|mixed` processes, drive
+them over gRPC, and check on shutdown that they exited cleanly and left no SysV queue or /dev/shm pool.
+
+Nodes start in parallel (each loads Paddle and the demo model: seconds apiece on a small machine) and
+report their addresses on the READY line. A node's engine process, output queue key and shared pool
+name are read from /proc while it runs, so the leak checks look at exactly this node's resources and
+are not confused by other processes on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import sysv_ipc
+
+from pdserve.engine.node_server import READY_PREFIX
+from pdserve.engine.process import decode_config
+from pdserve.models.loader import default_model_dir
+from pdserve.models.tokenizer import Tokenizer
+from pdserve.rpc import node_pb2 as pb
+from pdserve.rpc import node_pb2_grpc
+
+STARTUP_TIMEOUT_S = 150.0  # several nodes loading Paddle at once on two shared cores
+EXIT_TIMEOUT_S = 20.0
+RPC_TIMEOUT_S = 60.0
+SHM_DIR = Path("/dev/shm")
+SHM_POOL_PREFIX = "pdserve-kv-"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str  # the test's handle for the node (also its --node-id)
+    role: str
+    flags: tuple[str, ...] = ()
+
+
+@dataclass
+class Node:
+    spec: NodeSpec
+    process: subprocess.Popen[str]
+    log_path: Path
+    info: dict = field(default_factory=dict)
+    queue_key: int | None = None  # the SysV output queue the node server owns
+    pool_name: str | None = None  # the engine's shared KV pool under /dev/shm (prefill/decode only)
+    channel: grpc.Channel | None = None
+    expect_clean_exit: bool = True  # chaos tests kill nodes on purpose and set this to False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def engine_pid(self) -> int:
+        return int(self.info["pid"])
+
+    @property
+    def stub(self) -> node_pb2_grpc.NodeStub:
+        return node_pb2_grpc.NodeStub(self.channel)
+
+    def target(self) -> pb.PrefillTarget:
+        return pb.PrefillTarget(node_id=self.info["node_id"], grpc_address=self.info["grpc"],
+                                data_address=self.info["data"])
+
+    def stats(self) -> pb.NodeStats:
+        return self.stub.Stats(pb.StatsRequest(), timeout=5.0)
+
+    def all_blocks_free(self) -> bool:
+        stats = self.stats()
+        return stats.free_blocks == stats.total_blocks
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+
+@dataclass(frozen=True)
+class Result:
+    token_ids: list[int]
+    chunks: list[pb.GenerateChunk]
+
+    @property
+    def finish_reason(self) -> str:
+        return self.chunks[-1].finish_reason if self.chunks else ""
+
+    @property
+    def logprobs(self) -> list[pb.TokenLogprob]:
+        return [lp for c in self.chunks for lp in c.logprobs]
+
+
+def sampling(max_tokens: int = 16, temperature: float = 0.0, **extra: object) -> pb.SamplingParams:
+    """proto3 defaults are zeros: top_p and repetition_penalty must be set to their neutral 1."""
+    return pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=1.0,
+                             repetition_penalty=1.0, **extra)
+
+
+def generate(node: Node, request_id: str, prompt_ids: Sequence[int], params: pb.SamplingParams,
+             prefill: Node | pb.PrefillTarget | None = None, timeout_s: float = RPC_TIMEOUT_S) -> Result:
+    target = prefill.target() if isinstance(prefill, Node) else prefill
+    request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=list(prompt_ids), sampling=params,
+                                 prefill=target)
+    chunks = list(node.stub.Generate(request, timeout=timeout_s))
+    return Result([t for c in chunks for t in c.token_ids], chunks)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bound and released): for 'unreachable peer' cases and for
+    flags that need a number up front."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_dir(default_model_dir())
+
+
+# -- starting and stopping ------------------------------------------------------------------------------
+
+def start_nodes(specs: Iterable[NodeSpec], log_dir: Path) -> dict[str, Node]:
+    """Start every node at once, wait for each READY line; on any failure stop what started and raise."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes: dict[str, Node] = {}
+    try:
+        for spec in specs:
+            log_path = log_dir / f"{spec.name}.log"
+            with log_path.open("w") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "pdserve.cli", spec.role, "--threads", "1", "--node-id", spec.name,
+                     *spec.flags],
+                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
+            nodes[spec.name] = Node(spec, process, log_path)
+        _await_ready(list(nodes.values()))
+    except BaseException:
+        stop_nodes(nodes.values(), check=False)
+        raise
+    return nodes
+
+
+def _await_ready(nodes: list[Node]) -> None:
+    selector = selectors.DefaultSelector()
+    for node in nodes:
+        selector.register(node.process.stdout, selectors.EVENT_READ, node)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    waiting = len(nodes)
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"nodes not ready after {STARTUP_TIMEOUT_S} s: "
+                               f"{[n.name for n in nodes if not n.info]}")
+        for key, _ in selector.select(min(left, 1.0)):
+            node: Node = key.data
+            line = node.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"node {node.name} exited before READY (rc {node.process.poll()}):\n"
+                                   f"{node.log_tail()}")
+            if line.startswith(READY_PREFIX):
+                node.info = json.loads(line[len(READY_PREFIX):])
+                _inspect_engine(node)
+                node.channel = grpc.insecure_channel(node.info["grpc"])
+                selector.unregister(node.process.stdout)
+                waiting -= 1
+    selector.close()
+
+
+def _inspect_engine(node: Node) -> None:
+    """Find this node's output queue (in the engine's command line) and its shared pool (in its maps)."""
+    pid = node.engine_pid
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    node.queue_key = decode_config(argv[argv.index(b"pdserve.engine.process") + 1].decode()).output_queue.key
+    if node.spec.role != "mixed":
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        marker = f"/dev/shm/{SHM_POOL_PREFIX}"
+        names = {line.rsplit("/", 1)[1] for line in maps.splitlines() if marker in line}
+        if len(names) != 1:
+            raise RuntimeError(f"node {node.name}: expected one shared KV pool mapped, found {names}")
+        node.pool_name = names.pop()
+
+
+def queue_exists(key: int) -> bool:
+    try:
+        sysv_ipc.MessageQueue(key)  # attach only: never creates
+    except sysv_ipc.ExistentialError:
+        return False
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    # A zombie (our own child not yet reaped, or an orphan awaiting init) has exited already.
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def leftovers(node: Node) -> list[str]:
+    """What of this node outlives it: its engine process, its SysV queue, its /dev/shm pool."""
+    left = []
+    if pid_alive(node.engine_pid):
+        left.append(f"engine process {node.engine_pid}")
+    if node.queue_key is not None and queue_exists(node.queue_key):
+        left.append(f"SysV queue {node.queue_key:#x}")
+    if node.pool_name is not None and (SHM_DIR / node.pool_name).exists():
+        left.append(f"/dev/shm/{node.pool_name}")
+    return left
+
+
+def remove_leftovers(node: Node) -> None:
+    """Last-resort cleanup so a failing test does not leak into the host."""
+    if pid_alive(node.engine_pid):
+        os.kill(node.engine_pid, signal.SIGKILL)
+    if node.queue_key is not None and queue_exists(node.queue_key):
+        sysv_ipc.MessageQueue(node.queue_key).remove()
+    if node.pool_name is not None:
+        (SHM_DIR / node.pool_name).unlink(missing_ok=True)
+
+
+def stop_nodes(nodes: Iterable[Node], check: bool = True) -> None:
+    """SIGTERM every node, then (with `check`) fail on a bad exit code or on anything left behind."""
+    nodes = list(nodes)
+    for node in nodes:
+        if node.channel is not None:
+            node.channel.close()
+        if node.process.poll() is None:
+            node.process.send_signal(signal.SIGCONT)  # a chaos test may have left it stopped
+            node.process.terminate()
+    problems = []
+    for node in nodes:
+        try:
+            rc = node.process.wait(timeout=EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            node.process.kill()
+            rc = node.process.wait()
+            problems.append(f"{node.name}: did not exit within {EXIT_TIMEOUT_S} s of SIGTERM")
+        node.process.stdout.close()
+        if node.expect_clean_exit and rc != 0:
+            problems.append(f"{node.name}: exit code {rc}\n{node.log_tail()}")
+    for node in nodes:
+        if node.info and not wait_until(lambda n=node: not leftovers(n), 5.0, 0.1):
+            problems.append(f"{node.name} left behind: {leftovers(node)}")
+            remove_leftovers(node)
+    if check and problems:
+        raise AssertionError("node shutdown problems:\n" + "\n".join(problems))
+
+
+def scrape_metric(port: int, name: str, labels: dict[str, str]) -> float:
+    """One sample from a node's Prometheus endpoint (0.0 when the series does not exist yet)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5.0).read().decode()
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            series, value = line.rsplit(" ", 1)
+            got = ",".join(sorted(series[len(name) + 1:-1].split(",")))
+            if got == wanted:
+                return float(value)
+    return 0.0

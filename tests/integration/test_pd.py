@@ -1,0 +1,249 @@
+"""PD disaggregation end to end: real prefill, decode and mixed nodes on localhost, driven over gRPC.
+
+The mixed node (prefill and decode in one engine) is the reference: a request served by a prefill node
+and a decode node must produce exactly its tokens, and the first token's logprob, rank and top-k must
+match it within 1e-5 — over the same-host shared-memory transport and over ZMQ forced on. Both prefill
+nodes run with a 64-token step budget, so long prompts are prefilled and shipped in several chunks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from pdserve.rpc import node_pb2 as pb
+from pdserve.tests.integration.pd_fixtures import (
+    Node,
+    NodeSpec,
+    Result,
+    free_port,
+    generate,
+    sampling,
+    scrape_metric,
+    start_nodes,
+    stop_nodes,
+    tokenizer,
+    wait_until,
+)
+
+CHUNK_BUDGET = 64  # the prefill nodes' --max-num-batched-tokens: a 200-token prompt takes 4 steps
+PREFILL_TIMEOUT_S = 3.0
+LOGPROB_TOL = 1e-5
+TEXT = (
+    "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n"
+    "    parser.add_argument('--verbose', action='store_true')\n    args = parser.parse_args(argv)\n"
+    "    for name in sorted(os.listdir(args.path)):\n        if name.endswith('.py'):\n"
+    "            print(name)\n    return 0\n\n\nclass Stack:\n    def __init__(self):\n"
+    "        self.items = []\n\n    def push(self, item):\n        self.items.append(item)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def metrics_ports() -> dict[str, int]:
+    return {"prefill_shm": free_port(), "prefill_zmq": free_port()}
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory,
+          metrics_ports: dict[str, int]) -> Iterator[dict[str, Node]]:
+    budget = ("--max-num-batched-tokens", str(CHUNK_BUDGET))
+    timeout = ("--prefill-timeout", str(PREFILL_TIMEOUT_S))
+    specs = [
+        NodeSpec("prefill_shm", "prefill",
+                 (*budget, "--transport", "auto", "--metrics-port", str(metrics_ports["prefill_shm"]))),
+        NodeSpec("prefill_zmq", "prefill",
+                 (*budget, "--transport", "zmq", "--metrics-port", str(metrics_ports["prefill_zmq"]))),
+        NodeSpec("decode", "decode", timeout),
+        NodeSpec("decode_fallback", "decode", (*timeout, "--prefill-fallback", "local")),
+        NodeSpec("mixed", "mixed"),
+    ]
+    started = start_nodes(specs, tmp_path_factory.mktemp("pd_nodes"))
+    yield started
+    stop_nodes(started.values())
+
+
+@pytest.fixture(scope="module")
+def prompts() -> dict[str, list[int]]:
+    tok = tokenizer()
+    text_ids = tok.encode(TEXT)
+    long_ids = (text_ids * 4)[:200]
+    assert len(long_ids) == 200 > 3 * CHUNK_BUDGET
+    return {"short": tok.encode("def fibonacci(n):"), "medium": text_ids[:60], "long": long_ids}
+
+
+_ids = itertools.count()
+
+
+def rid(tag: str) -> str:
+    return f"{tag}-{next(_ids)}-{time.monotonic_ns()}"
+
+
+def assert_same_first_token(pd: Result, mixed: Result) -> None:
+    a, b = pd.logprobs[0], mixed.logprobs[0]
+    assert a.token_id == b.token_id
+    assert a.rank == b.rank
+    assert a.logprob == pytest.approx(b.logprob, abs=LOGPROB_TOL)
+    assert [t.token_id for t in a.top] == [t.token_id for t in b.top]
+    assert [t.logprob for t in a.top] == pytest.approx([t.logprob for t in b.top], abs=LOGPROB_TOL)
+
+
+# -- 1. 1P1D equals the mixed node -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prefill_name", ["prefill_shm", "prefill_zmq"])
+def test_pd_greedy_and_seeded_equal_mixed(nodes: dict[str, Node], prompts: dict[str, list[int]],
+                                          metrics_ports: dict[str, int], prefill_name: str) -> None:
+    prefill, decode, mixed = nodes[prefill_name], nodes["decode"], nodes["mixed"]
+    greedy = sampling(16, logprobs=5)
+    seeded = sampling(16, temperature=0.8, seed=1234, logprobs=5)
+    for name, ids in prompts.items():
+        for params in (greedy, seeded):
+            pd = generate(decode, rid(f"pd-{name}"), ids, params, prefill=prefill)
+            ref = generate(mixed, rid(f"mixed-{name}"), ids, params)
+            assert pd.token_ids == ref.token_ids, (name, params.temperature)
+            assert len(pd.token_ids) >= 1 and pd.finish_reason == ref.finish_reason
+            assert_same_first_token(pd, ref)
+            # Every later token was decoded on D from the transferred KV: a wrong byte anywhere would
+            # move these far more than float rounding between chunked and unchunked prefill does.
+            assert [lp.logprob for lp in pd.logprobs] == pytest.approx([lp.logprob for lp in ref.logprobs],
+                                                                       abs=1e-4)
+            timing = pd.chunks[0].timing
+            assert timing.prefill_s > 0 and timing.transfer_s > 0
+    # The transport really was the one the prefill node was told to use.
+    sender = {"prefill_shm": "ShmKVSender", "prefill_zmq": "ZmqKVSender"}[prefill_name]
+    sent = scrape_metric(metrics_ports[prefill_name], "pdserve_kv_transfer_bytes_total",
+                         {"direction": "out", "transport": sender})
+    assert sent > 0
+
+
+# -- 2. 2P2D under concurrency ---------------------------------------------------------------------------
+
+def test_two_by_two_concurrent_requests_equal_mixed_and_free_all_blocks(
+        nodes: dict[str, Node], prompts: dict[str, list[int]]) -> None:
+    long_ids = prompts["long"]
+    lengths = [5, 17, 40, 90, 150, 200]  # 90+ tokens span several 64-token prefill steps
+    batch = [long_ids[i % 7:][:lengths[i % len(lengths)]] for i in range(32)]
+    pairs = [(p, d) for p in ("prefill_shm", "prefill_zmq") for d in ("decode", "decode_fallback")]
+    params = sampling(8)
+
+    def run_pd(i: int) -> Result:
+        p, d = pairs[i % len(pairs)]
+        return generate(nodes[d], rid(f"rr{i}"), batch[i], params, prefill=nodes[p])
+
+    with ThreadPoolExecutor(32) as pool:
+        pd_results = list(pool.map(run_pd, range(32)))
+    with ThreadPoolExecutor(8) as pool:
+        mixed_results = list(pool.map(lambda i: generate(nodes["mixed"], rid(f"m{i}"), batch[i], params),
+                                      range(32)))
+    for i, (pd, ref) in enumerate(zip(pd_results, mixed_results, strict=True)):
+        assert pd.finish_reason in ("stop", "length"), (i, pd.chunks[-1].error)
+        assert pd.token_ids == ref.token_ids, f"request {i} ({len(batch[i])} prompt tokens)"
+    for name in ("prefill_shm", "prefill_zmq", "decode", "decode_fallback"):
+        assert wait_until(nodes[name].all_blocks_free, 2.0), f"{name}: {nodes[name].stats()}"
+
+
+# -- 3. aborts free blocks on both sides -----------------------------------------------------------------
+
+@pytest.mark.parametrize("prefill_name", ["prefill_shm", "prefill_zmq"])
+def test_abort_mid_prefill_frees_blocks_on_both_nodes(nodes: dict[str, Node], prompts: dict[str, list[int]],
+                                                      prefill_name: str) -> None:
+    prefill, decode = nodes[prefill_name], nodes["decode"]
+    very_long = (prompts["long"] * 8)[:1500]  # ~24 prefill steps of 64 tokens
+    request = pb.GenerateRequest(request_id=rid("abort-prefill"), prompt_token_ids=very_long,
+                                 sampling=sampling(4), prefill=prefill.target())
+    call = decode.stub.Generate(request, timeout=30.0)
+    # Mid-prefill: the prefill node holds blocks for the prompt and the decode node its reservation.
+    assert wait_until(lambda: not prefill.all_blocks_free() and not decode.all_blocks_free(), 10.0)
+    call.cancel()
+    cancelled = time.monotonic()
+    assert wait_until(lambda: prefill.all_blocks_free() and decode.all_blocks_free(), 1.0), (
+        prefill.stats(), decode.stats())
+    assert time.monotonic() - cancelled <= 1.1
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+
+
+def test_abort_mid_decode_frees_blocks(nodes: dict[str, Node], prompts: dict[str, list[int]]) -> None:
+    prefill, decode = nodes["prefill_shm"], nodes["decode"]
+    call = decode.stub.Generate(
+        pb.GenerateRequest(request_id=rid("abort-decode"), prompt_token_ids=prompts["medium"],
+                           sampling=sampling(1000, ignore_eos=True), prefill=prefill.target()),
+        timeout=60.0)
+    first = next(call)
+    assert first.token_ids and not first.finish_reason
+    second = next(call)  # decoding on D now, not just the peer's first token
+    assert second.token_ids and not second.finish_reason
+    assert not decode.all_blocks_free()
+    call.cancel()
+    assert wait_until(lambda: prefill.all_blocks_free() and decode.all_blocks_free(), 1.0), (
+        prefill.stats(), decode.stats())
+
+
+# -- 4. validation and an unreachable prefill node ----------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    sampling(0),  # max_tokens 0
+    pb.SamplingParams(max_tokens=8, repetition_penalty=1.0),  # proto3 default top_p 0
+    sampling(8, temperature=-1.0),
+    sampling(8, logprobs=21),
+    sampling(8, min_tokens=9),
+], ids=["max_tokens", "top_p", "temperature", "logprobs", "min_tokens"])
+@pytest.mark.parametrize("node_name", ["decode", "mixed"])
+def test_bad_sampling_params_are_invalid_argument(nodes: dict[str, Node], prompts: dict[str, list[int]],
+                                                  bad: pb.SamplingParams, node_name: str) -> None:
+    prefill = nodes["prefill_shm"] if node_name == "decode" else None
+    with pytest.raises(grpc.RpcError) as err:
+        generate(nodes[node_name], rid("bad"), prompts["short"], bad, prefill=prefill, timeout_s=10.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert nodes[node_name].all_blocks_free()
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 8192], [2**31], []], ids=["vocab_size", "huge", "empty"])
+@pytest.mark.parametrize("node_name", ["decode", "mixed"])
+def test_bad_prompt_ids_are_invalid_argument(nodes: dict[str, Node], prompt: list[int],
+                                             node_name: str) -> None:
+    prefill = nodes["prefill_shm"] if node_name == "decode" else None
+    with pytest.raises(grpc.RpcError) as err:
+        generate(nodes[node_name], rid("oov"), prompt, sampling(4), prefill=prefill, timeout_s=10.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _unreachable_target() -> pb.PrefillTarget:
+    port = free_port()
+    return pb.PrefillTarget(node_id="nobody", grpc_address=f"127.0.0.1:{port}",
+                            data_address=f"tcp://127.0.0.1:{port}")
+
+
+def test_unreachable_prefill_node_fails_within_timeout_and_frees_blocks(
+        nodes: dict[str, Node], prompts: dict[str, list[int]]) -> None:
+    decode = nodes["decode"]
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        generate(decode, rid("unreachable"), prompts["medium"], sampling(8), prefill=_unreachable_target(),
+                 timeout_s=30.0)
+    elapsed = time.monotonic() - started
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    assert "prefill" in err.value.details()
+    assert elapsed < PREFILL_TIMEOUT_S + 1.5, f"failed after {elapsed:.1f} s"
+    assert wait_until(decode.all_blocks_free, 2.0), decode.stats()
+    # The node is not wedged by the dead peer: the next PD request goes through at once.
+    ok = generate(decode, rid("after-unreachable"), prompts["short"], sampling(4),
+                  prefill=nodes["prefill_shm"], timeout_s=10.0)
+    assert ok.finish_reason in ("stop", "length")
+
+
+def test_unreachable_prefill_node_with_local_fallback_equals_mixed(
+        nodes: dict[str, Node], prompts: dict[str, list[int]]) -> None:
+    decode = nodes["decode_fallback"]
+    params = sampling(12, logprobs=5)
+    pd = generate(decode, rid("fallback"), prompts["long"], params, prefill=_unreachable_target(),
+                  timeout_s=30.0)
+    ref = generate(nodes["mixed"], rid("fallback-ref"), prompts["long"], params)
+    assert pd.token_ids == ref.token_ids
+    assert_same_first_token(pd, ref)
+    assert wait_until(decode.all_blocks_free, 2.0), decode.stats()
