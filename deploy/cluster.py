@@ -146,8 +146,10 @@ class Cluster:
 
     def _start_member(self, member: Member, wait_ready: bool) -> None:
         self._say(f"starting {member.name}")
+        # A session of its own: Ctrl-C in the terminal reaches only the launcher, which then stops
+        # the nodes and the router in order (a terminal's SIGINT goes to the whole process group).
         member.process = subprocess.Popen(member.argv, stdout=subprocess.PIPE, text=True,
-                                          preexec_fn=_die_with_parent)
+                                          preexec_fn=_die_with_parent, start_new_session=True)
         self.members.append(member)
         if wait_ready:
             self._wait_ready(member)

@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from pdserve.engine.kv_cache import KVCachePool
 from pdserve.engine.output_codec import SlotEvent, SlotOutput, StepOutput
 from pdserve.engine.output_queue import OutputQueueAddress, OutputQueueWriter, ReaderGoneError
 from pdserve.engine.protocol import (
+    PROMPT_LOGPROBS_PART,
     AbortRequest,
     AddPrefillRequest,
     AddRequest,
@@ -40,6 +42,7 @@ from pdserve.engine.protocol import (
     KVReserved,
     PrefillDone,
     PrefillProgress,
+    PromptLogprobs,
     ProtocolError,
     ReleaseRequest,
     RemoteKVReady,
@@ -165,6 +168,7 @@ class EngineLoop:
         self.writer = writer
         self.events = events
         self._request_ids: dict[int, str] = {}  # seq_id -> request_id of live requests
+        self._prompt_logprobs_due: set[int] = set()  # asked for prompt logprobs, first token not out yet
         self._last_stats: EngineStats | None = None
         self._last_stats_at = 0.0
 
@@ -190,11 +194,27 @@ class EngineLoop:
             if output.status is RequestStatus.FINISHED_PREFILLED:
                 self.events.send(self._prefill_done(output))
                 continue
+            if output.new_token_ids and output.seq_id in self._prompt_logprobs_due:
+                self._send_prompt_logprobs(output)  # before the slot: the bridge relies on this order
             slots.append(output)
             if output.finished:
                 self._request_ids.pop(output.seq_id, None)
+                self._prompt_logprobs_due.discard(output.seq_id)
         if slots:
             self.writer.send(to_step_output(self.engine.steps, slots))
+
+    def _send_prompt_logprobs(self, output: RequestOutput) -> None:
+        """The request's prompt logprobs (positions 1 .. n-1) in parts; at least one part, so a
+        one-token prompt still tells the reader that nothing more is coming."""
+        self._prompt_logprobs_due.discard(output.seq_id)
+        infos = output.prompt_logprobs
+        starts = range(0, len(infos), PROMPT_LOGPROBS_PART) or range(1)
+        for start in starts:
+            part = infos[start:start + PROMPT_LOGPROBS_PART]
+            self.events.send(PromptLogprobs(
+                seq_id=output.seq_id, first_position=1 + start, logprobs=[i.logprob for i in part],
+                ranks=[i.rank for i in part], top_ids=[list(i.top_ids) for i in part],
+                top_logprobs=[list(i.top_logprobs) for i in part], last=start == starts[-1]))
 
     def _prefill_done(self, output: RequestOutput) -> PrefillDone:
         request = self.engine.held(output.request_id)
@@ -244,7 +264,10 @@ class EngineLoop:
     def _add(self, task: AddRequest | AddPrefillRequest) -> None:
         prefill_only = isinstance(task, AddPrefillRequest)
         add = self.engine.add_prefill_request if prefill_only else self.engine.add_request
-        self._admit(task, lambda: add(task.request_id, task.prompt_token_ids, task.sampling, task.seq_id))
+        admitted = self._admit(task, lambda: add(task.request_id, task.prompt_token_ids, task.sampling,
+                                                 task.seq_id))
+        if admitted and not prefill_only and task.sampling.prompt_logprobs is not None:
+            self._prompt_logprobs_due.add(task.seq_id)
 
     def _reserve(self, task: ReserveRequest) -> None:
         reserved: list = []
@@ -258,6 +281,7 @@ class EngineLoop:
 
     def _abort(self, task: AbortRequest) -> None:
         request_id = self._request_ids.pop(task.seq_id, None)
+        self._prompt_logprobs_due.discard(task.seq_id)
         if request_id is None:
             return
         if self.engine.abort(request_id):
@@ -315,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     config = decode_config(argv[0])
     logging.basicConfig(level=config.log_level, format="%(asctime)s engine %(levelname)s %(message)s")
     events, tasks = _claim_pipes()
+    # The node server owns this process's lifetime (Shutdown, or stdin closing). A Ctrl-C meant for
+    # the node server also reaches us through the terminal's process group; it must not kill the loop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_malloc()
     pool = writer = None
     try:
