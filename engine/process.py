@@ -223,7 +223,7 @@ class EngineLoop:
             seq_id=output.seq_id, num_prompt_tokens=request.num_prompt_tokens,
             block_ids=list(request.block_table), token_id=output.new_token_ids[0], logprob=info.logprob,
             rank=info.rank, top_ids=list(info.top_ids), top_logprobs=list(info.top_logprobs),
-            draft_token_ids=[],  # the prefill side does not draft with MTP yet
+            draft_token_ids=list(output.draft_token_ids),
         )
 
     def _report_stats(self) -> None:
