@@ -22,7 +22,7 @@ from pdserve.engine.client import EngineError
 from pdserve.engine.kv_cache import kv_spec_for_model
 from pdserve.engine.node_server import NodeConfig, NodeServer
 from pdserve.engine.output_codec import SlotEvent, SlotOutput
-from pdserve.engine.protocol import RequestRejected
+from pdserve.engine.protocol import PromptLogprobs, RequestRejected
 from pdserve.engine.request_stream import RequestStream
 from pdserve.engine.sampling_params import SamplingParams, SamplingParamsError
 from pdserve.engine.spec_metrics import RequestSpecStats, SpeculateMetrics
@@ -77,7 +77,10 @@ class DecodeNodeServer(NodeServer):
         stats = RequestSpecStats(spec.num_speculative_tokens) if spec is not None else None
         started = time.monotonic()
         engine_request_id = request.request_id
-        if request.HasField("prefill") and self.remote is not None:
+        # Prompt logprobs (completions' echo) are computed where the prompt is prefilled, and the PD
+        # hand-over carries only KV and the first token: such a request is prefilled here.
+        remote = request.HasField("prefill") and params.prompt_logprobs is None
+        if remote and self.remote is not None:
             try:
                 handle, first = await self.remote.prefill(request.request_id, prompt, params,
                                                           request.prefill.data_address, self._extra_tokens)
@@ -115,9 +118,13 @@ class DecodeNodeServer(NodeServer):
     async def _relay(self, handle: RequestHandle, stream: RequestStream, started: float,
                      stats: RequestSpecStats | None, first: bool = True) -> AsyncIterator[pb.GenerateChunk]:
         """Engine outputs -> chunks. Leaving early (client cancelled) aborts the engine request."""
+        prompt_logprobs: list[pb.TokenLogprob] = []  # ride on the first chunk
         try:
             while not stream.finished:
                 item = await handle.items.get()
+                if isinstance(item, PromptLogprobs):
+                    prompt_logprobs += _prompt_logprobs_to_proto(item, stream.prompt_token_ids)
+                    continue
                 if isinstance(item, (RequestRejected, EngineGone)):
                     self.metrics.outcome("error")
                     yield pb.GenerateChunk(finish_reason="error", error=item.message,
@@ -132,6 +139,7 @@ class DecodeNodeServer(NodeServer):
                     continue
                 chunk = delta_to_chunk(delta)
                 if first:
+                    chunk.prompt_logprobs.extend(prompt_logprobs)
                     ttft = time.monotonic() - started
                     self.metrics.ttft.labels(part="total").observe(ttft)
                     chunk.timing.CopyFrom(pb.TimingInfo(queue_s=0.0, prefill_s=ttft, transfer_s=0.0))
@@ -152,6 +160,15 @@ def _usage(handle: RequestHandle, stream: RequestStream) -> pb.Usage:
     return pb.Usage(prompt_tokens=handle.prompt_len, completion_tokens=len(stream.token_ids))
 
 
+
+
+def _prompt_logprobs_to_proto(part: PromptLogprobs, prompt: list[int]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(token_id=prompt[part.first_position + i], logprob=lp, rank=rank,
+                        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in zip(ids, lps, strict=True)])
+        for i, (lp, rank, ids, lps) in enumerate(zip(part.logprobs, part.ranks, part.top_ids,
+                                                     part.top_logprobs, strict=True))
+    ]
 
 
 def _first_token_slot(seq_id: int, first: FirstToken, params: SamplingParams) -> SlotOutput:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pdserve.engine.client import EngineClient, EngineError
@@ -22,6 +23,7 @@ from pdserve.engine.protocol import (
     KVReserved,
     PrefillDone,
     PrefillProgress,
+    PromptLogprobs,
     RequestRejected,
 )
 from pdserve.engine.sampling_params import SamplingParams
@@ -29,6 +31,9 @@ from pdserve.engine.sampling_params import SamplingParams
 log = logging.getLogger("pdserve.engine.bridge")
 
 POLL_S = 0.02
+# The engine writes a request's PromptLogprobs to its control pipe before the first token to the SysV
+# queue, so they are at most a pipe read behind; this bound only guards against a broken engine.
+PROMPT_LOGPROBS_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,8 @@ class EngineGone:
     message: str
 
 
-BridgeItem = SlotOutput | RequestRejected | EngineGone | KVReserved | PrefillProgress | PrefillDone
+BridgeItem = (SlotOutput | RequestRejected | EngineGone | KVReserved | PrefillProgress | PrefillDone
+              | PromptLogprobs)
 
 
 @dataclass
@@ -47,11 +53,14 @@ class RequestHandle:
     seq_id: int
     prompt_len: int
     items: asyncio.Queue[BridgeItem] = field(default_factory=asyncio.Queue)
+    # Asked for prompt logprobs and their last part has not arrived: its first token slot waits for it.
+    awaits_prompt_logprobs: bool = False
 
 
 class EngineBridge:
-    def __init__(self, client: EngineClient) -> None:
+    def __init__(self, client: EngineClient, prompt_logprobs_wait_s: float = PROMPT_LOGPROBS_WAIT_S) -> None:
         self.client = client
+        self._prompt_logprobs_wait_s = prompt_logprobs_wait_s
         self.stats: EngineStats | None = None
         self.ready: EngineReady | None = None
         self.failure: str | None = None
@@ -84,7 +93,8 @@ class EngineBridge:
             raise EngineError(self.failure or "engine process is not running")
         with self._lock:
             seq_id = self.client.submit(request_id, prompt_token_ids, params, mode, num_extra_tokens)
-            handle = RequestHandle(request_id, seq_id, len(prompt_token_ids))
+            awaits = mode == "generate" and params.prompt_logprobs is not None
+            handle = RequestHandle(request_id, seq_id, len(prompt_token_ids), awaits_prompt_logprobs=awaits)
             self._handles[seq_id] = handle
         return handle
 
@@ -120,11 +130,31 @@ class EngineBridge:
             try:
                 self._handle_events()
                 step = self.client.receive(timeout_s=POLL_S)
+                for slot in step.slots if step else ():
+                    if slot.num_tokens:
+                        self._wait_for_prompt_logprobs(slot.seq_id)
+                    self._deliver(slot.seq_id, slot, final=slot.event.is_terminal)
             except EngineError as exc:
                 self._fail(str(exc))
                 return
-            for slot in step.slots if step else ():
-                self._deliver(slot.seq_id, slot, final=slot.event.is_terminal)
+
+    def _wait_for_prompt_logprobs(self, seq_id: int) -> None:
+        """Hand a request its prompt logprobs before its first token, whichever channel was read first."""
+        deadline = time.monotonic() + self._prompt_logprobs_wait_s
+        while self._awaits_prompt_logprobs(seq_id):
+            if time.monotonic() > deadline:
+                log.error("seq_id %d: first token without prompt logprobs after %.1f s; sending it without",
+                          seq_id, self._prompt_logprobs_wait_s)
+                handle = self._handles.get(seq_id)
+                if handle is not None:
+                    handle.awaits_prompt_logprobs = False
+                return
+            time.sleep(0.0005)
+            self._handle_events()
+
+    def _awaits_prompt_logprobs(self, seq_id: int) -> bool:
+        handle = self._handles.get(seq_id)
+        return handle is not None and handle.awaits_prompt_logprobs
 
     def _handle_events(self) -> None:
         for event in self.client.events():
@@ -133,6 +163,11 @@ class EngineBridge:
             elif isinstance(event, RequestRejected):
                 self._deliver(event.seq_id, event, final=True)
             elif isinstance(event, (KVReserved, PrefillProgress, PrefillDone)):
+                self._deliver(event.seq_id, event, final=False)
+            elif isinstance(event, PromptLogprobs):
+                handle = self._handles.get(event.seq_id)
+                if handle is not None and event.last:
+                    handle.awaits_prompt_logprobs = False
                 self._deliver(event.seq_id, event, final=False)
             elif isinstance(event, EngineFailed):
                 raise EngineError(f"engine failed: {event.message}")

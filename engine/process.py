@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -27,6 +27,7 @@ import numpy as np
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine, RequestOutput, kv_spec_for
 from pdserve.engine.kv_cache import KVCachePool
+from pdserve.engine.model_runner import TokenInfo
 from pdserve.engine.output_codec import SlotEvent, SlotOutput, StepOutput
 from pdserve.engine.output_queue import OutputQueueAddress, OutputQueueWriter, ReaderGoneError
 from pdserve.engine.protocol import (
@@ -130,6 +131,20 @@ def to_step_output(step: int, outputs: list[RequestOutput]) -> StepOutput:
     return StepOutput(step=step, is_draft=False, slots=tuple(_slot(o) for o in outputs))
 
 
+def prompt_logprobs_parts(seq_id: int, infos: Sequence[TokenInfo],
+                          part_size: int = PROMPT_LOGPROBS_PART) -> list[PromptLogprobs]:
+    """A request's prompt logprobs (positions 1 .. n-1) as events of at most part_size positions; at
+    least one, so a one-token prompt still tells the reader that nothing more is coming."""
+    starts = range(0, len(infos), part_size) or range(1)
+    return [
+        PromptLogprobs(
+            seq_id=seq_id, first_position=1 + start, logprobs=[i.logprob for i in part],
+            ranks=[i.rank for i in part], top_ids=[list(i.top_ids) for i in part],
+            top_logprobs=[list(i.top_logprobs) for i in part], last=start == starts[-1])
+        for start in starts for part in [infos[start:start + part_size]]
+    ]
+
+
 _EVENT_FOR_STATUS = {
     RequestStatus.RUNNING: SlotEvent.TOKENS,
     RequestStatus.PREEMPTED: SlotEvent.PREEMPTED,
@@ -204,17 +219,9 @@ class EngineLoop:
             self.writer.send(to_step_output(self.engine.steps, slots))
 
     def _send_prompt_logprobs(self, output: RequestOutput) -> None:
-        """The request's prompt logprobs (positions 1 .. n-1) in parts; at least one part, so a
-        one-token prompt still tells the reader that nothing more is coming."""
         self._prompt_logprobs_due.discard(output.seq_id)
-        infos = output.prompt_logprobs
-        starts = range(0, len(infos), PROMPT_LOGPROBS_PART) or range(1)
-        for start in starts:
-            part = infos[start:start + PROMPT_LOGPROBS_PART]
-            self.events.send(PromptLogprobs(
-                seq_id=output.seq_id, first_position=1 + start, logprobs=[i.logprob for i in part],
-                ranks=[i.rank for i in part], top_ids=[list(i.top_ids) for i in part],
-                top_logprobs=[list(i.top_logprobs) for i in part], last=start == starts[-1]))
+        for part in prompt_logprobs_parts(output.seq_id, output.prompt_logprobs):
+            self.events.send(part)
 
     def _prefill_done(self, output: RequestOutput) -> PrefillDone:
         request = self.engine.held(output.request_id)

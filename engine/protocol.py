@@ -183,8 +183,25 @@ class PrefillDone(msgspec.Struct, tag="prefill_done", frozen=True):
     draft_token_ids: list[int] = []
 
 
+class PromptLogprobs(msgspec.Struct, tag="prompt_logprobs", frozen=True):
+    """Raw logprobs of prompt tokens first_position .. first_position + len(logprobs) - 1 (each scored
+    against the prompt token at its position; position 0 has none). Sent on the control pipe because
+    the SysV slot format cannot hold them, always before the request's first token slot, in parts of at
+    most PROMPT_LOGPROBS_PART positions (a frame stays far below MAX_FRAME_BYTES); `last` ends them."""
+
+    seq_id: int
+    first_position: int
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+    last: bool
+
+
+PROMPT_LOGPROBS_PART = 4096  # positions per PromptLogprobs frame: 4096 x 20 pairs is ~1 MB of msgpack
+
 EngineEvent = (EngineReady | RequestRejected | EngineFailed | EngineStats | KVReserved | PrefillProgress
-               | PrefillDone)
+               | PrefillDone | PromptLogprobs)
 
 _event_decoder = msgspec.msgpack.Decoder(EngineEvent)
 

@@ -196,5 +196,6 @@ def _add_registry_routes(app: FastAPI, state: RouterState) -> None:
         return {"nodes": [{"node_id": n.node_id, "role": n.role, "model": n.model,
                            "grpc_address": n.grpc_address, "load": n.load, "capacity": n.capacity,
                            "draining": n.draining, "ejected": state.pool.is_ejected(n.node_id),
-                           "router_inflight": state.pool.inflight(n.node_id)}
+                           "router_inflight": state.pool.inflight(n.node_id),
+                           "router_load": state.pool.load(n)}
                           for n in state.registry.snapshot()]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from pdserve.router.config import HealthConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy, RouteContext
 from pdserve.router.registry import NodeInfo, Registry
-from pdserve.rpc import node_pb2_grpc
+from pdserve.rpc import node_pb2, node_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class _NodeState:
     failures: int = 0  # consecutive failed health checks
     ejected: bool = False
     inflight: int = 0  # requests this router has on the node
+    # running + waiting from the node's Stats RPC and when (unix time), polled with each health check:
+    # with a shared (Redis) registry, heartbeats may be older than what the node says now.
+    stats_load: float | None = None
+    stats_at: float = 0.0
 
 
 @dataclass
@@ -74,7 +79,13 @@ class NodePool:
         return bool(self.usable("mixed")) or (bool(self.usable("prefill")) and bool(self.usable("decode")))
 
     def load(self, node: NodeInfo) -> float:
-        return (node.load + self._state(node.node_id).inflight) / node.capacity
+        """Requests on the node per unit of capacity: the newer of its heartbeat's and its Stats' count,
+        plus what this router has sent it since."""
+        state = self._state(node.node_id)
+        reported = node.load
+        if state.stats_load is not None and state.stats_at >= node.last_seen:
+            reported = state.stats_load
+        return (reported + state.inflight) / node.capacity
 
     def is_ejected(self, node_id: str) -> bool:
         return self._state(node_id).ejected
@@ -158,10 +169,21 @@ class NodePool:
             if state.ejected:
                 log.info("node %s re-admitted", node.node_id)
             state.failures, state.ejected = 0, False
+            await self._refresh_load(node, state)
             return
         state.failures += 1
         if state.failures >= self._health.eject_after and not state.ejected:
             self.eject(node.node_id, f"{state.failures} failed health checks")
+
+    async def _refresh_load(self, node: NodeInfo, state: _NodeState) -> None:
+        try:
+            stats = await self._channel(node.grpc_address).node.Stats(node_pb2.StatsRequest(),
+                                                                      timeout=self._health.timeout_s)
+        except grpc.aio.AioRpcError as e:  # a node without Stats (or a slow one): the registry's load serves
+            log.debug("Stats of node %s failed: %s", node.node_id, e.code().name)
+            state.stats_load = None
+            return
+        state.stats_load, state.stats_at = float(stats.running + stats.waiting), time.time()
 
     async def _forget_absent(self, live_ids: set[str], live_addresses: set[str]) -> None:
         for node_id in [i for i, s in self._states.items() if i not in live_ids and s.inflight == 0]:

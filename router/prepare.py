@@ -44,6 +44,8 @@ class Prepared:
             params.seed = s.seed
         if s.logprobs is not None:
             params.logprobs = s.logprobs
+        if s.prompt_logprobs is not None:
+            params.prompt_logprobs = s.prompt_logprobs
         return node_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
                                         sampling=params)
 
@@ -139,6 +141,8 @@ class Preparer:
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 stop_token_ids=tuple(req.stop_token_ids or ()), stop=stop, ignore_eos=req.ignore_eos,
                 logprobs=top_logprobs,
+                # completions' echo + logprobs: the echoed prompt tokens get theirs too (OpenAI's API)
+                prompt_logprobs=top_logprobs if echo else None,
             )
         except SamplingParamsError as e:  # the message starts with the field's name
             raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from e

@@ -60,6 +60,7 @@ def speculate_metrics_json(m: node_pb2.SpeculateMetrics) -> dict[str, Any]:
 class _Accumulated:
     text: list[str] = field(default_factory=list)
     logprobs: list[node_pb2.TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[node_pb2.TokenLogprob] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
     usage: node_pb2.Usage | None = None
@@ -68,6 +69,7 @@ class _Accumulated:
     def add(self, chunk: node_pb2.GenerateChunk) -> None:
         self.text.append(chunk.text)
         self.logprobs.extend(chunk.logprobs)
+        self.prompt_logprobs.extend(chunk.prompt_logprobs)
         self.completion_tokens += len(chunk.token_ids)
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
@@ -108,34 +110,41 @@ class ResponseBuilder:
         return {"content": [{**item(e.token_id, e.logprob),
                              "top_logprobs": [item(t.token_id, t.logprob) for t in e.top]} for e in entries]}
 
-    def _completion_logprobs(self, entries: Sequence[node_pb2.TokenLogprob],
-                             prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
+    def _top(self, e: node_pb2.TokenLogprob, text: str) -> dict[str, float]:
+        top = {self._token_text(t.token_id): t.logprob for t in e.top}
+        top.setdefault(text, e.logprob)
+        return top
+
+    def _completion_logprobs(self, entries: Sequence[node_pb2.TokenLogprob], prompt_ids: Sequence[int] = (),
+                             prompt_entries: Sequence[node_pb2.TokenLogprob] = ()) -> dict[str, Any]:
         tokens, token_logprobs, tops, offsets = [], [], [], []
-        # echoed prompt tokens: the nodes do not return prompt logprobs yet, so their entries are null
+        # echoed prompt tokens: the first has no logprob (nothing precedes it); entry i - 1 scores token i
         prompt_offset = 0
-        for token_id in prompt_ids:
+        for i, token_id in enumerate(prompt_ids):
             text = self._token_text(token_id)
+            e = prompt_entries[i - 1] if 0 < i <= len(prompt_entries) else None
             tokens.append(text)
-            token_logprobs.append(None)
-            tops.append(None)
+            token_logprobs.append(None if e is None else e.logprob)
+            tops.append(None if e is None else self._top(e, text))
             offsets.append(prompt_offset)
             prompt_offset += len(text)
         for e in entries:
             text = self._token_text(e.token_id)
-            top = {self._token_text(t.token_id): t.logprob for t in e.top}
-            top.setdefault(text, e.logprob)
             tokens.append(text)
             token_logprobs.append(e.logprob)
-            tops.append(top)
+            tops.append(self._top(e, text))
             offsets.append(self._text_offset)
             self._text_offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
                 "text_offset": offsets}
 
-    def _logprobs(self, entries: Sequence[node_pb2.TokenLogprob], prompt_ids: Sequence[int] = ()) -> Any:
+    def _logprobs(self, entries: Sequence[node_pb2.TokenLogprob], prompt_ids: Sequence[int] = (),
+                  prompt_entries: Sequence[node_pb2.TokenLogprob] = ()) -> Any:
         if self._p.top_logprobs is None:
             return None
-        return self._chat_logprobs(entries) if self._chat else self._completion_logprobs(entries, prompt_ids)
+        if self._chat:
+            return self._chat_logprobs(entries)
+        return self._completion_logprobs(entries, prompt_ids, prompt_entries)
 
     def _envelope(self, choices: list[dict[str, Any]], streaming: bool) -> dict[str, Any]:
         kind = "text_completion"
@@ -172,7 +181,7 @@ class ResponseBuilder:
         if self._p.echo:
             text = self._p.prompt_text + text
             prompt_ids = self._p.prompt_token_ids
-        logprobs = self._logprobs(acc.logprobs, prompt_ids)
+        logprobs = self._logprobs(acc.logprobs, prompt_ids, acc.prompt_logprobs)
         choice = self._choice(text, logprobs, acc.finish_reason, streaming=False)
         if acc.speculate_metrics is not None:
             choice["speculate_metrics"] = speculate_metrics_json(acc.speculate_metrics)
@@ -183,13 +192,13 @@ class ResponseBuilder:
         """SSE events; a failure after the first event becomes an error event, then [DONE]."""
         acc = _Accumulated()
         first = True
-        if self._p.echo:
-            prompt_logprobs = self._logprobs([], self._p.prompt_token_ids)
-            yield sse(self._envelope([self._choice(self._p.prompt_text, prompt_logprobs, None)], True))
         try:
             async for chunk in chunks:
                 self._timer.on_tokens(len(chunk.token_ids))
                 acc.add(chunk)
+                if first and self._p.echo:  # the prompt's logprobs come with the first chunk
+                    echoed = self._logprobs([], self._p.prompt_token_ids, chunk.prompt_logprobs)
+                    yield sse(self._envelope([self._choice(self._p.prompt_text, echoed, None)], True))
                 choice = self._choice(chunk.text, self._logprobs(chunk.logprobs), chunk.finish_reason or None,
                                       first=first)
                 first = False

@@ -47,6 +47,7 @@ class StubBehavior:
     fail_after_chunks: int | None = None  # abort with INTERNAL after this many chunks
     hang: bool = False  # never answer
     speculate: bool = True  # report speculate_metrics on the last chunk
+    reported_waiting: int = 0  # what Stats says is queued (load the router reads only from Stats)
 
 
 @dataclass
@@ -116,6 +117,11 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
                 chunk.logprobs.append(node_pb2.TokenLogprob(token_id=t, logprob=-0.5, rank=1, top=top))
         if first:
             chunk.timing.CopyFrom(node_pb2.TimingInfo(queue_s=0.0, prefill_s=0.001, transfer_s=0.0))
+            if request.sampling.HasField("prompt_logprobs"):  # prompt token i (i >= 1) scores -0.25 * i
+                chunk.prompt_logprobs.extend(
+                    node_pb2.TokenLogprob(token_id=t, logprob=-0.25 * i, rank=1,
+                                          top=[node_pb2.TopLogprob(token_id=t, logprob=-0.25 * i)])
+                    for i, t in enumerate(request.prompt_token_ids[1:], start=1))
         if sent >= total:
             chunk.finish_reason = "length"
             chunk.usage.CopyFrom(node_pb2.Usage(prompt_tokens=len(request.prompt_token_ids),
@@ -130,7 +136,8 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
     async def Stats(self, request: node_pb2.StatsRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> node_pb2.NodeStats:
         return node_pb2.NodeStats(node_id=self.node_id, role=self.role, running=self.running,
-                                  draining=self.draining, model=self.model)
+                                  waiting=self.behavior.reported_waiting, draining=self.draining,
+                                  model=self.model)
 
     async def Drain(self, request: node_pb2.DrainRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> node_pb2.DrainResponse:

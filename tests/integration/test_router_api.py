@@ -129,17 +129,34 @@ def test_chat_non_streaming_logprobs(client: openai.OpenAI, tokenizer: Tokenizer
     assert "speculate_metrics" in choice.model_extra
 
 
-def test_completion_echo_with_logprobs_has_null_prompt_entries(client: openai.OpenAI,
+def test_completion_echo_with_logprobs_relays_prompt_logprobs(client: openai.OpenAI, node: StubNodeServer,
                                                                tokenizer: Tokenizer) -> None:
     out = client.completions.create(model=MODEL, prompt="a = 1", max_tokens=2, echo=True, logprobs=1)
+    assert node.counters.requests[-1].sampling.prompt_logprobs == 1
     prompt_ids = tokenizer.encode("a = 1")
     _, text = _expected_text(prompt_ids, 2)
     choice = out.choices[0]
     assert choice.text == "a = 1" + text
     lp = choice.logprobs
-    assert lp.token_logprobs[: len(prompt_ids)] == [None] * len(prompt_ids)
-    assert lp.token_logprobs[len(prompt_ids):] == [-0.5, -0.5]
-    assert lp.text_offset[0] == 0 and len(lp.tokens) == len(prompt_ids) + 2
+    # the stub scores prompt token i with -0.25 * i; the first prompt token has no logprob
+    n = len(prompt_ids)
+    assert lp.token_logprobs[:n] == [None] + [-0.25 * i for i in range(1, n)]
+    assert lp.top_logprobs[0] is None and len(lp.top_logprobs[1]) == 1
+    assert lp.token_logprobs[n:] == [-0.5, -0.5]
+    assert lp.text_offset[0] == 0 and len(lp.tokens) == n + 2
+
+
+def test_streamed_echo_carries_prompt_logprobs_first(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
+    chunks = list(client.completions.create(model=MODEL, prompt="a = 1", max_tokens=2, echo=True, logprobs=1,
+                                            stream=True))
+    n = len(tokenizer.encode("a = 1"))
+    assert chunks[0].choices[0].text == "a = 1"
+    assert chunks[0].choices[0].logprobs.token_logprobs == [None] + [-0.25 * i for i in range(1, n)]
+
+
+def test_no_prompt_logprobs_without_echo(client: openai.OpenAI, node: StubNodeServer) -> None:
+    client.completions.create(model=MODEL, prompt="a = 1", max_tokens=2, logprobs=1)
+    assert not node.counters.requests[-1].sampling.HasField("prompt_logprobs")
 
 
 def test_sampling_parameters_reach_the_node(client: openai.OpenAI, node: StubNodeServer,

@@ -23,7 +23,8 @@ def _config(**kw: object) -> RouterConfig:
     kw.setdefault("health", HealthConfig(interval_s=0.1, timeout_s=2.0, eject_after=1))
     kw.setdefault("retry", RetryConfig(attempts=3, backoff_s=0.01, first_chunk_timeout_s=2.0,
                                        chunk_timeout_s=2.0))
-    return RouterConfig(port=0, model_name=MODEL, policy=PolicyConfig(decode="round_robin"), **kw)  # type: ignore[arg-type]
+    kw.setdefault("policy", PolicyConfig(decode="round_robin"))
+    return RouterConfig(port=0, model_name=MODEL, **kw)  # type: ignore[arg-type]
 
 
 def _wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -119,6 +120,21 @@ def test_a_draining_node_gets_no_new_requests() -> None:
         for _ in range(4):
             assert httpx.post(r.url + "/v1/completions", json=BODY, timeout=10).status_code == 200
         assert (a.counters.calls, b.counters.calls) == (0, 4)
+
+
+def test_power_of_two_reads_load_from_the_stats_rpc() -> None:
+    # both register with load 0; only b's Stats says it is busy, so only Stats can steer traffic away
+    with StubNodeServer("a") as a, StubNodeServer("b", behavior=StubBehavior(reported_waiting=50)) as b, \
+            BackgroundRouter(_config(policy=PolicyConfig(decode="power_of_two"))) as r:
+        register_with_router(r.url, a.info(capacity=8))
+        register_with_router(r.url, b.info(capacity=8))
+        _wait_until(lambda: _node_view(r, "b")["router_load"] == pytest.approx(50 / 8))
+        assert _node_view(r, "a")["router_load"] == 0.0
+        for _ in range(10):  # a tie would pick either: 2**-10 odds of this passing without Stats
+            assert httpx.post(r.url + "/v1/completions", json=BODY, timeout=10).status_code == 200
+        assert (a.counters.calls, b.counters.calls) == (10, 0)
+        b.behavior.reported_waiting = 0  # newer Stats win over the (older) registration
+        _wait_until(lambda: _node_view(r, "b")["router_load"] == 0.0)
 
 
 def test_client_disconnect_cancels_the_node_call_streaming() -> None:
