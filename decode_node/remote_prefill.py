@@ -16,23 +16,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pdserve.decode_node.peers import PeerSenders
 from pdserve.engine.bridge import EngineBridge, EngineGone, RequestHandle
 from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
 from pdserve.engine.node_server import NodeConfig, NodeMetrics
 from pdserve.engine.protocol import KVReserved, RequestRejected
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.transfer.channel import Outbox, TransferError
+from pdserve.transfer.channel import TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import KVEndpoint, Malformed
 from pdserve.transfer.messages import Abort, FirstToken, LeaseRenewal, PrefillTask
 from pdserve.transfer.receiver import ChunkResult
+from pdserve.transfer.reservations import KVReservations
 
 log = logging.getLogger("pdserve.decode.pd")
 
 ABORT_GRACE_S = 0.5  # how long we wait for P to confirm an abort before reusing the blocks
+SWEEP_INTERVAL_S = 0.5  # how often expired reservations are looked for (a backstop, see fail_expired)
 
 
 class RemotePrefillError(Exception):
@@ -44,7 +47,9 @@ class RemotePrefillError(Exception):
 
 
 @dataclass
-class _Pending:
+class PendingPrefill:
+    """A request waiting for its prefill peer: the FirstToken (or an error) lands in `first_token`."""
+
     first_token: asyncio.Future[FirstToken]
     abort_confirmed: asyncio.Event = field(default_factory=asyncio.Event)
     peer_address: str = ""
@@ -63,9 +68,12 @@ class RemotePrefill:
                                        port=config.data_port, send_timeout_s=send_timeout_s)
         self.endpoint: KVEndpoint | None = None
         self.pool: KVCachePool | None = None
-        self._pending: dict[str, _Pending] = {}
-        self._outboxes: dict[str, Outbox] = {}
-        self._sends = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd-control")
+        self._pending: dict[str, PendingPrefill] = {}
+        self._peers = PeerSenders(self.transfer)  # one sender thread per prefill peer
+        # Our own reservation lease: renewed every kv_lease_s / 3 while we wait, and long enough to
+        # outlast one send blocked on a slow peer, so only a request nobody tends any more expires.
+        self._reservation_lease_s = config.kv_lease_s + send_timeout_s
+        self._sweeper: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -74,19 +82,17 @@ class RemotePrefill:
         self._loop = asyncio.get_running_loop()
         self.pool = KVCachePool.attach(self.kv_spec, pool_name)
         self.endpoint = KVEndpoint(self.pool, self.transfer, self._from_inbox_thread).start()
+        self._sweeper = self._loop.create_task(self._sweep_expired())
         return self.endpoint.address
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.endpoint is not None:
             self.endpoint.close()
-        await self._loop.run_in_executor(self._sends, self._close_outboxes)
-        self._sends.shutdown(wait=True)
+        await self._peers.close()
         if self.pool is not None:
             self.pool.close()
-
-    def _close_outboxes(self) -> None:
-        for outbox in self._outboxes.values():
-            outbox.close()
 
     # -- one request -----------------------------------------------------------------------------------
 
@@ -96,11 +102,11 @@ class RemotePrefill:
         peer's first token. Raises RemotePrefillError; on any failure our blocks are freed."""
         handle = self.bridge.submit(request_id, prompt, params, mode="reserve",
                                     num_extra_tokens=num_extra_tokens)
-        pending = _Pending(self._loop.create_future(), peer_address=peer_address)
+        pending = PendingPrefill(self._loop.create_future(), peer_address=peer_address)
         self._pending[request_id] = pending
         try:
             block_ids = await self._reserved_blocks(handle)
-            self.endpoint.reservations.reserve(request_id, block_ids, len(prompt), self.config.kv_lease_s)
+            self.endpoint.reservations.reserve(request_id, block_ids, len(prompt), self._reservation_lease_s)
             task = PrefillTask(
                 request_id=request_id, prompt_token_ids=tuple(prompt), sampling=params,
                 block_ids=tuple(block_ids), decode_node_id=self.config.node_id,
@@ -133,7 +139,7 @@ class RemotePrefill:
             raise RemotePrefillError(item.message, retryable=True)
         raise RemotePrefillError(f"unexpected engine event {type(item).__name__} while reserving", True)
 
-    async def _await_first_token(self, request_id: str, pending: _Pending) -> FirstToken:
+    async def _await_first_token(self, request_id: str, pending: PendingPrefill) -> FirstToken:
         """Wait for the peer, renewing its lease; a silent or failed peer becomes an error."""
         deadline = time.monotonic() + self.config.prefill_timeout_s
         renew_every = self.config.kv_lease_s / 3
@@ -147,7 +153,7 @@ class RemotePrefill:
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     continue  # out of time: fail now, not after a renewal to a peer that may be dead
-                self.endpoint.reservations.renew(request_id, self.config.kv_lease_s)
+                self.endpoint.reservations.renew(request_id, self._reservation_lease_s)
                 renewal = LeaseRenewal(request_id, int(self.config.kv_lease_s * 1000))
                 try:
                     await self._send(pending.peer_address, renewal)
@@ -167,7 +173,7 @@ class RemotePrefill:
             self.metrics.kv_failures.labels(reason="incomplete").inc()
             raise RemotePrefillError("the prefill node's KV did not all arrive", retryable=True)
 
-    async def abandon(self, request_id: str, handle: RequestHandle, pending: _Pending | None) -> None:
+    async def abandon(self, request_id: str, handle: RequestHandle, pending: PendingPrefill | None) -> None:
         """Stop the peer, wait for it to confirm (bounded), then free our blocks."""
         if pending is not None and pending.peer_address:
             try:
@@ -180,12 +186,19 @@ class RemotePrefill:
         self.endpoint.reservations.release(request_id)
         self.bridge.abort(handle)
 
-    async def _abort_peer(self, request_id: str, pending: _Pending) -> None:
+    async def _abort_peer(self, request_id: str, pending: PendingPrefill) -> None:
         await self._send(pending.peer_address, Abort(request_id, "abandoned by the decode node"))
         await pending.abort_confirmed.wait()
 
-    def pending(self, request_id: str) -> _Pending | None:
+    def pending(self, request_id: str) -> PendingPrefill | None:
         return self._pending.get(request_id)
+
+    async def _sweep_expired(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            for request_id in fail_expired(self.endpoint.reservations, self._pending):
+                self.metrics.kv_failures.labels(reason="lease_expired").inc()
+                log.warning("KV reservation of %r expired; failing the request", request_id)
 
     # -- data-plane events (inbox thread -> event loop) -------------------------------------------------
 
@@ -211,10 +224,23 @@ class RemotePrefill:
             self.metrics.kv_failures.labels(reason="malformed").inc()
             log.warning("dropped a malformed data-plane message: %s", event.reason)
 
-    async def _send(self, address: str, message) -> None:
-        await self._loop.run_in_executor(self._sends, self._send_now, address, message)
+    async def _send(self, address: str, message: PrefillTask | LeaseRenewal | Abort) -> None:
+        await self._peers.send(address, message)
 
-    def _send_now(self, address: str, message) -> None:
-        if address not in self._outboxes:
-            self._outboxes[address] = Outbox(address, self.transfer)
-        self._outboxes[address].send(message)
+
+def fail_expired(reservations: KVReservations, pending: Mapping[str, PendingPrefill],
+                 now: float | None = None) -> list[str]:
+    """Backstop for reservations nobody renews any more: release every expired one (later chunks for
+    it are then rejected, never written) and fail its waiting request, whose failure path aborts the
+    peer and frees the engine's blocks. Returns the expired request ids.
+
+    The waiting request renews its own lease, so this fires only when that wait is stuck or gone.
+    """
+    expired = []
+    for reservation in reservations.expire(now):
+        entry = pending.get(reservation.request_id)
+        if entry is not None and not entry.first_token.done():
+            message = f"KV reservation lease expired waiting for prefill node {entry.peer_address}"
+            entry.first_token.set_exception(RemotePrefillError(message, retryable=True))
+        expired.append(reservation.request_id)
+    return expired

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import pytest
 import sysv_ipc
 
 from pdserve.engine.node_server import READY_PREFIX
@@ -37,6 +38,7 @@ EXIT_TIMEOUT_S = 20.0
 RPC_TIMEOUT_S = 60.0
 SHM_DIR = Path("/dev/shm")
 SHM_POOL_PREFIX = "pdserve-kv-"
+LOGPROB_TOL = 1e-5  # the issue's bound on the first token's logprob and top-k, PD versus mixed
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,16 @@ class Result:
     @property
     def logprobs(self) -> list[pb.TokenLogprob]:
         return [lp for c in self.chunks for lp in c.logprobs]
+
+
+def assert_same_first_token(pd: Result, mixed: Result) -> None:
+    """The first token (sampled on the prefill node) equals the mixed node's: id, rank, top-k."""
+    a, b = pd.logprobs[0], mixed.logprobs[0]
+    assert a.token_id == b.token_id
+    assert a.rank == b.rank
+    assert a.logprob == pytest.approx(b.logprob, abs=LOGPROB_TOL)
+    assert [t.token_id for t in a.top] == [t.token_id for t in b.top]
+    assert [t.logprob for t in a.top] == pytest.approx([t.logprob for t in b.top], abs=LOGPROB_TOL)
 
 
 def sampling(max_tokens: int = 16, temperature: float = 0.0, **extra: object) -> pb.SamplingParams:

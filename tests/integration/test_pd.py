@@ -21,6 +21,7 @@ from pdserve.tests.integration.pd_fixtures import (
     Node,
     NodeSpec,
     Result,
+    assert_same_first_token,
     free_port,
     generate,
     sampling,
@@ -33,7 +34,6 @@ from pdserve.tests.integration.pd_fixtures import (
 
 CHUNK_BUDGET = 64  # the prefill nodes' --max-num-batched-tokens: a 200-token prompt takes 4 steps
 PREFILL_TIMEOUT_S = 3.0
-LOGPROB_TOL = 1e-5
 TEXT = (
     "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n"
     "    parser.add_argument('--verbose', action='store_true')\n    args = parser.parse_args(argv)\n"
@@ -81,15 +81,6 @@ _ids = itertools.count()
 
 def rid(tag: str) -> str:
     return f"{tag}-{next(_ids)}-{time.monotonic_ns()}"
-
-
-def assert_same_first_token(pd: Result, mixed: Result) -> None:
-    a, b = pd.logprobs[0], mixed.logprobs[0]
-    assert a.token_id == b.token_id
-    assert a.rank == b.rank
-    assert a.logprob == pytest.approx(b.logprob, abs=LOGPROB_TOL)
-    assert [t.token_id for t in a.top] == [t.token_id for t in b.top]
-    assert [t.logprob for t in a.top] == pytest.approx([t.logprob for t in b.top], abs=LOGPROB_TOL)
 
 
 # -- 1. 1P1D equals the mixed node -------------------------------------------------------------------------
@@ -246,4 +237,27 @@ def test_unreachable_prefill_node_with_local_fallback_equals_mixed(
     ref = generate(nodes["mixed"], rid("fallback-ref"), prompts["long"], params)
     assert pd.token_ids == ref.token_ids
     assert_same_first_token(pd, ref)
+    assert wait_until(decode.all_blocks_free, 2.0), decode.stats()
+
+
+def test_unreachable_prefill_node_does_not_delay_requests_to_a_live_one(
+        nodes: dict[str, Node], prompts: dict[str, list[int]]) -> None:
+    decode = nodes["decode"]
+    assert decode.all_blocks_free()
+    with ThreadPoolExecutor(1) as pool:
+        dead = pool.submit(generate, decode, rid("to-dead"), prompts["medium"], sampling(4),
+                           _unreachable_target(), 30.0)
+        # Reserved: the PrefillTask to the dead peer is being sent now and blocks for the send timeout
+        # (the node's prefill timeout, 3 s), on that peer's own sender thread.
+        assert wait_until(lambda: not decode.all_blocks_free(), 5.0)
+        started = time.monotonic()
+        ok = generate(decode, rid("to-live"), prompts["short"], sampling(4), prefill=nodes["prefill_shm"],
+                      timeout_s=10.0)
+        elapsed = time.monotonic() - started
+        assert not dead.done(), "the live request waited until the dead peer's send gave up"
+        with pytest.raises(grpc.RpcError) as err:
+            dead.result(timeout=PREFILL_TIMEOUT_S + 5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert ok.finish_reason in ("stop", "length")
+    assert elapsed < PREFILL_TIMEOUT_S / 2, f"the live peer's request took {elapsed:.2f} s"
     assert wait_until(decode.all_blocks_free, 2.0), decode.stats()

@@ -1,0 +1,131 @@
+"""The decode node's control sends to prefill peers (decode_node/peers.py), over real ZMQ sockets.
+
+One peer is a real inbox on loopback; the other is a port nothing listens on, so a send to it blocks
+its thread for the whole send timeout. Messages to the live peer must not wait behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from pdserve.decode_node.peers import PeerSenders
+from pdserve.tests.integration.pd_fixtures import free_port
+from pdserve.transfer.channel import Inbox, TransferError
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.messages import MAX_MESSAGE_BYTES, LeaseRenewal, WireCodec, WireMessage
+
+SEND_TIMEOUT_S = 1.5
+CONFIG = TransferConfig(send_timeout_s=SEND_TIMEOUT_S)
+
+
+class LivePeer:
+    """A real inbox that records every message it gets, with the time it got it."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.received: queue.Queue[tuple[float, WireMessage]] = queue.Queue()
+        self._codec_lock = threading.Lock()
+        self._codec = WireCodec()
+        config = TransferConfig(port=port)
+        self.inbox = Inbox(config, self._on_frames, MAX_MESSAGE_BYTES).start()
+        self.address = self.inbox.address
+
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        with self._codec_lock:
+            message = self._codec.decode(frames[0].buffer)
+        self.received.put((time.monotonic(), message))
+
+    def next_message(self, timeout_s: float) -> tuple[float, WireMessage]:
+        return self.received.get(timeout=timeout_s)
+
+
+@pytest.fixture
+def live_peer() -> Iterator[LivePeer]:
+    peer = LivePeer()
+    yield peer
+    peer.inbox.close()
+
+
+def dead_address() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def test_dead_peer_does_not_delay_messages_to_a_live_peer(live_peer: LivePeer) -> None:
+    async def scenario() -> tuple[float, float, float]:
+        senders = PeerSenders(CONFIG)
+        try:
+            dead = asyncio.ensure_future(senders.send(dead_address(), LeaseRenewal("to-dead", 1000)))
+            await asyncio.sleep(0.1)  # the dead peer's send is now blocking its thread
+            started = time.monotonic()
+            # Several messages in a row, as several requests' PrefillTasks would be.
+            for i in range(5):
+                await senders.send(live_peer.address, LeaseRenewal(f"to-live-{i}", 1000))
+            sent = time.monotonic()
+            # The property itself: the live sends completed while the dead peer's send still blocked.
+            assert not dead.done(), "the live sends waited until the dead peer's send gave up"
+            with pytest.raises(TransferError):
+                await dead
+            failed = time.monotonic()
+            return started, sent, failed
+        finally:
+            await senders.close()
+
+    started, sent, failed = asyncio.run(asyncio.wait_for(scenario(), 4 * SEND_TIMEOUT_S))
+    assert sent - started < SEND_TIMEOUT_S / 3, f"live sends took {sent - started:.2f} s"
+    got = [live_peer.next_message(1.0) for _ in range(5)]
+    assert [m.request_id for _, m in got] == [f"to-live-{i}" for i in range(5)]
+    assert max(t for t, _ in got) - started < SEND_TIMEOUT_S / 3
+    # The dead peer still got its full send timeout: its failure is its own.
+    assert failed - started >= SEND_TIMEOUT_S - 0.2
+
+
+def test_failed_peer_is_retired_and_reopened_when_it_comes_back() -> None:
+    async def scenario() -> None:
+        senders = PeerSenders(CONFIG)
+        port = free_port()
+        address = f"tcp://127.0.0.1:{port}"
+        try:
+            with pytest.raises(TransferError):
+                await senders.send(address, LeaseRenewal("while-down", 1000))
+            assert len(senders) == 0  # retired: no thread kept for an address that never answered
+            peer = LivePeer(port)  # the prefill node comes back on the same address
+            try:
+                await senders.send(address, LeaseRenewal("after-restart", 1000))
+                _, message = await asyncio.to_thread(peer.next_message, 2.0)
+                assert message == LeaseRenewal("after-restart", 1000)
+                assert len(senders) == 1
+            finally:
+                peer.inbox.close()
+        finally:
+            await senders.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 4 * SEND_TIMEOUT_S))
+
+
+def test_close_ends_every_peer_thread(live_peer: LivePeer) -> None:
+    def pd_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("pd-control")}
+
+    before = pd_threads()
+
+    async def scenario() -> None:
+        senders = PeerSenders(CONFIG)
+        other = LivePeer()
+        try:
+            await senders.send(live_peer.address, LeaseRenewal("a", 1000))
+            await senders.send(other.address, LeaseRenewal("b", 1000))
+            assert len(senders) == 2
+            assert len(pd_threads() - before) == 2  # one thread per peer
+            await senders.close()
+            assert len(senders) == 0
+        finally:
+            other.inbox.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 4 * SEND_TIMEOUT_S))
+    assert not {t for t in pd_threads() - before if t.is_alive()}
