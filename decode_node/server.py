@@ -57,6 +57,34 @@ class DecodeNodeServer(NodeServer):
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        params, prompt = await self._validated(request, context)
+        stream = RequestStream(request.request_id, params, self.tokenizer, prompt)
+        spec = self.config.engine.speculative
+        stats = RequestSpecStats(spec.num_speculative_tokens) if spec is not None else None
+        started = time.monotonic()
+        engine_request_id = request.request_id
+        # Prompt logprobs (completions' echo) are computed where the prompt is prefilled, and the PD
+        # hand-over carries only KV and the first token: such a request is prefilled here.
+        if request.HasField("prefill") and params.prompt_logprobs is None and self.remote is not None:
+            prefilled = await self._prefill_remotely(request, prompt, params, context)
+            if prefilled is not None:
+                handle, first = prefilled
+                yield self._first_token_chunk(handle, first, params, stream, stats, started)
+                async for chunk in self._relay(handle, stream, started, stats, first=False):
+                    yield chunk
+                return
+            # The abandoned reservation holds the request id in the engine until its abort lands.
+            engine_request_id = f"{request.request_id}/local-prefill"
+        try:
+            handle = self.bridge.submit(engine_request_id, prompt, params)
+        except EngineError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        async for chunk in self._relay(handle, stream, started, stats):
+            yield chunk
+
+    async def _validated(self, request: pb.GenerateRequest,
+                         context: grpc.aio.ServicerContext) -> tuple[SamplingParams, list[int]]:
+        """The request's sampling params (seed resolved) and prompt; aborts the call if invalid."""
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.config.node_id} is draining")
         if not request.prompt_token_ids:
@@ -71,49 +99,39 @@ class DecodeNodeServer(NodeServer):
                                 f"prompt token id {max(prompt)} is outside the vocabulary "
                                 f"({self.tokenizer.vocab_size} tokens)")
         # One seed for both nodes: the first token is drawn on the prefill node, the rest here.
-        params = replace(params, seed=params.seed if params.seed is not None else secrets.randbits(63))
-        stream = RequestStream(request.request_id, params, self.tokenizer, prompt)
-        spec = self.config.engine.speculative
-        stats = RequestSpecStats(spec.num_speculative_tokens) if spec is not None else None
-        started = time.monotonic()
-        engine_request_id = request.request_id
-        # Prompt logprobs (completions' echo) are computed where the prompt is prefilled, and the PD
-        # hand-over carries only KV and the first token: such a request is prefilled here.
-        remote = request.HasField("prefill") and params.prompt_logprobs is None
-        if remote and self.remote is not None:
-            try:
-                handle, first = await self.remote.prefill(request.request_id, prompt, params,
-                                                          request.prefill.data_address, self._extra_tokens)
-            except RemotePrefillError as exc:
-                if self.config.prefill_fallback != "local":
-                    self.metrics.outcome("prefill_failed")
-                    code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.INVALID_ARGUMENT
-                    await context.abort(code, f"remote prefill failed: {exc}")
-                log.warning("remote prefill of %s failed (%s); prefilling locally", request.request_id, exc)
-                # The abandoned reservation holds the request id in the engine until its abort lands.
-                engine_request_id = f"{request.request_id}/local-prefill"
-            else:
-                first_slot = _first_token_slot(handle.seq_id, first, params)
-                if stats is not None:
-                    stats.on_slot(first_slot)
-                delta = stream.on_slot(first_slot)
-                chunk = delta_to_chunk(delta)
-                t = first.timings
-                chunk.timing.CopyFrom(pb.TimingInfo(queue_s=t.queue_ms / 1000, prefill_s=t.prefill_ms / 1000,
-                                                    transfer_s=t.transfer_ms / 1000))
-                self.metrics.ttft.labels(part="total").observe(time.monotonic() - started)
-                for part in ("queue", "prefill", "transfer"):
-                    self.metrics.ttft.labels(part=part).observe(getattr(t, f"{part}_ms") / 1000)
-                yield chunk
-                async for chunk in self._relay(handle, stream, started, stats, first=False):
-                    yield chunk
-                return
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        return replace(params, seed=seed), prompt
+
+    async def _prefill_remotely(self, request: pb.GenerateRequest, prompt: list[int], params: SamplingParams,
+                                context: grpc.aio.ServicerContext) -> tuple[RequestHandle, FirstToken] | None:
+        """The engine handle (now decoding) and the peer's first token; None when the peer failed and
+        this node falls back to prefilling locally; otherwise a failure aborts the call."""
         try:
-            handle = self.bridge.submit(engine_request_id, prompt, params)
-        except EngineError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        async for chunk in self._relay(handle, stream, started, stats):
-            yield chunk
+            return await self.remote.prefill(request.request_id, prompt, params,
+                                             request.prefill.data_address, self._extra_tokens)
+        except RemotePrefillError as exc:
+            if self.config.prefill_fallback != "local":
+                self.metrics.outcome("prefill_failed")
+                code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, f"remote prefill failed: {exc}")
+            log.warning("remote prefill of %s failed (%s); prefilling locally", request.request_id, exc)
+            return None
+
+    def _first_token_chunk(self, handle: RequestHandle, first: FirstToken, params: SamplingParams,
+                           stream: RequestStream, stats: RequestSpecStats | None,
+                           started: float) -> pb.GenerateChunk:
+        """The peer's first token as this request's first chunk, with the TTFT split it reported."""
+        first_slot = _first_token_slot(handle.seq_id, first, params)
+        if stats is not None:
+            stats.on_slot(first_slot)
+        chunk = delta_to_chunk(stream.on_slot(first_slot))
+        t = first.timings
+        chunk.timing.CopyFrom(pb.TimingInfo(queue_s=t.queue_ms / 1000, prefill_s=t.prefill_ms / 1000,
+                                            transfer_s=t.transfer_ms / 1000))
+        self.metrics.ttft.labels(part="total").observe(time.monotonic() - started)
+        for part in ("queue", "prefill", "transfer"):
+            self.metrics.ttft.labels(part=part).observe(getattr(t, f"{part}_ms") / 1000)
+        return chunk
 
     async def _relay(self, handle: RequestHandle, stream: RequestStream, started: float,
                      stats: RequestSpecStats | None, first: bool = True) -> AsyncIterator[pb.GenerateChunk]:
