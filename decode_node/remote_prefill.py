@@ -19,7 +19,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pdserve.decode_node.peers import PeerSenders
 from pdserve.engine.bridge import EngineBridge, EngineGone, RequestHandle
 from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
 from pdserve.engine.node_server import NodeConfig, NodeMetrics
@@ -29,6 +28,7 @@ from pdserve.transfer.channel import TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import KVEndpoint, Malformed
 from pdserve.transfer.messages import Abort, FirstToken, LeaseRenewal, PrefillTask
+from pdserve.transfer.peers import PeerSenders
 from pdserve.transfer.receiver import ChunkResult
 from pdserve.transfer.reservations import KVReservations
 

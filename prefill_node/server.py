@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,7 +23,7 @@ from pdserve.engine.output_codec import SlotOutput
 from pdserve.engine.protocol import PrefillDone, PrefillProgress, RequestRejected
 from pdserve.models.config import ModelConfig
 from pdserve.rpc import node_pb2 as pb
-from pdserve.transfer.channel import Inbox, Outbox, TransferError
+from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import InboxDispatcher, Malformed
 from pdserve.transfer.messages import (
@@ -36,7 +35,8 @@ from pdserve.transfer.messages import (
     PrefillTask,
     PrefillTimings,
 )
-from pdserve.transfer.transport import KVChunker, KVSender, choose_transport, local_host_id, open_kv_sender
+from pdserve.transfer.peers import Peer, PeerSenders
+from pdserve.transfer.transport import KVChunker, check_compatible, choose_transport, local_host_id
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -72,9 +72,7 @@ class PrefillNodeServer(NodeServer):
         self.jobs: dict[str, PrefillJob] = {}
         self.pool: KVCachePool | None = None
         self._inbox: Inbox | None = None
-        self._outboxes: dict[str, Outbox] = {}
-        self._senders: dict[tuple[str, str], KVSender] = {}
-        self._sends = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-transfer")
+        self._peers = PeerSenders(self.transfer)  # one thread per decode peer: KV, FirstToken, acks
         self._host_id = local_host_id()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -99,16 +97,9 @@ class PrefillNodeServer(NodeServer):
             self._abort_job(job, "prefill node stopping")
         if self._inbox is not None:
             self._inbox.close()
-        await self._loop.run_in_executor(self._sends, self._close_peers)
-        self._sends.shutdown(wait=True)
+        await self._peers.close()
         if self.pool is not None:
             self.pool.close()
-
-    def _close_peers(self) -> None:
-        for sender in self._senders.values():
-            sender.close()
-        for outbox in self._outboxes.values():
-            outbox.close()
 
     def _from_inbox_thread(self, event) -> None:
         self._loop.call_soon_threadsafe(self._on_message, event)
@@ -147,14 +138,14 @@ class PrefillNodeServer(NodeServer):
         try:
             if self.draining:
                 raise PrefillFailed(ErrorCode.OVERLOADED, f"prefill node {self.config.node_id} is draining")
-            sender = await self._in_transfer_thread(self._sender_for, task)
+            kind = self._transport_for(task)
             chunker = KVChunker(task.request_id, task.block_ids, len(task.prompt_token_ids),
                                 self.kv_spec.num_layers, self.kv_spec.block_size)
             job.handle = self._submit(task)
             job.started_at = time.monotonic()
-            done = await self._prefill_and_push(job, sender, chunker)
+            done = await self._prefill_and_push(job, kind, chunker)
             first = _first_token(task.request_id, done, _timings(job))
-            await self._in_transfer_thread(self._outbox(task).send, first)
+            await self._peers.send(task.kv_target.address, first)
             self.metrics.outcome("prefilled")
         except PrefillFailed as exc:
             self._fail(job, exc.code, str(exc))
@@ -173,17 +164,17 @@ class PrefillNodeServer(NodeServer):
         except EngineError as exc:
             raise PrefillFailed(ErrorCode.PREFILL_FAILED, str(exc)) from exc
 
-    async def _prefill_and_push(self, job: PrefillJob, sender: KVSender, chunker: KVChunker) -> PrefillDone:
+    async def _prefill_and_push(self, job: PrefillJob, kind: str, chunker: KVChunker) -> PrefillDone:
         """Follow the engine's progress: push each newly computed span, the rest after the first token."""
         while True:
             item = await job.handle.items.get()
             if job.aborted:
                 raise PrefillFailed(ErrorCode.ABORTED, "aborted")
             if isinstance(item, PrefillProgress):
-                await self._push(job, sender, chunker, item.block_ids, item.num_computed_tokens)
+                await self._push(job, kind, chunker, item.block_ids, item.num_computed_tokens)
             elif isinstance(item, PrefillDone):
                 if not chunker.done:
-                    await self._push(job, sender, chunker, item.block_ids, item.num_prompt_tokens)
+                    await self._push(job, kind, chunker, item.block_ids, item.num_prompt_tokens)
                 return item
             elif isinstance(item, (RequestRejected, EngineGone)):
                 raise PrefillFailed(ErrorCode.PREFILL_FAILED, item.message)
@@ -191,24 +182,28 @@ class PrefillNodeServer(NodeServer):
                 # PREEMPTED: blocks already pushed may have been reused; ABORTED/ERROR: gone.
                 raise PrefillFailed(ErrorCode.PREFILL_FAILED, f"prefill {item.event.name.lower()}")
 
-    async def _push(self, job: PrefillJob, sender: KVSender, chunker: KVChunker, block_table: list[int],
+    async def _push(self, job: PrefillJob, kind: str, chunker: KVChunker, block_table: list[int],
                     token_end: int) -> None:
         chunk = chunker.next_chunk(block_table, token_end)
+        target = job.task.kv_target
         started = time.monotonic()
 
-        def send() -> int:
+        def send(peer: Peer) -> int:  # on the decode peer's own thread
+            try:
+                sender = peer.kv_sender(kind, target, self.kv_spec)
+            except TransferError as exc:  # e.g. its pool cannot be mapped: the task cannot be served
+                raise PrefillFailed(ErrorCode.INVALID_TASK, str(exc)) from exc
             delivery = sender.send_chunk(chunk, self.pool)
             # The source blocks are released after the FirstToken; zero-copy frames must be gone first.
             if not delivery.wait(DELIVERY_TIMEOUT_S):
                 raise TransferError(f"KV chunk of {chunk.request_id} not taken by the peer in time")
             return delivery.nbytes
 
-        nbytes = await self._in_transfer_thread(send)
+        nbytes = await self._peers.run(target.address, send)
         elapsed = time.monotonic() - started
         job.transfer_s += elapsed
-        transport = type(sender).__name__
-        self.metrics.kv_bytes.labels(direction="out", transport=transport).inc(nbytes)
-        self.metrics.kv_seconds.labels(direction="out", transport=transport).inc(elapsed)
+        self.metrics.kv_bytes.labels(direction="out", transport=kind).inc(nbytes)
+        self.metrics.kv_seconds.labels(direction="out", transport=kind).inc(elapsed)
 
     # -- failures and leases ---------------------------------------------------------------------------
 
@@ -237,36 +232,25 @@ class PrefillNodeServer(NodeServer):
                 self._send_soon(job.task, FirstToken(job.task.request_id, error_code=ErrorCode.LEASE_EXPIRED,
                                                      error_message="prefill lease expired"))
 
-    # -- the transfer thread ---------------------------------------------------------------------------
-
-    async def _in_transfer_thread(self, fn, *args):
-        return await self._loop.run_in_executor(self._sends, fn, *args)
+    # -- sending -----------------------------------------------------------------------------------------
 
     def _send_soon(self, task: PrefillTask, message) -> None:
-        def send() -> None:
+        """Fire and forget (errors, abort acks): a peer that does not take it is logged, not awaited."""
+        async def send() -> None:
             try:
-                self._outbox(task).send(message)
+                await self._peers.send(task.kv_target.address, message)
             except TransferError as exc:
                 log.warning("could not tell %s: %s", task.decode_node_id, exc)
 
-        self._sends.submit(send)
+        self._loop.create_task(send())
 
-    def _outbox(self, task: PrefillTask) -> Outbox:
-        address = task.kv_target.address
-        if address not in self._outboxes:
-            self._outboxes[address] = Outbox(address, self.transfer)
-        return self._outboxes[address]
-
-    def _sender_for(self, task: PrefillTask) -> KVSender:
-        target = task.kv_target
-        kind = choose_transport(self.transfer.transport, target, self._host_id)
-        key = (target.address, kind)
-        if key not in self._senders:
-            try:
-                self._senders[key] = open_kv_sender(kind, self._outbox(task), target, self.kv_spec)
-            except TransferError as exc:
-                raise PrefillFailed(ErrorCode.INVALID_TASK, str(exc)) from exc
-        return self._senders[key]
+    def _transport_for(self, task: PrefillTask) -> str:
+        try:
+            kind = choose_transport(self.transfer.transport, task.kv_target, self._host_id)
+            check_compatible(self.kv_spec, task.kv_target.layout)
+        except TransferError as exc:
+            raise PrefillFailed(ErrorCode.INVALID_TASK, str(exc)) from exc
+        return kind
 
 
 def _first_token(request_id: str, done: PrefillDone, timings: PrefillTimings) -> FirstToken:

@@ -105,7 +105,7 @@ def test_pd_greedy_and_seeded_equal_mixed(nodes: dict[str, Node], prompts: dict[
             timing = pd.chunks[0].timing
             assert timing.prefill_s > 0 and timing.transfer_s > 0
     # The transport really was the one the prefill node was told to use.
-    sender = {"prefill_shm": "ShmKVSender", "prefill_zmq": "ZmqKVSender"}[prefill_name]
+    sender = {"prefill_shm": "shm", "prefill_zmq": "zmq"}[prefill_name]
     sent = scrape_metric(metrics_ports[prefill_name], "pdserve_kv_transfer_bytes_total",
                          {"direction": "out", "transport": sender})
     assert sent > 0

@@ -1,4 +1,4 @@
-"""The decode node's control sends to prefill peers (decode_node/peers.py), over real ZMQ sockets.
+"""The decode node's control sends to prefill peers (transfer/peers.py), over real ZMQ sockets.
 
 One peer is a real inbox on loopback; the other is a port nothing listens on, so a send to it blocks
 its thread for the whole send timeout. Messages to the live peer must not wait behind it.
@@ -15,11 +15,11 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from pdserve.decode_node.peers import PeerSenders
 from pdserve.tests.integration.pd_fixtures import free_port
 from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.messages import MAX_MESSAGE_BYTES, LeaseRenewal, WireCodec, WireMessage
+from pdserve.transfer.peers import PeerSenders
 
 SEND_TIMEOUT_S = 1.5
 CONFIG = TransferConfig(send_timeout_s=SEND_TIMEOUT_S)
@@ -110,7 +110,7 @@ def test_failed_peer_is_retired_and_reopened_when_it_comes_back() -> None:
 
 def test_close_ends_every_peer_thread(live_peer: LivePeer) -> None:
     def pd_threads() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if t.name.startswith("pd-control")}
+        return {t for t in threading.enumerate() if t.name.startswith("pd-peer")}
 
     before = pd_threads()
 
@@ -125,6 +125,7 @@ def test_close_ends_every_peer_thread(live_peer: LivePeer) -> None:
             await senders.close()
             assert len(senders) == 0
         finally:
+            await senders.close()  # idempotent; after a failed assertion it stops the threads we started
             other.inbox.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 4 * SEND_TIMEOUT_S))

@@ -1,0 +1,105 @@
+"""Everything a node sends to one peer runs on that peer's own thread.
+
+Decode nodes send control messages (PrefillTask, LeaseRenewal, Abort) to prefill peers; prefill nodes
+send KV chunks, FirstToken and Abort acks to decode peers. A ZMQ send to a peer that is down blocks
+its thread until the send timeout (the Outbox queues only to a connected peer, so a dead peer is
+noticed instead of piling messages up). With one thread per peer address, a dead or stalled peer
+delays only the requests that involve it. Each Outbox (and each KV sender built on it) is created,
+used and closed on its own peer's thread (ZMQ sockets belong to one thread).
+
+A peer whose send failed is retired (its socket closed on its thread, after whatever was queued
+behind the failure): the next message to that address opens a fresh one, so addresses that never
+answer do not keep threads alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from pdserve.transfer.channel import Outbox, TransferError
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.messages import KVTarget, WireMessage
+from pdserve.transfer.transport import KVSender, open_kv_sender
+
+T = TypeVar("T")
+
+
+class Peer:
+    """One peer's Outbox, the KV senders built on it, and the single thread that owns them all.
+    Its methods run on that thread only (through PeerSenders)."""
+
+    def __init__(self, address: str, config: TransferConfig) -> None:
+        self.address = address
+        self._config = config
+        self._outbox: Outbox | None = None
+        self._kv_senders: dict[str, KVSender] = {}
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd-peer")
+
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            self._outbox = Outbox(self.address, self._config)
+        return self._outbox
+
+    def send(self, message: WireMessage) -> None:
+        self.outbox.send(message)
+
+    def kv_sender(self, kind: str, target: KVTarget, local_spec) -> KVSender:
+        """The `kind` (shm or zmq) KV sender to this peer; both share the peer's outbox, so a message
+        sent after a chunk reaches the peer after it."""
+        if kind not in self._kv_senders:
+            self._kv_senders[kind] = open_kv_sender(kind, self.outbox, target, local_spec)
+        return self._kv_senders[kind]
+
+    def close(self) -> None:
+        for sender in self._kv_senders.values():
+            sender.close()
+        self._kv_senders = {}
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
+
+
+class PeerSenders:
+    """Sends to peers by address, each on its own thread; used from one event loop."""
+
+    def __init__(self, config: TransferConfig) -> None:
+        self._config = config
+        self._peers: dict[str, Peer] = {}
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    async def send(self, address: str, message: WireMessage) -> None:
+        """Send on `address`'s own thread; raises TransferError when the peer did not take it in time."""
+        await self.run(address, lambda peer: peer.send(message))
+
+    async def run(self, address: str, work: Callable[[Peer], T]) -> T:
+        """Run `work(peer)` on `address`'s own thread. A TransferError (the peer did not take a send
+        in time) retires the peer and propagates."""
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = self._peers[address] = Peer(address, self._config)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(peer.thread, work, peer)
+        except TransferError:
+            self._retire(peer)
+            raise
+
+    def _retire(self, peer: Peer) -> None:
+        if self._peers.get(peer.address) is peer:
+            del self._peers[peer.address]
+            # Sends already queued on its thread run first (and fail fast or succeed); then it closes.
+            peer.thread.submit(peer.close)
+            peer.thread.shutdown(wait=False)
+
+    async def close(self) -> None:
+        """Close every peer's socket on its own thread and wait for the threads to end."""
+        loop = asyncio.get_running_loop()
+        peers, self._peers = list(self._peers.values()), {}
+        await asyncio.gather(*(loop.run_in_executor(p.thread, p.close) for p in peers))
+        for peer in peers:
+            peer.thread.shutdown(wait=True)
