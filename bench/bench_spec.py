@@ -4,8 +4,12 @@ Run: ``OMP_NUM_THREADS=1 python bench/bench_spec.py`` (a script, not a test).
 
 For each prompt set (code completion, chat-like prose) and batch size (1, 16), the plain engine and
 every speculative method generate the same greedy continuations in one process, one after another.
-TPOT is, per request, (time of its last token - time of its first token) / (tokens - 1); the table
-shows medians over requests and speedup = TPOT plain / TPOT spec. Average accept length and the
+TPOT is, per request, (time of its last token - time of its first token) / (tokens - 1); a run's TPOT
+is the median over its requests. The host is shared, so every configuration runs `--repeats` times,
+plain and speculative runs interleaved, and the table shows the median run TPOT per configuration;
+speedup = TPOT plain / TPOT spec. `--clock cpu` stamps tokens with the engine thread's CPU time
+instead of the wall clock (the engine runs single-threaded in this process), which leaves out the
+time other jobs on a busy host take the core away. Average accept length and the
 acceptance per draft position are FastDeploy's speculate_metrics over all requests of the run.
 Writes bench_out/spec.md (the table) and bench_out/spec.png.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +77,8 @@ METHODS = {
     '"mtp_strategy": "with_ngram", "min_ngram_size": 1}',
 }
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -85,6 +92,7 @@ def run(
     spec: SpeculativeConfig | None,
     batch: int,
     max_tokens: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> RunResult:
     k = spec.num_speculative_tokens if spec else 0
     config = EngineConfig(
@@ -102,7 +110,7 @@ def run(
     counts: dict[str, list[int]] = {}
     while engine.has_unfinished():
         outputs = engine.step()
-        now = time.perf_counter()
+        now = clock()
         for out in outputs:
             if out.new_token_ids:
                 times.setdefault(out.request_id, []).append(now)
@@ -117,6 +125,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved")
+    parser.add_argument("--sets", nargs="+", default=["code", "chat"], choices=["code", "chat"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
     model = load_model(default_model_dir(), "float32")
     tokenizer = Tokenizer.from_dir(default_model_dir())
@@ -128,20 +141,26 @@ def main() -> None:
     )
     print(header)
     print("|" + "---|" * 8)
-    for set_name, texts in sets.items():
-        encoded = [tokenizer.encode(t) for t in texts]
-        for batch in (1, 16):
+    for set_name in args.sets:
+        encoded = [tokenizer.encode(t) for t in sets[set_name]]
+        for batch in args.batches:
             prompts = encoded[:4] if batch == 1 else encoded[:16]
             run(model, prompts[:1], None, batch, 8)  # warm-up
-            plain = run(model, prompts, None, batch, args.max_tokens)
-            for name, text in METHODS.items():
-                spec = run(model, prompts, SpeculativeConfig.from_json(text), batch, args.max_tokens)
-                m = spec.metrics
+            configs = {"plain": None} | {m: SpeculativeConfig.from_json(METHODS[m]) for m in args.methods}
+            results: dict[str, list[RunResult]] = {name: [] for name in configs}
+            for _ in range(args.repeats):
+                for name, spec in configs.items():
+                    result = run(model, prompts, spec, batch, args.max_tokens, CLOCKS[args.clock])
+                    results[name].append(result)
+            plain_tpot = statistics.median(r.tpot_ms for r in results["plain"])
+            for name in args.methods:
+                m = results[name][0].metrics  # greedy: every repeat accepts the same drafts
+                spec_tpot = statistics.median(r.tpot_ms for r in results[name])
                 per_pos = "/".join(f"{r:.2f}" for r in m.accept_ratio_per_head)
-                speedup = plain.tpot_ms / spec.tpot_ms
+                speedup = plain_tpot / spec_tpot
                 line = (
                     f"| {set_name} | {batch} | {name} | {m.average_accept_length:.2f} | {per_pos} | "
-                    f"{plain.tpot_ms:.2f} | {spec.tpot_ms:.2f} | {speedup:.2f}x |"
+                    f"{plain_tpot:.2f} | {spec_tpot:.2f} | {speedup:.2f}x |"
                 )
                 print(line, flush=True)
                 rows.append((set_name, batch, name, speedup, line))
@@ -156,10 +175,11 @@ def _plot(rows: list[tuple[str, int, str, float, str]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(s, b) for s in ("code", "chat") for b in (1, 16)]
+    groups = list(dict.fromkeys((r[0], r[1]) for r in rows))
+    names = list(dict.fromkeys(r[2] for r in rows))
     fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(METHODS)
-    for i, name in enumerate(METHODS):
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
         values = [next(r[3] for r in rows if (r[0], r[1], r[2]) == (s, b, name)) for s, b in groups]
         ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
     ax.axhline(1.0, color="gray", linewidth=0.8)

@@ -22,9 +22,10 @@ from pdserve.engine.kv_cache import KVCachePool
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from pdserve.kernels.attention import AttentionMetadata
+from pdserve.kernels.lm_head import lm_head_of
 from pdserve.kernels.logprobs import TokenLogprobs, prompt_logprobs
-from pdserve.kernels.sampling import SamplingBatch, SamplingRow
-from pdserve.kernels.spec_verify import verify_drafts
+from pdserve.kernels.sampling import SamplingBatch, SamplingRow, is_plain_greedy
+from pdserve.kernels.spec_verify import greedy_verify, verify_drafts
 from pdserve.models.llama import LlamaForCausalLM
 
 
@@ -61,6 +62,9 @@ class ModelRunner:
         self.kv_pool = kv_pool
         self.block_size = kv_pool.spec.block_size
         self.vocab_size = model.config.vocab_size
+        # Every logits row of a step (plain, verified, prompt logprobs) comes from this one head, so
+        # speculative and plain decoding score tokens identically.
+        self.lm_head = lm_head_of(model)
 
     @paddle.no_grad()
     def execute(self, output: SchedulerOutput) -> StepResult:
@@ -89,11 +93,17 @@ class ModelRunner:
         sampling_chunks = [c for c in chunks if c.sample]
         if not sampling_chunks:
             return {}
-        logits = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))  # [R, vocab]
         drafts = [_drafts_of(c) for c in sampling_chunks]
-        rows = [r for c, d in zip(sampling_chunks, drafts, strict=True) for r in _sampling_rows(c.request, d)]
         ks = [_logprobs_k(c.request) for c in sampling_chunks]
-        verified = verify_drafts(logits, SamplingBatch.from_rows(rows, self.vocab_size), drafts, ks)
+        sampling_hidden = paddle.gather(hidden, paddle.to_tensor(rows))  # [R, hidden]
+        if all(_is_plain_greedy(c.request) for c in sampling_chunks):
+            # No per-row sampling state: the argmax of the raw logits, scored only for emitted rows.
+            verified = greedy_verify(sampling_hidden, self.lm_head, drafts, ks)
+        else:
+            logits = self.lm_head(sampling_hidden)  # [R, vocab]
+            batch_rows = [r for c, d in zip(sampling_chunks, drafts, strict=True)
+                          for r in _sampling_rows(c.request, d)]
+            verified = verify_drafts(logits, SamplingBatch.from_rows(batch_rows, self.vocab_size), drafts, ks)
         # verified.logprobs has one row per emitted token of the requests that asked, in batch order.
         emitted_ks = [k for k, ids in zip(ks, verified.token_ids, strict=True) if k is not None for _ in ids]
         infos = iter(_unpack(verified.logprobs, emitted_ks) if verified.logprobs else [])
@@ -108,7 +118,7 @@ class ModelRunner:
         requests = {c.request.request_id: c.request for c in chunks}
         for request_id, (first_position, rows, next_ids) in prompt_rows.items():
             k = requests[request_id].sampling_params.prompt_logprobs
-            logits = self.model.compute_logits(paddle.gather(hidden, paddle.to_tensor(rows)))
+            logits = self.lm_head(paddle.gather(hidden, paddle.to_tensor(rows)))
             facts = prompt_logprobs(logits, paddle.to_tensor(np.asarray(next_ids, dtype=np.int64)), k)
             result[request_id] = (first_position, tuple(_unpack(facts, [k] * len(rows))))
         return result
@@ -149,6 +159,11 @@ def _logit_rows(chunks: Sequence[ScheduledChunk]) -> tuple[list[int], PromptRows
                 )
         offset += n
     return sample_rows, prompt_rows
+
+
+def _is_plain_greedy(request: Request) -> bool:
+    """Its token is the raw logits' argmax at this step's first row (so at its draft rows too)."""
+    return is_plain_greedy(request.sampling_params, request.num_output_tokens, request.eos_token_ids)
 
 
 def _drafts_of(chunk: ScheduledChunk) -> tuple[int, ...]:

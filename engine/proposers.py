@@ -20,6 +20,7 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.kernels.attention import AttentionMetadata
+from pdserve.kernels.lm_head import lm_head_of
 from pdserve.kernels.ngram import ngram_propose, split_draft_budget
 from pdserve.models.llama import LlamaForCausalLM
 
@@ -111,6 +112,7 @@ class MTPProposer(DraftProposer):
                 "(num_nextn_predict_layers >= 1 in config.json)"
             )
         self.model = model
+        self.lm_head = lm_head_of(model)
         self.mtp = model.mtp
         self.kv_cache = kv_pool.caches[-1]
         self.block_size = kv_pool.spec.block_size
@@ -153,7 +155,7 @@ class MTPProposer(DraftProposer):
         return drafts
 
     def _draft(self, state: paddle.Tensor) -> list[int]:
-        return paddle.argmax(self.model.compute_logits(state), axis=-1).numpy().tolist()
+        return paddle.argmax(self.lm_head(state), axis=-1).numpy().tolist()
 
     def _run_layer(self, segments: Sequence[_Segment], hidden: paddle.Tensor) -> paddle.Tensor:
         rows = np.concatenate([np.arange(s.first_row, s.first_row + s.num_positions) for s in segments])

@@ -22,7 +22,7 @@ Tie rules (deterministic, independent of sort stability):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -157,6 +157,20 @@ class SamplingBatch:
     @property
     def greedy(self) -> np.ndarray:
         return self.temperature == 0.0
+
+
+def is_plain_greedy(params: SamplingParams, generation_index: int, eos_token_ids: Collection[int]) -> bool:
+    """Whether the token at ``generation_index`` is simply the argmax of the raw logits.
+
+    True for a greedy request without penalties whose row suppresses nothing (min_tokens reached, or
+    no stop/eos id to suppress): ``process_logits`` would return its logits unchanged, so callers may
+    skip building a ``SamplingBatch``. A later index of the same request is then plain greedy too.
+    """
+    if not params.greedy or params.has_penalties:
+        return False
+    if generation_index >= params.min_tokens:
+        return True
+    return not params.stop_token_ids and (params.ignore_eos or not eos_token_ids)
 
 
 def batch_uniforms(batch: SamplingBatch, stream: int = RngStream.SAMPLE) -> np.ndarray:

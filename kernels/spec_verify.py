@@ -26,7 +26,7 @@ depend on the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -144,6 +144,70 @@ def verify_drafts(
     return VerifiedTokens(
         token_ids, accepted, gather_emitted_logprobs(raw_logits, starts, token_ids, logprobs_k)
     )
+
+
+def greedy_verify(
+    hidden: paddle.Tensor,
+    compute_logits: Callable[[paddle.Tensor], paddle.Tensor],
+    drafts: Sequence[Sequence[int]],
+    logprobs_k: Sequence[int | None],
+) -> VerifiedTokens:
+    """``verify_drafts`` for requests whose token is the argmax of the raw logits (every request
+    ``is_plain_greedy``), computing logits only for the rows that emit a token.
+
+    hidden: ``[R, hidden]`` with the row layout of the module docstring; compute_logits maps hidden
+    rows to raw logits. Row j of a request matters only if drafts 0 .. j-1 were all accepted, so
+    the LM head runs in rounds: round j scores row j of every request still accepting, and a request
+    leaves at its first draft that differs from the argmax (that argmax is its new token) or after
+    its last draft (the bonus). Every scored row is an emitted row, so the logprobs of the emitted
+    tokens come from logits already computed, and rows after a rejection are never scored: on CPU
+    the LM head is the largest GEMM of a step, and a batch of k-draft requests would otherwise
+    score (1 + k) rows each for ~2-3 emitted tokens.
+    """
+    if hidden.shape[0] != sum(len(d) + 1 for d in drafts):
+        num_drafts = sum(len(d) for d in drafts)
+        raise ValueError(f"{hidden.shape[0]} hidden rows for {len(drafts)} requests with {num_drafts} drafts")
+    starts = row_starts([len(d) for d in drafts])
+    token_ids: list[list[int]] = [[] for _ in drafts]
+    rounds: list[paddle.Tensor] = []  # logits of round j: one row per request in `active` at round j
+    row_of: dict[tuple[int, int], int] = {}  # (request, its row j) -> row of the rounds' concatenation
+    active = list(range(len(drafts)))
+    j = num_scored = 0
+    while active:
+        rows = paddle.to_tensor(starts[active] + j)
+        logits = compute_logits(paddle.gather(hidden, rows))  # [len(active), V]
+        targets = greedy_tokens(logits).numpy().tolist()
+        rounds.append(logits)
+        still_accepting = []
+        for i, target in zip(active, targets, strict=True):
+            token_ids[i].append(target)
+            row_of[i, j] = num_scored
+            num_scored += 1
+            if j < len(drafts[i]) and drafts[i][j] == target:
+                still_accepting.append(i)
+        active, j = still_accepting, j + 1
+    emitted = [tuple(ids) for ids in token_ids]
+    return VerifiedTokens(emitted, [len(ids) - 1 for ids in emitted],
+                          _scored_logprobs(rounds, row_of, emitted, logprobs_k))
+
+
+def _scored_logprobs(
+    rounds: Sequence[paddle.Tensor],
+    row_of: dict[tuple[int, int], int],
+    token_ids: Sequence[tuple[int, ...]],
+    logprobs_k: Sequence[int | None],
+) -> TokenLogprobs | None:
+    """``gather_emitted_logprobs`` over logits scored round by round (``greedy_verify``)."""
+    wanted = [i for i, k in enumerate(logprobs_k) if k is not None]
+    if not wanted:
+        return None
+    rows = np.asarray([row_of[i, j] for i in wanted for j in range(len(token_ids[i]))], dtype=np.int64)
+    ids = np.asarray([t for i in wanted for t in token_ids[i]], dtype=np.int64)
+    scored = rounds[0] if len(rounds) == 1 else paddle.concat(list(rounds), axis=0)
+    gathered = scored if np.array_equal(rows, np.arange(scored.shape[0])) else paddle.gather(
+        scored, paddle.to_tensor(rows))
+    k_max = max(k for k in logprobs_k if k is not None)
+    return top_logprobs(gathered, paddle.to_tensor(ids), k_max)
 
 
 def _rejection_sample(
