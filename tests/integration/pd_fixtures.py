@@ -27,6 +27,7 @@ import pytest
 import sysv_ipc
 
 from pdserve.engine.node_server import READY_PREFIX
+from pdserve.engine.output_queue import pid_alive  # zombie-aware: an unreaped child counts as gone
 from pdserve.engine.process import decode_config
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
@@ -214,16 +215,6 @@ def queue_exists(key: int) -> bool:
     except sysv_ipc.ExistentialError:
         return False
     return True
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    # A zombie (our own child not yet reaped, or an orphan awaiting init) has exited already.
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
 
 
 def leftovers(node: Node) -> list[str]:

@@ -40,6 +40,7 @@ from pdserve.engine.protocol import (
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.tests.integration.pd_fixtures import queue_exists, wait_until
 
 ENGINE = EngineConfig(
     cache=CacheConfig(num_blocks=128, block_size=16),
@@ -55,23 +56,6 @@ def client_config(**overrides: object) -> EngineClientConfig:
     fields: dict[str, object] = {"model_dir": str(default_model_dir()), "engine": ENGINE,
                                  "eos_token_ids": (0,), "omp_num_threads": 1, "startup_timeout_s": 90.0}
     return EngineClientConfig(**{**fields, **overrides})
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def queue_exists(key: int) -> bool:
-    try:
-        sysv_ipc.MessageQueue(key)  # attach only: never creates
-    except sysv_ipc.ExistentialError:
-        return False
-    return True
 
 
 def queue_is_full(key: int) -> bool:
