@@ -165,7 +165,9 @@ class DecodeNodeServer(NodeServer):
                 if stream.finished:
                     chunk.usage.CopyFrom(_usage(handle, stream))
                     if stats is not None:
-                        chunk.speculate_metrics.CopyFrom(_metrics_to_proto(stats.metrics()))
+                        metrics = stats.metrics()
+                        self.metrics.speculation(metrics)
+                        chunk.speculate_metrics.CopyFrom(_metrics_to_proto(metrics))
                     self.metrics.outcome(stream.finish_reason)
                 yield chunk
         finally:

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from pdserve.engine.bridge import EngineBridge
 from pdserve.engine.client import EngineClient, EngineClientConfig
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.spec_metrics import SpeculateMetrics
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc import node_pb2_grpc
 
@@ -101,10 +102,25 @@ class NodeMetrics:
                                   ["direction", "transport"], registry=self.registry)
         self.kv_failures = Counter("pdserve_kv_transfer_failures", "failed or rejected KV transfers",
                                    ["reason"], registry=self.registry)
+        self.spec_accepted = Counter("pdserve_spec_accepted_tokens",
+                                     "draft tokens accepted (finished requests)", registry=self.registry)
+        self.spec_rejected = Counter("pdserve_spec_rejected_tokens",
+                                     "draft tokens rejected (finished requests)", registry=self.registry)
+        self.spec_accepted_per_head = Counter(
+            "pdserve_spec_accepted_tokens_per_head",
+            "accepted tokens by draft position (FastDeploy's per-head count)", ["head"],
+            registry=self.registry)
         self.role = role
 
     def outcome(self, outcome: str) -> None:
         self.requests.labels(role=self.role, outcome=outcome).inc()
+
+    def speculation(self, metrics: SpeculateMetrics) -> None:
+        """Add one finished request's speculative decoding counts."""
+        self.spec_accepted.inc(metrics.accepted_tokens)
+        self.spec_rejected.inc(metrics.rejected_tokens)
+        for head, count in enumerate(metrics.accepted_tokens_per_head):
+            self.spec_accepted_per_head.labels(head=str(head)).inc(count)
 
 
 class NodeServer:

@@ -61,7 +61,8 @@ class Recipe:
 
 
 def rope_cache(arch: Arch, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / arch.rope_theta ** (torch.arange(0, arch.head_dim, 2, device=device).float() / arch.head_dim)
+    exponents = torch.arange(0, arch.head_dim, 2, device=device).float() / arch.head_dim
+    inv_freq = 1.0 / arch.rope_theta**exponents
     freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)  # [T, head_dim], HF's rotate_half layout
     return emb.cos(), emb.sin()
@@ -215,8 +216,10 @@ def evaluate(model: DemoModel, heldout: torch.Tensor, recipe: Recipe, cos, sin, 
             ids, targets = chunk[:, :-1], chunk[:, 1:]
             main_logits, mtp_logits = model(ids, cos, sin)
         v = main_logits.shape[-1]
-        main_loss += F.cross_entropy(main_logits.float().reshape(-1, v), targets.reshape(-1), reduction="sum").item()
-        mtp_loss += F.cross_entropy(mtp_logits.float().reshape(-1, v), targets[:, 1:].reshape(-1), reduction="sum").item()
+        main_loss += F.cross_entropy(main_logits.float().reshape(-1, v), targets.reshape(-1),
+                                     reduction="sum").item()
+        mtp_loss += F.cross_entropy(mtp_logits.float().reshape(-1, v), targets[:, 1:].reshape(-1),
+                                    reduction="sum").item()
         main_pred = main_logits.argmax(-1)
         mtp_pred = mtp_logits.argmax(-1)
         main_hits += (main_pred == targets).sum().item()

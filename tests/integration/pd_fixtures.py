@@ -272,6 +272,8 @@ def scrape_metric(port: int, name: str, labels: dict[str, str]) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5.0).read().decode()
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():
+        if not labels and line.startswith(name + " "):  # a series without labels
+            return float(line.rsplit(" ", 1)[1])
         if line.startswith(name + "{"):
             series, value = line.rsplit(" ", 1)
             got = ",".join(sorted(series[len(name) + 1:-1].split(",")))

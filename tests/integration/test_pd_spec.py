@@ -22,8 +22,10 @@ from pdserve.tests.integration.pd_fixtures import (
     NodeSpec,
     Result,
     assert_same_first_token,
+    free_port,
     generate,
     sampling,
+    scrape_metric,
     start_nodes,
     stop_nodes,
     tokenizer,
@@ -44,6 +46,9 @@ TEXT = (
 )
 
 
+METRICS_PORTS = {name: free_port() for name in METHODS}
+
+
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
     specs = [NodeSpec("mixed", "mixed")]
@@ -52,7 +57,8 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]
         specs.append(NodeSpec(f"prefill_{name}", "prefill",
                               (*spec_flag, "--max-num-batched-tokens", str(CHUNK_BUDGET),
                                "--transport", transport)))
-        specs.append(NodeSpec(f"decode_{name}", "decode", (*spec_flag, "--prefill-timeout", "30")))
+        specs.append(NodeSpec(f"decode_{name}", "decode", (*spec_flag, "--prefill-timeout", "30",
+                                                           "--metrics-port", str(METRICS_PORTS[name]))))
     started = start_nodes(specs, tmp_path_factory.mktemp("pd_spec_nodes"))
     yield started
     stop_nodes(started.values())
@@ -100,6 +106,8 @@ def test_pd_speculative_greedy_equals_plain_mixed(nodes: dict[str, Node], prompt
         accepted_total += metrics.accepted_tokens
         assert not ref.chunks[-1].HasField("speculate_metrics")  # the reference really is plain decoding
     assert accepted_total > 0
+    # The decode node's Prometheus counters add up the same per-request metrics.
+    assert scrape_metric(METRICS_PORTS[method], "pdserve_spec_accepted_tokens_total", {}) == accepted_total
     # D's first step only has P's drafts to verify: more than one token there means they were accepted.
     assert max(first_decode_chunk_sizes) >= 2, first_decode_chunk_sizes
     assert wait_until(lambda: prefill.all_blocks_free() and decode.all_blocks_free(), 2.0), (
