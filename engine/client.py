@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_cache import SHM_DIR
 from pdserve.engine.output_codec import StepOutput
 from pdserve.engine.output_queue import OutputQueueReader
 from pdserve.engine.process import EngineProcessConfig, encode_config
@@ -44,7 +44,6 @@ from pdserve.engine.sampling_params import SamplingParams
 log = logging.getLogger("pdserve.engine.client")
 
 MAX_SEQ_ID = 0xFFFF_FFFF
-SHM_DIR = Path("/dev/shm")  # where engine/kv_cache.py puts shared pools (not imported: it pulls in paddle)
 
 
 class EngineError(RuntimeError):

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec, kv_spec_for_model
 from pdserve.engine.model_runner import ModelRunner, TokenInfo
 from pdserve.engine.protocol import EngineStats
 from pdserve.engine.request import Request, RequestStatus
@@ -47,14 +47,7 @@ class RequestOutput:
 
 
 def kv_spec_for(model: LlamaForCausalLM, config: EngineConfig) -> KVCacheSpec:
-    c = model.config
-    return KVCacheSpec(
-        num_layers=c.num_hidden_layers + (1 if model.mtp is not None else 0),
-        num_blocks=config.cache.num_blocks,
-        block_size=config.cache.block_size,
-        num_kv_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
-    )
+    return kv_spec_for_model(model.config, config.cache.num_blocks, config.cache.block_size)
 
 
 class LLMEngine:

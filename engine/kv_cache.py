@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from pdserve.models.config import ModelConfig
+
 SHM_DIR = Path("/dev/shm")
 
 
@@ -68,8 +70,10 @@ class KVCacheSpec:
         return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[self.dtype])
 
 
-def kv_spec_for_model(model_config, num_blocks: int, block_size: int, dtype: str = "float32") -> KVCacheSpec:
-    """The pool a model needs: one layer per decoder layer plus its MTP layers (always last)."""
+def kv_spec_for_model(model_config: ModelConfig, num_blocks: int, block_size: int,
+                      dtype: str = "float32") -> KVCacheSpec:
+    """The pool a model needs: one layer per decoder layer plus its MTP layers (always last). The one
+    place the layout is derived, so an engine's pool and a peer's view of it always agree."""
     return KVCacheSpec(
         num_layers=model_config.num_hidden_layers + model_config.num_nextn_predict_layers,
         num_blocks=num_blocks, block_size=block_size, num_kv_heads=model_config.num_key_value_heads,
