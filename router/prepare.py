@@ -14,6 +14,7 @@ from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.errors import APIError
 from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from pdserve.rpc import node_pb2
+from pdserve.rpc.convert import sampling_to_proto
 
 
 @dataclass(frozen=True)
@@ -33,21 +34,8 @@ class Prepared:
         return len(self.prompt_token_ids) + self.sampling.max_tokens
 
     def to_proto(self) -> node_pb2.GenerateRequest:
-        s = self.sampling
-        params = node_pb2.SamplingParams(
-            max_tokens=s.max_tokens, min_tokens=s.min_tokens, temperature=s.temperature, top_p=s.top_p,
-            top_k=s.top_k, min_p=s.min_p, repetition_penalty=s.repetition_penalty,
-            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-            stop_token_ids=s.stop_token_ids, stop=s.stop, ignore_eos=s.ignore_eos,
-        )
-        if s.seed is not None:
-            params.seed = s.seed
-        if s.logprobs is not None:
-            params.logprobs = s.logprobs
-        if s.prompt_logprobs is not None:
-            params.prompt_logprobs = s.prompt_logprobs
         return node_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
-                                        sampling=params)
+                                        sampling=sampling_to_proto(self.sampling))
 
 
 def model_max_len(model_dir: Path) -> int:
