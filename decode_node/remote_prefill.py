@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.engine.bridge import EngineBridge, EngineGone, RequestHandle
 from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
@@ -25,7 +25,6 @@ from pdserve.engine.node_server import NodeConfig, NodeMetrics
 from pdserve.engine.protocol import KVReserved, RequestRejected
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.transfer.channel import TransferError
-from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import KVEndpoint, Malformed
 from pdserve.transfer.messages import Abort, FirstToken, LeaseRenewal, PrefillTask
 from pdserve.transfer.peers import PeerSenders
@@ -63,16 +62,15 @@ class RemotePrefill:
         self.kv_spec = kv_spec
         self.metrics = metrics
         # A send to a dead peer blocks until send_timeout_s: never longer than a prefill may take.
-        send_timeout_s = min(TransferConfig.send_timeout_s, config.prefill_timeout_s)
-        self.transfer = TransferConfig(transport=config.transport, bind_host=config.host,
-                                       port=config.data_port, send_timeout_s=send_timeout_s)
+        base = config.transfer_config()
+        self.transfer = replace(base, send_timeout_s=min(base.send_timeout_s, config.prefill_timeout_s))
         self.endpoint: KVEndpoint | None = None
         self.pool: KVCachePool | None = None
         self._pending: dict[str, PendingPrefill] = {}
         self._peers = PeerSenders(self.transfer)  # one sender thread per prefill peer
         # Our own reservation lease: renewed every kv_lease_s / 3 while we wait, and long enough to
         # outlast one send blocked on a slow peer, so only a request nobody tends any more expires.
-        self._reservation_lease_s = config.kv_lease_s + send_timeout_s
+        self._reservation_lease_s = config.kv_lease_s + self.transfer.send_timeout_s
         self._sweeper: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 

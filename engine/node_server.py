@@ -24,6 +24,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.spec_metrics import SpeculateMetrics
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc import node_pb2_grpc
+from pdserve.transfer.config import TransferConfig
 
 log = logging.getLogger("pdserve.node")
 
@@ -70,6 +71,10 @@ class NodeConfig:
             raise ValueError("prefill_timeout_s and kv_lease_s must be > 0")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0 (got {self.heartbeat_interval_s})")
+
+    def transfer_config(self) -> TransferConfig:
+        """The KV data plane binds the node's interface, on data_port."""
+        return TransferConfig(transport=self.transport, bind_host=self.host, port=self.data_port)
 
     def engine_client_config(self) -> EngineClientConfig:
         return EngineClientConfig(

@@ -291,10 +291,8 @@ class EngineLoop:
         self._prompt_logprobs_due.discard(task.seq_id)
         if request_id is None:
             return
-        if self.engine.abort(request_id):
-            marker = RequestOutput(request_id, task.seq_id, (), (), RequestStatus.FINISHED_ABORTED)
-            self.writer.send(to_step_output(self.engine.steps, [marker]))
-        elif self.engine.release(request_id):  # a prefilled request: the hand-over was abandoned
+        # release(): a prefilled request whose KV hand-over was abandoned still holds its blocks.
+        if self.engine.abort(request_id) or self.engine.release(request_id):
             marker = RequestOutput(request_id, task.seq_id, (), (), RequestStatus.FINISHED_ABORTED)
             self.writer.send(to_step_output(self.engine.steps, [marker]))
 

@@ -64,8 +64,7 @@ class PrefillJob:
 class PrefillNodeServer(NodeServer):
     def __init__(self, config: NodeConfig, transfer: TransferConfig | None = None) -> None:
         super().__init__(config)
-        self.transfer = transfer or TransferConfig(transport=config.transport, bind_host=config.host,
-                                                   port=config.data_port)
+        self.transfer = transfer or config.transfer_config()
         model_config = ModelConfig.from_dir(config.model_dir)
         self.kv_spec = kv_spec_for_model(model_config, config.engine.cache.num_blocks,
                                          config.engine.cache.block_size)
