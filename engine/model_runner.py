@@ -98,7 +98,7 @@ class ModelRunner:
         sampling_hidden = paddle.gather(hidden, paddle.to_tensor(rows))  # [R, hidden]
         if all(_is_plain_greedy(c.request) for c in sampling_chunks):
             # No per-row sampling state: the argmax of the raw logits, scored only for emitted rows.
-            verified = greedy_verify(sampling_hidden, self.lm_head, drafts, ks)
+            verified = greedy_verify(sampling_hidden, self.lm_head, drafts, ks, self.lm_head.flat_rows)
         else:
             logits = self.lm_head(sampling_hidden)  # [R, vocab]
             batch_rows = [r for c, d in zip(sampling_chunks, drafts, strict=True)

@@ -155,7 +155,8 @@ class MTPProposer(DraftProposer):
         return drafts
 
     def _draft(self, state: paddle.Tensor) -> list[int]:
-        return paddle.argmax(self.lm_head(state), axis=-1).numpy().tolist()
+        # NumPy's argmax on the logits' buffer (shared through DLPack): one op fewer per substep.
+        return np.from_dlpack(self.lm_head(state)).argmax(axis=-1).tolist()
 
     def _run_layer(self, segments: Sequence[_Segment], hidden: paddle.Tensor) -> paddle.Tensor:
         rows = np.concatenate([np.arange(s.first_row, s.first_row + s.num_positions) for s in segments])

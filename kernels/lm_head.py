@@ -8,6 +8,10 @@ shape and falls off a cliff from 8 rows on. Measured on the demo model's ``[M, 2
 speculative step scores 1 + k rows per request, a batch of 16 scores 16 or more, so the head is
 where verification spends its time.
 
+When the model's projections run the packed CPU op (kernels/linear.py), the head does too: its
+cost barely grows with the rows (M = 1: 0.13 ms, 6: 0.15, 16: 0.36) and a row's logits are the same
+bits whatever else is scored with it.
+
 The fast path equals the reference up to float rounding (the summation order differs): a caller
 that compares tokens across code paths must score all of them with one head, as the model runner
 does.
@@ -15,11 +19,18 @@ does.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import paddle
+
+from pdserve.kernels.linear import is_packed, pack_weight, packable, packed_matmul
+
+# The packed op multiplies up to 8 rows per pass over the weights (4 without AVX-512, where 8 rows
+# cost ~1.3x one): measured 0.13 ms for 1 row and 0.18 ms for 8 on the demo head.
+FLAT_ROWS = 8
 
 if TYPE_CHECKING:  # for the annotation only: kernels do not import models at run time
     from pdserve.models.llama import LlamaForCausalLM
@@ -35,22 +46,44 @@ class LMHead:
     """
 
     def __init__(self, weight: paddle.Tensor, transposed: bool,
-                 reference: Callable[[paddle.Tensor], paddle.Tensor]) -> None:
+                 reference: Callable[[paddle.Tensor], paddle.Tensor], packed: bool = False) -> None:
         self.reference = reference
         self._weight_hv: np.ndarray | None = None  # [H, V] view of the parameter
+        self._packed: paddle.Tensor | None = None  # the packed op's layout of [H, V]
         if weight.place.is_cpu_place() and weight.dtype == paddle.float32:
             shared = np.from_dlpack(weight)
             self._weight_hv = shared.T if transposed else shared
+            if packed:
+                self._packed = pack_weight(self._weight_hv)
+
+    @property
+    def flat_rows(self) -> int:
+        """Rows one call scores for about the cost of one (the packed op's group of rows)."""
+        return FLAT_ROWS if self._packed is not None else 1
 
     def __call__(self, hidden: paddle.Tensor) -> paddle.Tensor:
-        if self._weight_hv is None or hidden.dtype != paddle.float32 or not hidden.place.is_cpu_place():
+        if self._weight_hv is None or not packable(hidden):
             return self.reference(hidden)
+        if self._packed is not None:
+            return packed_matmul(hidden, self._packed)
         logits = np.matmul(np.from_dlpack(hidden), self._weight_hv)  # [N, V] float32
         return paddle.from_dlpack(logits)
 
 
+_heads: weakref.WeakKeyDictionary[LlamaForCausalLM, LMHead] = weakref.WeakKeyDictionary()
+
+
 def lm_head_of(model: LlamaForCausalLM) -> LMHead:
-    """The model's head (the tied embedding, or the untied ``lm_head``) with the CPU fast path."""
-    if model.lm_head is None:
-        return LMHead(model.embed_tokens.weight, transposed=True, reference=model.compute_logits)
-    return LMHead(model.lm_head.weight, transposed=False, reference=model.compute_logits)
+    """The model's head (the tied embedding, or the untied ``lm_head``) with the CPU fast path.
+
+    One per model: the runner and the MTP proposer share it (and its packed copy of the weights).
+    """
+    head = _heads.get(model)
+    if head is None:
+        packed = is_packed(model)
+        if model.lm_head is None:
+            head = LMHead(model.embed_tokens.weight, True, model.compute_logits, packed)
+        else:
+            head = LMHead(model.lm_head.weight, False, model.compute_logits, packed)
+        _heads[model] = head
+    return head

@@ -5,7 +5,8 @@ head. Qwen2 is the same model with bias on the q/k/v projections (``config.qkv_b
 
 Projections are fused (``qkv_proj`` = [q | k | v], ``gate_up_proj`` = [gate | up]) so each layer
 runs 4 GEMMs instead of 7; the loader concatenates the HF tensors into them. Paddle ``Linear``
-weights are ``[in, out]`` (HF stores ``[out, in]``).
+weights are ``[in, out]`` (HF stores ``[out, in]``). ``Linear`` is ``nn.Linear`` plus the CPU fast
+path of kernels/linear.py, which the loader switches on once the weights are in.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from paddle import nn
 
 from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from pdserve.kernels.linear import Linear
 from pdserve.kernels.norm import rms_norm
 from pdserve.kernels.rope import apply_rope, rope_cos_sin_cache
 from pdserve.models.config import ModelConfig
@@ -64,8 +66,8 @@ class Attention(nn.Layer):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         qkv_bias = None if config.qkv_bias else False
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias_attr=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias_attr=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias_attr=qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias_attr=False)
 
     def forward(
         self,
@@ -91,8 +93,8 @@ class MLP(nn.Layer):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias_attr=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias_attr=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias_attr=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias_attr=False)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from pdserve.kernels.linear import pack_linears
 from pdserve.models.checkpoint import CheckpointError, CheckpointReader
 from pdserve.models.config import ModelConfig
 from pdserve.models.llama import DecoderLayer, LlamaForCausalLM
@@ -154,11 +155,13 @@ def _load_weight(reader: CheckpointReader, spec: WeightSpec, dtype: str) -> None
     spec.param.set_value(tensor if dtype == "float32" else tensor.astype(dtype))
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32") -> LlamaForCausalLM:
+def load_model(model_dir: str | Path, dtype: str = "float32", cpu_fast_path: bool = True) -> LlamaForCausalLM:
     """The model in eval mode with ``.config`` and ``.mtp`` (None without MTP layers).
 
     ``dtype`` is the parameter dtype: float32 on CPU (Paddle's CPU matmul has no bf16/fp16 kernels),
     bfloat16/float16 on devices that support them. RMSNorm and logits are computed in float32.
+    ``cpu_fast_path`` packs float32 CPU projections for kernels/linear.py (a second copy of those
+    weights); False keeps Paddle's matmul everywhere (the reference, for comparisons).
     """
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype must be one of {MODEL_DTYPES}, got {dtype!r}")
@@ -175,5 +178,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32") -> LlamaForCausalL
         _load_weight(reader, spec, dtype)
     for param in model.parameters():
         param.stop_gradient = True  # inference only: autograd never records the forward
+    if cpu_fast_path:
+        pack_linears(model)
     model.eval()
     return model

@@ -18,6 +18,7 @@ import paddle
 from paddle import nn
 
 from pdserve.kernels.attention import AttentionMetadata
+from pdserve.kernels.linear import Linear
 from pdserve.models.config import ModelConfig
 from pdserve.models.llama import DecoderLayer, KVCache, RMSNorm, RotaryEmbedding
 
@@ -39,7 +40,7 @@ class MTPModule(nn.Layer):
         object.__setattr__(self, "_rotary_emb", rotary_emb)
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias_attr=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias_attr=False)
         self.layer = DecoderLayer(config)
         self.shared_head = SharedHead(config)
 

@@ -89,8 +89,9 @@ def _greedy_batch(drafts: list[list[int]], vocab_size: int) -> SamplingBatch:
     return SamplingBatch.from_rows(rows, vocab_size)
 
 
+@pytest.mark.parametrize("at_once", [1, 64], ids=["rounds", "one-call"])
 @pytest.mark.parametrize("seed", range(6))
-def test_greedy_verify_equals_the_general_path_and_scores_only_emitted_rows(seed: int) -> None:
+def test_greedy_verify_equals_the_general_path_and_scores_only_emitted_rows(seed: int, at_once: int) -> None:
     rng = np.random.default_rng(seed)
     head = _CountingHead(seed)
     num_drafts = [int(n) for n in rng.integers(0, 5, size=5)]
@@ -104,11 +105,13 @@ def test_greedy_verify_equals_the_general_path_and_scores_only_emitted_rows(seed
         drafts.append([targets[row + j] if j < keep else (targets[row + j] + 1) % VOCAB for j in range(n)])
         row += n + 1
     ks = [None, 0, 3, None, 5]
-    fast = greedy_verify(hidden, head, drafts, ks)
+    fast = greedy_verify(hidden, head, drafts, ks, max_rows_at_once=at_once)
     general = verify_drafts(paddle.matmul(hidden, head.weight), _greedy_batch(drafts, VOCAB), drafts, ks)
     assert fast.token_ids == general.token_ids
     assert fast.num_accepted_drafts == general.num_accepted_drafts
-    assert head.rows_scored == sum(len(ids) for ids in fast.token_ids)
+    # Rounds score only the emitted rows; one call scores every row (logprobs still only for emitted).
+    one_call = hidden.shape[0] <= at_once
+    assert head.rows_scored == (hidden.shape[0] if one_call else sum(len(ids) for ids in fast.token_ids))
     for got, want in zip(fast.logprobs, general.logprobs, strict=True):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-5)
 

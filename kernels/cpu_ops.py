@@ -1,0 +1,128 @@
+"""pdserve's own CPU ops (``kernels/csrc/*.cc``): built once per machine, cached, loaded in ~10 ms.
+
+The ops are Paddle custom operators compiled with Paddle's C++ extension tooling. Building takes
+~15 s, so it happens once per (sources, Paddle version, compiler flags) into
+``$XDG_CACHE_HOME/pdserve/ops/<key>/`` (``deploy/setup.sh`` does it ahead of time with
+``python -m pdserve.kernels.cpu_ops``). The build runs in a child process, so its compiler output
+never reaches the caller's stdout (an engine process speaks its protocol there), and under a file
+lock, so engine processes starting together build it once. Every later process only registers the
+cached library.
+
+When the ops cannot be had (not x86-64 with AVX2 and FMA, no compiler, a failed build) ``load``
+says why once in the log and returns False; callers then run the reference Paddle ops.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import paddle
+
+log = logging.getLogger(__name__)
+
+LIBRARY = "pdserve_cpu_ops"
+SOURCES = (Path(__file__).resolve().parent / "csrc" / "packed_linear.cc",)
+CXX_FLAGS = ("-O3", "-mavx2", "-mfma")
+_REQUIRED_CPU_FLAGS = {"avx2", "fma"}
+
+
+def cache_dir() -> Path:
+    """Where this build of the library lives: keyed by its sources, Paddle's version and the flags."""
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(paddle.__version__.encode())
+    digest.update(" ".join(CXX_FLAGS).encode())
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "pdserve" / "ops" / digest.hexdigest()[:16]
+
+
+def library_path() -> Path:
+    return cache_dir() / f"{LIBRARY}.so"
+
+
+def cpu_supported() -> tuple[bool, str]:
+    """The library is compiled for AVX2 + FMA: (usable here, why not)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False, f"the CPU is {platform.machine()}, the ops are written for x86-64"
+    try:
+        flags = {
+            flag
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()
+        }
+    except OSError as exc:
+        return False, f"cannot read /proc/cpuinfo ({exc})"
+    missing = _REQUIRED_CPU_FLAGS - flags
+    return (not missing, f"the CPU lacks {', '.join(sorted(missing))}" if missing else "")
+
+
+@functools.cache
+def load() -> bool:
+    """Register the ops in this process (building them first if no cached build exists)."""
+    usable, why = cpu_supported()
+    if not usable:
+        log.info("pdserve CPU ops disabled: %s; using Paddle's own ops", why)
+        return False
+    try:
+        path = library_path()
+        if not path.exists():
+            _build_in_child()
+        paddle.utils.cpp_extension.load_op_meta_info_and_register_op(str(path))
+    except Exception as exc:  # noqa: BLE001 - any failure means the reference ops, said once
+        log.warning("pdserve CPU ops unavailable (%s); using Paddle's own ops", exc)
+        return False
+    return True
+
+
+def _build_in_child() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pdserve.kernels.cpu_ops"], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
+        raise RuntimeError(f"building {LIBRARY} failed: {' | '.join(tail)}")
+
+
+def build() -> Path:
+    """Compile the library into the cache (under a lock; a finished build is left alone)."""
+    target = library_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        from paddle.utils.cpp_extension import load as compile_and_load
+
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            compile_and_load(
+                name=LIBRARY,
+                sources=[str(s) for s in SOURCES],
+                extra_cxx_cflags=list(CXX_FLAGS),
+                build_directory=work,
+                verbose=False,
+            )
+            built = Path(work) / LIBRARY / f"{LIBRARY}.so"
+            partial = target.with_suffix(".so.partial")
+            shutil.copyfile(built, partial)
+            os.replace(partial, target)  # readers see the whole file or none
+    return target
+
+
+if __name__ == "__main__":
+    usable, why = cpu_supported()
+    if not usable:
+        print(f"pdserve CPU ops not built: {why}")
+        sys.exit(0)
+    print(f"pdserve CPU ops: {build()}")

@@ -1,0 +1,88 @@
+"""Linear layers with a CPU fast path: the weight packed once, multiplied by pdserve's own op.
+
+Paddle 3.3's CPU matmul is slow for a decoder's shapes and packs its weight operand on every call
+once there are 2 or more rows, so one extra row costs about as much as the first. The demo model's
+``[M, 256] x [256, 1536]`` gate/up projection (1 thread, 20th percentile of 100 calls):
+
+    M          1      2      6      16     512
+    Paddle    40     51    127    372    11471 us
+    packed    26     27     31     69     4147 us
+
+``kernels/csrc/packed_linear.cc`` keeps the weight in 16-column strips (``[N / 16, K, 16]``, packed
+when the model is loaded) and streams each strip once per group of 4 or 8 rows. A speculative step
+that verifies 1 + k rows, or a small batch, then costs about what one row does.
+
+The fast path is batch-invariant: every output element is summed in the same order whatever the
+number of rows, so a row's result is bit-for-bit the same alone or in any batch. It differs from
+Paddle's matmul only by float rounding (~1e-5 relative on the demo model).
+
+It runs for float32 weights and inputs on CPU, output widths that are multiples of 16, and only
+once ``pack`` was called (the loader does, after the weights are final: a packed layer must not
+have its weight replaced afterwards). Everything else runs Paddle's own op.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+from paddle import _C_ops, nn
+
+from pdserve.kernels import cpu_ops
+
+STRIP = 16  # columns per strip; the op's layout constant
+
+
+def pack_weight(weight_kn: np.ndarray) -> paddle.Tensor | None:
+    """``[K, N]`` float32 -> the op's layout ``[N / 16, K, 16]``, or None when N is not a multiple
+    of 16 or the ops are unavailable."""
+    k, n = weight_kn.shape
+    if n % STRIP or weight_kn.dtype != np.float32 or not cpu_ops.load():
+        return None
+    strips = weight_kn.reshape(k, n // STRIP, STRIP).transpose(1, 0, 2)
+    return paddle.to_tensor(np.ascontiguousarray(strips))
+
+
+def packed_matmul(x: paddle.Tensor, packed: paddle.Tensor) -> paddle.Tensor:
+    """``x [M, K]`` float32 on CPU times the packed ``[K, N]`` weight -> ``[M, N]`` float32."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return _C_ops._run_custom_op("pdserve_packed_linear", x, packed)[0]
+
+
+def packable(x: paddle.Tensor) -> bool:
+    return x.ndim == 2 and x.dtype == paddle.float32 and x.place.is_cpu_place()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same names) that uses the packed op after ``pack()``."""
+
+    def pack(self) -> bool:
+        """Pack the current weight for the CPU fast path; False when it does not apply."""
+        weight = self.weight
+        packed = None
+        if weight.place.is_cpu_place() and weight.dtype == paddle.float32:
+            packed = pack_weight(weight.numpy())
+        # A plain attribute, not a buffer: derived from the weight, never saved or loaded.
+        object.__setattr__(self, "_packed", packed)
+        return packed is not None
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        packed = getattr(self, "_packed", None)
+        if packed is None or not packable(x):
+            return super().forward(x)
+        out = packed_matmul(x, packed)
+        return out if self.bias is None else out + self.bias
+
+
+def is_packed(model: nn.Layer) -> bool:
+    """Whether ``pack_linears`` put any of the model's projections on the fast path."""
+    return any(
+        getattr(layer, "_packed", None) is not None
+        for layer in model.sublayers(include_self=True)
+        if isinstance(layer, Linear)
+    )
+
+
+def pack_linears(model: nn.Layer) -> int:
+    """Pack every ``Linear`` of the model; returns how many took the fast path."""
+    return sum(layer.pack() for layer in model.sublayers(include_self=True) if isinstance(layer, Linear))

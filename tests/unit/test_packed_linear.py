@@ -1,0 +1,108 @@
+"""The packed CPU linear op (kernels/csrc/packed_linear.cc) against a float64 reference and nn.Linear."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+from paddle import nn
+
+from pdserve.kernels import cpu_ops
+from pdserve.kernels.linear import Linear, is_packed, pack_linears, pack_weight, packed_matmul
+from pdserve.kernels.lm_head import lm_head_of
+from pdserve.models.loader import default_model_dir, load_model
+
+
+def test_the_ops_load_on_this_machine() -> None:
+    # CI runs on x86-64 with AVX2: the fast path must be what the other tests exercise, not skipped.
+    usable, why = cpu_ops.cpu_supported()
+    assert usable, why
+    assert cpu_ops.load()
+    assert cpu_ops.library_path().exists()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 17, 40])
+@pytest.mark.parametrize(("k", "n"), [(32, 16), (96, 48), (256, 512)])
+def test_equals_a_float64_matmul(m: int, k: int, n: int) -> None:
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    got = packed_matmul(paddle.to_tensor(x), pack_weight(w)).numpy()
+    expected = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_a_row_is_the_same_bits_alone_or_in_any_batch() -> None:
+    rng = np.random.default_rng(0)
+    w = pack_weight(rng.standard_normal((256, 1536)).astype(np.float32))
+    x = rng.standard_normal((19, 256)).astype(np.float32)
+    whole = packed_matmul(paddle.to_tensor(x), w).numpy()
+    for rows in (slice(0, 1), slice(3, 9), slice(5, 19), slice(18, 19)):
+        part = packed_matmul(paddle.to_tensor(x[rows]), w).numpy()
+        assert np.array_equal(part, whole[rows])
+
+
+def test_non_contiguous_input_is_read_correctly() -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    x = paddle.to_tensor(rng.standard_normal((64, 6)).astype(np.float32)).t()  # a transposed view
+    got = packed_matmul(x, pack_weight(w)).numpy()
+    np.testing.assert_allclose(got, x.numpy() @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_wrong_shapes_raise_instead_of_reading_out_of_bounds() -> None:
+    packed = pack_weight(np.ones((32, 16), dtype=np.float32))
+    with pytest.raises((OSError, ValueError), match="packed_linear takes x"):
+        packed_matmul(paddle.ones([2, 33]), packed)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_nn_linear(bias: bool) -> None:
+    paddle.seed(3)
+    reference = nn.Linear(48, 80, bias_attr=None if bias else False)
+    layer = Linear(48, 80, bias_attr=None if bias else False)
+    layer.set_state_dict(reference.state_dict())
+    assert layer.pack()
+    x = paddle.randn([6, 48])
+    np.testing.assert_allclose(layer(x).numpy(), reference(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_layers_the_op_cannot_serve_run_paddles_matmul() -> None:
+    layer = Linear(16, 24)  # 24 columns: not whole 16-column strips
+    assert not layer.pack()
+    x = paddle.randn([3, 16])
+    np.testing.assert_allclose(layer(x).numpy(), nn.functional.linear(x, layer.weight, layer.bias).numpy(),
+                               rtol=1e-6)
+    assert Linear(16, 32)(paddle.randn([2, 16])).shape == [2, 32]  # never packed: the plain op
+    assert layer(paddle.randn([2, 3, 16])).shape == [2, 3, 24]  # 3-D input: the plain op
+
+
+def test_the_loader_packs_the_demo_model_and_the_head_follows() -> None:
+    packed = load_model(default_model_dir())
+    plain = load_model(default_model_dir(), cpu_fast_path=False)
+    assert is_packed(packed) and not is_packed(plain)
+    assert pack_linears(packed) == 6 * 4 + 1 + 4  # 6 layers, eh_proj and the MTP layer's 4
+    assert lm_head_of(packed)._packed is not None and lm_head_of(plain)._packed is None
+    assert lm_head_of(packed) is lm_head_of(packed)  # one per model, shared by runner and proposer
+    hidden = paddle.randn([5, packed.config.hidden_size])
+    np.testing.assert_allclose(lm_head_of(packed)(hidden).numpy(), plain.compute_logits(hidden).numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_a_cold_cache_builds_once_and_later_processes_only_load(tmp_path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    code = ("from pdserve.kernels import cpu_ops; import sys; "
+            "print(cpu_ops.load(), cpu_ops.library_path())")
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr
+    loaded, path = first.stdout.split()
+    assert loaded == "True" and path.startswith(str(tmp_path))
+    stamp = os.stat(path).st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert second.stdout.split()[0] == "True"
+    assert os.stat(path).st_mtime_ns == stamp  # not rebuilt
+    assert "Compiling" not in first.stdout + second.stdout  # the compiler's chatter stays in the child
