@@ -130,8 +130,10 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--matmul", choices=["packed", "paddle"], default="packed",
+                        help="projections through pdserve's packed CPU op (the default) or Paddle's matmul")
     args = parser.parse_args()
-    model = load_model(default_model_dir(), "float32")
+    model = load_model(default_model_dir(), "float32", cpu_fast_path=args.matmul == "packed")
     tokenizer = Tokenizer.from_dir(default_model_dir())
     sets = {"code": CODE_PROMPTS, "chat": CHAT_PROMPTS}
     rows = []

@@ -174,7 +174,7 @@ class LLMEngine:
         self._progressed.extend(c.request for c in plan.chunks if c.request.prefill_only and not c.sample)
         updates = self.scheduler.on_step_done(plan, sampled)
         if self.spec is not None:
-            self.spec.after_step(plan.chunks, result.hidden, updates)
+            self.spec.after_step(plan.chunks, result, updates)
         for update in updates:
             request = update.request
             if request.status is RequestStatus.FINISHED_PREFILLED:

@@ -54,6 +54,10 @@ class StepResult:
     prompt_logprobs: dict[str, tuple[int, tuple[TokenInfo, ...]]]
     # [T, hidden] final-normed hidden states of the step, kept for the MTP draft proposer.
     hidden: paddle.Tensor | None = None
+    # The step's token positions [T] and attention metadata (with the plans its layers built): the MTP
+    # layer runs over the same rows and slots, so it reuses them instead of planning again.
+    positions: paddle.Tensor | None = None
+    attn_meta: AttentionMetadata | None = None
 
 
 class ModelRunner:
@@ -74,7 +78,7 @@ class ModelRunner:
         sample_rows, prompt_rows = _logit_rows(chunks)
         sampled = self._sample(chunks, hidden, sample_rows)
         prompts = self._prompt_logprobs(chunks, hidden, prompt_rows)
-        return StepResult(sampled=sampled, prompt_logprobs=prompts, hidden=hidden)
+        return StepResult(sampled, prompts, hidden, positions, meta)
 
     def _prepare(self, chunks: Sequence[ScheduledChunk]
                  ) -> tuple[paddle.Tensor, paddle.Tensor, AttentionMetadata]:

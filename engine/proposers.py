@@ -35,6 +35,9 @@ class ProposalInput:
     hidden: paddle.Tensor
     # Request id -> the most drafts it may get (room left, blocks held); requests not listed get none.
     max_drafts: Mapping[str, int]
+    # [T] positions and the attention metadata of the step's target forward (same rows as `hidden`).
+    positions: paddle.Tensor
+    attn_meta: AttentionMetadata
 
 
 class DraftProposer(ABC):
@@ -97,12 +100,18 @@ class NgramProposer(DraftProposer):
 class MTPProposer(DraftProposer):
     """The model's MTP layer, run for `num_model_steps` substeps.
 
-    Substep 1 runs the layer over every position the target computed this step (entry i pairs h_i
-    with t_{i+1}, RoPE position i, docs/architecture.md), which also (re)writes the MTP KV of those
-    positions — so entries written by earlier substeps for drafts that were then rejected are
-    overwritten before any query can attend to them. Its last row drafts t_{n+1} after the new token
-    t_n. Substep j > 1 feeds the previous draft at position n + j - 2, with the previous substep's MTP
-    state standing in for the (unknown) target hidden state there, as in DeepSeek-V3 / FastDeploy.
+    Substep 1 runs the layer over every row of the step's target forward (entry i pairs h_i with
+    t_{i+1}, RoPE position i, docs/architecture.md), with the target's positions and attention
+    metadata: the MTP KV cache has the target's geometry, so the slots and the attention plan are
+    the same and nothing is planned twice. That (re)writes the MTP KV of every position the target
+    computed. Rows past a request's last emitted token (rejected drafts) pair with token 0: their
+    outputs are never used, and their KV entries lie beyond the request's computed tokens, where
+    the next step's substep 1 writes each position before any query can read it (queries are
+    causal, and a step writes its KV before attending) — as it does for entries that substeps
+    j > 1 write for drafts that are then rejected. The last emitted row of a request drafts
+    t_{n+1} after its new token t_n. Substep j > 1 feeds the previous draft at position
+    n + j - 2, with the previous substep's MTP state standing in for the (unknown) target hidden
+    state there, as in DeepSeek-V3 / FastDeploy.
     """
 
     def __init__(self, model: LlamaForCausalLM, kv_pool: KVCachePool, num_model_steps: int) -> None:
@@ -120,37 +129,36 @@ class MTPProposer(DraftProposer):
 
     @paddle.no_grad()
     def propose(self, step: ProposalInput) -> dict[str, list[int]]:
-        segments = _mtp_segments(step.chunks)
-        if not segments:
+        if not step.chunks:
             return {}
-        out = self._run_layer(segments, step.hidden)  # [sum m, hidden]
-        last_rows = np.cumsum([s.num_positions for s in segments]) - 1
+        next_ids, last_rows = _mtp_rows(step.chunks)
+        out = self.mtp(next_ids, step.positions, step.hidden, self.kv_cache, step.attn_meta)  # [T, hidden]
         wanted = [
-            (s, row)
-            for s, row in zip(segments, last_rows, strict=True)
-            if step.max_drafts.get(s.request.request_id, 0) > 0
+            (request, row)
+            for request, row in last_rows
+            if step.max_drafts.get(request.request_id, 0) > 0
         ]
-        drafts: dict[str, list[int]] = {s.request.request_id: [] for s, _ in wanted}
+        drafts: dict[str, list[int]] = {request.request_id: [] for request, _ in wanted}
         if not wanted:
             return drafts
         state = paddle.gather(out, paddle.to_tensor(np.asarray([row for _, row in wanted], dtype=np.int64)))
         tokens = self._draft(state)
         for substep in range(self.num_model_steps):
-            for (segment, _), token in zip(wanted, tokens, strict=True):
-                if len(drafts[segment.request.request_id]) < step.max_drafts[segment.request.request_id]:
-                    drafts[segment.request.request_id].append(token)
+            for (request, _), token in zip(wanted, tokens, strict=True):
+                if len(drafts[request.request_id]) < step.max_drafts[request.request_id]:
+                    drafts[request.request_id].append(token)
             if substep + 1 == self.num_model_steps:
                 break
             active = [
                 i
-                for i, (s, _) in enumerate(wanted)
-                if len(drafts[s.request.request_id]) < step.max_drafts[s.request.request_id]
+                for i, (request, _) in enumerate(wanted)
+                if len(drafts[request.request_id]) < step.max_drafts[request.request_id]
             ]
             if not active:
                 break
             wanted = [wanted[i] for i in active]
             state = paddle.gather(state, paddle.to_tensor(np.asarray(active, dtype=np.int64)))
-            state = self._substep(wanted, [tokens[i] for i in active], state, substep)
+            state = self._substep([r for r, _ in wanted], [tokens[i] for i in active], state, substep)
             tokens = self._draft(state)
         return drafts
 
@@ -158,36 +166,18 @@ class MTPProposer(DraftProposer):
         # NumPy's argmax on the logits' buffer (shared through DLPack): one op fewer per substep.
         return np.from_dlpack(self.lm_head(state)).argmax(axis=-1).tolist()
 
-    def _run_layer(self, segments: Sequence[_Segment], hidden: paddle.Tensor) -> paddle.Tensor:
-        rows = np.concatenate([np.arange(s.first_row, s.first_row + s.num_positions) for s in segments])
-        next_ids = np.asarray([t for s in segments for t in s.next_token_ids], dtype=np.int64)
-        positions = np.concatenate([np.arange(s.start, s.start + s.num_positions) for s in segments])
-        meta = AttentionMetadata.build(
-            block_tables=[s.request.block_table for s in segments],
-            query_lens=[s.num_positions for s in segments],
-            context_lens=[s.start + s.num_positions for s in segments],
-            block_size=self.block_size,
-        )
-        return self.mtp(
-            paddle.to_tensor(next_ids),
-            paddle.to_tensor(positions),
-            paddle.gather(hidden, paddle.to_tensor(rows)),
-            self.kv_cache,
-            meta,
-        )
-
     def _substep(
         self,
-        wanted: Sequence[tuple[_Segment, int]],
+        requests: Sequence[Request],
         tokens: Sequence[int],
         state: paddle.Tensor,
         substep: int,
     ) -> paddle.Tensor:
         # Substep j = substep + 2 (1-based) writes the entry at position n + j - 2, n = num_computed_tokens.
-        positions = [s.start + s.num_positions + substep for s, _ in wanted]
+        positions = [r.num_computed_tokens + substep for r in requests]
         meta = AttentionMetadata.build(
-            block_tables=[s.request.block_table for s, _ in wanted],
-            query_lens=[1] * len(wanted),
+            block_tables=[r.block_table for r in requests],
+            query_lens=[1] * len(requests),
             context_lens=[p + 1 for p in positions],
             block_size=self.block_size,
         )
@@ -200,29 +190,22 @@ class MTPProposer(DraftProposer):
         )
 
 
-@dataclass(frozen=True)
-class _Segment:
-    """The positions of one request the MTP layer runs over in substep 1."""
-
-    request: Request
-    first_row: int  # row of the step's hidden states for position `start`
-    start: int
-    num_positions: int
-    next_token_ids: list[int]  # t_{i+1} for each position i
-
-
-def _mtp_segments(chunks: Sequence[ScheduledChunk]) -> list[_Segment]:
-    """Every running request's positions whose target KV this step made valid (accepted ones only)."""
-    segments = []
+def _mtp_rows(chunks: Sequence[ScheduledChunk]) -> tuple[paddle.Tensor, list[tuple[Request, int]]]:
+    """Substep 1's inputs over the step's rows: t_{i+1} for the row at position i ([T] int64; 0 past a
+    request's computed tokens), and each drafting request's last emitted row (the one that drafts)."""
+    next_ids = np.zeros(sum(len(c.token_ids) for c in chunks), dtype=np.int64)
+    last_rows: list[tuple[Request, int]] = []
     offset = 0
     for chunk in chunks:
         request = chunk.request
-        num_positions = request.num_computed_tokens - chunk.start_position
-        if request.status in DRAFTING_STATUSES and num_positions > 0:
-            next_ids = request.token_ids_between(chunk.start_position + 1, request.num_computed_tokens + 1)
-            segments.append(_Segment(request, offset, chunk.start_position, num_positions, next_ids))
+        num_valid = min(request.num_computed_tokens - chunk.start_position, len(chunk.token_ids))
+        if num_valid > 0:
+            known = request.token_ids_between(chunk.start_position + 1, chunk.start_position + 1 + num_valid)
+            next_ids[offset:offset + len(known)] = known
+            if request.status in DRAFTING_STATUSES:
+                last_rows.append((request, offset + num_valid - 1))
         offset += len(chunk.token_ids)
-    return segments
+    return paddle.to_tensor(next_ids), last_rows
 
 
 class HybridProposer(DraftProposer):

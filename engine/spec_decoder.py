@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import paddle
 from prometheus_client import CollectorRegistry
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.kv_cache import KVCachePool
+from pdserve.engine.model_runner import StepResult
 from pdserve.engine.proposers import DRAFTING_STATUSES, DraftProposer, ProposalInput, make_proposer
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import RequestUpdate, ScheduledChunk
@@ -58,18 +58,20 @@ class SpecDecoder:
         )
 
     def after_step(
-        self, chunks: Sequence[ScheduledChunk], hidden: paddle.Tensor | None, updates: Sequence[RequestUpdate]
+        self, chunks: Sequence[ScheduledChunk], result: StepResult, updates: Sequence[RequestUpdate]
     ) -> None:
         for update in updates:
             self._record(update)
-        if hidden is None:
+        if result.hidden is None or result.positions is None or result.attn_meta is None:
             return
         limits = {
             u.request.request_id: self.draft_limit(u.request)
             for u in updates
             if u.request.status in DRAFTING_STATUSES
         }
-        drafts = self.proposer.propose(ProposalInput(tuple(chunks), hidden, limits))
+        drafts = self.proposer.propose(
+            ProposalInput(tuple(chunks), result.hidden, limits, result.positions, result.attn_meta)
+        )
         for update in updates:
             if update.request.request_id in drafts:
                 update.request.set_draft_tokens(drafts[update.request.request_id])
