@@ -10,6 +10,11 @@ For the main model's final-normed hidden state ``h_i`` at position ``i`` and the
 The embedding and the LM head are the main model's (shared, not copied); ``forward`` returns the
 state after ``shared_head.norm`` and the caller takes logits with the main model's
 ``compute_logits``.
+
+``eh_proj`` is linear, so its token half depends on the token alone: ``fold_token_projection``
+(called by the loader with the CPU fast path) tabulates ``enorm(emb(v)) @ W_token`` for every token
+v once, and ``forward`` then reads a row and projects only the hidden half. Same function, rounded
+differently; one gather instead of an embedding lookup, a norm, a concat and half a GEMM per step.
 """
 
 from __future__ import annotations
@@ -43,6 +48,21 @@ class MTPModule(nn.Layer):
         self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias_attr=False)
         self.layer = DecoderLayer(config)
         self.shared_head = SharedHead(config)
+        # Set by fold_token_projection: [vocab, hidden] token halves, and the hidden half's projection.
+        object.__setattr__(self, "_token_rows", None)
+        object.__setattr__(self, "_hidden_proj", None)
+
+    @paddle.no_grad()
+    def fold_token_projection(self) -> None:
+        """Tabulate eh_proj's token half for the whole vocabulary (the weights must be final)."""
+        hidden_size = self.eh_proj.weight.shape[1]
+        token_half, hidden_half = self.eh_proj.weight[:hidden_size], self.eh_proj.weight[hidden_size:]
+        hidden_proj = Linear(hidden_size, hidden_size, bias_attr=False)
+        hidden_proj.weight.set_value(hidden_half)
+        hidden_proj.pack()
+        table = paddle.matmul(self.enorm(self._embed_tokens.weight), token_half)  # [V, hidden]
+        object.__setattr__(self, "_token_rows", table)
+        object.__setattr__(self, "_hidden_proj", hidden_proj)
 
     def forward(
         self,
@@ -54,8 +74,11 @@ class MTPModule(nn.Layer):
     ) -> paddle.Tensor:
         """next_token_ids, positions: ``[T]`` int64; target_hidden: ``[T, hidden]`` (the main model's
         final-normed state at the same positions) -> ``[T, hidden]`` after ``shared_head.norm``."""
-        embeds = self.enorm(self._embed_tokens(next_token_ids))  # [T, hidden]
-        x = self.eh_proj(paddle.concat([embeds, self.hnorm(target_hidden)], axis=-1))  # [T, 2h] -> [T, h]
+        if self._token_rows is not None:  # folded: the token half is a table row
+            x = paddle.gather(self._token_rows, next_token_ids) + self._hidden_proj(self.hnorm(target_hidden))
+        else:
+            embeds = self.enorm(self._embed_tokens(next_token_ids))  # [T, hidden]
+            x = self.eh_proj(paddle.concat([embeds, self.hnorm(target_hidden)], axis=-1))  # [T, 2h] -> [T, h]
         cos, sin = self._rotary_emb(positions)
         x = self.layer(x, cos, sin, kv_cache, attn_meta)
         return self.shared_head.norm(x)

@@ -97,12 +97,13 @@ def tiny_mtp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_main_then_mtp(
-    model_dir: Path, prompts: list[list[int]], decode_tokens: list[int], mtp_tokens: list[list[int]]
+    model_dir: Path, prompts: list[list[int]], decode_tokens: list[int], mtp_tokens: list[list[int]],
+    cpu_fast_path: bool,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """pdserve, two steps through the paged caches (prefill, then one decode token per sequence);
     after each main step the MTP module runs on the same rows. Returns per-sequence
     (main logits, MTP logits) over all positions."""
-    model = load_model(model_dir)
+    model = load_model(model_dir, cpu_fast_path=cpu_fast_path)
     c = model.config
     seqs = PagedSequences(len(prompts), blocks_per_seq=6, block_size=BLOCK_SIZE, seed=3)
     caches = make_kv_caches(c, c.num_hidden_layers + 1, seqs.num_blocks, BLOCK_SIZE)
@@ -131,14 +132,16 @@ def paddle_ids(ids: list[int]) -> paddle.Tensor:
     return paddle.to_tensor(np.asarray(ids, np.int64))
 
 
-def check_against_reference(model_dir: Path, prompts: list[list[int]], atol: float) -> None:
+def check_against_reference(
+    model_dir: Path, prompts: list[list[int]], atol: float, cpu_fast_path: bool
+) -> None:
     c = ModelConfig.from_dir(model_dir)
     assert c.rope_scaling is None, "the NumPy reference implements unscaled RoPE only"
     decode_tokens = [(7 * i + 11) % c.vocab_size for i in range(len(prompts))]
     last_tokens = [(13 * i + 5) % c.vocab_size for i in range(len(prompts))]
     # step 0 (prefill) feeds t_1..t_{n-1} plus the decoded token; step 1 feeds the token after it
     mtp_tokens = [[p[1:] + [d], [e]] for p, d, e in zip(prompts, decode_tokens, last_tokens, strict=True)]
-    main, mtp = run_main_then_mtp(model_dir, prompts, decode_tokens, mtp_tokens)
+    main, mtp = run_main_then_mtp(model_dir, prompts, decode_tokens, mtp_tokens, cpu_fast_path)
     weights = {k: v.double().numpy() for k, v in load_file(next(model_dir.glob("*.safetensors"))).items()}
     for i, prompt in enumerate(prompts):
         ref_main, ref_mtp = reference_logits(prompt + [decode_tokens[i]], last_tokens[i], weights, c)
@@ -147,8 +150,13 @@ def check_against_reference(model_dir: Path, prompts: list[list[int]], atol: flo
         np.testing.assert_allclose(mtp[i], ref_mtp, atol=atol, rtol=0)
 
 
-def test_mtp_matches_numpy_reference(tiny_mtp_dir: Path) -> None:
-    check_against_reference(tiny_mtp_dir, [[5, 17, 99, 3, 42, 8, 120, 64, 1], [1, 2, 3]], atol=1e-4)
+# The fast path packs the projections and folds MTP's token projection into a table; both must match.
+FAST_PATH = pytest.mark.parametrize("cpu_fast_path", [True, False], ids=["fast-path", "reference-ops"])
+
+
+@FAST_PATH
+def test_mtp_matches_numpy_reference(tiny_mtp_dir: Path, cpu_fast_path: bool) -> None:
+    check_against_reference(tiny_mtp_dir, [[5, 17, 99, 3, 42, 8, 120, 64, 1], [1, 2, 3]], 1e-4, cpu_fast_path)
 
 
 def test_mtp_loaded_with_shared_embedding(tiny_mtp_dir: Path) -> None:
@@ -160,11 +168,13 @@ def test_mtp_loaded_with_shared_embedding(tiny_mtp_dir: Path) -> None:
     assert not any("embed_tokens" in n for n in names if n.startswith("mtp."))
 
 
-def test_bundled_demo_mtp_matches_numpy_reference() -> None:
+@FAST_PATH
+def test_bundled_demo_mtp_matches_numpy_reference(cpu_fast_path: bool) -> None:
     model_dir = default_model_dir()
     if not (model_dir / "model.safetensors").is_file():
         pytest.skip(
             f"demo weights {model_dir / 'model.safetensors'} are absent (trained separately; "
             "the lead adds them before CI)"
         )
-    check_against_reference(model_dir, [[3, 500, 1200, 7, 4000, 42, 9, 8000], [1, 77, 78]], atol=1e-4)
+    prompts = [[3, 500, 1200, 7, 4000, 42, 9, 8000], [1, 77, 78]]
+    check_against_reference(model_dir, prompts, 1e-4, cpu_fast_path)
