@@ -135,11 +135,30 @@ def verify_drafts(
     processed = process_logits(raw_logits, batch)
     starts = row_starts([len(d) for d in drafts])
     if batch.greedy.all():
-        targets = greedy_tokens(processed).numpy()
-        accepted = greedy_accept(targets, drafts)
-        new_tokens = [int(targets[start + n]) for start, n in zip(starts, accepted, strict=True)]
+        accepted, new_tokens = _argmax_chain(processed, drafts, starts)
     else:
         accepted, new_tokens = _rejection_sample(sampling_probs(processed, batch), batch, drafts, starts)
+    return _emitted(raw_logits, drafts, starts, accepted, new_tokens, logprobs_k)
+
+
+def _argmax_chain(
+    logits: paddle.Tensor, drafts: Sequence[Sequence[int]], starts: np.ndarray
+) -> tuple[list[int], list[int]]:
+    """Greedy acceptance over every row at once: (drafts accepted, the new token) per request."""
+    targets = greedy_tokens(logits).numpy()
+    accepted = greedy_accept(targets, drafts)
+    return accepted, [int(targets[start + n]) for start, n in zip(starts, accepted, strict=True)]
+
+
+def _emitted(
+    raw_logits: paddle.Tensor,
+    drafts: Sequence[Sequence[int]],
+    starts: np.ndarray,
+    accepted: list[int],
+    new_tokens: list[int],
+    logprobs_k: Sequence[int | None],
+) -> VerifiedTokens:
+    """The accepted drafts plus the new token of each request, with the emitted rows' logprobs."""
     token_ids = [tuple(d[:n]) + (t,) for d, n, t in zip(drafts, accepted, new_tokens, strict=True)]
     return VerifiedTokens(
         token_ids, accepted, gather_emitted_logprobs(raw_logits, starts, token_ids, logprobs_k)
@@ -176,12 +195,7 @@ def greedy_verify(
     starts = row_starts([len(d) for d in drafts])
     if hidden.shape[0] <= max_rows_at_once:
         logits = compute_logits(hidden)  # [R, V]
-        targets = greedy_tokens(logits).numpy()
-        accepted = greedy_accept(targets, drafts)
-        token_ids = [tuple(d[:n]) + (int(targets[start + n]),)
-                     for d, n, start in zip(drafts, accepted, starts, strict=True)]
-        logprobs = gather_emitted_logprobs(logits, starts, token_ids, logprobs_k)
-        return VerifiedTokens(token_ids, accepted, logprobs)
+        return _emitted(logits, drafts, starts, *_argmax_chain(logits, drafts, starts), logprobs_k)
     token_ids: list[list[int]] = [[] for _ in drafts]
     rounds: list[paddle.Tensor] = []  # logits of round j: one row per request in `active` at round j
     row_of: dict[tuple[int, int], int] = {}  # (request, its row j) -> row of the rounds' concatenation
