@@ -19,7 +19,6 @@ does.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -70,20 +69,20 @@ class LMHead:
         return paddle.from_dlpack(logits)
 
 
-_heads: weakref.WeakKeyDictionary[LlamaForCausalLM, LMHead] = weakref.WeakKeyDictionary()
-
-
 def lm_head_of(model: LlamaForCausalLM) -> LMHead:
     """The model's head (the tied embedding, or the untied ``lm_head``) with the CPU fast path.
 
     One per model: the runner and the MTP proposer share it (and its packed copy of the weights).
+    It is kept on the model itself (a plain attribute, not a sublayer), so it lives and dies with
+    the model; a cache keyed weakly by the model would be kept alive by ``reference``, the model's
+    own bound method.
     """
-    head = _heads.get(model)
+    head = getattr(model, "_fast_lm_head", None)
     if head is None:
         packed = is_packed(model)
         if model.lm_head is None:
             head = LMHead(model.embed_tokens.weight, True, model.compute_logits, packed)
         else:
             head = LMHead(model.lm_head.weight, False, model.compute_logits, packed)
-        _heads[model] = head
+        object.__setattr__(model, "_fast_lm_head", head)
     return head

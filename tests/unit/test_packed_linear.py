@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import paddle
@@ -91,6 +93,15 @@ def test_the_loader_packs_the_demo_model_and_the_head_follows() -> None:
     hidden = paddle.randn([5, packed.config.hidden_size])
     np.testing.assert_allclose(lm_head_of(packed)(hidden).numpy(), plain.compute_logits(hidden).numpy(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_the_shared_head_does_not_keep_its_model_alive() -> None:
+    model = load_model(default_model_dir())
+    lm_head_of(model)
+    dead = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dead() is None
 
 
 def test_a_cold_cache_builds_once_and_later_processes_only_load(tmp_path) -> None:
