@@ -53,11 +53,11 @@ class StepResult:
     # Prompt logprobs computed this step: request id -> (prompt positions it covers, one per token).
     prompt_logprobs: dict[str, tuple[int, tuple[TokenInfo, ...]]]
     # [T, hidden] final-normed hidden states of the step, kept for the MTP draft proposer.
-    hidden: paddle.Tensor | None = None
+    hidden: paddle.Tensor
     # The step's token positions [T] and attention metadata (with the plans its layers built): the MTP
     # layer runs over the same rows and slots, so it reuses them instead of planning again.
-    positions: paddle.Tensor | None = None
-    attn_meta: AttentionMetadata | None = None
+    positions: paddle.Tensor
+    attn_meta: AttentionMetadata
 
 
 class ModelRunner:

@@ -62,8 +62,6 @@ class SpecDecoder:
     ) -> None:
         for update in updates:
             self._record(update)
-        if result.hidden is None or result.positions is None or result.attn_meta is None:
-            return
         limits = {
             u.request.request_id: self.draft_limit(u.request)
             for u in updates
