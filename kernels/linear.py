@@ -23,6 +23,8 @@ have its weight replaced afterwards). Everything else runs Paddle's own op.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import paddle
 from paddle import _C_ops, nn
@@ -56,30 +58,31 @@ def packable(x: paddle.Tensor) -> bool:
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same names) that uses the packed op after ``pack()``."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A plain attribute, not a buffer: derived from the weight, never saved or loaded.
+        object.__setattr__(self, "_packed", None)
+
     def pack(self) -> bool:
         """Pack the current weight for the CPU fast path; False when it does not apply."""
         weight = self.weight
         packed = None
         if weight.place.is_cpu_place() and weight.dtype == paddle.float32:
             packed = pack_weight(weight.numpy())
-        # A plain attribute, not a buffer: derived from the weight, never saved or loaded.
         object.__setattr__(self, "_packed", packed)
         return packed is not None
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        packed = getattr(self, "_packed", None)
-        if packed is None or not packable(x):
+        if self._packed is None or not packable(x):
             return super().forward(x)
-        out = packed_matmul(x, packed)
+        out = packed_matmul(x, self._packed)
         return out if self.bias is None else out + self.bias
 
 
 def is_packed(model: nn.Layer) -> bool:
     """Whether ``pack_linears`` put any of the model's projections on the fast path."""
     return any(
-        getattr(layer, "_packed", None) is not None
-        for layer in model.sublayers(include_self=True)
-        if isinstance(layer, Linear)
+        layer._packed is not None for layer in model.sublayers(include_self=True) if isinstance(layer, Linear)
     )
 
 
