@@ -36,12 +36,19 @@ STRIP = 16  # columns per strip; the op's layout constant
 
 def pack_weight(weight_kn: np.ndarray) -> paddle.Tensor | None:
     """``[K, N]`` float32 -> the op's layout ``[N / 16, K, 16]``, or None when N is not a multiple
-    of 16 or the ops are unavailable."""
+    of 16 or the ops are unavailable.
+
+    Stored as bfloat16 when every value is one (a bf16 checkpoint loaded as float32): half the
+    bytes to stream, and the op widens them exactly, so the results are the same bits.
+    """
     k, n = weight_kn.shape
     if n % STRIP or weight_kn.dtype != np.float32 or not cpu_ops.load():
         return None
-    strips = weight_kn.reshape(k, n // STRIP, STRIP).transpose(1, 0, 2)
-    return paddle.to_tensor(np.ascontiguousarray(strips))
+    strips = np.ascontiguousarray(weight_kn.reshape(k, n // STRIP, STRIP).transpose(1, 0, 2))
+    bits = strips.view(np.uint32)
+    if not np.any(bits & 0xFFFF):
+        return paddle.to_tensor((bits >> 16).astype(np.uint16))  # numpy uint16 is Paddle's bfloat16
+    return paddle.to_tensor(strips)
 
 
 def packed_matmul(x: paddle.Tensor, packed: paddle.Tensor) -> paddle.Tensor:

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "paddle/extension.h"
@@ -20,14 +21,28 @@ namespace {
 
 constexpr int64_t kStrip = 16;
 
+// Weights are float32, or bfloat16 (the upper 16 bits of a float32) when the loader found every
+// value exactly representable: half the traffic, and widening is exact, so the products and sums
+// are the same bits as with the float32 copy.
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const uint16_t* w) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+__attribute__((target("avx512f"))) inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+__attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* w) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
 // Rows r < R of x against one strip, with 256-bit registers (two per row: 16 columns).
-template <int R>
-void strip_avx2(const float* x, int64_t ldx, const float* strip, float* out, int64_t ldo, int64_t K) {
+template <int R, typename W>
+void strip_avx2(const float* x, int64_t ldx, const W* strip, float* out, int64_t ldo, int64_t K) {
   __m256 lo[R], hi[R];
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(strip + kStrip * k);
-    const __m256 w1 = _mm256_loadu_ps(strip + kStrip * k + 8);
+    const __m256 w0 = load8(strip + kStrip * k);
+    const __m256 w1 = load8(strip + kStrip * k + 8);
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
       lo[r] = _mm256_fmadd_ps(xb, w0, lo[r]);
@@ -41,31 +56,33 @@ void strip_avx2(const float* x, int64_t ldx, const float* strip, float* out, int
 }
 
 // The same with 512-bit registers (one per row), so 8 rows share a pass over the strip.
-template <int R>
-__attribute__((target("avx512f"))) void strip_avx512(const float* x, int64_t ldx, const float* strip,
+template <int R, typename W>
+__attribute__((target("avx512f"))) void strip_avx512(const float* x, int64_t ldx, const W* strip,
                                                      float* out, int64_t ldo, int64_t K) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 w = _mm512_loadu_ps(strip + kStrip * k);
+    const __m512 w = load16(strip + kStrip * k);
     for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), w, acc[r]);
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
 }
 
-using StripFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t);
+template <typename W>
+using StripFn = void (*)(const float*, int64_t, const W*, float*, int64_t, int64_t);
 
-constexpr StripFn kAvx2[] = {nullptr, strip_avx2<1>, strip_avx2<2>, strip_avx2<3>, strip_avx2<4>};
-constexpr StripFn kAvx512[] = {nullptr,          strip_avx512<1>, strip_avx512<2>,
-                               strip_avx512<3>,  strip_avx512<4>, strip_avx512<5>,
-                               strip_avx512<6>,  strip_avx512<7>, strip_avx512<8>};
-
-void packed_matmul(const float* x, const float* packed, float* out, int64_t M, int64_t K, int64_t N) {
+template <typename W>
+void packed_matmul(const float* x, const W* packed, float* out, int64_t M, int64_t K, int64_t N) {
+  static constexpr StripFn<W> kAvx2[] = {nullptr, strip_avx2<1, W>, strip_avx2<2, W>, strip_avx2<3, W>,
+                                         strip_avx2<4, W>};
+  static constexpr StripFn<W> kAvx512[] = {nullptr,             strip_avx512<1, W>, strip_avx512<2, W>,
+                                           strip_avx512<3, W>,  strip_avx512<4, W>, strip_avx512<5, W>,
+                                           strip_avx512<6, W>,  strip_avx512<7, W>, strip_avx512<8, W>};
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  const StripFn* kernels = avx512 ? kAvx512 : kAvx2;
+  const StripFn<W>* kernels = avx512 ? kAvx512 : kAvx2;
   const int64_t group = avx512 ? 8 : 4;
   for (int64_t s = 0; s < N / kStrip; ++s) {
-    const float* strip = packed + s * K * kStrip;
+    const W* strip = packed + s * K * kStrip;
     for (int64_t m0 = 0; m0 < M; m0 += group) {
       const int64_t rows = std::min(group, M - m0);
       kernels[rows](x + m0 * K, K, strip, out + m0 * N + s * kStrip, N, K);
@@ -77,14 +94,20 @@ void packed_matmul(const float* x, const float* packed, float* out, int64_t M, i
 
 std::vector<paddle::Tensor> PackedLinear(const paddle::Tensor& x, const paddle::Tensor& packed) {
   PD_CHECK(x.is_cpu() && packed.is_cpu(), "packed_linear runs on CPU tensors");
-  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && packed.dtype() == paddle::DataType::FLOAT32,
-           "packed_linear takes float32 tensors");
+  const bool bf16 = packed.dtype() == paddle::DataType::BFLOAT16;
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && (bf16 || packed.dtype() == paddle::DataType::FLOAT32),
+           "packed_linear takes float32 x and float32 or bfloat16 packed weights");
   PD_CHECK(x.shape().size() == 2 && packed.shape().size() == 3 && packed.shape()[2] == kStrip &&
                x.shape()[1] == packed.shape()[1],
            "packed_linear takes x [M, K] and packed weights [N / 16, K, 16]");
   const int64_t M = x.shape()[0], K = x.shape()[1], N = packed.shape()[0] * kStrip;
   auto out = paddle::empty({M, N}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  packed_matmul(x.data<float>(), packed.data<float>(), out.data<float>(), M, K, N);
+  if (bf16) {
+    const auto* weights = reinterpret_cast<const uint16_t*>(packed.data<paddle::bfloat16>());
+    packed_matmul(x.data<float>(), weights, out.data<float>(), M, K, N);
+  } else {
+    packed_matmul(x.data<float>(), packed.data<float>(), out.data<float>(), M, K, N);
+  }
   return {out};
 }
 

@@ -117,3 +117,31 @@ def test_a_cold_cache_builds_once_and_later_processes_only_load(tmp_path) -> Non
     assert second.stdout.split()[0] == "True"
     assert os.stat(path).st_mtime_ns == stamp  # not rebuilt
     assert "Compiling" not in first.stdout + second.stdout  # the compiler's chatter stays in the child
+
+
+def _strips(w: np.ndarray) -> paddle.Tensor:
+    """The op's layout of w in float32, whatever pack_weight would choose."""
+    k, n = w.shape
+    return paddle.to_tensor(np.ascontiguousarray(w.reshape(k, n // 16, 16).transpose(1, 0, 2)))
+
+
+def test_bfloat16_exact_weights_are_stored_in_half_the_bytes_with_the_same_results() -> None:
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((256, 512)).astype(np.float32)
+    w_bf16 = (w.view(np.uint32) & 0xFFFF0000).view(np.float32)  # every value exactly a bfloat16
+    packed = pack_weight(w_bf16)
+    assert packed.dtype == paddle.bfloat16
+    for m in (1, 6, 13):
+        x = paddle.to_tensor(rng.standard_normal((m, 256)).astype(np.float32))
+        assert np.array_equal(packed_matmul(x, packed).numpy(), packed_matmul(x, _strips(w_bf16)).numpy())
+
+
+def test_weights_that_are_not_bfloat16_stay_float32() -> None:
+    w = np.random.default_rng(6).standard_normal((32, 48)).astype(np.float32)
+    assert pack_weight(w).dtype == paddle.float32
+
+
+def test_the_demo_models_bf16_checkpoint_is_packed_as_bfloat16() -> None:
+    model = load_model(default_model_dir())
+    assert model.model.layers[0].mlp.gate_up_proj._packed.dtype == paddle.bfloat16
+    assert lm_head_of(model)._packed.dtype == paddle.bfloat16
