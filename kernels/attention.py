@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import paddle
+from paddle import _C_ops
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class AttentionMetadata:
     block_tables: paddle.Tensor  # [S, max_blocks] int64: each sequence's blocks, padded with 0
     query_lens: list[int]  # S: new tokens of each sequence, tokens grouped by sequence in order
     context_lens: list[int]  # S: tokens in the cache for each sequence after this step's writes
+    seq_lens: paddle.Tensor  # [S, 2] int64: (query_len, context_len) rows, for the CPU op
     # Per-step plans keyed by cache geometry: built by the first layer, reused by the others. The
     # dict is the one mutable part of this object and holds only values derived from the fields.
     _plans: dict[_HeadLayout, _StepPlan] = field(
@@ -127,6 +129,7 @@ class AttentionMetadata:
             block_tables=paddle.to_tensor(padded),
             query_lens=list(query_lens),
             context_lens=list(context_lens),
+            seq_lens=paddle.to_tensor(np.asarray([query_lens, context_lens], dtype=np.int64).T.copy()),
         )
 
     def _plan_for(self, layout: _HeadLayout) -> _StepPlan:
@@ -181,6 +184,25 @@ def paged_attention(
     if plan.output_rows is not None:
         out = paddle.index_select(out, plan.output_rows, axis=0)
     return out.reshape([num_tokens, num_heads, head_dim])
+
+
+def write_and_attend_cpu(
+    q: paddle.Tensor,
+    k: paddle.Tensor,
+    v: paddle.Tensor,
+    k_cache: paddle.Tensor,
+    v_cache: paddle.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> paddle.Tensor:
+    """``write_kv`` then ``paged_attention`` in one call of pdserve's CPU op (float32 tensors;
+    kernels/csrc/layer_ops.cc). It reads the cache through the block table directly: no gathers, no
+    mask, no padding, and each query row sums its own visible keys in order, so its output does not
+    depend on the rest of the batch even in rounding."""
+    return _C_ops._run_custom_op(
+        "pdserve_paged_attention",
+        q, k, v, k_cache, v_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, float(scale),
+    )[0]
 
 
 def _attend_group(

@@ -31,7 +31,7 @@ import paddle
 log = logging.getLogger(__name__)
 
 LIBRARY = "pdserve_cpu_ops"
-SOURCES = (Path(__file__).resolve().parent / "csrc" / "packed_linear.cc",)
+SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("packed_linear.cc", "layer_ops.cc"))
 CXX_FLAGS = ("-O3", "-mavx2", "-mfma")
 _REQUIRED_CPU_FLAGS = {"avx2", "fma"}
 

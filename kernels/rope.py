@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import paddle
+from paddle import _C_ops
 
 from pdserve.models.config import RopeScaling
 
@@ -92,3 +93,15 @@ def apply_rope(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> padd
     half = x.shape[-1] // 2
     rotated = paddle.concat([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def split_qkv_rope_cpu(
+    qkv: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, num_heads: int, num_kv_heads: int
+) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """A fused projection's ``[T, (Hq + 2 Hkv) * D]`` float32 output on CPU -> q ``[T, Hq, D]`` and
+    k ``[T, Hkv, D]`` with RoPE applied, and v ``[T, Hkv, D]``: the split, the reshapes and both
+    ``apply_rope`` calls as one call of pdserve's op (kernels/csrc/layer_ops.cc)."""
+    q, k, v = _C_ops._run_custom_op(
+        "pdserve_rope_qkv", qkv.contiguous(), cos, sin, int(num_heads), int(num_kv_heads)
+    )
+    return q, k, v

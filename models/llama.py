@@ -6,7 +6,9 @@ head. Qwen2 is the same model with bias on the q/k/v projections (``config.qkv_b
 Projections are fused (``qkv_proj`` = [q | k | v], ``gate_up_proj`` = [gate | up]) so each layer
 runs 4 GEMMs instead of 7; the loader concatenates the HF tensors into them. Paddle ``Linear``
 weights are ``[in, out]`` (HF stores ``[out, in]``). ``Linear`` is ``nn.Linear`` plus the CPU fast
-path of kernels/linear.py, which the loader switches on once the weights are in.
+path of kernels/linear.py, which the loader switches on once the weights are in; ``use_cpu_ops``
+likewise puts RMSNorm and attention (RoPE, the KV write, paged attention) on pdserve's CPU ops
+(kernels/csrc/layer_ops.cc). Both paths compute the same function; tests compare them.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import paddle
 from paddle import nn
 
 from pdserve.kernels.activation import silu_and_mul
-from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from pdserve.kernels import cpu_ops
+from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_and_attend_cpu, write_kv
 from pdserve.kernels.linear import Linear
-from pdserve.kernels.norm import rms_norm
-from pdserve.kernels.rope import apply_rope, rope_cos_sin_cache
+from pdserve.kernels.norm import rms_norm, rms_norm_cpu
+from pdserve.kernels.rope import apply_rope, rope_cos_sin_cache, split_qkv_rope_cpu
 from pdserve.models.config import ModelConfig
 
 KVCache = tuple[
@@ -31,8 +34,11 @@ class RMSNorm(nn.Layer):
         super().__init__()
         self.eps = eps
         self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
+        object.__setattr__(self, "_cpu_op", False)  # set by use_cpu_ops
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self._cpu_op and _on_cpu_f32(x) and x.ndim == 2:
+            return rms_norm_cpu(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -68,6 +74,7 @@ class Attention(nn.Layer):
         qkv_bias = None if config.qkv_bias else False
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias_attr=qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias_attr=False)
+        object.__setattr__(self, "_cpu_op", False)  # set by use_cpu_ops
 
     def forward(
         self,
@@ -78,11 +85,15 @@ class Attention(nn.Layer):
         attn_meta: AttentionMetadata,
     ) -> paddle.Tensor:
         num_tokens = x.shape[0]
+        k_cache, v_cache = kv_cache
+        if self._cpu_op and _on_cpu_f32(x) and k_cache.dtype == paddle.float32:
+            q, k, v = split_qkv_rope_cpu(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads)
+            out = write_and_attend_cpu(q, k, v, k_cache, v_cache, attn_meta, self.scale)  # [T, H, D]
+            return self.o_proj(out.reshape([num_tokens, self.q_size]))
         q, k, v = paddle.split(self.qkv_proj(x), [self.q_size, self.kv_size, self.kv_size], axis=-1)
         q = apply_rope(q.reshape([num_tokens, self.num_heads, self.head_dim]), cos, sin)  # [T, H, D]
         k = apply_rope(k.reshape([num_tokens, self.num_kv_heads, self.head_dim]), cos, sin)  # [T, Hkv, D]
         v = v.reshape([num_tokens, self.num_kv_heads, self.head_dim])  # [T, Hkv, D]
-        k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, attn_meta.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, attn_meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape([num_tokens, self.q_size]))
@@ -189,3 +200,18 @@ class LlamaForCausalLM(nn.Layer):
         else:
             logits = self.lm_head(hidden)
         return logits.astype("float32")
+
+
+def _on_cpu_f32(x: paddle.Tensor) -> bool:
+    return x.dtype == paddle.float32 and x.place.is_cpu_place()
+
+
+def use_cpu_ops(model: nn.Layer) -> int:
+    """Put the model's RMSNorms and attentions on pdserve's CPU ops (when they load); returns how
+    many layers took them. Activations of other dtypes or places still run the Paddle ops."""
+    if not cpu_ops.load():
+        return 0
+    layers = [layer for layer in model.sublayers(include_self=True) if isinstance(layer, (RMSNorm, Attention))]
+    for layer in layers:
+        object.__setattr__(layer, "_cpu_op", True)
+    return len(layers)

@@ -17,7 +17,7 @@ import paddle
 from pdserve.kernels.linear import pack_linears
 from pdserve.models.checkpoint import CheckpointError, CheckpointReader
 from pdserve.models.config import ModelConfig
-from pdserve.models.llama import DecoderLayer, LlamaForCausalLM
+from pdserve.models.llama import DecoderLayer, LlamaForCausalLM, use_cpu_ops
 from pdserve.models.mtp import MTPModule
 
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
@@ -161,8 +161,9 @@ def load_model(model_dir: str | Path, dtype: str = "float32", cpu_fast_path: boo
     ``dtype`` is the parameter dtype: float32 on CPU (Paddle's CPU matmul has no bf16/fp16 kernels),
     bfloat16/float16 on devices that support them. RMSNorm and logits are computed in float32.
     ``cpu_fast_path`` packs float32 CPU projections for kernels/linear.py (a second copy of those
-    weights) and folds the MTP layer's token projection into a table (``MTPModule.fold_token_projection``,
-    one more [vocab, hidden] copy); False keeps the reference ops everywhere (for comparisons).
+    weights), puts norms and attention on pdserve's CPU ops (``use_cpu_ops``) and folds the MTP
+    layer's token projection into a table (``MTPModule.fold_token_projection``, one more
+    [vocab, hidden] copy); False keeps the reference ops everywhere (for comparisons).
     """
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype must be one of {MODEL_DTYPES}, got {dtype!r}")
@@ -181,6 +182,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32", cpu_fast_path: boo
         param.stop_gradient = True  # inference only: autograd never records the forward
     if cpu_fast_path:
         pack_linears(model)
+        use_cpu_ops(model)
         if model.mtp is not None:
             model.mtp.fold_token_projection()
     model.eval()

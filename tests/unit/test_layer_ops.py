@@ -1,0 +1,112 @@
+"""pdserve's CPU layer ops (kernels/csrc/layer_ops.cc) against the Paddle reference ops they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+from pdserve.kernels import cpu_ops
+from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_and_attend_cpu, write_kv
+from pdserve.kernels.norm import rms_norm, rms_norm_cpu
+from pdserve.kernels.rope import apply_rope, split_qkv_rope_cpu
+from pdserve.models.llama import Attention, RMSNorm
+from pdserve.models.loader import default_model_dir, load_model
+
+HEADS, KV_HEADS, DIM, BLOCK = 8, 4, 32, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ops() -> None:
+    assert cpu_ops.load()  # CI has AVX2: these tests must exercise the ops, never skip
+
+
+def _tensor(rng: np.random.Generator, *shape: int) -> paddle.Tensor:
+    return paddle.to_tensor(rng.standard_normal(shape).astype(np.float32))
+
+
+def test_rms_norm_equals_the_reference_and_rows_do_not_see_each_other() -> None:
+    rng = np.random.default_rng(0)
+    x, weight = _tensor(rng, 9, 256), _tensor(rng, 256)
+    got = rms_norm_cpu(x, weight, 1e-6).numpy()
+    np.testing.assert_allclose(got, rms_norm(x, weight, 1e-6).numpy(), rtol=1e-6, atol=1e-6)
+    assert np.array_equal(rms_norm_cpu(x[3:4], weight, 1e-6).numpy(), got[3:4])
+
+
+def test_rope_split_equals_split_reshape_and_apply_rope() -> None:
+    rng = np.random.default_rng(1)
+    tokens = 7
+    qkv = _tensor(rng, tokens, (HEADS + 2 * KV_HEADS) * DIM)
+    cos, sin = _tensor(rng, tokens, DIM), _tensor(rng, tokens, DIM)
+    q, k, v = split_qkv_rope_cpu(qkv, cos, sin, HEADS, KV_HEADS)
+    q_ref, k_ref, v_ref = paddle.split(qkv, [HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM], axis=-1)
+    np.testing.assert_allclose(q.numpy(), apply_rope(q_ref.reshape([tokens, HEADS, DIM]), cos, sin).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k.numpy(), apply_rope(k_ref.reshape([tokens, KV_HEADS, DIM]), cos, sin).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    assert np.array_equal(v.numpy(), v_ref.reshape([tokens, KV_HEADS, DIM]).numpy())
+
+
+def _batch(rng: np.random.Generator, tables: list[list[int]], query_lens: list[int], context_lens: list[int]):
+    tokens = sum(query_lens)
+    meta = AttentionMetadata.build(tables, query_lens, context_lens, BLOCK)
+    q, k, v = _tensor(rng, tokens, HEADS, DIM), _tensor(rng, tokens, KV_HEADS, DIM), _tensor(rng, tokens, KV_HEADS, DIM)
+    return meta, q, k, v
+
+
+# A decode row, a 3-token verification, a fresh 5-token prefill and a prefill chunk after cached tokens.
+MIXED = ([[3, 5, 7, 1], [2, 9, 11], [4, 6], [8, 10, 12]], [1, 3, 5, 4], [13, 9, 5, 12])
+
+
+def test_write_and_attend_equals_write_kv_then_paged_attention() -> None:
+    rng = np.random.default_rng(2)
+    meta, q, k, v = _batch(rng, *MIXED)
+    k0, v0 = rng.standard_normal((2, 16, KV_HEADS, BLOCK, DIM)).astype(np.float32)
+    k_ref, v_ref = paddle.to_tensor(k0), paddle.to_tensor(v0)
+    write_kv(k, v, k_ref, v_ref, meta.slot_mapping)
+    expected = paged_attention(q, k_ref, v_ref, meta, DIM**-0.5).numpy()
+    k_op, v_op = paddle.to_tensor(k0), paddle.to_tensor(v0)
+    got = write_and_attend_cpu(q, k, v, k_op, v_op, meta, DIM**-0.5).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(k_op.numpy(), k_ref.numpy()) and np.array_equal(v_op.numpy(), v_ref.numpy())
+
+
+def test_a_sequences_attention_is_the_same_bits_alone_or_in_a_batch() -> None:
+    rng = np.random.default_rng(3)
+    meta, q, k, v = _batch(rng, *MIXED)
+    caches = rng.standard_normal((2, 16, KV_HEADS, BLOCK, DIM)).astype(np.float32)
+    whole = write_and_attend_cpu(q, k, v, *map(paddle.to_tensor, caches), meta, 0.2).numpy()
+    alone = AttentionMetadata.build([MIXED[0][1]], [3], [9], BLOCK)
+    rows = slice(1, 4)  # the verification's 3 tokens
+    part = write_and_attend_cpu(q[rows], k[rows], v[rows], *map(paddle.to_tensor, caches), alone, 0.2).numpy()
+    assert np.array_equal(part, whole[rows])
+
+
+def test_bad_metadata_raises_instead_of_reading_out_of_bounds() -> None:
+    rng = np.random.default_rng(4)
+    meta, q, k, v = _batch(rng, [[3, 99]], [2], [6])  # block 99 is past the 16-block cache
+    caches = [paddle.zeros([16, KV_HEADS, BLOCK, DIM]) for _ in range(2)]
+    with pytest.raises((OSError, ValueError), match="out of range"):
+        write_and_attend_cpu(q, k, v, *caches, meta, 0.2)
+    meta, q, k, v = _batch(rng, [[3, 5]], [2], [6])
+    with pytest.raises((OSError, ValueError), match="one slot per token"):
+        write_and_attend_cpu(q[:1], k[:1], v[:1], *caches, meta, 0.2)
+
+
+def test_the_loader_puts_norms_and_attention_on_the_ops_and_logits_match_the_reference() -> None:
+    fast = load_model(default_model_dir())
+    reference = load_model(default_model_dir(), cpu_fast_path=False)
+    layers = [m for m in fast.sublayers(include_self=True) if isinstance(m, (RMSNorm, Attention))]
+    assert layers and all(m._cpu_op for m in layers)
+    assert not any(m._cpu_op for m in reference.sublayers(include_self=True) if isinstance(m, (RMSNorm, Attention)))
+    rng = np.random.default_rng(5)
+    config = fast.config
+    ids = paddle.to_tensor(rng.integers(1, config.vocab_size, 11).astype(np.int64))
+    positions = paddle.to_tensor(np.arange(11, dtype=np.int64))
+    outputs = []
+    for model in (fast, reference):
+        shape = [8, config.num_key_value_heads, BLOCK, config.head_dim]
+        caches = [(paddle.zeros(shape), paddle.zeros(shape)) for _ in range(config.num_hidden_layers)]
+        meta = AttentionMetadata.build([[1, 2, 3]], [11], [11], BLOCK)
+        outputs.append(model.compute_logits(model(ids, positions, caches, meta)).numpy())
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
