@@ -211,12 +211,13 @@ def main() -> None:
     parser.add_argument("--prefill-repeats", type=int, default=5)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--prefill-len", type=int, default=512)
-    parser.add_argument("--matmul", choices=["packed", "paddle"], default="packed",
-                        help="projections through pdserve's packed CPU op (the default) or Paddle's matmul")
+    parser.add_argument("--cpu-ops", choices=["pdserve", "paddle"], default="pdserve",
+                        help="pdserve's CPU ops (packed projections, norms, attention: the default) "
+                        "or Paddle's own ops throughout")
     args = parser.parse_args()
     tune_malloc()  # as the engine process does
     model_dir = default_model_dir()
-    model = load_model(model_dir, "float32", cpu_fast_path=args.matmul == "packed")
+    model = load_model(model_dir, "float32", cpu_fast_path=args.cpu_ops == "pdserve")
     source = (Path(__file__).resolve().parent.parent / "engine" / "scheduler.py").read_text()
     tokens = Tokenizer.from_dir(model_dir).encode(source * 4)
     prompts = prompt_windows(tokens, args.prompt_len, 32)

@@ -6,11 +6,12 @@ For each prompt set (code completion, chat-like prose) and batch size (1, 16), t
 every speculative method generate the same greedy continuations in one process, one after another.
 TPOT is, per request, (time of its last token - time of its first token) / (tokens - 1); a run's TPOT
 is the median over its requests. The host is shared, so every configuration runs `--repeats` times,
-plain and speculative runs interleaved, and the table shows the median run TPOT per configuration;
+plain and speculative runs interleaved (at batch 1 per prompt: plain, then each method, on the same
+prompt, then the next prompt), and the table shows the median run TPOT per configuration;
 speedup = TPOT plain / TPOT spec. `--clock cpu` stamps tokens with the engine thread's CPU time
 instead of the wall clock (the engine runs single-threaded in this process), which leaves out the
 time other jobs on a busy host take the core away. Average accept length and the
-acceptance per draft position are FastDeploy's speculate_metrics over all requests of the run.
+acceptance per draft position are FastDeploy's speculate_metrics over all requests of a repeat.
 Writes bench_out/spec.md (the table) and bench_out/spec.png.
 """
 
@@ -22,6 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine, kv_spec_for
@@ -83,7 +86,7 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 @dataclass(frozen=True)
 class RunResult:
     tpot_ms: float  # median over requests
-    metrics: SpeculateMetrics | None
+    step_lengths: list[int]  # tokens emitted per decode step, every request's (after its first token)
 
 
 def run(
@@ -117,8 +120,7 @@ def run(
                 counts.setdefault(out.request_id, []).append(len(out.new_token_ids))
     tpots = [(t[-1] - t[0]) / (sum(counts[r]) - counts[r][0]) * 1e3 for r, t in times.items()]
     steps = [n for c in counts.values() for n in c[1:]]
-    metrics = SpeculateMetrics.from_step_lengths(steps, k) if spec else None
-    return RunResult(statistics.median(tpots), metrics)
+    return RunResult(statistics.median(tpots), steps)
 
 
 def main() -> None:
@@ -130,10 +132,11 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--matmul", choices=["packed", "paddle"], default="packed",
-                        help="projections through pdserve's packed CPU op (the default) or Paddle's matmul")
+    parser.add_argument("--cpu-ops", choices=["pdserve", "paddle"], default="pdserve",
+                        help="pdserve's CPU ops (packed projections, norms, attention: the default) "
+                        "or Paddle's own ops throughout")
     args = parser.parse_args()
-    model = load_model(default_model_dir(), "float32", cpu_fast_path=args.matmul == "packed")
+    model = load_model(default_model_dir(), "float32", cpu_fast_path=args.cpu_ops == "pdserve")
     tokenizer = Tokenizer.from_dir(default_model_dir())
     sets = {"code": CODE_PROMPTS, "chat": CHAT_PROMPTS}
     rows = []
@@ -150,18 +153,24 @@ def main() -> None:
             run(model, prompts[:1], None, batch, 8)  # warm-up
             configs = {"plain": None} | {m: SpeculativeConfig.from_json(METHODS[m]) for m in args.methods}
             results: dict[str, list[RunResult]] = {name: [] for name in configs}
-            for _ in range(args.repeats):
-                for name, spec in configs.items():
-                    result = run(model, prompts, spec, batch, args.max_tokens, CLOCKS[args.clock])
-                    results[name].append(result)
+            # At batch 1 the configurations take turns on each prompt, so the two runs of a ratio
+            # are a second apart and share the host's load; a batch runs its prompts together.
+            units = [[p] for p in prompts] if batch == 1 else [prompts]
+            for _ in tqdm(range(args.repeats), desc=f"{set_name} batch {batch}", leave=False):
+                for unit in units:
+                    for name, spec in configs.items():
+                        result = run(model, unit, spec, batch, args.max_tokens, CLOCKS[args.clock])
+                        results[name].append(result)
             plain_tpot = statistics.median(r.tpot_ms for r in results["plain"])
             for name in args.methods:
-                m = results[name][0].metrics  # greedy: every repeat accepts the same drafts
+                # Greedy: every repeat accepts the same drafts, so the first repeat's steps say it all.
+                first_repeat = [n for r in results[name][: len(units)] for n in r.step_lengths]
+                m = SpeculateMetrics.from_step_lengths(first_repeat, configs[name].num_speculative_tokens)
                 spec_tpot = statistics.median(r.tpot_ms for r in results[name])
                 per_pos = "/".join(f"{r:.2f}" for r in m.accept_ratio_per_head)
                 speedup = plain_tpot / spec_tpot
-                # Repeat i's plain run and spec run ran one after the other: their ratio shares the
-                # host's mood of that moment, so the spread of these ratios is the noise band.
+                # Run i of plain and run i of the method ran one after the other: their ratio shares
+                # the host's load of that moment, so the spread of these ratios is the noise band.
                 pairs = [p.tpot_ms / r.tpot_ms for p, r in zip(results["plain"], results[name], strict=True)]
                 line = (
                     f"| {set_name} | {batch} | {name} | {m.average_accept_length:.2f} | {per_pos} | "
