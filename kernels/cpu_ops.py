@@ -31,7 +31,9 @@ import paddle
 log = logging.getLogger(__name__)
 
 LIBRARY = "pdserve_cpu_ops"
-SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("packed_linear.cc", "layer_ops.cc"))
+SOURCES = tuple(
+    Path(__file__).resolve().parent / "csrc" / name for name in ("packed_linear.cc", "layer_ops.cc")
+)
 CXX_FLAGS = ("-O3", "-mavx2", "-mfma")
 _REQUIRED_CPU_FLAGS = {"avx2", "fma"}
 
@@ -84,6 +86,11 @@ def load() -> bool:
         log.warning("pdserve CPU ops unavailable (%s); using Paddle's own ops", exc)
         return False
     return True
+
+
+def takes(x: paddle.Tensor) -> bool:
+    """Whether ``x`` is what the ops take as activations: a 2-D float32 CPU tensor."""
+    return x.ndim == 2 and x.dtype == paddle.float32 and x.place.is_cpu_place()
 
 
 def _build_in_child() -> None:

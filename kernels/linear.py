@@ -58,10 +58,6 @@ def packed_matmul(x: paddle.Tensor, packed: paddle.Tensor) -> paddle.Tensor:
     return _C_ops._run_custom_op("pdserve_packed_linear", x, packed)[0]
 
 
-def packable(x: paddle.Tensor) -> bool:
-    return x.ndim == 2 and x.dtype == paddle.float32 and x.place.is_cpu_place()
-
-
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same names) that uses the packed op after ``pack()``."""
 
@@ -80,7 +76,7 @@ class Linear(nn.Linear):
         return packed is not None
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if self._packed is None or not packable(x):
+        if self._packed is None or not cpu_ops.takes(x):
             return super().forward(x)
         out = packed_matmul(x, self._packed)
         return out if self.bias is None else out + self.bias

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import paddle
 
-from pdserve.kernels.linear import is_packed, pack_weight, packable, packed_matmul
+from pdserve.kernels import cpu_ops
+from pdserve.kernels.linear import is_packed, pack_weight, packed_matmul
 
 # The packed op multiplies up to 8 rows per pass over the weights (4 without AVX-512, where 8 rows
 # cost ~1.3x one): measured 0.13 ms for 1 row and 0.18 ms for 8 on the demo head.
@@ -61,7 +62,7 @@ class LMHead:
         return FLAT_ROWS if self._packed is not None else 1
 
     def __call__(self, hidden: paddle.Tensor) -> paddle.Tensor:
-        if self._weight_hv is None or not packable(hidden):
+        if self._weight_hv is None or not cpu_ops.takes(hidden):
             return self.reference(hidden)
         if self._packed is not None:
             return packed_matmul(hidden, self._packed)
