@@ -16,8 +16,8 @@ from __future__ import annotations
 import paddle
 from paddle import nn
 
-from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels import cpu_ops
+from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_and_attend_cpu, write_kv
 from pdserve.kernels.linear import Linear
 from pdserve.kernels.norm import rms_norm, rms_norm_cpu
@@ -37,7 +37,7 @@ class RMSNorm(nn.Layer):
         object.__setattr__(self, "_cpu_op", False)  # set by use_cpu_ops
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if self._cpu_op and _on_cpu_f32(x) and x.ndim == 2:
+        if self._cpu_op and cpu_ops.takes(x):
             return rms_norm_cpu(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
@@ -86,16 +86,16 @@ class Attention(nn.Layer):
     ) -> paddle.Tensor:
         num_tokens = x.shape[0]
         k_cache, v_cache = kv_cache
-        if self._cpu_op and _on_cpu_f32(x) and k_cache.dtype == paddle.float32:
+        if self._cpu_op and cpu_ops.takes(x) and k_cache.dtype == paddle.float32:
             q, k, v = split_qkv_rope_cpu(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads)
             out = write_and_attend_cpu(q, k, v, k_cache, v_cache, attn_meta, self.scale)  # [T, H, D]
-            return self.o_proj(out.reshape([num_tokens, self.q_size]))
-        q, k, v = paddle.split(self.qkv_proj(x), [self.q_size, self.kv_size, self.kv_size], axis=-1)
-        q = apply_rope(q.reshape([num_tokens, self.num_heads, self.head_dim]), cos, sin)  # [T, H, D]
-        k = apply_rope(k.reshape([num_tokens, self.num_kv_heads, self.head_dim]), cos, sin)  # [T, Hkv, D]
-        v = v.reshape([num_tokens, self.num_kv_heads, self.head_dim])  # [T, Hkv, D]
-        write_kv(k, v, k_cache, v_cache, attn_meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, attn_meta, self.scale)  # [T, H, D]
+        else:
+            q, k, v = paddle.split(self.qkv_proj(x), [self.q_size, self.kv_size, self.kv_size], axis=-1)
+            q = apply_rope(q.reshape([num_tokens, self.num_heads, self.head_dim]), cos, sin)  # [T, H, D]
+            k = apply_rope(k.reshape([num_tokens, self.num_kv_heads, self.head_dim]), cos, sin)  # [T, Hkv, D]
+            v = v.reshape([num_tokens, self.num_kv_heads, self.head_dim])  # [T, Hkv, D]
+            write_kv(k, v, k_cache, v_cache, attn_meta.slot_mapping)
+            out = paged_attention(q, k_cache, v_cache, attn_meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape([num_tokens, self.q_size]))
 
 
@@ -202,16 +202,12 @@ class LlamaForCausalLM(nn.Layer):
         return logits.astype("float32")
 
 
-def _on_cpu_f32(x: paddle.Tensor) -> bool:
-    return x.dtype == paddle.float32 and x.place.is_cpu_place()
-
-
 def use_cpu_ops(model: nn.Layer) -> int:
     """Put the model's RMSNorms and attentions on pdserve's CPU ops (when they load); returns how
     many layers took them. Activations of other dtypes or places still run the Paddle ops."""
     if not cpu_ops.load():
         return 0
-    layers = [layer for layer in model.sublayers(include_self=True) if isinstance(layer, (RMSNorm, Attention))]
+    layers = [m for m in model.sublayers(include_self=True) if isinstance(m, (RMSNorm, Attention))]
     for layer in layers:
         object.__setattr__(layer, "_cpu_op", True)
     return len(layers)
