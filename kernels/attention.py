@@ -23,6 +23,10 @@ through float rounding. Padded key positions (beyond its context, or block id 0 
 block table) get ``-inf`` scores, hence exact-zero weights; only the order in which the softmax and
 the weighted sum add the (unchanged) terms can differ with the group's padded width. This relies on
 the cache holding finite values everywhere (a zero-initialised pool does): ``0 * nan`` is ``nan``.
+
+On CPU with pdserve's ops loaded, models call ``write_and_attend_cpu`` instead: the KV write and the
+attention in one C++ op (kernels/csrc/layer_ops.cc) that reads the cache through the block table,
+so none of the planning above runs and no padding enters a row's sums.
 """
 
 from __future__ import annotations

@@ -123,6 +123,10 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
   }
   PD_CHECK(total == tokens, "paged_attention: the query lengths must sum to the tokens");
   const int64_t slots = num_blocks * block_size;
+  // Where the head_dim values of (block, kv head, offset in the block) start in either cache.
+  auto cache_at = [&](int64_t block, int64_t kv_head, int64_t offset) {
+    return ((block * num_kv_heads + kv_head) * block_size + offset) * dim;
+  };
 
   // The caches view memory the op does not own as outputs; Paddle hands the same buffer in.
   auto* kc = const_cast<float*>(k_cache.data<float>());
@@ -130,9 +134,8 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
   const int64_t* slot = slot_mapping.data<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) {
     PD_CHECK(0 <= slot[t] && slot[t] < slots, "paged_attention: slot out of range");
-    const int64_t block = slot[t] / block_size, offset = slot[t] % block_size;
     for (int64_t h = 0; h < num_kv_heads; ++h) {
-      const int64_t at = ((block * num_kv_heads + h) * block_size + offset) * dim;
+      const int64_t at = cache_at(slot[t] / block_size, h, slot[t] % block_size);
       std::copy_n(k.data<float>() + (t * num_kv_heads + h) * dim, dim, kc + at);
       std::copy_n(v.data<float>() + (t * num_kv_heads + h) * dim, dim, vc + at);
     }
@@ -156,7 +159,7 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
         const float* query = q.data<float>() + (row * num_heads + h) * dim;
         float best = -INFINITY;
         for (int64_t p = 0; p < visible; ++p) {
-          const float* key = kc + ((table[p / block_size] * num_kv_heads + kv_head) * block_size + p % block_size) * dim;
+          const float* key = kc + cache_at(table[p / block_size], kv_head, p % block_size);
           float dot = 0.f;
           for (int64_t i = 0; i < dim; ++i) dot += query[i] * key[i];
           scores[p] = dot * scale;
@@ -169,7 +172,7 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
         }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t p = 0; p < visible; ++p) {
-          const float* value = vc + ((table[p / block_size] * num_kv_heads + kv_head) * block_size + p % block_size) * dim;
+          const float* value = vc + cache_at(table[p / block_size], kv_head, p % block_size);
           const float weight = scores[p];
           for (int64_t i = 0; i < dim; ++i) acc[i] += weight * value[i];
         }
