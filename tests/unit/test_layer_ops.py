@@ -40,17 +40,18 @@ def test_rope_split_equals_split_reshape_and_apply_rope() -> None:
     cos, sin = _tensor(rng, tokens, DIM), _tensor(rng, tokens, DIM)
     q, k, v = split_qkv_rope_cpu(qkv, cos, sin, HEADS, KV_HEADS)
     q_ref, k_ref, v_ref = paddle.split(qkv, [HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM], axis=-1)
-    np.testing.assert_allclose(q.numpy(), apply_rope(q_ref.reshape([tokens, HEADS, DIM]), cos, sin).numpy(),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(k.numpy(), apply_rope(k_ref.reshape([tokens, KV_HEADS, DIM]), cos, sin).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    q_expected = apply_rope(q_ref.reshape([tokens, HEADS, DIM]), cos, sin).numpy()
+    k_expected = apply_rope(k_ref.reshape([tokens, KV_HEADS, DIM]), cos, sin).numpy()
+    np.testing.assert_allclose(q.numpy(), q_expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k.numpy(), k_expected, rtol=1e-5, atol=1e-5)
     assert np.array_equal(v.numpy(), v_ref.reshape([tokens, KV_HEADS, DIM]).numpy())
 
 
 def _batch(rng: np.random.Generator, tables: list[list[int]], query_lens: list[int], context_lens: list[int]):
     tokens = sum(query_lens)
     meta = AttentionMetadata.build(tables, query_lens, context_lens, BLOCK)
-    q, k, v = _tensor(rng, tokens, HEADS, DIM), _tensor(rng, tokens, KV_HEADS, DIM), _tensor(rng, tokens, KV_HEADS, DIM)
+    q = _tensor(rng, tokens, HEADS, DIM)
+    k, v = _tensor(rng, tokens, KV_HEADS, DIM), _tensor(rng, tokens, KV_HEADS, DIM)
     return meta, q, k, v
 
 
@@ -96,9 +97,11 @@ def test_bad_metadata_raises_instead_of_reading_out_of_bounds() -> None:
 def test_the_loader_puts_norms_and_attention_on_the_ops_and_logits_match_the_reference() -> None:
     fast = load_model(default_model_dir())
     reference = load_model(default_model_dir(), cpu_fast_path=False)
-    layers = [m for m in fast.sublayers(include_self=True) if isinstance(m, (RMSNorm, Attention))]
-    assert layers and all(m._cpu_op for m in layers)
-    assert not any(m._cpu_op for m in reference.sublayers(include_self=True) if isinstance(m, (RMSNorm, Attention)))
+    def switched(model):
+        return [m._cpu_op for m in model.sublayers(include_self=True) if isinstance(m, (RMSNorm, Attention))]
+
+    assert switched(fast) and all(switched(fast))
+    assert not any(switched(reference))
     rng = np.random.default_rng(5)
     config = fast.config
     ids = paddle.to_tensor(rng.integers(1, config.vocab_size, 11).astype(np.int64))
