@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from pdserve.engine.process import STATS_MIN_INTERVAL_S
 from pdserve.rpc import node_pb2 as pb
 from pdserve.tests.integration.pd_fixtures import (
     Node,
@@ -168,12 +169,15 @@ def test_abort_mid_decode_frees_blocks(nodes: dict[str, Node], prompts: dict[str
         pb.GenerateRequest(request_id=rid("abort-decode"), prompt_token_ids=prompts["medium"],
                            sampling=sampling(1000, ignore_eos=True), prefill=prefill.target()),
         timeout=60.0)
-    first = next(call)
-    assert first.token_ids and not first.finish_reason
-    second = next(call)  # decoding on D now, not just the peer's first token
-    assert second.token_ids and not second.finish_reason
-    assert not decode.all_blocks_free()
-    call.cancel()
+    try:
+        first = next(call)
+        assert first.token_ids and not first.finish_reason
+        second = next(call)  # decoding on D now, not just the peer's first token
+        assert second.token_ids and not second.finish_reason
+        # Stats reach the node server at most every 50 ms, so two fast tokens can beat the first report.
+        assert wait_until(lambda: not decode.all_blocks_free(), 2.0), decode.stats()
+    finally:
+        call.cancel()  # a failed assertion must not leave 1000 tokens decoding into the next test
     assert wait_until(lambda: prefill.all_blocks_free() and decode.all_blocks_free(), 1.0), (
         prefill.stats(), decode.stats())
 
@@ -191,10 +195,13 @@ def test_abort_mid_decode_frees_blocks(nodes: dict[str, Node], prompts: dict[str
 def test_bad_sampling_params_are_invalid_argument(nodes: dict[str, Node], prompts: dict[str, list[int]],
                                                   bad: pb.SamplingParams, node_name: str) -> None:
     prefill = nodes["prefill_shm"] if node_name == "decode" else None
+    node = nodes[node_name]
+    assert wait_until(node.all_blocks_free, 2.0), node.stats()  # nothing left over from earlier tests
     with pytest.raises(grpc.RpcError) as err:
-        generate(nodes[node_name], rid("bad"), prompts["short"], bad, prefill=prefill, timeout_s=10.0)
+        generate(node, rid("bad"), prompts["short"], bad, prefill=prefill, timeout_s=10.0)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert nodes[node_name].all_blocks_free()
+    time.sleep(3 * STATS_MIN_INTERVAL_S)  # long enough for an allocation to show in the stats
+    assert node.all_blocks_free(), node.stats()
 
 
 @pytest.mark.parametrize("prompt", [[1, 2, 8192], [2**31], []], ids=["vocab_size", "huge", "empty"])
@@ -246,7 +253,7 @@ def test_unreachable_prefill_node_with_local_fallback_equals_mixed(
 def test_unreachable_prefill_node_does_not_delay_requests_to_a_live_one(
         nodes: dict[str, Node], prompts: dict[str, list[int]]) -> None:
     decode = nodes["decode"]
-    assert decode.all_blocks_free()
+    assert wait_until(decode.all_blocks_free, 2.0), decode.stats()  # nothing left over from earlier tests
     with ThreadPoolExecutor(1) as pool:
         dead = pool.submit(generate, decode, rid("to-dead"), prompts["medium"], sampling(4),
                            _unreachable_target(), 30.0)
