@@ -201,8 +201,8 @@ def write_and_attend_cpu(
 ) -> paddle.Tensor:
     """``write_kv`` then ``paged_attention`` in one call of pdserve's CPU op (float32 tensors;
     kernels/csrc/layer_ops.cc). It reads the cache through the block table directly: no gathers, no
-    mask, no padding, and each query row sums its own visible keys in order, so its output does not
-    depend on the rest of the batch even in rounding."""
+    mask, no padding, and each query row sums its own visible keys in a fixed order, so its output
+    does not depend on the rest of the batch even in rounding."""
     return _C_ops._run_custom_op(
         "pdserve_paged_attention",
         q, k, v, k_cache, v_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, float(scale),

@@ -6,8 +6,13 @@
 // a 1-row step in every norm, RoPE and attention call. Measured on the demo model (1 thread):
 // RMSNorm 29 -> 46 us, RoPE 39 -> 56 us, paged attention 82 -> 146 us for 1 -> 6 rows.
 //
+// The attention is vectorized: with scalar loops (a float sum the compiler may not reorder) a
+// 6-row verification over 120 cached tokens took 89 us against 29 us for one row; now 38 and 11.
+//
 // Each op computes every output row from that row's inputs alone, in a fixed order, so a row's
 // result is the same bits whatever else is in the batch (as kernels/csrc/packed_linear.cc).
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +28,88 @@ void check_cpu_f32(const paddle::Tensor& t, const char* what) {
 
 void check_cpu_i64(const paddle::Tensor& t, const char* what) {
   PD_CHECK(t.is_cpu() && t.dtype() == paddle::DataType::INT64, what, " must be an int64 CPU tensor");
+}
+
+// The dot products of one query with four keys, each summed the same way: 8 lanes across head_dim
+// (lane l takes the elements i = l mod 8, the last partial chunk masked), then the lanes pairwise in
+// a fixed tree. A key's score is the same bits in whichever group of four it is computed, and four
+// independent chains keep the FMA unit busy where one key at a time would wait on its latency.
+inline __m128 dot4(const float* query, const float* const* keys, int64_t dim, __m256i tail_mask) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 8 <= dim; i += 8) {
+    const __m256 q = _mm256_loadu_ps(query + i);
+    for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(q, _mm256_loadu_ps(keys[k] + i), acc[k]);
+  }
+  if (i < dim) {
+    const __m256 q = _mm256_maskload_ps(query + i, tail_mask);
+    for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(q, _mm256_maskload_ps(keys[k] + i, tail_mask), acc[k]);
+  }
+  // hadd twice: lane k of each 128-bit half holds key k's sum over that half's 4 lanes.
+  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+}
+
+// exp(x) on 8 lanes for x <= 0 (a score minus its row's max): Cody-Waite range reduction and the
+// Cephes expf polynomial, within ~2 ulp of std::exp. Inputs are clamped at -87 (~1e-38 out), where
+// std::exp would give a denormal or 0; either is nothing next to the max's weight of 1.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
+}
+
+// scores[0, n) -> exp(score - max score); returns their sum. scores must have room up to the next
+// multiple of 8, which this sets to 0. Summed on 8 lanes then pairwise, in an order fixed by n.
+float exp_and_sum(float* scores, int64_t n) {
+  const int64_t padded = (n + 7) / 8 * 8;
+  std::fill(scores + n, scores + padded, -INFINITY);
+  __m256 best = _mm256_set1_ps(-INFINITY);
+  for (int64_t p = 0; p < padded; p += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(scores + p));
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(best), _mm256_extractf128_ps(best, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  const __m256 top = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(half, _mm_shuffle_ps(half, half, 1))));
+  for (int64_t p = 0; p < padded; p += 8)
+    _mm256_storeu_ps(scores + p, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + p), top)));
+  std::fill(scores + n, scores + padded, 0.f);  // the padding's lanes came out ~1e-38, not 0
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t p = 0; p < padded; p += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(scores + p));
+  half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
+}
+
+// dst = scale * sum_p weights[p] * values[p] (values[p] = base + offsets[p], dim floats), 8 columns
+// at a time; the keys go round four accumulators, added pairwise at the end, in an order fixed by n.
+void weighted_sum(const float* weights, int64_t n, const float* base, const int64_t* offsets, int64_t dim,
+                  __m256i tail_mask, float scale, float* dst) {
+  for (int64_t i = 0; i < dim; i += 8) {
+    const bool full = i + 8 <= dim;
+    auto load = [&](int64_t p) {
+      const float* at = base + offsets[p] + i;
+      return full ? _mm256_loadu_ps(at) : _mm256_maskload_ps(at, tail_mask);
+    };
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t p = 0;
+    for (; p + 4 <= n; p += 4)
+      for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(weights[p + k]), load(p + k), acc[k]);
+    for (int k = 0; p < n; ++p, ++k) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(weights[p]), load(p), acc[k]);
+    const __m256 sum = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
+                                     _mm256_set1_ps(scale));
+    if (full) {
+      _mm256_storeu_ps(dst + i, sum);
+    } else {
+      _mm256_maskstore_ps(dst + i, tail_mask, sum);
+    }
+  }
 }
 
 }  // namespace
@@ -143,42 +230,37 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
 
   auto out = paddle::empty({tokens, num_heads, dim}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   const int64_t group = num_heads / num_kv_heads;
+  const int tail = static_cast<int>(dim % 8);
+  const __m256i tail_mask = _mm256_setr_epi32(0 < tail ? -1 : 0, 1 < tail ? -1 : 0, 2 < tail ? -1 : 0,
+                                              3 < tail ? -1 : 0, 4 < tail ? -1 : 0, 5 < tail ? -1 : 0,
+                                              6 < tail ? -1 : 0, 7 < tail ? -1 : 0);
   std::vector<float> scores;
-  std::vector<float> acc(dim);
+  std::vector<int64_t> offsets;  // cache_at(.., kv head 0, ..) of each position: no divisions per key
   int64_t row = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t query_len = lens[2 * s], context_len = lens[2 * s + 1];
     const int64_t* table = tables + s * max_blocks;
     for (int64_t b = 0; b < (context_len + block_size - 1) / block_size; ++b)
       PD_CHECK(0 <= table[b] && table[b] < num_blocks, "paged_attention: block id out of range");
-    scores.resize(context_len);
+    offsets.resize(context_len);
+    for (int64_t p = 0; p < context_len; ++p) offsets[p] = cache_at(table[p / block_size], 0, p % block_size);
+    scores.resize((context_len + 7) / 8 * 8);  // room for the last group's unused lanes
     for (int64_t j = 0; j < query_len; ++j, ++row) {
       const int64_t visible = context_len - query_len + j + 1;
       for (int64_t h = 0; h < num_heads; ++h) {
-        const int64_t kv_head = h / group;
+        const int64_t head_offset = cache_at(0, h / group, 0);
+        const float* keys_base = kc + head_offset;
+        const float* values_base = vc + head_offset;
         const float* query = q.data<float>() + (row * num_heads + h) * dim;
-        float best = -INFINITY;
-        for (int64_t p = 0; p < visible; ++p) {
-          const float* key = kc + cache_at(table[p / block_size], kv_head, p % block_size);
-          float dot = 0.f;
-          for (int64_t i = 0; i < dim; ++i) dot += query[i] * key[i];
-          scores[p] = dot * scale;
-          best = std::max(best, scores[p]);
+        for (int64_t p = 0; p < visible; p += 4) {
+          const float* keys[4];
+          for (int64_t k = 0; k < 4; ++k)  // past the last key, repeat it (its lanes are dropped)
+            keys[k] = keys_base + offsets[std::min(p + k, visible - 1)];
+          _mm_storeu_ps(&scores[p], _mm_mul_ps(dot4(query, keys, dim, tail_mask), _mm_set1_ps(scale)));
         }
-        float denom = 0.f;
-        for (int64_t p = 0; p < visible; ++p) {
-          scores[p] = std::exp(scores[p] - best);
-          denom += scores[p];
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t p = 0; p < visible; ++p) {
-          const float* value = vc + cache_at(table[p / block_size], kv_head, p % block_size);
-          const float weight = scores[p];
-          for (int64_t i = 0; i < dim; ++i) acc[i] += weight * value[i];
-        }
+        const float denom = exp_and_sum(scores.data(), visible);
         float* dst = out.data<float>() + (row * num_heads + h) * dim;
-        const float inv = 1.f / denom;
-        for (int64_t i = 0; i < dim; ++i) dst[i] = acc[i] * inv;
+        weighted_sum(scores.data(), visible, values_base, offsets.data(), dim, tail_mask, 1.f / denom, dst);
       }
     }
   }
