@@ -9,7 +9,9 @@ lock, so engine processes starting together build it once. Every later process o
 cached library.
 
 When the ops cannot be had (not x86-64 with AVX2 and FMA, no compiler, a failed build) ``load``
-says why once in the log and returns False; callers then run the reference Paddle ops.
+says why once in the log and returns False; callers then run the reference Paddle ops. A failed
+build leaves ``BUILD_FAILED`` (the compiler's last lines) in the cache directory, so the node's
+other processes and later starts do not each spend the build's time failing again.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ def library_path() -> Path:
     return cache_dir() / f"{LIBRARY}.so"
 
 
+def failure_path() -> Path:
+    """Left by a failed build: later processes skip the ~20 s attempt (``python -m
+    pdserve.kernels.cpu_ops`` retries and removes it; new sources get a new cache_dir)."""
+    return cache_dir() / "BUILD_FAILED"
+
+
 def cpu_supported() -> tuple[bool, str]:
     """The library is compiled for AVX2 + FMA: (usable here, why not)."""
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -77,6 +85,10 @@ def load() -> bool:
     if not usable:
         log.info("pdserve CPU ops disabled: %s; using Paddle's own ops", why)
         return False
+    if not library_path().exists() and failure_path().exists():
+        log.warning("pdserve CPU ops unavailable: an earlier build failed (%s; run `python -m "
+                    "pdserve.kernels.cpu_ops` to retry); using Paddle's own ops", failure_path())
+        return False
     try:
         path = library_path()
         if not path.exists():
@@ -99,6 +111,8 @@ def _build_in_child() -> None:
     )
     if result.returncode != 0:
         tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
+        failure_path().parent.mkdir(parents=True, exist_ok=True)
+        failure_path().write_text("\n".join(tail) + "\n")
         raise RuntimeError(f"building {LIBRARY} failed: {' | '.join(tail)}")
 
 
@@ -132,4 +146,5 @@ if __name__ == "__main__":
     if not usable:
         print(f"pdserve CPU ops not built: {why}")
         sys.exit(0)
+    failure_path().unlink(missing_ok=True)  # an explicit build is the retry
     print(f"pdserve CPU ops: {build()}")

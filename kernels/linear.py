@@ -75,6 +75,10 @@ class Linear(nn.Linear):
         object.__setattr__(self, "_packed", packed)
         return packed is not None
 
+    def unpack(self) -> None:
+        """Free the packed copy (the layer runs Paddle's op again): for a layer no longer called."""
+        object.__setattr__(self, "_packed", None)
+
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self._packed is None or not cpu_ops.takes(x):
             return super().forward(x)

@@ -63,6 +63,7 @@ class MTPModule(nn.Layer):
         table = paddle.matmul(self.enorm(self._embed_tokens.weight), token_half)  # [V, hidden]
         object.__setattr__(self, "_token_rows", table)
         object.__setattr__(self, "_hidden_proj", hidden_proj)
+        self.eh_proj.unpack()  # forward no longer calls it; its weight stays for state_dict
 
     def forward(
         self,

@@ -87,6 +87,8 @@ def test_the_loader_packs_the_demo_model_and_the_head_follows() -> None:
     packed = load_model(default_model_dir())
     plain = load_model(default_model_dir(), cpu_fast_path=False)
     assert is_packed(packed) and not is_packed(plain)
+    # Folded MTP: its hidden half runs packed, eh_proj itself is never called and keeps no copy.
+    assert packed.mtp._hidden_proj._packed is not None and packed.mtp.eh_proj._packed is None
     assert pack_linears(packed) == 6 * 4 + 1 + 4  # 6 layers, eh_proj and the MTP layer's 4
     assert lm_head_of(packed)._packed is not None and lm_head_of(plain)._packed is None
     assert lm_head_of(packed) is lm_head_of(packed)  # one per model, shared by runner and proposer
@@ -117,6 +119,25 @@ def test_a_cold_cache_builds_once_and_later_processes_only_load(tmp_path) -> Non
     assert second.stdout.split()[0] == "True"
     assert os.stat(path).st_mtime_ns == stamp  # not rebuilt
     assert "Compiling" not in first.stdout + second.stdout  # the compiler's chatter stays in the child
+
+
+def test_a_failed_build_is_not_retried_by_each_process_but_on_request(tmp_path) -> None:
+    fixed = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    broken = {**fixed, "CC": "/bin/false", "CXX": "/bin/false"}  # a toolchain that cannot compile
+
+    def python(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=240)
+
+    code = "from pdserve.kernels import cpu_ops; print(cpu_ops.load(), cpu_ops.failure_path())"
+    first = python(broken, "-c", code)
+    loaded, marker = first.stdout.split()
+    assert loaded == "False" and os.path.exists(marker), first.stderr
+    second = python(broken, "-c", code)
+    assert second.stdout.split()[0] == "False"
+    assert "an earlier build failed" in second.stderr and "python -m pdserve.kernels.cpu_ops" in second.stderr
+    retry = python(fixed, "-m", "pdserve.kernels.cpu_ops")
+    assert retry.returncode == 0 and not os.path.exists(marker), retry.stderr
+    assert python(fixed, "-c", code).stdout.split()[0] == "True"
 
 
 def _strips(w: np.ndarray) -> paddle.Tensor:
