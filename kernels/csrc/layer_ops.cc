@@ -67,6 +67,14 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
 }
 
+// One float from 8 lanes, combined pairwise in a fixed order; op is _mm_max_ps or _mm_add_ps.
+template <typename Op>
+float reduce8(__m256 v, Op op) {
+  __m128 half = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = op(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(op(half, _mm_shuffle_ps(half, half, 1)));
+}
+
 // scores[0, n) -> exp(score - max score); returns their sum. scores must have room up to the next
 // multiple of 8, which this sets to 0. Summed on 8 lanes then pairwise, in an order fixed by n.
 float exp_and_sum(float* scores, int64_t n) {
@@ -74,17 +82,13 @@ float exp_and_sum(float* scores, int64_t n) {
   std::fill(scores + n, scores + padded, -INFINITY);
   __m256 best = _mm256_set1_ps(-INFINITY);
   for (int64_t p = 0; p < padded; p += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(scores + p));
-  __m128 half = _mm_max_ps(_mm256_castps256_ps128(best), _mm256_extractf128_ps(best, 1));
-  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
-  const __m256 top = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(half, _mm_shuffle_ps(half, half, 1))));
+  const __m256 top = _mm256_set1_ps(reduce8(best, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); }));
   for (int64_t p = 0; p < padded; p += 8)
     _mm256_storeu_ps(scores + p, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + p), top)));
   std::fill(scores + n, scores + padded, 0.f);  // the padding's lanes came out ~1e-38, not 0
   __m256 sum = _mm256_setzero_ps();
   for (int64_t p = 0; p < padded; p += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(scores + p));
-  half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
+  return reduce8(sum, [](__m128 a, __m128 b) { return _mm_add_ps(a, b); });
 }
 
 // dst = scale * sum_p weights[p] * values[p] (values[p] = base + offsets[p], dim floats), 8 columns
@@ -230,10 +234,9 @@ std::vector<paddle::Tensor> PagedAttention(const paddle::Tensor& q, const paddle
 
   auto out = paddle::empty({tokens, num_heads, dim}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   const int64_t group = num_heads / num_kv_heads;
-  const int tail = static_cast<int>(dim % 8);
-  const __m256i tail_mask = _mm256_setr_epi32(0 < tail ? -1 : 0, 1 < tail ? -1 : 0, 2 < tail ? -1 : 0,
-                                              3 < tail ? -1 : 0, 4 < tail ? -1 : 0, 5 < tail ? -1 : 0,
-                                              6 < tail ? -1 : 0, 7 < tail ? -1 : 0);
+  // Lanes 0 .. dim % 8 - 1 set: the last partial chunk of head_dim.
+  const __m256i tail_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(dim % 8)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   std::vector<float> scores;
   std::vector<int64_t> offsets;  // cache_at(.., kv head 0, ..) of each position: no divisions per key
   int64_t row = 0;
