@@ -85,14 +85,14 @@ def load() -> bool:
     if not usable:
         log.info("pdserve CPU ops disabled: %s; using Paddle's own ops", why)
         return False
-    if not library_path().exists() and failure_path().exists():
+    path, failed = library_path(), failure_path()  # each hashes the sources: once here
+    if not path.exists() and failed.exists():
         log.warning("pdserve CPU ops unavailable: an earlier build failed (%s; run `python -m "
-                    "pdserve.kernels.cpu_ops` to retry); using Paddle's own ops", failure_path())
+                    "pdserve.kernels.cpu_ops` to retry); using Paddle's own ops", failed)
         return False
     try:
-        path = library_path()
         if not path.exists():
-            _build_in_child()
+            _build_in_child(failed)
         paddle.utils.cpp_extension.load_op_meta_info_and_register_op(str(path))
     except Exception as exc:  # noqa: BLE001 - any failure means the reference ops, said once
         log.warning("pdserve CPU ops unavailable (%s); using Paddle's own ops", exc)
@@ -105,14 +105,14 @@ def takes(x: paddle.Tensor) -> bool:
     return x.ndim == 2 and x.dtype == paddle.float32 and x.place.is_cpu_place()
 
 
-def _build_in_child() -> None:
+def _build_in_child(failure_marker: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pdserve.kernels.cpu_ops"], capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
-        failure_path().parent.mkdir(parents=True, exist_ok=True)
-        failure_path().write_text("\n".join(tail) + "\n")
+        failure_marker.parent.mkdir(parents=True, exist_ok=True)
+        failure_marker.write_text("\n".join(tail) + "\n")
         raise RuntimeError(f"building {LIBRARY} failed: {' | '.join(tail)}")
 
 
