@@ -8,15 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from pdserve.engine.engine import LLMEngine, RequestOutput, kv_spec_for
-from pdserve.engine.kv_cache import KVCachePool
+from pdserve.engine.engine import LLMEngine, RequestOutput
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import default_model_dir, load_model
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.tests.unit.spec_fixtures import make_spec_engine
 
 PROMPTS = [
     "def f(",
@@ -62,15 +61,8 @@ def prompts() -> list[list[int]]:
 
 
 def make_engine(model: LlamaForCausalLM, spec: SpeculativeConfig | None, max_num_seqs: int) -> LLMEngine:
-    k = spec.num_speculative_tokens if spec else 0
-    config = EngineConfig(
-        CacheConfig(num_blocks=160, block_size=16),
-        SchedulerConfig(
-            max_num_batched_tokens=512, max_num_seqs=max_num_seqs, max_model_len=256, num_speculative_tokens=k
-        ),
-        spec,
-    )
-    return LLMEngine(model, config, KVCachePool.allocate(kv_spec_for(model, config)), eos_token_ids=[0])
+    return make_spec_engine(model, spec, num_blocks=160, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=512)
 
 
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=3, seed=7)

@@ -26,15 +26,14 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from pdserve.engine.engine import LLMEngine, RequestOutput, kv_spec_for
-from pdserve.engine.kv_cache import KVCachePool
+from pdserve.engine.engine import LLMEngine, RequestOutput
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import default_model_dir, load_model
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.tests.unit.spec_fixtures import make_spec_engine
 
 # Short and repetitive: the n-gram lookup finds matches in it (" 1" -> "\n" -> "b" -> " ="), MTP
 # drafts are accepted about half the time, and top-k 6 keeps the support small enough for power.
@@ -71,16 +70,9 @@ def prompt_ids() -> list[int]:
 def make_engine(
     model: LlamaForCausalLM, spec: SpeculativeConfig | None, registry: CollectorRegistry | None = None
 ) -> LLMEngine:
-    k = spec.num_speculative_tokens if spec else 0
-    config = EngineConfig(
-        # Two blocks per running request: prompt, outputs and drafts fit without any preemption.
-        CacheConfig(num_blocks=2 * MAX_NUM_SEQS + 32, block_size=16),
-        SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=MAX_NUM_SEQS, max_model_len=256,
-                        num_speculative_tokens=k),
-        spec,
-    )
-    pool = KVCachePool.allocate(kv_spec_for(model, config))
-    return LLMEngine(model, config, pool, eos_token_ids=[0], spec_registry=registry)
+    # Two blocks per running request: prompt, outputs and drafts fit without any preemption.
+    return make_spec_engine(model, spec, num_blocks=2 * MAX_NUM_SEQS + 32, max_num_seqs=MAX_NUM_SEQS,
+                            max_num_batched_tokens=1024, registry=registry)
 
 
 @dataclass
