@@ -53,13 +53,21 @@ class RotaryEmbedding(nn.Layer):
         # Not persistable: derived from the config, never part of a checkpoint.
         self.register_buffer("cos_cache", paddle.to_tensor(cos), persistable=False)  # [P, head_dim]
         self.register_buffer("sin_cache", paddle.to_tensor(sin), persistable=False)
+        # The last positions tensor and its rows: the MTP layer runs over the same positions tensor
+        # right after the target, and gets the rows without two more gathers. Keyed on the tensor
+        # object itself (held, so it cannot be freed and its id reused); callers never write to it.
+        self._last: tuple[paddle.Tensor, tuple[paddle.Tensor, paddle.Tensor]] | None = None
 
     def forward(self, positions: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """positions: ``[T]`` int64 -> (cos, sin), each ``[T, head_dim]``."""
-        return (
+        if self._last is not None and self._last[0] is positions:
+            return self._last[1]
+        rows = (
             paddle.index_select(self.cos_cache, positions, axis=0),
             paddle.index_select(self.sin_cache, positions, axis=0),
         )
+        self._last = (positions, rows)
+        return rows
 
 
 class Attention(nn.Layer):

@@ -154,3 +154,22 @@ def test_lm_head_fast_path_equals_the_paddle_matmul(transposed: bool, rows: int)
     # Any other dtype goes to the reference op.
     head(hidden.astype("float64"))
     assert reference_calls == [rows]
+
+
+def test_rotary_rows_are_reused_only_for_the_same_positions_tensor() -> None:
+    from pdserve.models.config import ModelConfig
+    from pdserve.models.llama import RotaryEmbedding
+    from pdserve.models.loader import default_model_dir
+
+    rotary = RotaryEmbedding(ModelConfig.from_dir(default_model_dir()))
+    step_positions = paddle.to_tensor(np.asarray([5, 6, 7], dtype=np.int64))
+    cos, sin = rotary(step_positions)
+    # The MTP layer passes the target's own positions tensor: the same rows, no new gather.
+    assert rotary(step_positions)[0] is cos
+    # Another tensor, even with equal values, is gathered afresh, and its rows are its own.
+    other = paddle.to_tensor(np.asarray([0, 6], dtype=np.int64))
+    other_cos, other_sin = rotary(other)
+    assert other_cos is not cos
+    np.testing.assert_array_equal(other_cos.numpy(), rotary.cos_cache.numpy()[[0, 6]])
+    np.testing.assert_array_equal(other_sin.numpy(), rotary.sin_cache.numpy()[[0, 6]])
+    np.testing.assert_array_equal(cos.numpy(), rotary.cos_cache.numpy()[[5, 6, 7]])
