@@ -103,6 +103,39 @@ def test_a_sequences_attention_is_the_same_bits_alone_or_in_a_batch() -> None:
     assert np.array_equal(part, whole[rows])
 
 
+def test_rows_that_share_key_loads_are_the_same_bits_alone() -> None:
+    """A decode row, a 6-row verification and a 13-row prefill chunk (two tiles of 8 rows) in one call:
+    the op scores two queries per key load and sums three per value load, across rows that see
+    different numbers of keys and a head_dim of 20 (a masked partial chunk). Each sequence must equal
+    the reference and be the same bits computed alone, and so must each row as a one-row sequence."""
+    rng = np.random.default_rng(6)
+    dim, scale = 20, 20**-0.5
+    blocks = [int(b) for b in rng.permutation(40)]
+    tables = [blocks[:10], blocks[10:19], blocks[19:27]]  # disjoint: no sequence writes another's keys
+    query_lens, context_lens = [1, 6, 13], [37, 35, 29]
+    meta, q, k, v = _batch(rng, tables, query_lens, context_lens, dim=dim)
+    k0, v0 = rng.standard_normal((2, 40, KV_HEADS, BLOCK, dim)).astype(np.float32)
+    k_ref, v_ref = paddle.to_tensor(k0), paddle.to_tensor(v0)
+    write_kv(k, v, k_ref, v_ref, meta.slot_mapping)
+    expected = paged_attention(q, k_ref, v_ref, meta, scale).numpy()
+    k_op, v_op = paddle.to_tensor(k0), paddle.to_tensor(v0)
+    whole = write_and_attend_cpu(q, k, v, k_op, v_op, meta, scale).numpy()
+    np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-6)
+    start = 0
+    for table, query_len, context_len in zip(tables, query_lens, context_lens, strict=True):
+        rows = slice(start, start + query_len)
+        alone = AttentionMetadata.build([table], [query_len], [context_len], BLOCK)
+        caches = paddle.to_tensor(k0), paddle.to_tensor(v0)
+        got = write_and_attend_cpu(q[rows], k[rows], v[rows], *caches, alone, scale).numpy()
+        assert np.array_equal(got, whole[rows])
+        for j in range(query_len):  # over the caches the whole call filled: the keys before it are there
+            row = slice(start + j, start + j + 1)
+            one = AttentionMetadata.build([table], [1], [context_len - query_len + j + 1], BLOCK)
+            got = write_and_attend_cpu(q[row], k[row], v[row], k_op, v_op, one, scale).numpy()
+            assert np.array_equal(got, whole[row])
+        start += query_len
+
+
 def test_bad_metadata_raises_instead_of_reading_out_of_bounds() -> None:
     rng = np.random.default_rng(4)
     meta, q, k, v = _batch(rng, [[3, 99]], [2], [6])  # block 99 is past the 16-block cache
