@@ -24,6 +24,7 @@ from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from pdserve.kernels.attention import AttentionMetadata
 from pdserve.kernels.lm_head import lm_head_of
 from pdserve.kernels.logprobs import TokenLogprobs, prompt_logprobs
+from pdserve.kernels.rows import take_rows
 from pdserve.kernels.sampling import SamplingBatch, SamplingRow, is_plain_greedy
 from pdserve.kernels.spec_verify import greedy_verify, verify_drafts
 from pdserve.models.llama import LlamaForCausalLM
@@ -99,7 +100,7 @@ class ModelRunner:
             return {}
         drafts = [_drafts_of(c) for c in sampling_chunks]
         ks = [_logprobs_k(c.request) for c in sampling_chunks]
-        sampling_hidden = paddle.gather(hidden, paddle.to_tensor(rows))  # [R, hidden]
+        sampling_hidden = take_rows(hidden, rows)  # [R, hidden]
         if all(_is_plain_greedy(c.request) for c in sampling_chunks):
             # No per-row sampling state: the argmax of the raw logits, scored only for emitted rows.
             verified = greedy_verify(sampling_hidden, self.lm_head, drafts, ks, self.lm_head.flat_rows)
@@ -122,7 +123,7 @@ class ModelRunner:
         requests = {c.request.request_id: c.request for c in chunks}
         for request_id, (first_position, rows, next_ids) in prompt_rows.items():
             k = requests[request_id].sampling_params.prompt_logprobs
-            logits = self.lm_head(paddle.gather(hidden, paddle.to_tensor(rows)))
+            logits = self.lm_head(take_rows(hidden, rows))
             facts = prompt_logprobs(logits, paddle.to_tensor(np.asarray(next_ids, dtype=np.int64)), k)
             result[request_id] = (first_position, tuple(_unpack(facts, [k] * len(rows))))
         return result

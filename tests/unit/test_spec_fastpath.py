@@ -173,3 +173,11 @@ def test_rotary_rows_are_reused_only_for_the_same_positions_tensor() -> None:
     np.testing.assert_array_equal(other_cos.numpy(), rotary.cos_cache.numpy()[[0, 6]])
     np.testing.assert_array_equal(other_sin.numpy(), rotary.sin_cache.numpy()[[0, 6]])
     np.testing.assert_array_equal(cos.numpy(), rotary.cos_cache.numpy()[[5, 6, 7]])
+
+
+@pytest.mark.parametrize("rows", [[0], [3], [2, 3, 4], [0, 1, 2, 3, 4, 5], [1, 3], [4, 3], [2, 2], [5, 0, 1]])
+def test_take_rows_equals_indexing_whether_it_slices_or_gathers(rows: list[int]) -> None:
+    from pdserve.kernels.rows import take_rows
+
+    x = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
+    np.testing.assert_array_equal(take_rows(paddle.to_tensor(x), rows).numpy(), x[rows])
