@@ -56,7 +56,8 @@ class RotaryEmbedding(nn.Layer):
         # The last positions tensor and its rows: the MTP layer runs over the same positions tensor
         # right after the target, and gets the rows without two more gathers. Keyed on the tensor
         # object itself (held, so it cannot be freed and its id reused); callers never write to it.
-        self._last: tuple[paddle.Tensor, tuple[paddle.Tensor, paddle.Tensor]] | None = None
+        # A plain attribute, as the layers' other derived state (Layer.__setattr__ costs per call).
+        object.__setattr__(self, "_last", None)
 
     def forward(self, positions: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """positions: ``[T]`` int64 -> (cos, sin), each ``[T, head_dim]``."""
@@ -66,7 +67,7 @@ class RotaryEmbedding(nn.Layer):
             paddle.index_select(self.cos_cache, positions, axis=0),
             paddle.index_select(self.sin_cache, positions, axis=0),
         )
-        self._last = (positions, rows)
+        object.__setattr__(self, "_last", (positions, rows))
         return rows
 
 
