@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import paddle
 import pytest
@@ -56,6 +58,26 @@ def _batch(rng: np.random.Generator, tables: list[list[int]], query_lens: list[i
     return meta, q, k, v
 
 
+class BothPaths(NamedTuple):
+    expected: np.ndarray  # the Paddle reference: write_kv, then paged_attention
+    got: np.ndarray  # the op: write_and_attend_cpu
+    initial: np.ndarray  # [2, blocks, Hkv, BLOCK, D]: the random K and V caches both started from
+    ref_caches: tuple[paddle.Tensor, paddle.Tensor]  # the caches after each path's writes
+    op_caches: tuple[paddle.Tensor, paddle.Tensor]
+
+
+def _both_paths(rng: np.random.Generator, meta: AttentionMetadata, q: paddle.Tensor, k: paddle.Tensor,
+                v: paddle.Tensor, num_blocks: int, scale: float) -> BothPaths:
+    """The same batch over the same random caches through the reference ops and through the op."""
+    initial = rng.standard_normal((2, num_blocks, KV_HEADS, BLOCK, q.shape[2])).astype(np.float32)
+    ref_caches = paddle.to_tensor(initial[0]), paddle.to_tensor(initial[1])
+    write_kv(k, v, *ref_caches, meta.slot_mapping)
+    expected = paged_attention(q, *ref_caches, meta, scale).numpy()
+    op_caches = paddle.to_tensor(initial[0]), paddle.to_tensor(initial[1])
+    got = write_and_attend_cpu(q, k, v, *op_caches, meta, scale).numpy()
+    return BothPaths(expected, got, initial, ref_caches, op_caches)
+
+
 # A decode row, a 3-token verification, a fresh 5-token prefill and a prefill chunk after cached tokens.
 MIXED = ([[3, 5, 7, 1], [2, 9, 11], [4, 6], [8, 10, 12]], [1, 3, 5, 4], [13, 9, 5, 12])
 
@@ -69,14 +91,10 @@ MIXED = ([[3, 5, 7, 1], [2, 9, 11], [4, 6], [8, 10, 12]], [1, 3, 5, 4], [13, 9, 
 def test_write_and_attend_equals_write_kv_then_paged_attention(dim: int, scale: float, rtol: float) -> None:
     rng = np.random.default_rng(2)
     meta, q, k, v = _batch(rng, *MIXED, dim=dim)
-    k0, v0 = rng.standard_normal((2, 16, KV_HEADS, BLOCK, dim)).astype(np.float32)
-    k_ref, v_ref = paddle.to_tensor(k0), paddle.to_tensor(v0)
-    write_kv(k, v, k_ref, v_ref, meta.slot_mapping)
-    expected = paged_attention(q, k_ref, v_ref, meta, scale).numpy()
-    k_op, v_op = paddle.to_tensor(k0), paddle.to_tensor(v0)
-    got = write_and_attend_cpu(q, k, v, k_op, v_op, meta, scale).numpy()
-    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol / 10)
-    assert np.array_equal(k_op.numpy(), k_ref.numpy()) and np.array_equal(v_op.numpy(), v_ref.numpy())
+    both = _both_paths(rng, meta, q, k, v, 16, scale)
+    np.testing.assert_allclose(both.got, both.expected, rtol=rtol, atol=rtol / 10)
+    for op_cache, ref_cache in zip(both.op_caches, both.ref_caches, strict=True):
+        assert np.array_equal(op_cache.numpy(), ref_cache.numpy())
 
 
 def test_write_and_attend_over_a_long_context_equals_the_reference() -> None:
@@ -84,12 +102,8 @@ def test_write_and_attend_over_a_long_context_equals_the_reference() -> None:
     rng = np.random.default_rng(5)
     table = list(rng.permutation(48)[:38])
     meta, q, k, v = _batch(rng, [table], [6], [151])
-    k0, v0 = rng.standard_normal((2, 48, KV_HEADS, BLOCK, DIM)).astype(np.float32)
-    k_ref, v_ref = paddle.to_tensor(k0), paddle.to_tensor(v0)
-    write_kv(k, v, k_ref, v_ref, meta.slot_mapping)
-    expected = paged_attention(q, k_ref, v_ref, meta, DIM**-0.5).numpy()
-    got = write_and_attend_cpu(q, k, v, paddle.to_tensor(k0), paddle.to_tensor(v0), meta, DIM**-0.5).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    both = _both_paths(rng, meta, q, k, v, 48, DIM**-0.5)
+    np.testing.assert_allclose(both.got, both.expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_sequences_attention_is_the_same_bits_alone_or_in_a_batch() -> None:
@@ -114,24 +128,20 @@ def test_rows_that_share_key_loads_are_the_same_bits_alone() -> None:
     tables = [blocks[:10], blocks[10:19], blocks[19:27]]  # disjoint: no sequence writes another's keys
     query_lens, context_lens = [1, 6, 13], [37, 35, 29]
     meta, q, k, v = _batch(rng, tables, query_lens, context_lens, dim=dim)
-    k0, v0 = rng.standard_normal((2, 40, KV_HEADS, BLOCK, dim)).astype(np.float32)
-    k_ref, v_ref = paddle.to_tensor(k0), paddle.to_tensor(v0)
-    write_kv(k, v, k_ref, v_ref, meta.slot_mapping)
-    expected = paged_attention(q, k_ref, v_ref, meta, scale).numpy()
-    k_op, v_op = paddle.to_tensor(k0), paddle.to_tensor(v0)
-    whole = write_and_attend_cpu(q, k, v, k_op, v_op, meta, scale).numpy()
-    np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-6)
+    both = _both_paths(rng, meta, q, k, v, 40, scale)
+    whole = both.got
+    np.testing.assert_allclose(whole, both.expected, rtol=1e-5, atol=1e-6)
     start = 0
     for table, query_len, context_len in zip(tables, query_lens, context_lens, strict=True):
         rows = slice(start, start + query_len)
         alone = AttentionMetadata.build([table], [query_len], [context_len], BLOCK)
-        caches = paddle.to_tensor(k0), paddle.to_tensor(v0)
+        caches = paddle.to_tensor(both.initial[0]), paddle.to_tensor(both.initial[1])
         got = write_and_attend_cpu(q[rows], k[rows], v[rows], *caches, alone, scale).numpy()
         assert np.array_equal(got, whole[rows])
         for j in range(query_len):  # over the caches the whole call filled: the keys before it are there
             row = slice(start + j, start + j + 1)
             one = AttentionMetadata.build([table], [1], [context_len - query_len + j + 1], BLOCK)
-            got = write_and_attend_cpu(q[row], k[row], v[row], k_op, v_op, one, scale).numpy()
+            got = write_and_attend_cpu(q[row], k[row], v[row], *both.op_caches, one, scale).numpy()
             assert np.array_equal(got, whole[row])
         start += query_len
 
