@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random HF checkpoints (built once per session, fp32 HF reference included)."""
+"""Shared fixtures: the bundled demo model, and tiny random HF checkpoints (built once per session,
+fp32 HF reference included)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from pdserve.models.llama import LlamaForCausalLM
+from pdserve.models.loader import default_model_dir, load_model
 from pdserve.tests.unit.model_fixtures import save_tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    """The bundled demo model, float32, loaded as engines load it; one per test module."""
+    return load_model(default_model_dir(), "float32")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pdserve.engine.request import RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import AdmissionError
 from pdserve.models.llama import LlamaForCausalLM
-from pdserve.models.loader import default_model_dir, load_model
+from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
 
 LOGPROB_TOL = 1e-4
@@ -50,11 +50,6 @@ class Generated:
     prompt_infos: list[TokenInfo] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
-
-
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    return load_model(default_model_dir(), "float32")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pdserve.engine.request import RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.models.llama import LlamaForCausalLM
-from pdserve.models.loader import default_model_dir, load_model
+from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.tests.unit.spec_fixtures import make_spec_engine
 
@@ -47,11 +47,6 @@ METHODS = {
     "hybrid_s1_k5": '{"method": "mtp", "num_speculative_tokens": 5, "num_model_steps": 1, '
     '"mtp_strategy": "with_ngram"}',
 }
-
-
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    return load_model(default_model_dir(), "float32")
 
 
 @pytest.fixture(scope="module")
