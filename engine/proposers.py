@@ -91,9 +91,8 @@ class NgramProposer(DraftProposer):
             if n <= 0:
                 continue
             prior = drafts[request.request_id]
-            context = np.asarray(request.all_token_ids + prior, dtype=np.int64)
             result[request.request_id] = prior + ngram_propose(
-                context, request.num_prompt_tokens, self.max_n, self.min_n, n
+                request.all_token_ids + prior, request.num_prompt_tokens, self.max_n, self.min_n, n
             )
         return result
 
