@@ -182,7 +182,7 @@ class MTPProposer(DraftProposer):
             block_size=self.block_size,
         )
         return self.mtp(
-            paddle.to_tensor(np.asarray(tokens, dtype=np.int64)),
+            np.asarray(tokens, dtype=np.int64),
             paddle.to_tensor(np.asarray(positions, dtype=np.int64)),
             state,
             self.kv_cache,
@@ -190,7 +190,7 @@ class MTPProposer(DraftProposer):
         )
 
 
-def _mtp_rows(chunks: Sequence[ScheduledChunk]) -> tuple[paddle.Tensor, list[tuple[Request, int]]]:
+def _mtp_rows(chunks: Sequence[ScheduledChunk]) -> tuple[np.ndarray, list[tuple[Request, int]]]:
     """Substep 1's inputs over the step's rows: t_{i+1} for the row at position i ([T] int64; 0 past a
     request's computed tokens), and each drafting request's last emitted row (the one that drafts)."""
     next_ids = np.zeros(sum(len(c.token_ids) for c in chunks), dtype=np.int64)
@@ -205,7 +205,7 @@ def _mtp_rows(chunks: Sequence[ScheduledChunk]) -> tuple[paddle.Tensor, list[tup
             if request.status in DRAFTING_STATUSES:
                 last_rows.append((request, offset + num_valid - 1))
         offset += len(chunk.token_ids)
-    return paddle.to_tensor(next_ids), last_rows
+    return next_ids, last_rows
 
 
 class HybridProposer(DraftProposer):

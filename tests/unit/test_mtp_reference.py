@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import paddle
 import pytest
 from safetensors.torch import load_file
 
@@ -114,7 +113,7 @@ def run_main_then_mtp(
         hidden = model(input_ids, positions, caches, meta)
         # the MTP input at row i is the token after it: the rest of the prompt, then the decoded one
         next_ids = [tok for i, t in enumerate(new_tokens) for tok in mtp_tokens[i][step]]
-        mtp_hidden = model.mtp(paddle_ids(next_ids), positions, hidden, caches[-1], meta)
+        mtp_hidden = model.mtp(np.asarray(next_ids, np.int64), positions, hidden, caches[-1], meta)
         lens = np.cumsum([len(t) for t in new_tokens])[:-1]
         for i, (a, b) in enumerate(
             zip(
@@ -126,10 +125,6 @@ def run_main_then_mtp(
             main[i].append(a)
             mtp[i].append(b)
     return [np.concatenate(m) for m in main], [np.concatenate(m) for m in mtp]
-
-
-def paddle_ids(ids: list[int]) -> paddle.Tensor:
-    return paddle.to_tensor(np.asarray(ids, np.int64))
 
 
 def check_against_reference(

@@ -13,24 +13,30 @@ from hypothesis import strategies as st
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kernels.lm_head import LMHead
 from pdserve.kernels.ngram import ngram_propose
-from pdserve.kernels.sampling import SamplingBatch, SamplingRow, is_plain_greedy
+from pdserve.kernels.sampling import (
+    SamplingBatch,
+    SamplingRow,
+    greedy_token_ids,
+    greedy_tokens,
+    is_plain_greedy,
+)
 from pdserve.kernels.spec_verify import greedy_verify, verify_drafts
 
 VOCAB, HIDDEN = 50, 8
 
 
-def _reference_ngram(context: np.ndarray, num_prompt: int, max_n: int, min_n: int, k: int) -> list[int]:
-    """The rule as the module docstring states it: one search per n, longest first."""
+def _reference_ngram(context: list[int], num_prompt: int, max_n: int, min_n: int, k: int) -> list[int]:
+    """The rule as the module docstring states it: one search per n, longest first, every start tried."""
     if k <= 0:
         return []
     length = len(context)
     for n in range(min(max_n, length - 1), min_n - 1, -1):
-        pattern = context[length - n:].tolist()
-        starts = [s for s in range(length - n) if context[s:s + n].tolist() == pattern]
+        pattern = context[length - n:]
+        starts = [s for s in range(length - n) if context[s:s + n] == pattern]
         if starts:
             in_prompt = [s for s in starts if s + n <= num_prompt]
             begin = (in_prompt[0] if in_prompt else starts[-1]) + n
-            return context[begin:begin + k].tolist()
+            return context[begin:begin + k]
     return []
 
 
@@ -45,10 +51,9 @@ def _reference_ngram(context: np.ndarray, num_prompt: int, max_n: int, min_n: in
 def test_ngram_one_pass_equals_the_search_per_n(
     tokens: list[int], prompt_fraction: float, max_n: int, min_n: int, k: int
 ) -> None:
-    context = np.asarray(tokens, dtype=np.int64)
     num_prompt = int(prompt_fraction * len(tokens))
-    assert ngram_propose(context, num_prompt, max_n, min_n, k) == _reference_ngram(
-        context, num_prompt, max_n, min_n, k)
+    assert ngram_propose(tokens, num_prompt, max_n, min_n, k) == _reference_ngram(
+        tokens, num_prompt, max_n, min_n, k)
 
 
 def test_plain_greedy_needs_greedy_no_penalties_and_nothing_to_suppress() -> None:
@@ -114,6 +119,17 @@ def test_greedy_verify_equals_the_general_path_and_scores_only_emitted_rows(seed
     assert head.rows_scored == (hidden.shape[0] if one_call else sum(len(ids) for ids in fast.token_ids))
     for got, want in zip(fast.logprobs, general.logprobs, strict=True):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-5)
+
+
+def test_host_argmax_equals_paddles_with_ties_and_infinities() -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.integers(-3, 4, size=(7, 40)).astype(np.float32)  # small integers: many ties
+    logits[2, :] = -np.inf
+    logits[3, 5:] = -np.inf
+    logits[4, 9] = np.inf
+    x = paddle.to_tensor(logits)
+    assert greedy_token_ids(x).tolist() == greedy_tokens(x).numpy().tolist()
+    assert greedy_token_ids(x).tolist() == [int(np.flatnonzero(r == r.max())[0]) for r in logits]
 
 
 def test_greedy_verify_takes_the_argmax_chain_by_hand() -> None:

@@ -7,8 +7,6 @@ import numpy as np
 import paddle
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from pdserve.engine.config import CacheConfig, EngineConfig, EngineConfigError, SchedulerConfig
@@ -80,39 +78,6 @@ def test_engine_config_requires_matching_scheduler_drafts() -> None:
 
 def ids(*values: int) -> list[int]:
     return list(values)
-
-
-def naive_ngram(context: list[int], num_prompt: int, max_n: int, min_n: int, num_drafts: int) -> list[int]:
-    """The rule as stated: for n from max_n down to min_n, the suffix's first occurrence in the
-    prompt, else its latest occurrence after it; a search per n, every start tried."""
-    length = len(context)
-    if num_drafts <= 0:
-        return []
-    for n in range(min(max_n, length - 1), max(min_n, 1) - 1, -1):
-        suffix = context[length - n:]
-        starts = [s for s in range(length - n) if context[s:s + n] == suffix]
-        if not starts:
-            continue
-        in_prompt = [s for s in starts if s + n <= num_prompt]
-        begin = (in_prompt[0] if in_prompt else starts[-1]) + n
-        return context[begin:begin + num_drafts]
-    return []
-
-
-@settings(max_examples=400, deadline=None)
-@given(
-    context=st.lists(st.integers(0, 3), max_size=40),
-    num_prompt=st.integers(0, 40),
-    max_n=st.integers(1, 6),
-    min_n=st.integers(0, 6),
-    num_drafts=st.integers(0, 6),
-)
-def test_ngram_equals_the_search_per_n(
-    context: list[int], num_prompt: int, max_n: int, min_n: int, num_drafts: int
-) -> None:
-    # A small alphabet, so most contexts hold several matches of several lengths.
-    expected = naive_ngram(context, num_prompt, max_n, min_n, num_drafts)
-    assert ngram_propose(context, num_prompt, max_n, min_n, num_drafts) == expected
 
 
 def test_ngram_prefers_the_longest_match_and_copies_its_continuation() -> None:
