@@ -7,8 +7,8 @@ Projections are fused (``qkv_proj`` = [q | k | v], ``gate_up_proj`` = [gate | up
 runs 4 GEMMs instead of 7; the loader concatenates the HF tensors into them. Paddle ``Linear``
 weights are ``[in, out]`` (HF stores ``[out, in]``). ``Linear`` is ``nn.Linear`` plus the CPU fast
 path of kernels/linear.py, which the loader switches on once the weights are in; ``use_cpu_ops``
-likewise puts RMSNorm and attention (RoPE, the KV write, paged attention) on pdserve's CPU ops
-(kernels/csrc/layer_ops.cc). Both paths compute the same function; tests compare them.
+likewise puts RMSNorm, attention (RoPE, the KV write, paged attention) and the SwiGLU activation
+on pdserve's CPU ops (kernels/csrc/layer_ops.cc). Both paths compute the same function; tests compare them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import paddle
 from paddle import nn
 
 from pdserve.kernels import cpu_ops
-from pdserve.kernels.activation import silu_and_mul
+from pdserve.kernels.activation import silu_and_mul, silu_and_mul_cpu
 from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_and_attend_cpu, write_kv
 from pdserve.kernels.linear import Linear
 from pdserve.kernels.norm import rms_norm, rms_norm_cpu
@@ -115,9 +115,13 @@ class MLP(nn.Layer):
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias_attr=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias_attr=False)
+        object.__setattr__(self, "_cpu_op", False)  # set by use_cpu_ops
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self._cpu_op and cpu_ops.takes(gate_up):
+            return self.down_proj(silu_and_mul_cpu(gate_up))
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Layer):
@@ -212,11 +216,12 @@ class LlamaForCausalLM(nn.Layer):
 
 
 def use_cpu_ops(model: nn.Layer) -> int:
-    """Put the model's RMSNorms and attentions on pdserve's CPU ops (when they load); returns how
-    many layers took them. Activations of other dtypes or places still run the Paddle ops."""
+    """Put the model's RMSNorms, attentions and MLP activations on pdserve's CPU ops (when they
+    load); returns how many layers took them. Activations of other dtypes or places still run the
+    Paddle ops."""
     if not cpu_ops.load():
         return 0
-    layers = [m for m in model.sublayers(include_self=True) if isinstance(m, (RMSNorm, Attention))]
+    layers = [m for m in model.sublayers(include_self=True) if isinstance(m, (RMSNorm, Attention, MLP))]
     for layer in layers:
         object.__setattr__(layer, "_cpu_op", True)
     return len(layers)

@@ -161,7 +161,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32", cpu_fast_path: boo
     ``dtype`` is the parameter dtype: float32 on CPU (Paddle's CPU matmul has no bf16/fp16 kernels),
     bfloat16/float16 on devices that support them. RMSNorm and logits are computed in float32.
     ``cpu_fast_path`` packs float32 CPU projections for kernels/linear.py (a second copy of those
-    weights), puts norms and attention on pdserve's CPU ops (``use_cpu_ops``) and folds the MTP
+    weights), puts norms, attention and SwiGLU on pdserve's CPU ops (``use_cpu_ops``) and folds the MTP
     layer's token projection into a table (``MTPModule.fold_token_projection``, one more
     [vocab, hidden] copy); False keeps the reference ops everywhere (for comparisons).
     """

@@ -9,10 +9,11 @@ import paddle
 import pytest
 
 from pdserve.kernels import cpu_ops
+from pdserve.kernels.activation import silu_and_mul, silu_and_mul_cpu
 from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_and_attend_cpu, write_kv
 from pdserve.kernels.norm import rms_norm, rms_norm_cpu
 from pdserve.kernels.rope import apply_rope, split_qkv_rope_cpu
-from pdserve.models.llama import Attention, RMSNorm
+from pdserve.models.llama import MLP, Attention, RMSNorm
 from pdserve.models.loader import default_model_dir, load_model
 
 HEADS, KV_HEADS, DIM, BLOCK = 8, 4, 32, 4
@@ -33,6 +34,23 @@ def test_rms_norm_equals_the_reference_and_rows_do_not_see_each_other() -> None:
     got = rms_norm_cpu(x, weight, 1e-6).numpy()
     np.testing.assert_allclose(got, rms_norm(x, weight, 1e-6).numpy(), rtol=1e-6, atol=1e-6)
     assert np.array_equal(rms_norm_cpu(x[3:4], weight, 1e-6).numpy(), got[3:4])
+    odd = _tensor(rng, 3, 37)  # a width with a partial chunk of 8
+    np.testing.assert_allclose(rms_norm_cpu(odd, weight[:37], 1e-6).numpy(),
+                               rms_norm(odd, weight[:37], 1e-6).numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [768, 37])
+def test_silu_and_mul_equals_the_reference_and_rows_do_not_see_each_other(width: int) -> None:
+    rng = np.random.default_rng(2)
+    gate_up = rng.standard_normal((9, 2 * width)).astype(np.float32) * 6
+    gate_up[0, :4] = [0.0, -0.0, 100.0, -100.0]  # sigmoid's ends and zero
+    x = paddle.to_tensor(gate_up)
+    got = silu_and_mul_cpu(x).numpy()
+    g, u = gate_up[:, :width].astype(np.float64), gate_up[:, width:].astype(np.float64)
+    exact = g / (1 + np.exp(-g)) * u
+    np.testing.assert_allclose(got, exact, rtol=3e-6, atol=1e-6)
+    np.testing.assert_allclose(got, silu_and_mul(x).numpy(), rtol=3e-6, atol=1e-6)
+    assert np.array_equal(silu_and_mul_cpu(x[4:6]).numpy(), got[4:6])
 
 
 def test_rope_split_equals_split_reshape_and_apply_rope() -> None:
@@ -161,7 +179,8 @@ def test_the_loader_puts_norms_and_attention_on_the_ops_and_logits_match_the_ref
     fast = load_model(default_model_dir())
     reference = load_model(default_model_dir(), cpu_fast_path=False)
     def switched(model):
-        return [m._cpu_op for m in model.sublayers(include_self=True) if isinstance(m, (RMSNorm, Attention))]
+        layers = model.sublayers(include_self=True)
+        return [m._cpu_op for m in layers if isinstance(m, (RMSNorm, Attention, MLP))]
 
     assert switched(fast) and all(switched(fast))
     assert not any(switched(reference))
