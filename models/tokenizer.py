@@ -26,6 +26,8 @@ REPLACEMENT_CHAR = "\ufffd"
 # Tokens of context decoded before the new ones, so that decoders that depend on the previous
 # token (leading-space rules of Metaspace/WordPiece) render the new text as the full decode does.
 DETOKENIZE_CONTEXT_TOKENS = 5
+# A UTF-8 character spans at most 4 bytes, so a window start inside one is at most 3 tokens late.
+MAX_CONTINUATION_TOKENS = 3
 
 
 class TokenizerError(ValueError):
@@ -224,9 +226,10 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._ids = list(prompt_ids)[-DETOKENIZE_CONTEXT_TOKENS:]  # the prompt's tail is context only
-        self._prefix_offset = 0  # start of the decoded window
+        # The prompt's tail is context only.
+        self._ids = list(prompt_ids)[-(DETOKENIZE_CONTEXT_TOKENS + MAX_CONTINUATION_TOKENS):]
         self._read_offset = len(self._ids)  # tokens before this are already emitted
+        self._prefix_offset = self._window_start(self._read_offset - DETOKENIZE_CONTEXT_TOKENS)
 
     def _pending_text(self) -> tuple[str, str]:
         window = self._ids[self._prefix_offset :]
@@ -241,13 +244,28 @@ class IncrementalDetokenizer:
         prefix, text = self._pending_text()
         if len(text) <= len(prefix) or text.endswith(REPLACEMENT_CHAR):
             return ""
-        self._prefix_offset = max(self._read_offset - DETOKENIZE_CONTEXT_TOKENS, 0)
-        self._read_offset = len(self._ids)
+        self._advance()
         return text[len(prefix) :]
 
     def flush(self) -> str:
         """Text still held back at the end of the stream (an incomplete character decodes to U+FFFD)."""
         prefix, text = self._pending_text()
-        self._prefix_offset = max(self._read_offset - DETOKENIZE_CONTEXT_TOKENS, 0)
-        self._read_offset = len(self._ids)
+        self._advance()
         return text[len(prefix) :]
+
+    def _advance(self) -> None:
+        """Mark every token read; the next window keeps a few of them as context."""
+        start = self._read_offset - DETOKENIZE_CONTEXT_TOKENS
+        self._read_offset = len(self._ids)
+        self._prefix_offset = self._window_start(start)
+
+    def _window_start(self, start: int) -> int:
+        """``start``, or up to MAX_CONTINUATION_TOKENS tokens earlier: the latest start whose context
+        (the tokens up to the read offset) does not decode to a leading replacement character. None
+        does when the text itself holds one there; then ``start``, as good as any."""
+        start = max(start, 0)
+        for candidate in range(start, max(start - MAX_CONTINUATION_TOKENS, 0) - 1, -1):
+            context = self._ids[candidate : self._read_offset]
+            if not self._tokenizer.decode(context, self._skip_special_tokens).startswith(REPLACEMENT_CHAR):
+                return candidate
+        return start

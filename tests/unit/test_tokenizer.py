@@ -185,6 +185,24 @@ def test_multibyte_character_is_split_across_tokens(unigram_dir: Path) -> None:
     assert deltas[:2] == ["", ""] and "".join(deltas) == tok.decode(ids)
 
 
+def test_a_window_never_starts_inside_a_character(unigram_dir: Path) -> None:
+    # Found by the hypothesis test: ß is two byte tokens, and a window of 5 context tokens started at
+    # the second byte of one; the byte-fallback decoder then rendered the whole run as U+FFFD, held
+    # it back as incomplete, and the stream ended in a replacement character instead of a tab.
+    tok = Tokenizer.from_dir(unigram_dir)
+    text = "ßßß\t\t"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > 5 + 1 and tok.decode(ids[2:8]).startswith("\ufffd")  # the trap is there
+    deltas = stream(tok, ids)
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+    # The same when the characters are the prompt's tail, the context the stream starts from.
+    for split in range(1, len(ids)):
+        if tok.decode(ids[:split]).endswith("\ufffd"):
+            continue  # the prompt ends inside a character: its text is not a prefix of the whole
+        continued = "".join(stream(tok, ids[split:], ids[:split]))
+        assert continued == text[len(tok.decode(ids[:split])):], split
+
+
 def test_incremental_detokenizer_keeps_leading_space_after_prompt(unigram_dir: Path) -> None:
     tok = Tokenizer.from_dir(unigram_dir)
     prompt = tok.encode("The quick brown")
