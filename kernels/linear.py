@@ -6,11 +6,11 @@ once there are 2 or more rows, so one extra row costs about as much as the first
 
     M          1      2      6      16     512
     Paddle    40     51    127    372    11471 us
-    packed    11     13     24     60      3106 us
+    packed    26     27     31     69     4147 us
 
 ``kernels/csrc/packed_linear.cc`` keeps the weight in 16-column strips (``[N / 16, K, 16]``, packed
 when the model is loaded) and streams each strip once per group of 4 or 8 rows. A speculative step
-that verifies 1 + k rows, or a small batch, then costs about twice what one row does.
+that verifies 1 + k rows, or a small batch, then costs about what one row does.
 
 The fast path is batch-invariant: every output element is summed in the same order whatever the
 number of rows, so a row's result is bit-for-bit the same alone or in any batch. It differs from

@@ -55,81 +55,37 @@ void strip_avx2(const float* x, int64_t ldx, const W* strip, float* out, int64_t
   }
 }
 
-// The same with 512-bit registers (one per row), against S adjacent strips at once (strip s at
-// strips + s * K * 16, its 16 outputs at out + s * 16). Each (row, strip) pair is its own chain of
-// fused multiply-adds over k; a core retires two a cycle with a latency of four, so it needs 8
-// independent chains to stay busy. One row against one strip waits on its chain 3/4 of the time:
-// the groups below give every pass R * S >= 8 chains (8 strips for 1 row, 4 for 2 to 4, 2 for 5 to 8).
-// Each output is still summed over k = 0 .. K-1 in order, so the results are the same bits for any S.
-template <int R, int S, typename W>
-__attribute__((target("avx512f"))) void strips_avx512(const float* x, int64_t ldx, const W* strips,
-                                                      float* out, int64_t ldo, int64_t K) {
-  __m512 acc[R][S];
-  for (int r = 0; r < R; ++r)
-    for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
+// The same with 512-bit registers (one per row), so 8 rows share a pass over the strip.
+template <int R, typename W>
+__attribute__((target("avx512f"))) void strip_avx512(const float* x, int64_t ldx, const W* strip,
+                                                     float* out, int64_t ldo, int64_t K) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    __m512 w[S];
-    for (int s = 0; s < S; ++s) w[s] = load16(strips + s * K * kStrip + kStrip * k);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
-      for (int s = 0; s < S; ++s) acc[r][s] = _mm512_fmadd_ps(xb, w[s], acc[r][s]);
-    }
+    const __m512 w = load16(strip + kStrip * k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), w, acc[r]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int s = 0; s < S; ++s) _mm512_storeu_ps(out + r * ldo + s * kStrip, acc[r][s]);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
 }
 
 template <typename W>
 using StripFn = void (*)(const float*, int64_t, const W*, float*, int64_t, int64_t);
 
-template <int S, typename W>
-struct Avx512Rows {  // strips_avx512<R, S> by R = 1 .. 8
-  static constexpr StripFn<W> kByRows[] = {nullptr,
-                                          strips_avx512<1, S, W>, strips_avx512<2, S, W>, strips_avx512<3, S, W>,
-                                          strips_avx512<4, S, W>, strips_avx512<5, S, W>, strips_avx512<6, S, W>,
-                                          strips_avx512<7, S, W>, strips_avx512<8, S, W>};
-};
-
-// Strips per pass for a group of `rows` rows: at least 8 chains, at most 16 accumulators.
-constexpr int64_t strips_per_pass(int64_t rows) { return rows == 1 ? 8 : rows <= 4 ? 4 : 2; }
-
-template <typename W>
-void packed_matmul_avx512(const float* x, const W* packed, float* out, int64_t M, int64_t K, int64_t N) {
-  constexpr int64_t group = 8;
-  const int64_t num_strips = N / kStrip;
-  // Every group gets the first group's width: only the last group can have fewer rows.
-  const int64_t width = strips_per_pass(std::min(group, M));
-  const StripFn<W>* wide = width == 8 ? Avx512Rows<8, W>::kByRows
-                           : width == 4 ? Avx512Rows<4, W>::kByRows
-                                        : Avx512Rows<2, W>::kByRows;
-  for (int64_t s = 0; s < num_strips; s += width) {
-    const int64_t here = std::min(width, num_strips - s);
-    const W* strips = packed + s * K * kStrip;
-    for (int64_t m0 = 0; m0 < M; m0 += group) {
-      const int64_t rows = std::min(group, M - m0);
-      if (here == width) {
-        wide[rows](x + m0 * K, K, strips, out + m0 * N + s * kStrip, N, K);
-      } else {  // the last few strips, one at a time
-        for (int64_t t = 0; t < here; ++t)
-          Avx512Rows<1, W>::kByRows[rows](x + m0 * K, K, strips + t * K * kStrip,
-                                          out + m0 * N + (s + t) * kStrip, N, K);
-      }
-    }
-  }
-}
-
 template <typename W>
 void packed_matmul(const float* x, const W* packed, float* out, int64_t M, int64_t K, int64_t N) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return packed_matmul_avx512(x, packed, out, M, K, N);
   static constexpr StripFn<W> kAvx2[] = {nullptr, strip_avx2<1, W>, strip_avx2<2, W>, strip_avx2<3, W>,
                                          strip_avx2<4, W>};
-  constexpr int64_t group = 4;
+  static constexpr StripFn<W> kAvx512[] = {nullptr,             strip_avx512<1, W>, strip_avx512<2, W>,
+                                           strip_avx512<3, W>,  strip_avx512<4, W>, strip_avx512<5, W>,
+                                           strip_avx512<6, W>,  strip_avx512<7, W>, strip_avx512<8, W>};
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  const StripFn<W>* kernels = avx512 ? kAvx512 : kAvx2;
+  const int64_t group = avx512 ? 8 : 4;
   for (int64_t s = 0; s < N / kStrip; ++s) {
     const W* strip = packed + s * K * kStrip;
     for (int64_t m0 = 0; m0 < M; m0 += group) {
       const int64_t rows = std::min(group, M - m0);
-      kAvx2[rows](x + m0 * K, K, strip, out + m0 * N + s * kStrip, N, K);
+      kernels[rows](x + m0 * K, K, strip, out + m0 * N + s * kStrip, N, K);
     }
   }
 }
