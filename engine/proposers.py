@@ -23,6 +23,7 @@ from pdserve.kernels.attention import AttentionMetadata
 from pdserve.kernels.lm_head import lm_head_of
 from pdserve.kernels.ngram import ngram_propose, split_draft_budget
 from pdserve.kernels.rows import take_rows
+from pdserve.kernels.sampling import greedy_token_ids
 from pdserve.models.llama import LlamaForCausalLM
 
 
@@ -163,8 +164,7 @@ class MTPProposer(DraftProposer):
         return drafts
 
     def _draft(self, state: paddle.Tensor) -> list[int]:
-        # NumPy's argmax (the first of equal maxima, as Paddle's): one Paddle op fewer per substep.
-        return self.lm_head(state).numpy().argmax(axis=-1).tolist()
+        return greedy_token_ids(self.lm_head(state)).tolist()
 
     def _substep(
         self,
