@@ -4,7 +4,8 @@
 // rows (speculative verification) or a small batch pays for W's traffic twice over and then some;
 // in the demo model one extra row costs about as much as the first. Here W is packed when the
 // model is loaded, each strip is streamed once per group of rows (one 64-byte line per k), and the
-// rows of a group share every load: 2-4 rows cost about what 1 does.
+// rows of a group share every load: 2-4 rows cost about what 1 does. A single row takes eight strips
+// per pass instead (row_strips_avx512), so that it is not one chain of dependent multiply-adds.
 //
 // Every output element is accumulated in the same order (k = 0 .. K-1, one fused multiply-add per
 // k) whatever M is and whichever instruction set runs, so a row's result does not depend on the
@@ -68,6 +69,22 @@ __attribute__((target("avx512f"))) void strip_avx512(const float* x, int64_t ldx
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
 }
 
+// One row against S adjacent strips (strip s at strips + s * K * 16). One row against one strip is a
+// single chain of fused multiply-adds, each waiting on the last (4 cycles), while a core can start
+// two a cycle: a one-row call ran at an eighth of the core's rate. S = 8 chains fill it. Each output
+// is still summed over k = 0 .. K-1 in order: the same bits as one strip at a time.
+template <int S, typename W>
+__attribute__((target("avx512f"))) void row_strips_avx512(const float* x, const W* strips, float* out,
+                                                          int64_t K) {
+  __m512 acc[S];
+  for (int s = 0; s < S; ++s) acc[s] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 xb = _mm512_set1_ps(x[k]);
+    for (int s = 0; s < S; ++s) acc[s] = _mm512_fmadd_ps(xb, load16(strips + s * K * kStrip + kStrip * k), acc[s]);
+  }
+  for (int s = 0; s < S; ++s) _mm512_storeu_ps(out + s * kStrip, acc[s]);
+}
+
 template <typename W>
 using StripFn = void (*)(const float*, int64_t, const W*, float*, int64_t, int64_t);
 
@@ -79,9 +96,19 @@ void packed_matmul(const float* x, const W* packed, float* out, int64_t M, int64
                                            strip_avx512<3, W>,  strip_avx512<4, W>, strip_avx512<5, W>,
                                            strip_avx512<6, W>,  strip_avx512<7, W>, strip_avx512<8, W>};
   static const bool avx512 = __builtin_cpu_supports("avx512f");
+  const int64_t num_strips = N / kStrip;
+  int64_t first = 0;  // strips before this are done
+  if (avx512 && M == 1) {
+    // Why only one row: taking several strips per pass for groups of 2-8 rows as well (already
+    // 2-8 chains) was faster in a hot loop but slower in the engine, where the weights stream from
+    // L3 or memory (docs/benchmarks.md); for one row it is ~10% of a batch-1 decode step.
+    constexpr int kRowStrips = 8;
+    for (; first + kRowStrips <= num_strips; first += kRowStrips)
+      row_strips_avx512<kRowStrips>(x, packed + first * K * kStrip, out + first * kStrip, K);
+  }
   const StripFn<W>* kernels = avx512 ? kAvx512 : kAvx2;
   const int64_t group = avx512 ? 8 : 4;
-  for (int64_t s = 0; s < N / kStrip; ++s) {
+  for (int64_t s = first; s < num_strips; ++s) {
     const W* strip = packed + s * K * kStrip;
     for (int64_t m0 = 0; m0 < M; m0 += group) {
       const int64_t rows = std::min(group, M - m0);
