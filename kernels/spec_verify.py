@@ -33,6 +33,7 @@ import numpy as np
 import paddle
 
 from pdserve.kernels.logprobs import TokenLogprobs, top_logprobs
+from pdserve.kernels.rows import take_rows
 from pdserve.kernels.sampling import (
     RngStream,
     SamplingBatch,
@@ -208,8 +209,7 @@ def greedy_verify(
     active = list(range(len(drafts)))
     j = num_scored = 0
     while active:
-        rows = paddle.to_tensor(np.asarray([starts[i] + j for i in active], dtype=np.int64))
-        logits = compute_logits(paddle.gather(hidden, rows))  # [len(active), V]
+        logits = compute_logits(take_rows(hidden, [starts[i] + j for i in active]))  # [len(active), V]
         targets = greedy_token_ids(logits).tolist()
         rounds.append(logits)
         still_accepting = []
@@ -277,8 +277,7 @@ def gather_emitted_logprobs(
     wanted = [i for i, k in enumerate(logprobs_k) if k is not None]
     if not wanted:
         return None
-    rows = np.concatenate([np.arange(starts[i], starts[i] + len(token_ids[i])) for i in wanted])
+    rows = [row for i in wanted for row in range(starts[i], starts[i] + len(token_ids[i]))]
     ids = np.concatenate([np.asarray(token_ids[i], dtype=np.int64) for i in wanted])
     k_max = max(k for k in logprobs_k if k is not None)
-    gathered = paddle.gather(raw_logits, paddle.to_tensor(rows))
-    return top_logprobs(gathered, paddle.to_tensor(ids), k_max)
+    return top_logprobs(take_rows(raw_logits, rows), paddle.to_tensor(ids), k_max)
