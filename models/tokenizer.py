@@ -229,14 +229,13 @@ class IncrementalDetokenizer:
         # The prompt's tail is context only.
         self._ids = list(prompt_ids)[-(DETOKENIZE_CONTEXT_TOKENS + MAX_CONTINUATION_TOKENS):]
         self._read_offset = len(self._ids)  # tokens before this are already emitted
-        self._prefix_offset = self._window_start(self._read_offset - DETOKENIZE_CONTEXT_TOKENS)
+        self._prefix_offset = 0  # start of the decoded window; set with its context text below
+        self._prefix = ""  # the window's read tokens, decoded
+        self._anchor_window(self._read_offset - DETOKENIZE_CONTEXT_TOKENS)
 
     def _pending_text(self) -> tuple[str, str]:
         window = self._ids[self._prefix_offset :]
-        prefix = self._tokenizer.decode(
-            window[: self._read_offset - self._prefix_offset], self._skip_special_tokens
-        )
-        return prefix, self._tokenizer.decode(window, self._skip_special_tokens)
+        return self._prefix, self._tokenizer.decode(window, self._skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Feed one token; returns the new text (possibly empty)."""
@@ -257,15 +256,18 @@ class IncrementalDetokenizer:
         """Mark every token read; the next window keeps a few of them as context."""
         start = self._read_offset - DETOKENIZE_CONTEXT_TOKENS
         self._read_offset = len(self._ids)
-        self._prefix_offset = self._window_start(start)
+        self._anchor_window(start)
 
-    def _window_start(self, start: int) -> int:
-        """``start``, or up to MAX_CONTINUATION_TOKENS tokens earlier: the latest start whose context
-        (the tokens up to the read offset) does not decode to a leading replacement character. None
-        does when the text itself holds one there; then ``start``, as good as any."""
+    def _anchor_window(self, start: int) -> None:
+        """Start the window at ``start``, or up to MAX_CONTINUATION_TOKENS tokens earlier: the latest
+        start whose context (the tokens up to the read offset) does not decode to a leading
+        replacement character. None does when the text itself holds one there; then ``start``, as
+        good as any. The context's text is kept: every step until the next advance needs it."""
         start = max(start, 0)
         for candidate in range(start, max(start - MAX_CONTINUATION_TOKENS, 0) - 1, -1):
-            context = self._ids[candidate : self._read_offset]
-            if not self._tokenizer.decode(context, self._skip_special_tokens).startswith(REPLACEMENT_CHAR):
-                return candidate
-        return start
+            text = self._tokenizer.decode(self._ids[candidate : self._read_offset], self._skip_special_tokens)
+            if not text.startswith(REPLACEMENT_CHAR):
+                self._prefix_offset, self._prefix = candidate, text
+                return
+        self._prefix_offset = start
+        self._prefix = self._tokenizer.decode(self._ids[start : self._read_offset], self._skip_special_tokens)
