@@ -80,7 +80,8 @@ __attribute__((target("avx512f"))) void row_strips_avx512(const float* x, const 
   for (int s = 0; s < S; ++s) acc[s] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const __m512 xb = _mm512_set1_ps(x[k]);
-    for (int s = 0; s < S; ++s) acc[s] = _mm512_fmadd_ps(xb, load16(strips + s * K * kStrip + kStrip * k), acc[s]);
+    for (int s = 0; s < S; ++s)
+      acc[s] = _mm512_fmadd_ps(xb, load16(strips + s * K * kStrip + kStrip * k), acc[s]);
   }
   for (int s = 0; s < S; ++s) _mm512_storeu_ps(out + s * kStrip, acc[s]);
 }
