@@ -3,9 +3,9 @@
 // Why: Paddle's CPU matmul packs W on every call once M >= 2, so a decode step that scores 1 + k
 // rows (speculative verification) or a small batch pays for W's traffic twice over and then some;
 // in the demo model one extra row costs about as much as the first. Here W is packed when the
-// model is loaded, each strip is streamed once per group of rows (one 64-byte line per k), and the
-// rows of a group share every load: 2-4 rows cost about what 1 does. A single row takes eight strips
-// per pass instead (row_strips_avx512), so that it is not one chain of dependent multiply-adds.
+// model is loaded, each strip is streamed once per group of rows, and the rows of a group share
+// every load. A pass takes several strips at once (strips_avx512) so that it runs enough
+// independent chains of multiply-adds to keep the core busy.
 //
 // Every output element is accumulated in the same order (k = 0 .. K-1, one fused multiply-add per
 // k) whatever M is and whichever instruction set runs, so a row's result does not depend on the
@@ -56,64 +56,89 @@ void strip_avx2(const float* x, int64_t ldx, const W* strip, float* out, int64_t
   }
 }
 
-// The same with 512-bit registers (one per row), so 8 rows share a pass over the strip.
-template <int R, typename W>
-__attribute__((target("avx512f"))) void strip_avx512(const float* x, int64_t ldx, const W* strip,
-                                                     float* out, int64_t ldo, int64_t K) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+// R rows of x against S adjacent strips (strip s at strips + s * K * 16, its outputs at out + s * 16),
+// with 512-bit registers. Every (row, strip) pair is its own chain of fused multiply-adds over k; a
+// core starts two a cycle and each waits four cycles on the last, so a pass needs about 8 chains to
+// keep the core busy: one row against one strip ran at an eighth of its rate. Each output is still
+// summed over k = 0 .. K-1 in order, one multiply-add per k: the same bits for any R and S.
+//
+// The weights stream from L3 or memory in a decode step (a layer's are evicted by the others' before
+// it runs again), so each strip is prefetched 2 KB ahead: in the engine that, not the chains alone,
+// made the passes of 2-6 rows faster (docs/benchmarks.md).
+template <int R, int S, typename W>
+__attribute__((target("avx512f"))) void strips_avx512(const float* x, int64_t ldx, const W* strips,
+                                                      float* out, int64_t ldo, int64_t K) {
+  constexpr int64_t kPerLine = 64 / (kStrip * sizeof(W));  // k steps per 64-byte line of a strip
+  constexpr int64_t kAhead = 2048 / (kStrip * sizeof(W));
+  __m512 acc[R][S];
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 w = load16(strip + kStrip * k);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), w, acc[r]);
+    if (k % kPerLine == 0 && k + kAhead < K)
+      for (int s = 0; s < S; ++s)
+        _mm_prefetch(reinterpret_cast<const char*>(strips + s * K * kStrip + kStrip * (k + kAhead)), _MM_HINT_T0);
+    __m512 xb[R];
+    for (int r = 0; r < R; ++r) xb[r] = _mm512_set1_ps(x[r * ldx + k]);
+    for (int s = 0; s < S; ++s) {
+      const __m512 w = load16(strips + s * K * kStrip + kStrip * k);
+      for (int r = 0; r < R; ++r) acc[r][s] = _mm512_fmadd_ps(xb[r], w, acc[r][s]);
+    }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
-}
-
-// One row against S adjacent strips (strip s at strips + s * K * 16). One row against one strip is a
-// single chain of fused multiply-adds, each waiting on the last (4 cycles), while a core can start
-// two a cycle: a one-row call ran at an eighth of the core's rate. S = 8 chains fill it. Each output
-// is still summed over k = 0 .. K-1 in order: the same bits as one strip at a time.
-template <int S, typename W>
-__attribute__((target("avx512f"))) void row_strips_avx512(const float* x, const W* strips, float* out,
-                                                          int64_t K) {
-  __m512 acc[S];
-  for (int s = 0; s < S; ++s) acc[s] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 xb = _mm512_set1_ps(x[k]);
-    for (int s = 0; s < S; ++s)
-      acc[s] = _mm512_fmadd_ps(xb, load16(strips + s * K * kStrip + kStrip * k), acc[s]);
-  }
-  for (int s = 0; s < S; ++s) _mm512_storeu_ps(out + s * kStrip, acc[s]);
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) _mm512_storeu_ps(out + r * ldo + s * kStrip, acc[r][s]);
 }
 
 template <typename W>
 using StripFn = void (*)(const float*, int64_t, const W*, float*, int64_t, int64_t);
 
+template <int S, typename W>
+struct Avx512ByRows {  // strips_avx512<R, S> indexed by R = 1 .. 8
+  static constexpr StripFn<W> kFns[] = {nullptr,
+                                        strips_avx512<1, S, W>, strips_avx512<2, S, W>, strips_avx512<3, S, W>,
+                                        strips_avx512<4, S, W>, strips_avx512<5, S, W>, strips_avx512<6, S, W>,
+                                        strips_avx512<7, S, W>, strips_avx512<8, S, W>};
+};
+
+// Strips per pass for a group of `rows` rows (8 at most). Measured in the engine: 2 strips for 5-6
+// rows were slower than 1, 4 were faster; 7-8 rows already run 7-8 chains with one strip.
+constexpr int64_t strips_per_pass(int64_t rows) { return rows == 1 ? 8 : rows <= 6 ? 4 : 1; }
+
+template <typename W>
+void packed_matmul_avx512(const float* x, const W* packed, float* out, int64_t M, int64_t K, int64_t N) {
+  constexpr int64_t group = 8;
+  const int64_t num_strips = N / kStrip;
+  // Every group passes over the strips the first group's way: only the last group can have fewer rows.
+  const int64_t width = strips_per_pass(std::min(group, M));
+  const StripFn<W>* wide = width == 8   ? Avx512ByRows<8, W>::kFns
+                           : width == 4 ? Avx512ByRows<4, W>::kFns
+                                        : Avx512ByRows<1, W>::kFns;
+  const StripFn<W>* single = Avx512ByRows<1, W>::kFns;
+  for (int64_t s = 0; s < num_strips; s += width) {
+    const int64_t here = std::min(width, num_strips - s);
+    for (int64_t m0 = 0; m0 < M; m0 += group) {
+      const int64_t rows = std::min(group, M - m0);
+      if (here == width) {
+        wide[rows](x + m0 * K, K, packed + s * K * kStrip, out + m0 * N + s * kStrip, N, K);
+      } else {  // the last few strips, one at a time
+        for (int64_t t = s; t < s + here; ++t)
+          single[rows](x + m0 * K, K, packed + t * K * kStrip, out + m0 * N + t * kStrip, N, K);
+      }
+    }
+  }
+}
+
 template <typename W>
 void packed_matmul(const float* x, const W* packed, float* out, int64_t M, int64_t K, int64_t N) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return packed_matmul_avx512(x, packed, out, M, K, N);
   static constexpr StripFn<W> kAvx2[] = {nullptr, strip_avx2<1, W>, strip_avx2<2, W>, strip_avx2<3, W>,
                                          strip_avx2<4, W>};
-  static constexpr StripFn<W> kAvx512[] = {nullptr,             strip_avx512<1, W>, strip_avx512<2, W>,
-                                           strip_avx512<3, W>,  strip_avx512<4, W>, strip_avx512<5, W>,
-                                           strip_avx512<6, W>,  strip_avx512<7, W>, strip_avx512<8, W>};
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  const int64_t num_strips = N / kStrip;
-  int64_t first = 0;  // strips before this are done
-  if (avx512 && M == 1) {
-    // Why only one row: taking several strips per pass for groups of 2-8 rows as well (already
-    // 2-8 chains) was faster in a hot loop but slower in the engine, where the weights stream from
-    // L3 or memory (docs/benchmarks.md); for one row it is ~10% of a batch-1 decode step.
-    constexpr int kRowStrips = 8;
-    for (; first + kRowStrips <= num_strips; first += kRowStrips)
-      row_strips_avx512<kRowStrips>(x, packed + first * K * kStrip, out + first * kStrip, K);
-  }
-  const StripFn<W>* kernels = avx512 ? kAvx512 : kAvx2;
-  const int64_t group = avx512 ? 8 : 4;
-  for (int64_t s = first; s < num_strips; ++s) {
+  constexpr int64_t group = 4;
+  for (int64_t s = 0; s < N / kStrip; ++s) {
     const W* strip = packed + s * K * kStrip;
     for (int64_t m0 = 0; m0 < M; m0 += group) {
       const int64_t rows = std::min(group, M - m0);
-      kernels[rows](x + m0 * K, K, strip, out + m0 * N + s * kStrip, N, K);
+      kAvx2[rows](x + m0 * K, K, strip, out + m0 * N + s * kStrip, N, K);
     }
   }
 }

@@ -27,7 +27,7 @@ def test_the_ops_load_on_this_machine() -> None:
     assert cpu_ops.library_path().exists()
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 17, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 40])
 @pytest.mark.parametrize(("k", "n"), [(32, 16), (96, 48), (256, 512)])
 def test_equals_a_float64_matmul(m: int, k: int, n: int) -> None:
     rng = np.random.default_rng(m * 1000 + k + n)
@@ -38,14 +38,15 @@ def test_equals_a_float64_matmul(m: int, k: int, n: int) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
-@pytest.mark.parametrize("n", [1536, 13 * 16])  # 13 strips: a pass of 8, 4 or 2 strips leaves some over
+@pytest.mark.parametrize("n", [1536, 13 * 16])  # 13 strips: a pass of 8 or 4 strips leaves some over
 def test_a_row_is_the_same_bits_alone_or_in_any_batch(n: int) -> None:
-    # Groups of 1, 2-4 and 5-8 rows take different numbers of strips per pass: the sums must not care.
+    # Groups of 1, 2-6 and 7-8 rows take different numbers of strips per pass: the sums must not care.
     rng = np.random.default_rng(0)
     w = pack_weight(rng.standard_normal((256, n)).astype(np.float32))
     x = rng.standard_normal((19, 256)).astype(np.float32)
     whole = packed_matmul(paddle.to_tensor(x), w).numpy()
-    for rows in (slice(0, 1), slice(1, 3), slice(4, 7), slice(3, 9), slice(5, 19), slice(18, 19)):
+    row_sets = (slice(0, 1), slice(1, 3), slice(4, 7), slice(3, 9), slice(2, 9), slice(5, 19), slice(18, 19))
+    for rows in row_sets:
         part = packed_matmul(paddle.to_tensor(x[rows]), w).numpy()
         assert np.array_equal(part, whole[rows])
 
