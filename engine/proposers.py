@@ -105,7 +105,7 @@ class MTPProposer(DraftProposer):
     t_{i+1}, RoPE position i, docs/architecture.md), with the target's positions and attention
     metadata: the MTP KV cache has the target's geometry, so the slots and the attention plan are
     the same and nothing is planned twice. That (re)writes the MTP KV of every position the target
-    computed. Rows past a request's last emitted token (rejected drafts) pair with token 0: their
+    computed; past attention the layer computes only the drafting rows. Rows past a request's last emitted token (rejected drafts) pair with token 0: their
     outputs are never used, and their KV entries lie beyond the request's computed tokens, where
     the next step's substep 1 writes each position before any query can read it (queries are
     causal, and a step writes its KV before attending) — as it does for entries that substeps
@@ -133,17 +133,19 @@ class MTPProposer(DraftProposer):
         if not step.chunks:
             return {}
         next_ids, last_rows = _mtp_rows(step.chunks)
-        out = self.mtp(next_ids, step.positions, step.hidden, self.kv_cache, step.attn_meta)  # [T, hidden]
         wanted = [
             (request, row)
             for request, row in last_rows
             if step.max_drafts.get(request.request_id, 0) > 0
         ]
+        # The layer writes the MTP K/V of every row, and past attention computes the drafting rows
+        # only (every row when none drafts: the K/V is needed all the same).
+        rows = [row for _, row in wanted] or None
+        state = self.mtp(next_ids, step.positions, step.hidden, self.kv_cache, step.attn_meta, rows)
         drafts: dict[str, list[int]] = {request.request_id: [] for request, _ in wanted}
         if not wanted:
             return drafts
-        state = take_rows(out, [row for _, row in wanted])
-        tokens = self._draft(state)
+        tokens = self._draft(state)  # state: [len(wanted), hidden]
         for substep in range(self.num_model_steps):
             for (request, _), token in zip(wanted, tokens, strict=True):
                 if len(drafts[request.request_id]) < step.max_drafts[request.request_id]:

@@ -13,6 +13,8 @@ on pdserve's CPU ops (kernels/csrc/layer_ops.cc). Both paths compute the same fu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import paddle
 from paddle import nn
 
@@ -22,6 +24,7 @@ from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_
 from pdserve.kernels.linear import Linear
 from pdserve.kernels.norm import rms_norm, rms_norm_cpu
 from pdserve.kernels.rope import apply_rope, rope_cos_sin_cache, split_qkv_rope_cpu
+from pdserve.kernels.rows import take_rows
 from pdserve.models.config import ModelConfig
 
 KVCache = tuple[
@@ -92,7 +95,9 @@ class Attention(nn.Layer):
         sin: paddle.Tensor,
         kv_cache: KVCache,
         attn_meta: AttentionMetadata,
+        rows: Sequence[int] | None = None,
     ) -> paddle.Tensor:
+        """Writes every row's K/V; returns the output of ``rows`` only (all rows when None)."""
         num_tokens = x.shape[0]
         k_cache, v_cache = kv_cache
         if self._cpu_op and cpu_ops.takes(x) and k_cache.dtype == paddle.float32:
@@ -105,7 +110,8 @@ class Attention(nn.Layer):
             v = v.reshape([num_tokens, self.num_kv_heads, self.head_dim])  # [T, Hkv, D]
             write_kv(k, v, k_cache, v_cache, attn_meta.slot_mapping)
             out = paged_attention(q, k_cache, v_cache, attn_meta, self.scale)  # [T, H, D]
-        return self.o_proj(out.reshape([num_tokens, self.q_size]))
+        out = out.reshape([num_tokens, self.q_size])
+        return self.o_proj(out if rows is None else take_rows(out, rows))
 
 
 class MLP(nn.Layer):
@@ -125,7 +131,13 @@ class MLP(nn.Layer):
 
 
 class DecoderLayer(nn.Layer):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    With ``rows``, every row's K/V is still written but only those rows go on past attention (the
+    MTP layer drafts from one row per request and needs the others' K/V alone). On pdserve's CPU
+    ops a row's output is the same bits either way (each op computes a row on its own); Paddle's
+    matmul may round a row differently beside another number of rows.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -141,8 +153,10 @@ class DecoderLayer(nn.Layer):
         sin: paddle.Tensor,
         kv_cache: KVCache,
         attn_meta: AttentionMetadata,
+        rows: Sequence[int] | None = None,
     ) -> paddle.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn_meta)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn_meta, rows)
+        x = (x if rows is None else take_rows(x, rows)) + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -23,6 +23,8 @@ profile; an A/B of the whole step moved within its noise, 1-3%).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import paddle
 from paddle import nn
@@ -78,10 +80,12 @@ class MTPModule(nn.Layer):
         target_hidden: paddle.Tensor,
         kv_cache: KVCache,
         attn_meta: AttentionMetadata,
+        rows: Sequence[int] | None = None,
     ) -> paddle.Tensor:
         """next_token_ids: ``[T]`` int64 on the host; positions: ``[T]`` int64; target_hidden:
         ``[T, hidden]`` (the main model's final-normed state at the same positions) -> ``[T, hidden]``
-        after ``shared_head.norm``."""
+        after ``shared_head.norm``, or ``[len(rows), hidden]`` for the given rows only (the K/V of
+        all T rows is written either way)."""
         if self._token_rows is not None:  # folded: the token half is a table row
             x = self._hidden_proj(self.hnorm(target_hidden))  # a new CPU tensor: ours to add into
             view = np.from_dlpack(x)  # zero-copy
@@ -91,5 +95,5 @@ class MTPModule(nn.Layer):
             embeds = self.enorm(self._embed_tokens(ids))  # [T, hidden]
             x = self.eh_proj(paddle.concat([embeds, self.hnorm(target_hidden)], axis=-1))  # [T, 2h] -> [T, h]
         cos, sin = self._rotary_emb(positions)
-        x = self.layer(x, cos, sin, kv_cache, attn_meta)
+        x = self.layer(x, cos, sin, kv_cache, attn_meta, rows)
         return self.shared_head.norm(x)

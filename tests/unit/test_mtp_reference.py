@@ -173,3 +173,34 @@ def test_bundled_demo_mtp_matches_numpy_reference(cpu_fast_path: bool) -> None:
         )
     prompts = [[3, 500, 1200, 7, 4000, 42, 9, 8000], [1, 77, 78]]
     check_against_reference(model_dir, prompts, 1e-4, cpu_fast_path)
+
+
+@FAST_PATH
+@pytest.mark.parametrize("rows", [[8], [3, 10], [0, 4, 11]], ids=["one", "two", "three"])
+def test_mtp_on_some_rows_gives_those_rows_bits_and_writes_every_rows_kv(
+    tiny_mtp_dir: Path, cpu_fast_path: bool, rows: list[int]
+) -> None:
+    # The proposer asks for the drafting rows only: their outputs must be what the full call gives
+    # them (the same bits on pdserve's ops, which compute each row alone; Paddle's matmul may round
+    # differently for another number of rows), and the MTP K/V of every row is written all the same.
+    model = load_model(tiny_mtp_dir, cpu_fast_path=cpu_fast_path)
+    c = model.config
+    prompts = [[5, 17, 99, 3, 42, 8, 120, 64, 1], [1, 2, 3]]
+    next_ids = np.asarray([17, 99, 3, 42, 8, 120, 64, 1, 33, 2, 3, 9], np.int64)
+    results = []
+    for selected in (None, rows):
+        seqs = PagedSequences(len(prompts), blocks_per_seq=6, block_size=BLOCK_SIZE, seed=3)
+        caches = make_kv_caches(c, c.num_hidden_layers + 1, seqs.num_blocks, BLOCK_SIZE)
+        input_ids, positions, meta = seqs.step(prompts)
+        hidden = model(input_ids, positions, caches, meta)
+        out = model.mtp(next_ids, positions, hidden, caches[-1], meta, selected)
+        results.append((out.numpy(), caches[-1][0].numpy(), caches[-1][1].numpy()))
+    (full, k_full, v_full), (some, k_some, v_some) = results
+    assert some.shape == (len(rows), c.hidden_size)
+    if cpu_fast_path:
+        np.testing.assert_array_equal(some, full[rows])
+    else:
+        np.testing.assert_allclose(some, full[rows], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(k_some, k_full)
+    np.testing.assert_array_equal(v_some, v_full)
+    assert np.abs(k_full).sum() > 0
