@@ -63,8 +63,9 @@ void strip_avx2(const float* x, int64_t ldx, const W* strip, float* out, int64_t
 // summed over k = 0 .. K-1 in order, one multiply-add per k: the same bits for any R and S.
 //
 // The weights stream from L3 or memory in a decode step (a layer's are evicted by the others' before
-// it runs again), so each strip is prefetched 2 KB ahead: in the engine that, not the chains alone,
-// made the passes of 2-6 rows faster (docs/benchmarks.md).
+// it runs again), so each strip is prefetched 2 KB ahead, on into the next pass's strips: in the
+// engine that, more than the chains, made passes of 2-6 rows faster, and one row's too
+// (docs/benchmarks.md; 1 KB ahead was slower, 3 KB the same, 4 KB slower for one row).
 template <int R, int S, typename W>
 __attribute__((target("avx512f"))) void strips_avx512(const float* x, int64_t ldx, const W* strips,
                                                       float* out, int64_t ldo, int64_t K) {
@@ -74,9 +75,17 @@ __attribute__((target("avx512f"))) void strips_avx512(const float* x, int64_t ld
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < S; ++s) acc[r][s] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    if (k % kPerLine == 0 && k + kAhead < K)
-      for (int s = 0; s < S; ++s)
-        _mm_prefetch(reinterpret_cast<const char*>(strips + s * K * kStrip + kStrip * (k + kAhead)), _MM_HINT_T0);
+    if (k % kPerLine == 0) {
+      // Past its end, a strip's prefetch runs on into the strip the next pass reads in its place, so
+      // that pass does not start on lines still in flight. On the last pass that points past the
+      // weights: the address is computed as an integer, and a prefetch never faults.
+      const int64_t ahead = k + kAhead < K ? kStrip * (k + kAhead) : kStrip * (S * K + k + kAhead - K);
+      const auto base = reinterpret_cast<std::uintptr_t>(strips);
+      for (int s = 0; s < S; ++s) {
+        const auto line = base + (s * K * kStrip + ahead) * sizeof(W);
+        _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+      }
+    }
     __m512 xb[R];
     for (int r = 0; r < R; ++r) xb[r] = _mm512_set1_ps(x[r * ldx + k]);
     for (int s = 0; s < S; ++s) {
@@ -93,10 +102,10 @@ using StripFn = void (*)(const float*, int64_t, const W*, float*, int64_t, int64
 
 template <int S, typename W>
 struct Avx512ByRows {  // strips_avx512<R, S> indexed by R = 1 .. 8
-  static constexpr StripFn<W> kFns[] = {nullptr,
-                                        strips_avx512<1, S, W>, strips_avx512<2, S, W>, strips_avx512<3, S, W>,
-                                        strips_avx512<4, S, W>, strips_avx512<5, S, W>, strips_avx512<6, S, W>,
-                                        strips_avx512<7, S, W>, strips_avx512<8, S, W>};
+  static constexpr StripFn<W> kFns[] = {
+      nullptr,                strips_avx512<1, S, W>, strips_avx512<2, S, W>,
+      strips_avx512<3, S, W>, strips_avx512<4, S, W>, strips_avx512<5, S, W>,
+      strips_avx512<6, S, W>, strips_avx512<7, S, W>, strips_avx512<8, S, W>};
 };
 
 // Strips per pass for a group of `rows` rows (8 at most). Measured in the engine: 2 strips for 5-6
