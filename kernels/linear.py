@@ -60,6 +60,18 @@ def packed_matmul(x: paddle.Tensor, packed: paddle.Tensor) -> paddle.Tensor:
     return _C_ops._run_custom_op("pdserve_packed_linear", x, packed)[0]
 
 
+def mtp_input_cpu(hidden: paddle.Tensor, hnorm_weight: paddle.Tensor, packed: paddle.Tensor,
+                  token_rows: paddle.Tensor, next_token_ids: list[int], eps: float) -> paddle.Tensor:
+    """The MTP layer's folded input, ``rms_norm(hidden) @ W + token_rows[next_token_ids]``, in one call
+    of pdserve's op (kernels/csrc/layer_ops.cc): the same bits as the norm op, ``packed_matmul`` and
+    a float32 add of the rows."""
+    if not hidden.is_contiguous():
+        hidden = hidden.contiguous()
+    return _C_ops._run_custom_op(
+        "pdserve_mtp_input", hidden, hnorm_weight, packed, token_rows, next_token_ids, float(eps)
+    )[0]
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same names) that uses the packed op after ``pack()``."""
 

@@ -15,10 +15,9 @@ state after ``shared_head.norm`` and the caller takes logits with the main model
 (called by the loader with the CPU fast path) tabulates ``enorm(emb(v)) @ W_token`` for every token
 v once, and ``forward`` then reads a row and projects only the hidden half. Same function, rounded
 differently; a table lookup instead of an embedding lookup, a norm, a concat and half a GEMM per step.
-The table is a NumPy array, and the rows are added into the hidden half's fresh output in place
-(zero-copy through DLPack): the token ids arrive as host integers, and turning them into a tensor,
-gathering and adding were three Paddle calls for a few rows (~45 us of a hybrid step in a py-spy
-profile; an A/B of the whole step moved within its noise, 1-3%).
+On pdserve's CPU ops hnorm, the hidden half's projection and the table rows' add are one op call
+(``mtp_input_cpu``; the token ids arrive as host integers and go in as its attribute). Otherwise the
+rows are added into the projection's fresh output in place, through a zero-copy NumPy view.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import paddle
 from paddle import nn
 
 from pdserve.kernels.attention import AttentionMetadata
-from pdserve.kernels.linear import Linear
+from pdserve.kernels.linear import Linear, mtp_input_cpu
 from pdserve.models.config import ModelConfig
 from pdserve.models.llama import DecoderLayer, KVCache, RMSNorm, RotaryEmbedding
 
@@ -55,7 +54,7 @@ class MTPModule(nn.Layer):
         self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias_attr=False)
         self.layer = DecoderLayer(config)
         self.shared_head = SharedHead(config)
-        # Set by fold_token_projection: [vocab, hidden] token halves (NumPy, float32), and the hidden
+        # Set by fold_token_projection: [vocab, hidden] token halves (float32 on CPU) and the hidden
         # half's projection.
         object.__setattr__(self, "_token_rows", None)
         object.__setattr__(self, "_hidden_proj", None)
@@ -69,7 +68,8 @@ class MTPModule(nn.Layer):
         hidden_proj.weight.set_value(hidden_half)
         hidden_proj.pack()
         table = paddle.matmul(self.enorm(self._embed_tokens.weight), token_half)  # [V, hidden]
-        object.__setattr__(self, "_token_rows", np.ascontiguousarray(table.numpy(), dtype=np.float32))
+        rows = np.ascontiguousarray(table.numpy(), dtype=np.float32)
+        object.__setattr__(self, "_token_rows", paddle.to_tensor(rows, place=paddle.CPUPlace()))
         object.__setattr__(self, "_hidden_proj", hidden_proj)
         self.eh_proj.unpack()  # forward no longer calls it; its weight stays for state_dict
 
@@ -86,10 +86,14 @@ class MTPModule(nn.Layer):
         ``[T, hidden]`` (the main model's final-normed state at the same positions) -> ``[T, hidden]``
         after ``shared_head.norm``, or ``[len(rows), hidden]`` for the given rows only (the K/V of
         all T rows is written either way)."""
-        if self._token_rows is not None:  # folded: the token half is a table row
+        if self._token_rows is not None and self._hidden_proj._packed is not None and self.hnorm._cpu_op:
+            # folded, on pdserve's ops: one call
+            x = mtp_input_cpu(target_hidden, self.hnorm.weight, self._hidden_proj._packed, self._token_rows,
+                              next_token_ids.tolist(), self.hnorm.eps)
+        elif self._token_rows is not None:  # folded: the token half is a table row
             x = self._hidden_proj(self.hnorm(target_hidden))  # a new CPU tensor: ours to add into
             view = np.from_dlpack(x)  # zero-copy
-            view += self._token_rows[next_token_ids]  # hidden half + table row: the same sum either way round
+            view += np.from_dlpack(self._token_rows)[next_token_ids]  # the same sum either way round
         else:
             ids = paddle.to_tensor(next_token_ids, place=target_hidden.place)
             embeds = self.enorm(self._embed_tokens(ids))  # [T, hidden]

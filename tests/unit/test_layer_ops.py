@@ -11,6 +11,7 @@ import pytest
 from pdserve.kernels import cpu_ops
 from pdserve.kernels.activation import silu_and_mul, silu_and_mul_cpu
 from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_and_attend_cpu, write_kv
+from pdserve.kernels.linear import mtp_input_cpu, pack_weight, packed_matmul
 from pdserve.kernels.norm import rms_norm, rms_norm_cpu
 from pdserve.kernels.rope import apply_rope, split_qkv_rope_cpu
 from pdserve.models.llama import MLP, Attention, RMSNorm
@@ -51,6 +52,29 @@ def test_silu_and_mul_equals_the_reference_and_rows_do_not_see_each_other(width:
     np.testing.assert_allclose(got, exact, rtol=3e-6, atol=1e-6)
     np.testing.assert_allclose(got, silu_and_mul(x).numpy(), rtol=3e-6, atol=1e-6)
     assert np.array_equal(silu_and_mul_cpu(x[4:6]).numpy(), got[4:6])
+
+
+@pytest.mark.parametrize("rows", [1, 6, 13])
+def test_mtp_input_is_the_norm_projection_and_table_rows_one_by_one(rows: int) -> None:
+    # The fused call must give the bits of the three steps it replaces (models/mtp.py's fallback).
+    rng = np.random.default_rng(rows)
+    hidden, weight = _tensor(rng, rows, 256), _tensor(rng, 256)
+    packed = pack_weight(rng.standard_normal((256, 256)).astype(np.float32))
+    table = _tensor(rng, 50, 256)
+    ids = rng.integers(0, 50, rows).tolist()
+    expected = packed_matmul(rms_norm_cpu(hidden, weight, 1e-6), packed).numpy()
+    expected += table.numpy()[ids]
+    assert np.array_equal(mtp_input_cpu(hidden, weight, packed, table, ids, 1e-6).numpy(), expected)
+
+
+def test_mtp_input_rejects_bad_ids_instead_of_reading_out_of_bounds() -> None:
+    rng = np.random.default_rng(0)
+    hidden, weight, table = _tensor(rng, 2, 256), _tensor(rng, 256), _tensor(rng, 50, 256)
+    packed = pack_weight(rng.standard_normal((256, 256)).astype(np.float32))
+    with pytest.raises((OSError, ValueError), match="out of range"):
+        mtp_input_cpu(hidden, weight, packed, table, [3, 50], 1e-6)
+    with pytest.raises((OSError, ValueError), match="one token id per row"):
+        mtp_input_cpu(hidden, weight, packed, table, [3], 1e-6)
 
 
 def test_rope_split_equals_split_reshape_and_apply_rope() -> None:
