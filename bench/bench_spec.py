@@ -9,7 +9,8 @@ batch 16 use the same 16 prompts of a set (batch 1 one request at a time). The h
 every configuration runs `--repeats` times, plain and speculative runs interleaved (at batch 1 per
 prompt: plain, then each method, on the same prompt, then the next prompt). A repeat's TPOT is the
 median over its 16 requests, and the table shows the median over repeats; speedup = TPOT plain /
-TPOT spec. The last column does the same with the mean over requests instead of the median: with
+TPOT spec. The last column does the same with the mean over requests instead of the median (and
+gives the range of its per-repeat ratios): with
 equal token counts that is total decode time over total tokens, where the requests that accept
 little weigh more than in the median. `--clock cpu` stamps tokens with the engine thread's CPU time
 instead of the wall clock (the engine runs single-threaded in this process), which leaves out the
