@@ -86,6 +86,21 @@ def test_layers_the_op_cannot_serve_run_paddles_matmul() -> None:
     assert layer(paddle.randn([2, 3, 16])).shape == [2, 3, 24]  # 3-D input: the plain op
 
 
+@pytest.mark.parametrize(("dtype", "shape", "taken"), [
+    ("float32", [3, 16], True), ("float32", [1, 16], True), ("float64", [3, 16], False),
+    ("float16", [3, 16], False), ("bfloat16", [3, 16], False), ("float32", [2, 3, 16], False),
+    ("float32", [16], False),
+])
+def test_the_ops_take_only_2d_float32_cpu_activations(dtype: str, shape: list[int], taken: bool) -> None:
+    assert cpu_ops.takes(paddle.zeros(shape, dtype)) is taken
+    if dtype == "float32" and len(shape) > 1:  # taken or not (3-D), a packed layer gives nn.Linear's result
+        layer = Linear(16, 32)
+        assert layer.pack()
+        x = paddle.randn(shape)
+        reference = nn.functional.linear(x, layer.weight, layer.bias)
+        np.testing.assert_allclose(layer(x).numpy(), reference.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_loader_packs_the_demo_model_and_the_head_follows() -> None:
     packed = load_model(default_model_dir())
     plain = load_model(default_model_dir(), cpu_fast_path=False)
