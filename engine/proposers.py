@@ -105,14 +105,14 @@ class MTPProposer(DraftProposer):
     t_{i+1}, RoPE position i, docs/architecture.md), with the target's positions and attention
     metadata: the MTP KV cache has the target's geometry, so the slots and the attention plan are
     the same and nothing is planned twice. That (re)writes the MTP KV of every position the target
-    computed; past attention the layer computes only the drafting rows. Rows past a request's last emitted token (rejected drafts) pair with token 0: their
-    outputs are never used, and their KV entries lie beyond the request's computed tokens, where
-    the next step's substep 1 writes each position before any query can read it (queries are
-    causal, and a step writes its KV before attending) — as it does for entries that substeps
-    j > 1 write for drafts that are then rejected. The last emitted row of a request drafts
-    t_{n+1} after its new token t_n. Substep j > 1 feeds the previous draft at position
-    n + j - 2, with the previous substep's MTP state standing in for the (unknown) target hidden
-    state there, as in DeepSeek-V3 / FastDeploy.
+    computed; past attention the layer computes only the drafting rows. Rows past a request's last
+    emitted token (rejected drafts) pair with token 0: their KV entries lie beyond the request's
+    computed tokens, where the next step's substep 1 writes each position before any query can
+    read it (queries are causal, and a step writes its KV before attending) — as it does for
+    entries that substeps j > 1 write for drafts that are then rejected. The last emitted row of a
+    request drafts t_{n+1} after its new token t_n. Substep j > 1 feeds the previous draft at
+    position n + j - 2, with the previous substep's MTP state standing in for the (unknown) target
+    hidden state there, as in DeepSeek-V3 / FastDeploy.
     """
 
     def __init__(self, model: LlamaForCausalLM, kv_pool: KVCachePool, num_model_steps: int) -> None:

@@ -98,7 +98,9 @@ class SpecDecoder:
     def _record(self, update: RequestUpdate) -> None:
         self.counters.on_verified(update.num_draft_tokens, update.num_accepted_draft_tokens)
         request_id = update.request.request_id
-        stats = self._stats.setdefault(request_id, RequestSpecStats(self.config.num_speculative_tokens))
+        stats = self._stats.get(request_id)
+        if stats is None:  # not setdefault: that would build a new one every step
+            stats = self._stats[request_id] = RequestSpecStats(self.config.num_speculative_tokens)
         stats.on_tokens(len(update.new_token_ids))
         if update.request.is_finished:
             log_finished(request_id, stats.metrics())

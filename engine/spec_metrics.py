@@ -107,7 +107,8 @@ class SpecDecodeCounters:
 
     The step counts into plain integers, which a collector reads when the registry is scraped: a
     prometheus_client Counter takes a lock on every ``inc``, and a step made 3 + (accepted drafts)
-    of them per request (~10 us of a batch-1 hybrid step). The engine thread is the only writer.
+    of them per request (1.4 us a request in a hot loop, 0.25 now; several times that in a step,
+    with cold caches). The engine thread is the only writer.
     """
 
     def __init__(self, registry: CollectorRegistry, num_speculative_tokens: int) -> None:
