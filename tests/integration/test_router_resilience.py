@@ -137,8 +137,13 @@ def test_power_of_two_reads_load_from_the_stats_rpc() -> None:
         _wait_until(lambda: _node_view(r, "b")["router_load"] == 0.0)
 
 
+# Left alone, the stub's call would run 200 x 0.1 s = 20 s: a cancellation seen within 10 s can only
+# come from the router. (3 s was once too short when the shared host stalled the test process.)
+CANCEL_WAIT_S = 10.0
+
+
 def test_client_disconnect_cancels_the_node_call_streaming() -> None:
-    slow = StubBehavior(tokens=200, token_delay_s=0.05)
+    slow = StubBehavior(tokens=200, token_delay_s=0.1)
     with StubNodeServer("a", behavior=slow) as a, BackgroundRouter(_config()) as r:
         register_with_router(r.url, a.info())
         with httpx.stream("POST", r.url + "/v1/completions", json=BODY | {"max_tokens": 200, "stream": True},
@@ -147,18 +152,18 @@ def test_client_disconnect_cancels_the_node_call_streaming() -> None:
             assert next(lines).startswith("data: ")
             time.sleep(0.3)  # still streaming while the client is connected
             assert a.counters.cancelled == 0 and a.servicer.running == 1
-        _wait_until(lambda: a.counters.cancelled == 1, timeout_s=3)
+        _wait_until(lambda: a.counters.cancelled == 1, timeout_s=CANCEL_WAIT_S)
         assert a.counters.completed == 0
         _wait_until(lambda: _node_view(r, "a")["router_inflight"] == 0)
 
 
 def test_client_disconnect_cancels_the_node_call_non_streaming() -> None:
-    slow = StubBehavior(tokens=200, token_delay_s=0.05)
+    slow = StubBehavior(tokens=200, token_delay_s=0.1)
     with StubNodeServer("a", behavior=slow) as a, BackgroundRouter(_config()) as r:
         register_with_router(r.url, a.info())
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(r.url + "/v1/completions", json=BODY | {"max_tokens": 200}, timeout=0.5)
-        _wait_until(lambda: a.counters.cancelled == 1, timeout_s=3)
+        _wait_until(lambda: a.counters.cancelled == 1, timeout_s=CANCEL_WAIT_S)
         assert a.counters.completed == 0
 
 
