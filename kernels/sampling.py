@@ -30,6 +30,7 @@ import numpy as np
 import paddle
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kernels import cpu_ops
 from pdserve.kernels.penalties import apply_penalties, suppress_tokens
 
 _MAX_SEED = 2**63
@@ -217,8 +218,8 @@ def greedy_token_ids(processed_logits: paddle.Tensor) -> np.ndarray:
     """``greedy_tokens`` on the host, for callers that read the ids in Python: float32 CPU logits are
     read in place (NumPy's argmax also returns the lowest id among equal maxima), which saves two
     Paddle calls and a copy per step (a py-spy profile had the argmax chain at a quarter of a hybrid
-    step's sampling)."""
-    if processed_logits.place.is_cpu_place() and processed_logits.dtype == paddle.float32:
+    step's sampling). Readable in place when it is what pdserve's CPU ops take (2-D float32 on CPU)."""
+    if cpu_ops.takes(processed_logits):
         return np.from_dlpack(processed_logits).argmax(axis=-1)
     return greedy_tokens(processed_logits).numpy()
 

@@ -28,6 +28,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
+from pdserve.kernels import cpu_ops
 from pdserve.kernels.attention import AttentionMetadata
 from pdserve.kernels.linear import Linear, mtp_input_cpu
 from pdserve.models.config import ModelConfig
@@ -86,8 +87,8 @@ class MTPModule(nn.Layer):
         ``[T, hidden]`` (the main model's final-normed state at the same positions) -> ``[T, hidden]``
         after ``shared_head.norm``, or ``[len(rows), hidden]`` for the given rows only (the K/V of
         all T rows is written either way)."""
-        if self._token_rows is not None and self._hidden_proj._packed is not None and self.hnorm._cpu_op:
-            # folded, on pdserve's ops: one call
+        fused = self._token_rows is not None and self._hidden_proj._packed is not None and self.hnorm._cpu_op
+        if fused and cpu_ops.takes(target_hidden):  # folded, on pdserve's ops: one call
             x = mtp_input_cpu(target_hidden, self.hnorm.weight, self._hidden_proj._packed, self._token_rows,
                               next_token_ids.tolist(), self.hnorm.eps)
         elif self._token_rows is not None:  # folded: the token half is a table row
