@@ -266,8 +266,8 @@ class IncrementalDetokenizer:
         start = max(start, 0)
         for candidate in range(start, max(start - MAX_CONTINUATION_TOKENS, 0) - 1, -1):
             text = self._tokenizer.decode(self._ids[candidate : self._read_offset], self._skip_special_tokens)
+            if candidate == start:  # kept if no start does better: decoded once, here
+                self._prefix_offset, self._prefix = start, text
             if not text.startswith(REPLACEMENT_CHAR):
                 self._prefix_offset, self._prefix = candidate, text
                 return
-        self._prefix_offset = start
-        self._prefix = self._tokenizer.decode(self._ids[start : self._read_offset], self._skip_special_tokens)
