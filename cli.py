@@ -141,6 +141,7 @@ def _node_config(args: argparse.Namespace):
         role=args.role, node_id=args.node_id or f"{args.role}-{os.getpid()}", model_dir=str(model_dir),
         engine=_engine_config(args), model_name=args.model_name, host=args.host, grpc_port=args.port,
         data_port=args.data_port, metrics_port=args.metrics_port, omp_num_threads=args.threads,
+        dtype=args.dtype,
         eos_token_ids=Tokenizer.from_dir(model_dir).eos_token_ids, registry_url=args.registry,
         registry_api_key=args.registry_api_key, speculative_config=args.speculative_config,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,

@@ -67,7 +67,7 @@ def time_to_first_token(node: Node, request_id: str, prompt: list[int],
     started = time.perf_counter()
     call = node.stub.Generate(request, timeout=120.0)
     for chunk in call:
-        if chunk.token_ids:
+        if chunk.tokens.token_ids:
             sample = Sample(time.perf_counter() - started, chunk.timing)
             break
         if chunk.error:

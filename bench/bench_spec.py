@@ -112,16 +112,16 @@ def run(
     engine = LLMEngine(model, config, KVCachePool.allocate(kv_spec_for(model, config)), eos_token_ids=[])
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, seed=0)
     for i, ids in enumerate(prompts):
-        engine.add_request(f"r{i}", ids, params, seq_id=i)
+        engine.add_request(f"r{i}", ids, params)
     times: dict[str, list[float]] = {}
     counts: dict[str, list[int]] = {}
     while engine.has_unfinished():
         outputs = engine.step()
         now = clock()
         for out in outputs:
-            if out.new_token_ids:
+            if out.tokens.token_ids:
                 times.setdefault(out.request_id, []).append(now)
-                counts.setdefault(out.request_id, []).append(len(out.new_token_ids))
+                counts.setdefault(out.request_id, []).append(len(out.tokens.token_ids))
     tpots = [(t[-1] - t[0]) / (sum(counts[r]) - counts[r][0]) * 1e3 for r, t in times.items()]
     steps = [n for c in counts.values() for n in c[1:]]
     return RunResult(tpots, steps)

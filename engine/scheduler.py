@@ -99,7 +99,6 @@ class Scheduler:
         # Decode side: blocks reserved, the prompt's KV is being written by a prefill peer.
         self.awaiting_kv: dict[str, Request] = {}
         self._requests: dict[str, Request] = {}
-        self._seq_ids: set[int] = set()
         self._finished_since_last_step: list[str] = []
 
     # -- intake and exits --------------------------------------------------------------------------
@@ -119,7 +118,6 @@ class Scheduler:
             request.finish(RequestStatus.FINISHED_ERROR, error=reason)
             raise AdmissionError(f"request {request.request_id!r}: {reason}")
         self._requests[request.request_id] = request
-        self._seq_ids.add(request.seq_id)
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> bool:
@@ -160,7 +158,6 @@ class Scheduler:
                                 f"{request.num_prompt_tokens} prompt tokens")
         request.wait_for_remote_kv()
         self._requests[request.request_id] = request
-        self._seq_ids.add(request.seq_id)
         self.awaiting_kv[request.request_id] = request
 
     def on_remote_kv(self, request_id: str, first_token_id: int,
@@ -186,8 +183,8 @@ class Scheduler:
     def _check_new(self, request: Request) -> None:
         if request.status is not RequestStatus.WAITING or request.num_output_tokens:
             raise ValueError(f"add: {request!r} must be a fresh WAITING request")
-        if request.request_id in self._requests or request.seq_id in self._seq_ids:
-            raise ValueError(f"add: request id {request.request_id!r} or seq_id {request.seq_id} in use")
+        if request.request_id in self._requests:
+            raise ValueError(f"add: request id {request.request_id!r} in use")
 
     def _rejection_reason(self, request: Request) -> str | None:
         max_model_len = self.config.max_model_len
@@ -204,7 +201,6 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         self.block_manager.free(request)
         del self._requests[request.request_id]
-        self._seq_ids.discard(request.seq_id)
         self._finished_since_last_step.append(request.request_id)
 
     # -- one step ------------------------------------------------------------------------------------
@@ -342,7 +338,6 @@ class Scheduler:
         self.running.remove(request)
         request.finish(RequestStatus.FINISHED_PREFILLED)
         del self._requests[request.request_id]
-        self._seq_ids.discard(request.seq_id)
         return RequestUpdate(request=request, new_token_ids=(first_token_id,), num_draft_tokens=0,
                              num_accepted_draft_tokens=0)
 

@@ -44,6 +44,7 @@ class NodeConfig:
     data_port: int = 0  # KV data plane: decode nodes receive KV here, prefill nodes take tasks here
     metrics_port: int | None = None  # Prometheus; None = no metrics endpoint
     omp_num_threads: int = 1
+    dtype: str = "float32"  # the model's dtype in the engine (an engine that cannot run it refuses to start)
     eos_token_ids: tuple[int, ...] = ()
     registry_url: str | None = None  # the router (http://...) or redis://...; None = not registered
     registry_api_key: str | None = field(default=None, repr=False)  # never in a log line
@@ -78,7 +79,7 @@ class NodeConfig:
 
     def engine_client_config(self) -> EngineClientConfig:
         return EngineClientConfig(
-            model_dir=self.model_dir, engine=self.engine, eos_token_ids=self.eos_token_ids,
+            model_dir=self.model_dir, engine=self.engine, eos_token_ids=self.eos_token_ids, dtype=self.dtype,
             shared_kv_pool=self.role != "mixed", omp_num_threads=self.omp_num_threads,
             log_level=self.log_level,
         )

@@ -14,7 +14,7 @@ from pdserve.engine.request import Request
 
 def make_request() -> Request:
     # The block manager only looks at block_table and num_computed_tokens: ids may repeat.
-    return Request("r", [1], SamplingParams(), seq_id=0)
+    return Request("r", [1], SamplingParams())
 
 
 def test_blocks_needed_rounds_up() -> None:
