@@ -25,7 +25,7 @@ from pdserve.engine.engine import kv_spec_for_model
 from pdserve.models.config import ModelConfig
 from pdserve.models.loader import default_model_dir
 from pdserve.rpc import node_pb2 as pb
-from pdserve.tests.integration.pd_fixtures import (
+from pdserve.tests.support.cluster import (
     Node,
     NodeSpec,
     Result,

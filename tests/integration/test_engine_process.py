@@ -42,7 +42,7 @@ from pdserve.models.tokenizer import Tokenizer
 from pdserve.node.engine_client import EngineClient, EngineClientConfig, EngineError
 from pdserve.node.engine_stream import EngineExited, RecordReader
 from pdserve.node.offline import generate
-from pdserve.tests.integration.pd_fixtures import queue_exists, wait_until
+from pdserve.tests.support.cluster import queue_exists, wait_until
 
 ENGINE = EngineConfig(
     cache=CacheConfig(num_blocks=128, block_size=16),

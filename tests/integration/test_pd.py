@@ -21,7 +21,7 @@ import pytest
 
 from pdserve.engine.process import STATS_MIN_INTERVAL_S
 from pdserve.rpc import node_pb2 as pb
-from pdserve.tests.integration.pd_fixtures import (
+from pdserve.tests.support.cluster import (
     Node,
     NodeSpec,
     Result,

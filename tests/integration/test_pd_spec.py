@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pdserve.tests.integration.pd_fixtures import (
+from pdserve.tests.support.cluster import (
     Node,
     NodeSpec,
     Result,

@@ -36,7 +36,7 @@ from pdserve.engine.protocol import (
 )
 from pdserve.engine.request import RequestStatus
 from pdserve.node.engine_stream import EngineExited, RecordReader, StreamClosed
-from pdserve.tests.integration.pd_fixtures import queue_exists
+from pdserve.tests.support.cluster import queue_exists
 
 KERNEL_MSGMAX = 8192  # Linux default: every message must fit, no sysctl
 
