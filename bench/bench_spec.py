@@ -101,12 +101,9 @@ def run(
     max_tokens: int,
     clock: Callable[[], float] = time.perf_counter,
 ) -> RunResult:
-    k = spec.num_speculative_tokens if spec else 0
     config = EngineConfig(
         CacheConfig(num_blocks=512, block_size=16),
-        SchedulerConfig(
-            max_num_batched_tokens=2048, max_num_seqs=batch, max_model_len=512, num_speculative_tokens=k
-        ),
+        SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=batch, max_model_len=512),
         spec,
     )
     engine = LLMEngine(model, config, KVCachePool.allocate(kv_spec_for(model, config)), eos_token_ids=[])

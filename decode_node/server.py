@@ -27,6 +27,7 @@ from pdserve.node.request_stream import RequestStream
 from pdserve.node.server import NodeConfig, NodeServer
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc.convert import sampling_from_proto, tokens_to_proto
+from pdserve.rpc.registry import Role
 from pdserve.transfer.messages import FirstToken, PrefillTimings
 
 log = logging.getLogger("pdserve.decode")
@@ -38,10 +39,10 @@ class DecodeNodeServer(NodeServer):
         self.tokenizer = tokenizer or Tokenizer.from_dir(config.model_dir)
         self.remote: RemotePrefill | None = None
         # Reserved beyond the prompt: the peer's first token and the drafts our first step verifies.
-        self._extra_tokens = 1 + config.engine.scheduler.num_speculative_tokens
+        self._extra_tokens = 1 + config.engine.num_speculative_tokens
 
     async def start_data_plane(self) -> None:
-        if self.config.role == "decode":
+        if self.config.role is Role.DECODE:
             ready = self.bridge.ready
             self.remote = RemotePrefill(self.config, self.bridge, ready.kv_spec, self.metrics)
             self.data_address = self.remote.start(ready.kv_pool_name)

@@ -50,7 +50,7 @@ class LLMEngine:
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, config.num_speculative_tokens)
         self.runner = ModelRunner(model, kv_pool)
         # Speculative decoding's draft side; its counters go to the registry given (a private one if none).
         self.spec = None if config.speculative is None else SpecDecoder.build(

@@ -91,9 +91,11 @@ class _StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 num_speculative_tokens: int = 0) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.num_speculative_tokens = num_speculative_tokens  # drafts a decode step may verify
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         # Decode side: blocks reserved, the prompt's KV is being written by a prefill peer.
@@ -175,7 +177,7 @@ class Scheduler:
             request.finish(stop)
             self._release(request)
         else:
-            request.draft_token_ids = list(draft_token_ids[: self.config.num_speculative_tokens])
+            request.draft_token_ids = list(draft_token_ids[: self.num_speculative_tokens])
             self.running.append(request)
         return RequestUpdate(request=request, new_token_ids=(first_token_id,), num_draft_tokens=0,
                              num_accepted_draft_tokens=0)
@@ -286,7 +288,7 @@ class Scheduler:
     def _num_drafts_to_verify(self, request: Request, token_budget: int) -> int:
         # A step with d drafts can add up to d + 1 tokens; never more than the request may still get.
         room = request.max_num_tokens(self.config.max_model_len) - request.num_tokens - 1
-        return max(0, min(len(request.draft_token_ids), self.config.num_speculative_tokens,
+        return max(0, min(len(request.draft_token_ids), self.num_speculative_tokens,
                           token_budget - 1, room))
 
     @staticmethod

@@ -13,7 +13,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import grpc
 import msgspec
 
 from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
@@ -22,7 +21,6 @@ from pdserve.engine.request import RequestStatus
 from pdserve.node.engine_bridge import EngineGone, RequestHandle
 from pdserve.node.engine_client import EngineError
 from pdserve.node.server import NodeConfig, NodeServer
-from pdserve.rpc import node_pb2 as pb
 from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import InboxDispatcher, Malformed
@@ -72,11 +70,6 @@ class PrefillNodeServer(NodeServer):
         self._peers = PeerSenders(self.transfer)  # one thread per decode peer: KV, FirstToken, acks
         self._host_id = local_host_id()
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            "a prefill node does not serve Generate; send requests to a decode or mixed node")
-        yield pb.GenerateChunk()  # never reached: makes this an async generator like the servicer expects
 
     # -- data plane ------------------------------------------------------------------------------------
 

@@ -213,6 +213,15 @@ def test_bad_prompt_ids_are_invalid_argument(nodes: dict[str, Node], prompt: lis
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_prefill_node_does_not_serve_generate_but_answers_stats(nodes: dict[str, Node],
+                                                                  prompts: dict[str, list[int]]) -> None:
+    prefill = nodes["prefill_shm"]
+    with pytest.raises(grpc.RpcError) as err:
+        generate(prefill, rid("misrouted"), prompts["short"], sampling(4), timeout_s=10.0)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert prefill.stats().role == "prefill" and prefill.all_blocks_free()
+
+
 def _unreachable_target() -> pb.PrefillTarget:
     port = free_port()
     return pb.PrefillTarget(node_id="nobody", grpc_address=f"127.0.0.1:{port}",

@@ -26,7 +26,7 @@ from pdserve.common.tokens import SampledTokens
 from pdserve.node.registry_client import Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2, node_pb2_grpc
 from pdserve.rpc.convert import tokens_to_proto
-from pdserve.rpc.registry import HEARTBEAT_PATH, NodeInfo, NodeRole, encode_node
+from pdserve.rpc.registry import HEARTBEAT_PATH, NodeInfo, Role, encode_node
 
 STUB_FIRST_TOKEN = 3  # ids 0-2 are the demo tokenizer's special tokens
 STUB_TOKEN_SPAN = 1000
@@ -61,7 +61,7 @@ class StubCounters:
 
 
 class StubNodeServicer(node_pb2_grpc.NodeServicer):
-    def __init__(self, node_id: str, role: NodeRole, model: str, behavior: StubBehavior) -> None:
+    def __init__(self, node_id: str, role: Role, model: str, behavior: StubBehavior) -> None:
         self.node_id = node_id
         self.role = role
         self.model = model
@@ -151,7 +151,7 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
 class StubNodeServer:
     """The stub in a background thread with its own event loop: ``with StubNodeServer(...) as node``."""
 
-    def __init__(self, node_id: str, role: NodeRole = "mixed", model: str = "pdserve-demo",
+    def __init__(self, node_id: str, role: Role = "mixed", model: str = "pdserve-demo",
                  behavior: StubBehavior | None = None, host: str = "127.0.0.1") -> None:
         self.servicer = StubNodeServicer(node_id, role, model, behavior or StubBehavior())
         self._host = host

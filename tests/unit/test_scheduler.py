@@ -96,8 +96,10 @@ class FakeRunner:
         return drafts
 
 
-def make_scheduler(num_blocks: int = 16, block_size: int = 4, **config: object) -> Scheduler:
-    return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, block_size))  # type: ignore[arg-type]
+def make_scheduler(num_blocks: int = 16, block_size: int = 4, num_speculative_tokens: int = 0,
+                   **config: object) -> Scheduler:
+    return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, block_size),  # type: ignore[arg-type]
+                     num_speculative_tokens)
 
 
 def make_request(request_id: str, prompt_len: int, variant: int = 0, **params: object) -> Request:
@@ -114,8 +116,6 @@ def step(scheduler: Scheduler, runner: FakeRunner) -> SchedulerOutput:
 def test_config_validation_names_the_field() -> None:
     with pytest.raises(EngineConfigError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_batched_tokens=16, max_model_len=32, enable_chunked_prefill=False)
-    with pytest.raises(EngineConfigError, match="num_speculative_tokens"):
-        SchedulerConfig(max_num_batched_tokens=4, num_speculative_tokens=4)
     with pytest.raises(EngineConfigError, match="num_blocks"):
         CacheConfig(num_blocks=0)
 
@@ -343,9 +343,8 @@ workloads = st.builds(
 def test_random_workloads_finish_correctly_and_return_every_block(work: Workload) -> None:
     block_size, max_model_len = 4, 24
     config = SchedulerConfig(max_num_batched_tokens=work.budget, max_num_seqs=work.max_num_seqs,
-                             max_model_len=max_model_len, long_prefill_token_threshold=work.threshold,
-                             num_speculative_tokens=work.num_spec)
-    scheduler = Scheduler(config, BlockManager(work.num_blocks, block_size))
+                             max_model_len=max_model_len, long_prefill_token_threshold=work.threshold)
+    scheduler = Scheduler(config, BlockManager(work.num_blocks, block_size), work.num_spec)
     runner = FakeRunner(block_size, work.num_blocks, work.drafts_correct)
     requests: dict[str, Request] = {}
     computed: dict[str, int] = {}  # expected num_computed_tokens, tracked from the outputs alone
@@ -367,7 +366,7 @@ def test_random_workloads_finish_correctly_and_return_every_block(work: Workload
             if abort_at == step_index and request_id in requests:
                 scheduler.abort(request_id)
         output = scheduler.schedule()
-        _check_step(output, config, computed)
+        _check_step(output, config, scheduler.num_speculative_tokens, computed)
         for update in scheduler.on_step_done(output, runner.run(output)):
             computed[update.request.request_id] = update.request.num_computed_tokens
         for chunk in output.chunks:
@@ -387,7 +386,8 @@ def test_random_workloads_finish_correctly_and_return_every_block(work: Workload
                 list(request.prompt_token_ids), request.sampling_params, max_model_len)
 
 
-def _check_step(output: SchedulerOutput, config: SchedulerConfig, computed: dict[str, int]) -> None:
+def _check_step(output: SchedulerOutput, config: SchedulerConfig, num_speculative_tokens: int,
+                computed: dict[str, int]) -> None:
     for request_id in output.preempted_request_ids:
         computed[request_id] = 0
     assert output.num_batched_tokens == sum(len(c.token_ids) for c in output.chunks)
@@ -396,5 +396,5 @@ def _check_step(output: SchedulerOutput, config: SchedulerConfig, computed: dict
     assert len({c.request.request_id for c in output.chunks}) == len(output.chunks)
     for chunk in output.chunks:
         assert chunk.start_position == computed[chunk.request.request_id]  # continuous positions
-        assert chunk.num_draft_tokens <= config.num_speculative_tokens
+        assert chunk.num_draft_tokens <= num_speculative_tokens
         assert chunk.sample == (chunk.context_len - chunk.num_draft_tokens == chunk.request.num_tokens)
