@@ -47,10 +47,6 @@ class SampledTokens(msgspec.Struct, frozen=True, array_like=True):
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    @property
-    def has_logprobs(self) -> bool:
-        return bool(self.logprobs) or not self.token_ids
-
     def head(self, count: int) -> SampledTokens:
         """The first `count` tokens (all of them when count >= len)."""
         return self if count >= len(self.token_ids) else self.slice(0, count)

@@ -34,9 +34,6 @@ class CacheConfig:
             ("block_size", self.block_size >= 1, "must be >= 1"),
         ], self)
 
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
 
 
 @dataclass(frozen=True)

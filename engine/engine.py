@@ -124,10 +124,6 @@ class LLMEngine:
         self.block_manager.free(request)
         return True
 
-    def held(self, request_id: str) -> Request | None:
-        """A prefilled request whose blocks are held for the transfer agent."""
-        return self._held.get(request_id)
-
     def take_prefill_progress(self) -> list[Request]:
         """Prefill-only requests that computed more prompt KV since the last call (for streaming the
         KV out chunk by chunk while prefill continues)."""

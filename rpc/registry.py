@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 HEARTBEAT_PATH = "/internal/v1/nodes/heartbeat"
 NODES_PATH = "/internal/v1/nodes"
 
+
 class Role(enum.StrEnum):
     """What a node does. Its gRPC services follow: every node serves Node.Stats/Drain and health;
     decode and mixed nodes serve Generate (a prefill node answers it UNIMPLEMENTED) and prefill nodes
@@ -23,9 +24,7 @@ class Role(enum.StrEnum):
     DECODE = "decode"  # owns requests, takes KV from prefill nodes, decodes
     MIXED = "mixed"  # prefills and decodes in one engine (the single-node baseline)
 
-    @property
-    def serves_generate(self) -> bool:
-        return self is not Role.PREFILL
+
 REDIS_KEY_PREFIX = "pdserve:node:"
 
 

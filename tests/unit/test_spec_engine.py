@@ -120,14 +120,16 @@ def test_prefill_and_decode_phases_equal_the_single_phase_run(
     for i, ids in enumerate(prompts[:6]):
         # Prefill phase: the first token with its logprob facts and the MTP drafts for the decode side.
         engine.add_prefill_request(f"p{i}", ids, PARAMS)
-        first = None
+        first = prefilled = None
         for _ in range(4):
             first = next((o for o in engine.step() if o.request_id == f"p{i}"), None)
+            # The blocks a prefill node pushes are the ones its engine reports with each chunk.
+            progressed = engine.take_prefill_progress()
+            prefilled = next((r for r in progressed if r.request_id == f"p{i}"), prefilled)
             if first is not None:
                 break
         assert first is not None and first.status is RequestStatus.FINISHED_PREFILLED
         assert len(first.draft_token_ids) == spec.num_speculative_tokens
-        prefilled = engine.held(f"p{i}")
         # Decode phase: reserve, receive the KV (every layer, the MTP layer's too), then the first token.
         decode = engine.reserve(f"r{i}", ids, PARAMS,
                                 num_extra_tokens=1 + spec.num_speculative_tokens)
