@@ -66,9 +66,13 @@ class EngineBridge:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.lost: asyncio.Event | None = None  # set once the engine is gone (not when we stopped it)
+        # Called on the reader thread with every stats record (prometheus gauges are thread-safe).
+        self.on_stats: Callable[[EngineStats], None] | None = None
 
     async def start(self) -> EngineReady:
         self._loop = asyncio.get_running_loop()
+        self.lost = asyncio.Event()
         self.ready = await self._loop.run_in_executor(None, self.client.start)
         self._thread = threading.Thread(target=self._read, name="engine-records", daemon=True)
         self._thread.start()
@@ -162,6 +166,8 @@ class EngineBridge:
                     self._deliver(output.request_id, output, final=output.finished)
             elif isinstance(record, EngineStats):
                 self.stats = record
+                if self.on_stats is not None:
+                    self.on_stats(record)
             elif isinstance(record, (KVReserved, PrefillProgress)):
                 self._deliver(record.request_id, record, final=False)
             elif isinstance(record, RequestRejected):
@@ -190,6 +196,7 @@ class EngineBridge:
         else:
             log.error("engine lost: %s", message)
             self.failure = message
+            self._loop.call_soon_threadsafe(self.lost.set)
         with self._lock:
             handles, self._handles = list(self._handles.values()), {}
         for handle in handles:

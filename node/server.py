@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from pdserve.common.spec_metrics import SpeculateMetrics
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.protocol import EngineStats
 from pdserve.node.engine_bridge import EngineBridge
 from pdserve.node.engine_client import EngineClient, EngineClientConfig
 from pdserve.node.registry_client import Heartbeater, registry_client_for
@@ -137,8 +138,9 @@ class NodeServer(node_pb2_grpc.NodeServicer):
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.bridge = EngineBridge(EngineClient(config.engine_client_config()))
         self.metrics = NodeMetrics(config.role)
+        self.bridge = EngineBridge(EngineClient(config.engine_client_config()))
+        self.bridge.on_stats = self._on_stats
         self.draining = False
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -218,18 +220,15 @@ class NodeServer(node_pb2_grpc.NodeServicer):
 
     async def _watch_engine(self) -> None:
         """An engine that dies takes the node's health with it, so routers stop sending requests."""
-        while not self._stop.is_set():
-            if not self.bridge.alive:
-                log.error("engine process is gone; node %s stops serving", self.config.node_id)
-                await self._set_health(serving=False)
-                self._stop.set()
-                return
-            s = self.bridge.stats
-            if s is not None:
-                self.metrics.running.set(s.running)
-                self.metrics.waiting.set(s.waiting)
-                self.metrics.free_blocks.set(s.free_blocks)
-            await asyncio.sleep(0.1)
+        await self.bridge.lost.wait()
+        log.error("engine process is gone; node %s stops serving", self.config.node_id)
+        await self._set_health(serving=False)
+        self._stop.set()
+
+    def _on_stats(self, stats: EngineStats) -> None:
+        self.metrics.running.set(stats.running)
+        self.metrics.waiting.set(stats.waiting)
+        self.metrics.free_blocks.set(stats.free_blocks)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         self._stop.set()

@@ -106,11 +106,6 @@ def resources() -> Iterator[Resources]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_dir(default_model_dir())
-
-
-@pytest.fixture(scope="module")
 def shared_client() -> Iterator[EngineClient]:
     """One engine (KV pool in /dev/shm) for the tests that do not kill anything."""
     client = EngineClient(client_config(shared_kv_pool=True))
