@@ -61,7 +61,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0  # tokens of all_token_ids whose KV is in the cache
         self.block_table: list[int] = []  # owned by the BlockManager; read by everyone else
-        # Proposed continuation of all_token_ids, verified by the next decode step (issue 4).
+        # Proposed continuation of all_token_ids, verified by the next decode step.
         self.draft_token_ids: list[int] = []
         self.error: str | None = None
         # Prefill node: stop after the first token and hand the KV over instead of decoding on.
