@@ -226,6 +226,16 @@ def test_a_rejected_request_gets_a_clear_error_while_others_continue(shared_clie
     assert results[1].error is None and len(results[1].token_ids) == 6
 
 
+@pytest.mark.parametrize("command", ["mixed", "generate"])
+def test_a_dtype_the_cpu_cannot_compute_in_is_refused_at_start_naming_the_flag(command: str) -> None:
+    args = ["--prompt", "x"] if command == "generate" else ["--port", "0"]
+    done = subprocess.run([sys.executable, "-m", "pdserve.cli", command, "--dtype", "bfloat16",
+                           "--threads", "1", "--num-blocks", "16", *args],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert done.returncode != 0
+    assert "--dtype bfloat16 does not run on the CPU" in done.stderr, done.stderr[-2000:]
+
+
 # -- a raw engine process: what a broken or dying node server does to it ---------------------------------
 
 
