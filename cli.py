@@ -192,11 +192,16 @@ def _generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pdserve.node.engine_client import EngineError
+
     try:
         return args.handler(args)
     except ValueError as exc:  # config and parameter validation: a clear message, not a traceback
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
+    except EngineError as exc:  # the engine could not start (pdserve generate): say why, no traceback
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

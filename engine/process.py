@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         EngineLoop(engine, TaskInbox(tasks), records).run()
     except ReaderGoneError:
         log.warning("the record stream's reader is gone; engine stopping")
+    except UnsupportedDtypeError as exc:  # a configuration the node reports; no traceback to read
+        _try_send(records, EngineFailed(str(exc)))
+        return 2
     except Exception as exc:  # the process is about to exit: report why, then let the traceback print
         _try_send(records, EngineFailed(f"{type(exc).__name__}: {exc}"))
         raise

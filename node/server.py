@@ -22,7 +22,7 @@ from pdserve.common.spec_metrics import SpeculateMetrics
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.protocol import EngineStats
 from pdserve.node.engine_bridge import EngineBridge
-from pdserve.node.engine_client import EngineClient, EngineClientConfig
+from pdserve.node.engine_client import EngineClient, EngineClientConfig, EngineError
 from pdserve.node.registry_client import Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc import node_pb2_grpc
@@ -257,7 +257,7 @@ def run_node(server: NodeServer) -> int:
                         format=f"%(asctime)s {server.config.node_id} %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(server.serve_forever())
-    except OSError as exc:
+    except (OSError, EngineError) as exc:  # could not bind, or the engine could not start
         print(f"pdserve: node {server.config.node_id} failed: {exc}", file=sys.stderr)
         return 1
     return 0 if server.bridge.failure is None else 1
