@@ -34,13 +34,19 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.nodes import NodePool
 from pdserve.router.policies import build_policy
 from pdserve.router.prepare import Prepared, Preparer, model_max_len
-from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from pdserve.router.registry import NodeInfoError, Registry, decode_node
 from pdserve.router.registry_client import HEARTBEAT_PATH, NODES_PATH
 from pdserve.router.responses import RequestTimer, ResponseBuilder
 from pdserve.rpc import node_pb2
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; nobody receives it
+VERSION = "0.1.0"
 
 
 @dataclass
@@ -132,7 +138,7 @@ def create_app(config: RouterConfig, registry: Registry, tokenizer: Tokenizer | 
             await state.pool.close()
             await registry.close()
 
-    app = FastAPI(title="pdserve router", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="pdserve router", version=VERSION, lifespan=lifespan)
     app.state.router = state
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
@@ -154,11 +160,33 @@ def _add_openai_routes(app: FastAPI, state: RouterState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _serve(state, state.preparer.chat(body), True, request)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": state.config.model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "pdserve", "max_model_len": state.preparer.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": state.config.model_name, "object": "model", "created": int(time.time()),
-            "owned_by": "pdserve", "max_model_len": state.preparer.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != state.config.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves "
+                                f"{state.config.model_name!r}", "model", "model_not_found")
+        return model_card()
+
+    # vLLM's tokenizer endpoints, at the root as vLLM serves them (lm-eval's remote tokenizer calls them)
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return state.preparer.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return state.preparer.detokenize(body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return state.preparer.tokenizer_info()
 
 
 def _add_ops_routes(app: FastAPI, state: RouterState) -> None:
@@ -170,6 +198,15 @@ def _add_ops_routes(app: FastAPI, state: RouterState) -> None:
         body = error_body(503, f"not ready: usable nodes {counts}", None, "no_capacity")
         return JSONResponse(body, status_code=503,
                             headers={"Retry-After": str(state.config.admission.retry_after_s)})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": VERSION}
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        # liveness of the router process (SageMaker's and vLLM's /ping); readiness is /health
+        return Response(status_code=200)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -18,7 +18,7 @@ from pdserve.router.errors import error_body
 from pdserve.router.metrics import RouterMetrics
 
 T = TypeVar("T")
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/version"})  # probes, as vLLM leaves them open
 
 
 class ClientGone(Exception):

@@ -6,13 +6,23 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
 from pdserve.engine.sampling_params import SamplingParams, SamplingParamsError
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.errors import APIError
-from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from pdserve.router.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Body,
+    _SamplingFields,
+    unsupported_fields,
+)
 from pdserve.rpc import node_pb2
 from pdserve.rpc.convert import sampling_to_proto
 
@@ -27,6 +37,9 @@ class Prepared:
     include_usage: bool
     echo: bool
     top_logprobs: int | None  # None: no logprobs asked for
+    # max_tokens=0 with echo: the node generates one token for the prompt's logprobs, which the
+    # response leaves out (OpenAI's and vLLM's "score the prompt only")
+    prompt_only: bool = False
 
     @property
     def token_budget(self) -> int:
@@ -45,6 +58,21 @@ def model_max_len(model_dir: Path) -> int:
         return int(config["max_position_embeddings"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"max_model_len: cannot read max_position_embeddings from {model_dir}: {e}") from e
+
+
+def _check_content_parts(messages: list[ChatMessage]) -> None:
+    for i, message in enumerate(messages):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            where = f"messages[{i}].content[{j}]"
+            if part.type != "text":
+                raise APIError(400, f"{where}: content part type {part.type!r} is not supported: the served "
+                                    f"model takes text only (parts of type 'text')", "messages",
+                               "unsupported_content_type")
+            if part.text is None:
+                raise APIError(400, f"{where}: a 'text' part needs a 'text' string", "messages",
+                               "invalid_value")
 
 
 class Preparer:
@@ -68,37 +96,88 @@ class Preparer:
             token_ids = list(prompt)
             self._check_ids(token_ids)
             text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
-        return self._build(req, token_ids, text, req.max_tokens, req.logprobs, req.echo)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        prompt_only = max_tokens == 0
+        if prompt_only and not req.echo:
+            raise APIError(400, "max_tokens=0 needs echo=true (it returns the prompt and its logprobs only)",
+                           "max_tokens", "invalid_value")
+        return self._build(req, token_ids, text, 1 if prompt_only else max_tokens, req.logprobs, req.echo,
+                           prompt_only)
 
     def chat(self, req: ChatCompletionRequest) -> Prepared:
         self._check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
+        text = self._render_chat(req.messages, req.add_generation_prompt)
+        token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        return self._build(req, token_ids, text, max_tokens, top, echo=False)
+
+    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's /tokenize answer: ``count``, ``max_model_len``, ``tokens``, ``token_strs``."""
+        self._check_fields(req)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt", "invalid_value")
+        if req.prompt is not None:
+            add_special = req.add_special_tokens is not False
+            token_ids = self.tokenizer.encode(req.prompt, add_special_tokens=add_special)
+        else:
+            text = self._render_chat(req.messages or [], req.add_generation_prompt)
+            token_ids = self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        strs = [self.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+        return {"count": len(token_ids), "max_model_len": self.max_model_len, "tokens": token_ids,
+                "token_strs": strs if req.return_token_strs else None}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        self._check_fields(req)
+        self._check_ids(req.tokens, "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What vLLM's /tokenizer_info reports and lm-eval's remote tokenizer reads (the special tokens
+        and the chat template)."""
+        special = self.tokenizer.special_tokens
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special.bos_token,
+                "eos_token": special.eos_token, "unk_token": special.unk_token,
+                "pad_token": special.pad_token,
+                "chat_template": self.tokenizer.chat_template, "model_max_length": self.max_model_len,
+                "vocab_size": self.tokenizer.vocab_size, "eos_token_ids": list(self.tokenizer.eos_token_ids)}
+
+    def _check_fields(self, req: _Body) -> None:
+        unsupported = unsupported_fields(req)
+        if unsupported:
+            name = unsupported[0]
+            raise APIError(400, f"{name}: this parameter is not supported by pdserve (docs/api.md lists "
+                                f"the supported ones)", name, "unsupported_parameter")
+        model = getattr(req, "model", None)
+        if model is not None and model != self._model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{self._model_name!r}", "model", "model_not_found")
+
+    def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        _check_content_parts(messages)
+        rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt)
+            return self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as e:  # the model's template refused these messages
             raise APIError(422, f"the chat template rejected the messages: {e}", "messages",
                            "chat_template_error") from e
         except ValueError as e:  # the model has no chat template
             raise APIError(400, str(e), "messages", "no_chat_template") from e
-        token_ids = self.tokenizer.encode(text, add_special_tokens=False)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        return self._build(req, token_ids, text, max_tokens, top, echo=False)
 
     def _check_common(self, req: _SamplingFields) -> None:
-        if req.model != self._model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
-                                f"{self._model_name!r}", "model", "model_not_found")
+        self._check_fields(req)
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options",
+                           "invalid_value")
 
-    def _check_ids(self, token_ids: list[int]) -> None:
+    def _check_ids(self, token_ids: list[int], field: str = "prompt") -> None:
         vocab = self.tokenizer.vocab_size
         bad = next((t for t in token_ids if t >= vocab), None)
         if bad is not None:
-            raise APIError(400, f"prompt token id {bad} is out of the vocabulary (size {vocab})", "prompt",
+            raise APIError(400, f"{field} token id {bad} is out of the vocabulary (size {vocab})", field,
                            "invalid_value")
 
     def _context_budget(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -116,7 +195,7 @@ class Preparer:
         return max_tokens
 
     def _build(self, req: _SamplingFields, token_ids: list[int], text: str, max_tokens: int | None,
-               top_logprobs: int | None, echo: bool) -> Prepared:
+               top_logprobs: int | None, echo: bool, prompt_only: bool = False) -> Prepared:
         budget = self._context_budget(len(token_ids), max_tokens)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         try:
@@ -136,4 +215,4 @@ class Preparer:
             raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from e
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         return Prepared(f"req-{uuid.uuid4().hex}", token_ids, text, sampling, req.stream, include_usage,
-                        echo, top_logprobs)
+                        echo, top_logprobs, prompt_only)

@@ -100,6 +100,8 @@ class ResponseBuilder:
     def _usage(self, acc: _Accumulated) -> dict[str, int]:
         prompt = acc.usage.prompt_tokens if acc.usage is not None else len(self._p.prompt_token_ids)
         completion = acc.usage.completion_tokens if acc.usage is not None else acc.completion_tokens
+        if self._p.prompt_only:
+            completion = 0
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _chat_logprobs(self, entries: Sequence[node_pb2.TokenLogprob]) -> dict[str, Any]:
@@ -176,16 +178,23 @@ class ResponseBuilder:
         except StreamFailed as e:
             raise APIError(503, f"the request failed while generating: {e}", None, "node_failed", 1) from e
         self._timer.done()
-        text = "".join(acc.text)
+        choice = self._final_choice(acc, streaming=False)
+        return {**self._envelope([choice], streaming=False), "usage": self._usage(acc)}
+
+    def _final_choice(self, acc: _Accumulated, streaming: bool) -> dict[str, Any]:
+        """The whole answer as one choice (a non-streaming response, or a prompt-only stream's event)."""
+        text = "" if self._p.prompt_only else "".join(acc.text)
+        generated = [] if self._p.prompt_only else acc.logprobs
         prompt_ids: Sequence[int] = ()
         if self._p.echo:
             text = self._p.prompt_text + text
             prompt_ids = self._p.prompt_token_ids
-        logprobs = self._logprobs(acc.logprobs, prompt_ids, acc.prompt_logprobs)
-        choice = self._choice(text, logprobs, acc.finish_reason, streaming=False)
-        if acc.speculate_metrics is not None:
+        logprobs = self._logprobs(generated, prompt_ids, acc.prompt_logprobs)
+        finish_reason = "length" if self._p.prompt_only else acc.finish_reason
+        choice = self._choice(text, logprobs, finish_reason, first=True, streaming=streaming)
+        if acc.speculate_metrics is not None and not self._p.prompt_only:
             choice["speculate_metrics"] = speculate_metrics_json(acc.speculate_metrics)
-        return {**self._envelope([choice], streaming=False), "usage": self._usage(acc)}
+        return choice
 
     # ---- streaming
     async def events(self, chunks: AsyncIterator[node_pb2.GenerateChunk]) -> AsyncIterator[bytes]:
@@ -196,6 +205,8 @@ class ResponseBuilder:
             async for chunk in chunks:
                 self._timer.on_tokens(len(chunk.token_ids))
                 acc.add(chunk)
+                if self._p.prompt_only:  # one event once the prompt's logprobs are in
+                    continue
                 if first and self._p.echo:  # the prompt's logprobs come with the first chunk
                     echoed = self._logprobs([], self._p.prompt_token_ids, chunk.prompt_logprobs)
                     yield sse(self._envelope([self._choice(self._p.prompt_text, echoed, None)], True))
@@ -210,6 +221,8 @@ class ResponseBuilder:
             yield DONE_EVENT
             return
         self._timer.done()
+        if self._p.prompt_only:
+            yield sse(self._envelope([self._final_choice(acc, streaming=True)], streaming=True))
         if self._p.include_usage:
             yield sse({**self._envelope([], streaming=True), "usage": self._usage(acc)})
         yield DONE_EVENT

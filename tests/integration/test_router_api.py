@@ -267,3 +267,87 @@ def test_prefill_decode_pairs_and_prefix_affinity() -> None:
         addresses = {p0.address, p1.address}
         assert {req.prefill.grpc_address for req in d0.counters.requests} <= addresses
         assert p0.counters.calls == p1.counters.calls == 0  # the router calls only the decode node
+
+
+# ---- every field honoured or refused
+@pytest.mark.parametrize(("path", "extra", "param"), [
+    ("/v1/completions", {"suffix": "}"}, "suffix"),
+    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", {"truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {"service_tier": "flex"}, "service_tier"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}}]}]}, "messages"),
+])
+def test_unimplemented_fields_get_a_400_naming_them(router: BackgroundRouter, path: str,
+                                                    extra: dict[str, object], param: str) -> None:
+    body: dict[str, object] = {"model": MODEL, "max_tokens": 2}
+    body.update({"prompt": "x"} if path == "/v1/completions" else
+                {"messages": [{"role": "user", "content": "x"}]})
+    body.update(extra)
+    response = httpx.post(router.url + path, json=body, timeout=10)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert param.split(".")[-1] in error["message"] or "image_url" in error["message"]
+
+
+def test_model_is_optional_with_one_served_model(router: BackgroundRouter) -> None:
+    response = httpx.post(router.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
+    assert response.status_code == 200 and response.json()["model"] == MODEL
+
+
+def test_max_completion_tokens_on_completions(client: openai.OpenAI, node: StubNodeServer) -> None:
+    out = client.completions.create(model=MODEL, prompt="q", max_tokens=5,
+                                    extra_body={"max_completion_tokens": 2})
+    assert node.counters.requests[-1].sampling.max_tokens == 2 and out.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_zero_with_echo_scores_the_prompt_only(client: openai.OpenAI, tokenizer: Tokenizer,
+                                                          stream: bool) -> None:
+    n = len(tokenizer.encode("a = 1"))
+    out = client.completions.create(model=MODEL, prompt="a = 1", max_tokens=0, echo=True, logprobs=1,
+                                    stream=stream)
+    choice = list(out)[0].choices[0] if stream else out.choices[0]
+    assert choice.text == "a = 1" and choice.finish_reason == "length"
+    assert choice.logprobs.token_logprobs == [None] + [-0.25 * i for i in range(1, n)]
+    if not stream:
+        assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == n
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="a = 1", max_tokens=0)
+    assert info.value.body["param"] == "max_tokens"
+
+
+# ---- the endpoints tools expect
+def test_models_retrieve(client: openai.OpenAI) -> None:
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_tokenize_then_detokenize_round_trips(router: BackgroundRouter, tokenizer: Tokenizer) -> None:
+    text = "def fib(n):\n    return n<|endoftext|>"
+    out = httpx.post(router.url + "/tokenize", json={"prompt": text, "add_special_tokens": False,
+                                                     "return_token_strs": True}).json()
+    assert out["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    assert out["count"] == len(out["tokens"]) and out["max_model_len"] == 2048
+    assert "".join(out["token_strs"]) == text
+    back = httpx.post(router.url + "/detokenize", json={"model": MODEL, "tokens": out["tokens"]}).json()
+    assert back == {"prompt": text}
+    chat = httpx.post(router.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                                              add_special_tokens=False)
+    bad = httpx.post(router.url + "/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_tokenizer_info_version_and_ping(router: BackgroundRouter, tokenizer: Tokenizer) -> None:
+    info = httpx.get(router.url + "/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.special_tokens.eos_token and info["chat_template"]
+    assert httpx.get(router.url + "/version").json()["version"]
+    assert httpx.get(router.url + "/ping").status_code == 200
+    assert httpx.post(router.url + "/ping").status_code == 200

@@ -47,7 +47,7 @@ def router() -> Iterator[tuple[BackgroundRouter, dict[str, list[str]]]]:
         register_with_router(r.url, node.info(capacity=64))
         schema = httpx.get(r.url + "/openapi.json").json()["components"]["schemas"]
         fields = {path: sorted(schema[name]["properties"]) for path, name in ENDPOINTS.items()}
-        nested = [name for name in ("ChatMessage", "StreamOptions", "TextPart") if name in schema]
+        nested = [name for name in ("ChatMessage", "StreamOptions", "ContentPart") if name in schema]
         assert len(nested) == 3 and "messages" in fields["/v1/chat/completions"]
         yield r, fields
 

@@ -101,3 +101,43 @@ def test_chat_top_logprobs_needs_logprobs(preparer: Preparer) -> None:
     with pytest.raises(APIError) as info:
         preparer.chat(req)
     assert (info.value.status, info.value.param) == (400, "top_logprobs")
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"logit_bias_x": {"5": 1}}, "logit_bias_x"),
+    ({"suffix": "end"}, "suffix"),
+    ({"guided_regex": "[a-z]+"}, "guided_regex"),
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
+])
+def test_unimplemented_completion_fields_are_refused_by_name(preparer: Preparer, body: dict[str, object],
+                                                            param: str) -> None:
+    with pytest.raises(APIError) as info:
+        preparer.completion(_completion(**body))
+    assert (info.value.status, info.value.param, info.value.code) == (400, param, "unsupported_parameter")
+    assert param in info.value.message
+
+
+def test_null_unknown_fields_mean_not_set(preparer: Preparer) -> None:
+    assert preparer.completion(_completion(suffix=None, max_tokens=2)).sampling.max_tokens == 2
+
+
+def test_stream_options_without_stream_is_refused(preparer: Preparer) -> None:
+    with pytest.raises(APIError) as info:
+        preparer.completion(_completion(stream_options={"include_usage": True}))
+    assert (info.value.status, info.value.param) == (400, "stream_options")
+
+
+@pytest.mark.parametrize(("message", "param", "code"), [
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
+     "messages", "unsupported_content_type"),
+    ({"role": "user", "content": [{"type": "text"}]}, "messages", "invalid_value"),
+    ({"role": "assistant", "content": "x", "tool_calls": [{"id": "c1"}]}, "messages[0].tool_calls",
+     "unsupported_parameter"),
+])
+def test_chat_messages_are_honoured_or_refused(preparer: Preparer, message: dict[str, object], param: str,
+                                               code: str) -> None:
+    req = ChatCompletionRequest.model_validate({"model": MODEL, "messages": [message]})
+    with pytest.raises(APIError) as info:
+        preparer.chat(req)
+    assert (info.value.status, info.value.param, info.value.code) == (400, param, code)
