@@ -33,7 +33,7 @@ from pdserve.router.http_util import ClientGone, GateMiddleware, SSEResponse, un
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.nodes import NodePool
 from pdserve.router.policies import build_policy
-from pdserve.router.prepare import Prepared, Preparer, model_max_len
+from pdserve.router.prepare import PreparedBatch, Preparer, model_max_len
 from pdserve.router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -42,7 +42,7 @@ from pdserve.router.protocol import (
 )
 from pdserve.router.registry import NodeInfoError, Registry, decode_node
 from pdserve.router.registry_client import HEARTBEAT_PATH, NODES_PATH
-from pdserve.router.responses import RequestTimer, ResponseBuilder
+from pdserve.router.responses import ResponseBuilder, gather_or_cancel
 from pdserve.rpc import node_pb2
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; nobody receives it
@@ -81,34 +81,35 @@ async def _prepend(first: node_pb2.GenerateChunk, rest: AsyncIterator[node_pb2.G
             yield chunk
 
 
-async def _serve(state: RouterState, prepared: Prepared, chat: bool, request: Request) -> Response:
+async def _serve(state: RouterState, batch: PreparedBatch, chat: bool, request: Request) -> Response:
     retry_after = state.config.admission.retry_after_s
     if not state.pool.ready():
         raise APIError(503, "no usable node: the cluster has no mixed node or prefill/decode pair ready",
                        None, "no_capacity", retry_after)
     try:
-        await state.admission.acquire(prepared.token_budget)
+        await state.admission.acquire(batch.token_budget)
     except TooLarge as e:
         raise APIError(413, str(e), "max_tokens", "too_many_tokens") from e
     except Overloaded as e:
         raise APIError(429, f"the router is at capacity: {e}", None, "overloaded", retry_after) from e
-    release_once = _ReleaseOnce(state.admission, prepared.token_budget)
-    builder = ResponseBuilder(prepared, chat, state.config.model_name, state.preparer.tokenizer,
-                              RequestTimer(state.metrics))
-    chunks = state.dispatcher.generate(prepared)
+    release_once = _ReleaseOnce(state.admission, batch.token_budget)
+    builder = ResponseBuilder(batch, chat, state.config.model_name, state.preparer.tokenizer, state.metrics)
+    streams = [state.dispatcher.generate(p) for p in batch.choices]
     streaming_started = False
     try:
-        if not prepared.stream:
-            return JSONResponse(await unless_disconnected(request.receive, builder.collect(chunks)))
-        # the first chunk before any byte is sent: failures up to here are proper HTTP errors
-        first = await unless_disconnected(request.receive, anext(chunks))
+        if not batch.stream:
+            return JSONResponse(await unless_disconnected(request.receive, builder.collect(streams)))
+        # every choice's first chunk before any byte is sent: failures up to here are proper HTTP errors
+        firsts = await unless_disconnected(request.receive, gather_or_cancel([anext(s) for s in streams]))
         streaming_started = True
-        return SSEResponse(builder.events(_prepend(first, chunks)), on_close=release_once)
+        return SSEResponse(builder.events([_prepend(f, s) for f, s in zip(firsts, streams, strict=True)]),
+                           on_close=release_once)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     finally:
         if not streaming_started:
-            await chunks.aclose()
+            for stream in streams:
+                await stream.aclose()
             release_once()
 
 
@@ -203,9 +204,13 @@ def _add_ops_routes(app: FastAPI, state: RouterState) -> None:
     async def version() -> dict[str, str]:
         return {"version": VERSION}
 
-    @app.api_route("/ping", methods=["GET", "POST"])
+    # liveness of the router process (SageMaker's and vLLM's /ping, GET and POST); readiness is /health
+    @app.get("/ping")
     async def ping() -> Response:
-        # liveness of the router process (SageMaker's and vLLM's /ping); readiness is /health
+        return Response(status_code=200)
+
+    @app.post("/ping")
+    async def ping_post() -> Response:
         return Response(status_code=200)
 
     @app.get("/metrics")

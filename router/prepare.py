@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from pdserve.router.protocol import (
 from pdserve.rpc import node_pb2
 from pdserve.rpc.convert import sampling_to_proto
 
+MAX_CHOICES = 128  # prompts x n of one request: each is its own node request
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -40,6 +43,8 @@ class Prepared:
     # max_tokens=0 with echo: the node generates one token for the prompt's logprobs, which the
     # response leaves out (OpenAI's and vLLM's "score the prompt only")
     prompt_only: bool = False
+    index: int = 0  # the choice's index in the response: prompt i, choice j -> i * n + j
+    first_of_prompt: bool = True  # usage counts each prompt once, not once per choice
 
     @property
     def token_budget(self) -> int:
@@ -49,6 +54,36 @@ class Prepared:
     def to_proto(self) -> node_pb2.GenerateRequest:
         return node_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
                                         sampling=sampling_to_proto(self.sampling))
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """One OpenAI request fanned out: a node request per (prompt, choice), in response index order."""
+
+    request_id: str
+    choices: tuple[Prepared, ...]
+
+    @property
+    def stream(self) -> bool:
+        return self.choices[0].stream
+
+    @property
+    def include_usage(self) -> bool:
+        return self.choices[0].include_usage
+
+    @property
+    def token_budget(self) -> int:
+        return sum(p.token_budget for p in self.choices)
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of choice ``choice`` of a request seeded with ``seed``: choice 0 keeps it (n=1 answers
+    exactly as before), every later choice gets a distinct seed derived from (seed, choice), so a
+    seeded n>1 request returns distinct choices and returns the same ones again."""
+    if seed is None or choice == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # [0, 2**63), what SamplingParams takes
 
 
 def model_max_len(model_dir: Path) -> int:
@@ -75,36 +110,62 @@ def _check_content_parts(messages: list[ChatMessage]) -> None:
                                "invalid_value")
 
 
+def _choice_id(request_id: str, index: int, count: int) -> str:
+    # a one-choice request keeps the request's id on the node, so logs match across hops
+    return request_id if count == 1 else f"{request_id}-{index}"
+
+
 class Preparer:
     def __init__(self, tokenizer: Tokenizer, model_name: str, max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self._model_name = model_name
         self.max_model_len = max_model_len
 
-    def completion(self, req: CompletionRequest) -> Prepared:
+    def completion(self, req: CompletionRequest) -> PreparedBatch:
         self._check_common(req)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported (n=1)", "prompt",
-                               "invalid_value")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-            text = prompt
-        else:
-            token_ids = list(prompt)
-            self._check_ids(token_ids)
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of other than n is not supported (every choice generated is returned)",
+                           "best_of", "unsupported_parameter")
+        prompts = self._completion_prompts(req.prompt)
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} choices is more than {MAX_CHOICES}",
+                           "n", "invalid_value")
+        max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         prompt_only = max_tokens == 0
         if prompt_only and not req.echo:
             raise APIError(400, "max_tokens=0 needs echo=true (it returns the prompt and its logprobs only)",
                            "max_tokens", "invalid_value")
-        return self._build(req, token_ids, text, 1 if prompt_only else max_tokens, req.logprobs, req.echo,
-                           prompt_only)
+        request_id = f"req-{uuid.uuid4().hex}"
+        choices = []
+        for i, (token_ids, text) in enumerate(prompts):
+            for j in range(req.n):
+                index = i * req.n + j
+                choices.append(self._build(
+                    req, token_ids, text, 1 if prompt_only else max_tokens, req.logprobs, req.echo,
+                    prompt_only, _choice_id(request_id, index, len(prompts) * req.n), index, j))
+        return PreparedBatch(request_id, tuple(choices))
 
-    def chat(self, req: ChatCompletionRequest) -> Prepared:
+    def _completion_prompts(self, prompt: str | list[int] | list[str] | list[list[int]]
+                            ) -> list[tuple[list[int], str]]:
+        """(token ids, text) per prompt: a string, a token list, or a list of either."""
+        batch: list[str] | list[list[int]]
+        if isinstance(prompt, str):
+            batch = [prompt]
+        elif prompt and isinstance(prompt[0], (str, list)):
+            batch = prompt  # type: ignore[assignment]
+        else:
+            batch = [prompt]  # type: ignore[list-item]
+        prompts = []
+        for item in batch:
+            if isinstance(item, str):
+                prompts.append((self.tokenizer.encode(item), item))
+            else:
+                token_ids = list(item)
+                self._check_ids(token_ids)
+                prompts.append((token_ids, self.tokenizer.decode(token_ids, skip_special_tokens=False)))
+        return prompts
+
+    def chat(self, req: ChatCompletionRequest) -> PreparedBatch:
         self._check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
@@ -112,7 +173,11 @@ class Preparer:
         token_ids = self.tokenizer.encode(text, add_special_tokens=False)
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
-        return self._build(req, token_ids, text, max_tokens, top, echo=False)
+        request_id = f"req-{uuid.uuid4().hex}"
+        return PreparedBatch(request_id, tuple(
+            self._build(req, token_ids, text, max_tokens, top, False, False,
+                        _choice_id(request_id, j, req.n), j, j)
+            for j in range(req.n)))
 
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         """vLLM's /tokenize answer: ``count``, ``max_model_len``, ``tokens``, ``token_strs``."""
@@ -195,7 +260,8 @@ class Preparer:
         return max_tokens
 
     def _build(self, req: _SamplingFields, token_ids: list[int], text: str, max_tokens: int | None,
-               top_logprobs: int | None, echo: bool, prompt_only: bool = False) -> Prepared:
+               top_logprobs: int | None, echo: bool, prompt_only: bool, request_id: str, index: int,
+               choice: int) -> Prepared:
         budget = self._context_budget(len(token_ids), max_tokens)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         try:
@@ -203,7 +269,7 @@ class Preparer:
                 max_tokens=budget, min_tokens=min(req.min_tokens, budget),
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0, seed=req.seed,
+                top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0, seed=choice_seed(req.seed, choice),
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 stop_token_ids=tuple(req.stop_token_ids or ()), stop=stop, ignore_eos=req.ignore_eos,
@@ -214,5 +280,5 @@ class Preparer:
         except SamplingParamsError as e:  # the message starts with the field's name
             raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from e
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        return Prepared(f"req-{uuid.uuid4().hex}", token_ids, text, sampling, req.stream, include_usage,
-                        echo, top_logprobs, prompt_only)
+        return Prepared(request_id, token_ids, text, sampling, req.stream, include_usage, echo, top_logprobs,
+                        prompt_only, index, first_of_prompt=choice == 0)

@@ -69,7 +69,7 @@ class _SamplingFields(_Body):
 
     model: Text | None = Field(default=None, min_length=1, max_length=256,
                                description="optional: the one served model when left out")
-    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    n: int = Field(default=1, ge=1, le=128, description="choices per prompt")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1, description="extension; 0 or -1: off")
@@ -95,6 +95,7 @@ class CompletionRequest(_SamplingFields):
                                               description="wins over max_tokens")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    best_of: int | None = Field(default=None, ge=1, le=128, description="only equal to n")
 
 
 class ContentPart(_Body):

@@ -182,7 +182,7 @@ def test_sampling_parameters_reach_the_node(client: openai.OpenAI, node: StubNod
     ({"max_tokens": 5000}, openai.BadRequestError, "context_length_exceeded"),
     ({"temperature": 3.0}, openai.BadRequestError, "invalid_value"),
     ({"logprobs": 21}, openai.BadRequestError, "invalid_value"),
-    ({"n": 2}, openai.BadRequestError, "invalid_value"),
+    ({"n": 0}, openai.BadRequestError, "invalid_value"),
 ])
 def test_errors_carry_the_openai_body(client: openai.OpenAI, kwargs: dict[str, object],
                                       error: type[openai.APIStatusError], code: str) -> None:
@@ -351,3 +351,49 @@ def test_tokenizer_info_version_and_ping(router: BackgroundRouter, tokenizer: To
     assert httpx.get(router.url + "/version").json()["version"]
     assert httpx.get(router.url + "/ping").status_code == 200
     assert httpx.post(router.url + "/ping").status_code == 200
+
+
+# ---- n > 1 and batched prompts: one node request per (prompt, choice)
+def test_n_choices_get_distinct_reproducible_seeds(client: openai.OpenAI, node: StubNodeServer,
+                                                   tokenizer: Tokenizer) -> None:
+    out = client.completions.create(model=MODEL, prompt="def g(", max_tokens=2, n=3, seed=5)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    _, text = _expected_text(tokenizer.encode("def g("), 2)
+    assert all(c.text == text and c.finish_reason == "length" for c in out.choices)
+    seeds = [r.sampling.seed for r in node.counters.requests[-3:]]
+    assert seeds[0] == 5 and len(set(seeds)) == 3
+    client.completions.create(model=MODEL, prompt="def g(", max_tokens=2, n=3, seed=5)
+    assert sorted(r.sampling.seed for r in node.counters.requests[-3:]) == sorted(seeds)
+    assert out.usage.prompt_tokens == len(tokenizer.encode("def g(")) and out.usage.completion_tokens == 6
+
+
+def test_batched_prompts_come_back_in_order(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
+    prompts = ["import os", "x = [", "def h():"]
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [_expected_text(tokenizer.encode(p), 3)[1] for p in prompts]
+    assert out.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+
+
+def test_streamed_batch_times_n_interleaves_indexed_choices(client: openai.OpenAI,
+                                                            tokenizer: Tokenizer) -> None:
+    prompts = ["a", "bb"]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts: dict[int, str] = {}
+    finished = set()
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if choice.finish_reason:
+            finished.add(choice.index)
+    expected = [_expected_text(tokenizer.encode(p), 3)[1] for p in prompts]
+    assert texts == {0: expected[0], 1: expected[0], 2: expected[1], 3: expected[1]}
+    assert finished == {0, 1, 2, 3} and chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_n_returns_n_messages(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=2, n=2)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.choices[0].message.content == out.choices[1].message.content
