@@ -149,7 +149,8 @@ def test_batched_prompts_times_n_choices_in_openai_index_order(preparer: Prepare
                                                                tokenizer: Tokenizer) -> None:
     batch = preparer.completion(_completion(prompt=["a", "c = 1", "b"], n=2, seed=7, max_tokens=3))
     assert [p.index for p in batch.choices] == list(range(6))
-    assert [p.prompt_token_ids for p in batch.choices[::2]] == [tokenizer.encode(t) for t in ("a", "c = 1", "b")]
+    expected = [tokenizer.encode(t) for t in ("a", "c = 1", "b")]
+    assert [p.prompt_token_ids for p in batch.choices[::2]] == expected
     assert [p.first_of_prompt for p in batch.choices] == [True, False] * 3
     seeds = [p.sampling.seed for p in batch.choices]
     assert seeds[0::2] == [7, 7, 7] and len(set(seeds[1::2])) == 1 and seeds[1] != 7
