@@ -29,6 +29,7 @@ from pdserve.engine.spec_metrics import RequestSpecStats, SpeculateMetrics
 from pdserve.models.config import ModelConfig
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.rpc import node_pb2 as pb
+from pdserve.rpc.chunks import merged_chunks
 from pdserve.rpc.convert import delta_to_chunk, sampling_from_proto
 from pdserve.transfer.messages import FirstToken
 
@@ -57,6 +58,12 @@ class DecodeNodeServer(NodeServer):
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        chunks = self._generate(request, context)
+        async for chunk in (merged_chunks(chunks) if request.merge_chunks else chunks):
+            yield chunk
+
+    async def _generate(self, request: pb.GenerateRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         params, prompt = await self._validated(request, context)
         stream = RequestStream(request.request_id, params, self.tokenizer, prompt)
         spec = self.config.engine.speculative

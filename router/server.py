@@ -14,7 +14,7 @@ from types import TracebackType
 
 import uvicorn
 
-from pdserve.router.app import RouterState, create_app
+from pdserve.router.app import HotPaths, RouterState, create_asgi
 from pdserve.router.config import RouterConfig
 from pdserve.router.registry import Registry, build_registry
 
@@ -36,7 +36,7 @@ def _url(sock: socket.socket) -> str:
 
 
 def _uvicorn_config(config: RouterConfig, registry: Registry, **kwargs: object) -> uvicorn.Config:
-    app = create_app(config, registry)
+    app = create_asgi(config, registry)
     return uvicorn.Config(app, log_level=config.log_level.lower(), access_log=False, lifespan="on",
                           timeout_graceful_shutdown=5, **kwargs)  # type: ignore[arg-type]
 
@@ -66,7 +66,9 @@ class BackgroundRouter:
     @property
     def state(self) -> RouterState:
         """The app's components (node pool, admission, metrics), for tests and status."""
-        return self._server.config.app.state.router  # type: ignore[union-attr]
+        hot_paths = self._server.config.app.app  # type: ignore[union-attr]
+        assert isinstance(hot_paths, HotPaths)
+        return hot_paths.state
 
     def _run(self) -> None:
         asyncio.run(self._server.serve(sockets=[self._sock]))

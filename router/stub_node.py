@@ -25,6 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 from pdserve.router.registry import NodeInfo, NodeRole, encode_node
 from pdserve.router.registry_client import HEARTBEAT_PATH, Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2, node_pb2_grpc
+from pdserve.rpc.chunks import merged_chunks
 
 STUB_FIRST_TOKEN = 3  # ids 0-2 are the demo tokenizer's special tokens
 STUB_TOKEN_SPAN = 1000
@@ -77,7 +78,8 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure before the first chunk")
         self.running += 1
         try:
-            async for chunk in self._chunks(request, b, context):
+            chunks = self._chunks(request, b, context)
+            async for chunk in (merged_chunks(chunks) if request.merge_chunks else chunks):
                 yield chunk
             self.counters.completed += 1
         except asyncio.CancelledError:
