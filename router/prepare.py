@@ -249,6 +249,15 @@ class Preparer:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options",
                            "invalid_value")
 
+    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        pairs = []
+        for key, value in (bias or {}).items():
+            if not key.isdigit() or int(key) >= self.tokenizer.vocab_size:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 .. "
+                                    f"{self.tokenizer.vocab_size - 1})", "logit_bias", "invalid_value")
+            pairs.append((int(key), value))
+        return tuple(sorted(pairs))
+
     def _check_ids(self, token_ids: list[int], field: str = "prompt") -> None:
         vocab = self.tokenizer.vocab_size
         bad = next((t for t in token_ids if t >= vocab), None)
@@ -284,7 +293,7 @@ class Preparer:
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 stop_token_ids=tuple(req.stop_token_ids or ()), stop=stop, ignore_eos=req.ignore_eos,
-                logprobs=top_logprobs,
+                logprobs=top_logprobs, logit_bias=self._logit_bias(req.logit_bias),
                 # completions' echo + logprobs: the echoed prompt tokens get theirs too (OpenAI's API)
                 prompt_logprobs=top_logprobs if echo else None,
             )

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 1024
 UINT32_MAX = 2**32 - 1
 
 
@@ -32,6 +33,8 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
 StopString = Annotated[Text, Field(min_length=1, max_length=1024)]
+BiasKey = Annotated[str, Field(max_length=12)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
 class _Body(BaseModel):
@@ -85,6 +88,8 @@ class _SamplingFields(_Body):
     user: Text | None = Field(default=None, max_length=512)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[BiasKey, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS_ENTRIES,
+                                                   description="token id (a string) -> bias in [-100, 100]")
 
 
 class CompletionRequest(_SamplingFields):

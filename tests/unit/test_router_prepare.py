@@ -107,6 +107,7 @@ def test_chat_top_logprobs_needs_logprobs(preparer: Preparer) -> None:
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"logit_bias_x": {"5": 1}}, "logit_bias_x"),
+    ({"prompt_logprobs": 2}, "prompt_logprobs"),
     ({"suffix": "end"}, "suffix"),
     ({"guided_regex": "[a-z]+"}, "guided_regex"),
     ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
@@ -160,3 +161,12 @@ def test_batched_prompts_times_n_choices_in_openai_index_order(preparer: Prepare
     assert batch.token_budget == sum(len(p.prompt_token_ids) + 3 for p in batch.choices)
     tokens = preparer.completion(_completion(prompt=[[5, 6], [7]]))
     assert [p.prompt_token_ids for p in tokens.choices] == [[5, 6], [7]]
+
+
+def test_logit_bias_reaches_the_node_request(preparer: Preparer) -> None:
+    (p,) = preparer.completion(_completion(logit_bias={"7": -100, "3": 2.5})).choices
+    assert p.sampling.logit_bias == ((3, 2.5), (7, -100.0))
+    assert dict(p.to_proto().sampling.logit_bias) == {3: 2.5, 7: -100.0}
+    with pytest.raises(APIError) as info:
+        preparer.completion(_completion(logit_bias={"99999999": 1}))
+    assert info.value.param == "logit_bias"
