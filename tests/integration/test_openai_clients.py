@@ -147,10 +147,10 @@ def test_tokenize_then_detokenize_round_trips(url: str) -> None:
 
 
 TINY_MC = [
-    {"question": "def add(a, b):\n    return a", "choices": [" + b", " * zebra"], "answer": 0},
-    {"question": "import os\nimport", "choices": [" sys", " +++"], "answer": 0},
+    {"question": "def add(a, b):\n    return a", "choices": ["+ b", "* zebra"], "answer": 0},
+    {"question": "import os\nimport", "choices": ["sys", "+++"], "answer": 0},
     {"question": "for i in range(", "choices": ["10):", "]]]"], "answer": 0},
-    {"question": "class Stack:\n    def __init__(self", "choices": ["):", " ==="], "answer": 0},
+    {"question": "class Stack:\n    def __init__(self", "choices": ["):", "==="], "answer": 0},
     {"question": "x = [1, 2, 3]\nprint(len(", "choices": ["x))", "(((("], "answer": 0},
 ]
 
@@ -194,10 +194,10 @@ def test_lm_eval_local_completions_batched_with_the_remote_tokenizer(url: str, c
                for line in path.read_text().splitlines()]
     assert len(samples) == len(TINY_MC)
     for sample in samples:
-        doc = sample["doc"]
-        for choice, resp in zip(doc["choices"], sample["resps"], strict=True):
-            expected = _continuation_logprob(client, url, doc["question"], choice)
-            assert resp[0][0] == pytest.approx(expected, abs=1e-4)
+        requests = [sample["arguments"][f"gen_args_{i}"] for i in range(len(sample["resps"]))]
+        for request, resp in zip(requests, sample["resps"], strict=True):
+            expected = _continuation_logprob(client, url, request["arg_0"], request["arg_1"])
+            assert float(resp[0][0]) == pytest.approx(expected, abs=1e-4)
 
 
 def _continuation_logprob(client: openai.OpenAI, url: str, context: str, continuation: str) -> float:
