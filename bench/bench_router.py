@@ -273,11 +273,14 @@ def main() -> int:
     parser.add_argument("--rate-seconds", type=float, default=5.0)
     parser.add_argument("--router-cpu", type=int, default=0, help="the core the router is pinned to")
     parser.add_argument("--load-cpu", type=int, default=1, help="the core of the stub node and this client")
+    parser.add_argument("--router-workers", type=int, default=1,
+                        help="router processes (all on --router-cpu)")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.load_cpu})
     router, router_url = _spawn([sys.executable, "-m", "pdserve.cli", "router", "--port", "0",
-                                 "--health-interval", "5"], cpu=args.router_cpu)
+                                 "--health-interval", "5", "--workers", str(args.router_workers)],
+                                cpu=args.router_cpu)
     node = None
     try:
         node, node_address = _spawn([sys.executable, "-m", "pdserve.router.stub_node", "--tokens",
@@ -288,6 +291,7 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError("the router never became ready")
             time.sleep(0.05)
+        time.sleep(0.5)  # several workers: every one has read the node's registration
         rows, rate = uvloop.run(_bench(router_url, router.pid, node_address, args))
     finally:
         for proc in (node, router):

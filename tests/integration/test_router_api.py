@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -397,3 +401,26 @@ def test_chat_n_returns_n_messages(client: openai.OpenAI) -> None:
                                          max_tokens=2, n=2)
     assert [c.index for c in out.choices] == [0, 1]
     assert out.choices[0].message.content == out.choices[1].message.content
+
+
+def test_worker_processes_share_the_port_and_one_registry_view(node: StubNodeServer,
+                                                               tokenizer: Tokenizer) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "router", "--port", "0", "--workers", "2",
+                             "--health-interval", "0.5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[-1]
+        register_with_router(url, node.info())  # one heartbeat, taken by one of the workers
+        time.sleep(1.0)  # the other worker reads the shared registry directory within 0.2 s
+        with httpx.Client(base_url=url, timeout=10) as http:
+            workers = set()
+            for _ in range(20):  # a new connection each time: the kernel spreads them over the workers
+                reply = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                  headers={"connection": "close"})
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["choices"][0]["text"] == _expected_text(tokenizer.encode("x"), 2)[1]
+                workers.add(reply.json()["id"].split("-")[1][:16])  # ids carry a per-process prefix
+        assert len(workers) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
