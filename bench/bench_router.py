@@ -2,18 +2,24 @@
 
     python bench/bench_router.py [--requests 300] [--tokens 16] [--rate-seconds 5]
 
-Starts a stub node (``pdserve.tests.support.stub_node``) and the router (``pdserve router``, pinned to one
-core) as subprocesses. For concurrency 1, 10 and 50 it measures TTFT and end-to-end latency of
+Starts a stub node (``pdserve.tests.support.stub_node``) and the router (``pdserve router``, pinned to
+one core) as subprocesses; the stub and this load generator share the other core, so the router's core
+does nothing else. For concurrency 1, 10 and 50 it measures TTFT and end-to-end latency of
 streaming requests through the router (HTTP/SSE) and directly on the node's gRPC Generate, side by
 side in one run; overhead = router median - direct median. Then the router's request rate: as many
 non-streaming requests as it completes per second at concurrency 50. Prints a table and writes
 bench_out/bench_router.{md,png}.
+
+The HTTP side is a minimal HTTP/1.1 keep-alive client on raw asyncio streams (``_HTTPConnection``):
+a general-purpose client costs more CPU per request than the router under test, and on a 2-core
+machine its cost would be measured as the router's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import uvloop
 
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.config import default_model_dir
@@ -66,15 +73,74 @@ async def _direct_one(stub: node_pb2_grpc.NodeStub, prompt_ids: list[int], token
     return Sample(ttft or 0.0, time.perf_counter() - t0)
 
 
-async def _router_one(client: httpx.AsyncClient, tokens: int) -> Sample:
+class _HTTPConnection:
+    """One keep-alive HTTP/1.1 connection: POST a JSON body, read a Content-Length or chunked answer."""
+
+    def __init__(self, url: str) -> None:
+        host_port = url.removeprefix("http://")
+        self._host, port = host_port.rsplit(":", 1)
+        self._port = int(port)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes,
+                   on_chunk: Callable[[bytes], None] | None = None) -> tuple[int, bytes]:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
+        assert self._reader is not None
+        head = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        self._writer.write(head % (path.encode(), self._host.encode(), len(body)) + body)
+        head = (await self._reader.readuntil(b"\r\n\r\n")).lower()
+        status = int(head[9:12])
+        if b"transfer-encoding: chunked" not in head:
+            start = head.index(b"content-length:") + 15
+            length = int(head[start:head.index(b"\r\n", start)])
+            return status, await self._reader.readexactly(length)
+        parts = []
+        while True:
+            size = int((await self._reader.readuntil(b"\r\n")).strip(), 16)
+            data = await self._reader.readexactly(size + 2)
+            if size == 0:
+                return status, b"".join(parts)
+            if on_chunk is not None:
+                on_chunk(data)
+            parts.append(data[:-2])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class _ConnectionPool:
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._idle: list[_HTTPConnection] = []
+
+    async def post(self, path: str, body: bytes,
+                   on_chunk: Callable[[bytes], None] | None = None) -> tuple[int, bytes]:
+        conn = self._idle.pop() if self._idle else _HTTPConnection(self._url)
+        status, data = await conn.post(path, body, on_chunk)
+        self._idle.append(conn)
+        return status, data
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.close()
+
+
+async def _router_one(pool: _ConnectionPool, tokens: int) -> Sample:
     t0 = time.perf_counter()
     ttft = None
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "stream": True}
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if ttft is None and line.startswith("data: {"):
-                ttft = time.perf_counter() - t0
+
+    def on_chunk(data: bytes) -> None:
+        nonlocal ttft
+        if ttft is None and b"data: {" in data:
+            ttft = time.perf_counter() - t0
+
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "stream": True}).encode()
+    status, data = await pool.post("/v1/completions", body, on_chunk)
+    if status != 200 or not data.rstrip().endswith(b"data: [DONE]"):
+        raise RuntimeError(f"router answered {status}: {data[:200]!r}")
     return Sample(ttft or 0.0, time.perf_counter() - t0)
 
 
@@ -92,33 +158,55 @@ async def _run_at(concurrency: int, total: int, one: Callable[[], Awaitable[Samp
     return samples
 
 
-async def _request_rate(client: httpx.AsyncClient, seconds: float, concurrency: int, tokens: int) -> float:
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of ``pid`` and its child processes (router workers), from /proc."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent's pid
+            total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Rate:
+    per_second: float  # requests completed per wall-clock second
+    per_cpu_second: float  # requests per CPU-second the router processes used: per core, whatever else runs
+
+
+async def _request_rate(pool: _ConnectionPool, router_pid: int, seconds: float, concurrency: int,
+                        tokens: int) -> Rate:
     done = 0
     deadline = time.perf_counter() + seconds
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": tokens}
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": tokens}).encode()
 
     async def worker() -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            (await client.post("/v1/completions", json=body)).raise_for_status()
+            status, data = await pool.post("/v1/completions", body)
+            if status != 200:
+                raise RuntimeError(f"router answered {status}: {data[:200]!r}")
             done += 1
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds(router_pid)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(router_pid) - cpu0
+    return Rate(done / wall, done / cpu if cpu else float("inf"))
 
 
 def _median_ms(samples: list[Sample], field: str) -> float:
     return statistics.median(getattr(s, field) for s in samples) * 1000
 
 
-async def _bench(router_url: str, node_address: str,
-                 args: argparse.Namespace) -> tuple[list[dict], float]:
+async def _bench(router_url: str, router_pid: int, node_address: str,
+                 args: argparse.Namespace) -> tuple[list[dict], Rate]:
     prompt_ids = Tokenizer.from_dir(default_model_dir()).encode(PROMPT)
     rows = []
-    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
-    async with grpc.aio.insecure_channel(node_address) as channel, \
-            httpx.AsyncClient(base_url=router_url, limits=limits, timeout=30) as client:
+    client = _ConnectionPool(router_url)
+    async with grpc.aio.insecure_channel(node_address) as channel:
         stub = node_pb2_grpc.NodeStub(channel)
         await _run_at(5, 50, lambda: _direct_one(stub, prompt_ids, args.tokens))  # warm-up
         await _run_at(5, 50, lambda: _router_one(client, args.tokens))
@@ -132,11 +220,12 @@ async def _bench(router_url: str, node_address: str,
                 row[f"router_{field}"] = _median_ms(routed, field)
                 row[f"overhead_{field}"] = row[f"router_{field}"] - row[f"direct_{field}"]
             rows.append(row)
-        rate = await _request_rate(client, args.rate_seconds, 50, args.tokens)
+        rate = await _request_rate(client, router_pid, args.rate_seconds, 50, args.tokens)
+    client.close()
     return rows, rate
 
 
-def _report(rows: list[dict], rate: float, tokens: int) -> str:
+def _report(rows: list[dict], rate: Rate, tokens: int) -> str:
     lines = [f"Router overhead, stub node answering at once ({tokens} tokens per request, streaming, "
              "medians, ms)",
              "",
@@ -149,7 +238,8 @@ def _report(rows: list[dict], rate: float, tokens: int) -> str:
                      f"{r['router_ttft_s']:.2f} | {r['overhead_ttft_s']:+.2f} | {r['direct_e2e_s']:.2f} | "
                      f"{r['router_e2e_s']:.2f} | "
                      f"{r['overhead_e2e_s']:+.2f} |")
-    lines += ["", f"Router request rate on one core (non-streaming, concurrency 50): **{rate:.0f} req/s**"]
+    lines += ["", f"Router request rate (non-streaming, concurrency 50): **{rate.per_second:.0f} req/s** on "
+              f"the router's core, **{rate.per_cpu_second:.0f} requests per router CPU-second**"]
     return "\n".join(lines)
 
 
@@ -182,20 +272,27 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--rate-seconds", type=float, default=5.0)
     parser.add_argument("--router-cpu", type=int, default=0, help="the core the router is pinned to")
+    parser.add_argument("--load-cpu", type=int, default=1, help="the core of the stub node and this client")
+    parser.add_argument("--router-workers", type=int, default=1,
+                        help="router processes (all on --router-cpu)")
     args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.load_cpu})
     router, router_url = _spawn([sys.executable, "-m", "pdserve.cli", "router", "--port", "0",
-                                 "--health-interval", "5"], cpu=args.router_cpu)
+                                 "--health-interval", "5", "--workers", str(args.router_workers)],
+                                cpu=args.router_cpu)
     node = None
     try:
         node, node_address = _spawn([sys.executable, "-m", "pdserve.tests.support.stub_node", "--tokens",
                                      str(args.tokens), "--register", router_url, "--heartbeat-s", "1"],
-                                    cpu=None)
+                                    cpu=args.load_cpu)
         deadline = time.monotonic() + 10
         while httpx.get(router_url + "/health").status_code != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError("the router never became ready")
             time.sleep(0.05)
-        rows, rate = asyncio.run(_bench(router_url, node_address, args))
+        time.sleep(0.5)  # several workers: every one has read the node's registration
+        rows, rate = uvloop.run(_bench(router_url, router.pid, node_address, args))
     finally:
         for proc in (node, router):
             if proc is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token in practice, +100 all but forces it
 
 
 class SamplingParamsError(ValueError):
@@ -28,6 +29,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k logprobs per generated token (0 = only the sampled token's)
     prompt_logprobs: int | None = None
+    # (token id, bias) pairs, ids ascending: added to the token's logit after penalties (OpenAI's logit_bias)
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -47,6 +50,8 @@ class SamplingParams:
              f"must be in [0, {MAX_TOP_LOGPROBS}]"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be non-negative ids"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("logit_bias", all(t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias),
+             f"must map token ids to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -58,5 +63,6 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
+        """Whether anything changes the logits before temperature (penalties or a logit bias)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0)
+                or self.frequency_penalty != 0.0 or bool(self.logit_bias))

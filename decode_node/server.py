@@ -26,6 +26,7 @@ from pdserve.node.engine_client import EngineError
 from pdserve.node.request_stream import RequestStream
 from pdserve.node.server import NodeConfig, NodeServer
 from pdserve.rpc import node_pb2 as pb
+from pdserve.rpc.chunks import merged_chunks
 from pdserve.rpc.convert import sampling_from_proto, tokens_to_proto
 from pdserve.rpc.registry import Role
 from pdserve.transfer.messages import FirstToken, PrefillTimings
@@ -53,6 +54,12 @@ class DecodeNodeServer(NodeServer):
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        chunks = self._generate(request, context)
+        async for chunk in (merged_chunks(chunks) if request.merge_chunks else chunks):
+            yield chunk
+
+    async def _generate(self, request: pb.GenerateRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         params, prompt = await self._validated(request, context)
         stream = RequestStream(request.request_id, params, self.tokenizer, prompt)
         spec = self.config.engine.speculative

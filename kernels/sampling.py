@@ -2,7 +2,7 @@
 
 Processing order (vLLM's; logprobs are taken from the RAW logits by the caller, FastDeploy's default):
 
-    raw logits -> penalties -> min_tokens suppression        = processed logits (greedy: argmax here)
+    raw logits -> penalties -> logit bias -> min_tokens suppression   = processed logits (greedy: argmax)
                -> temperature -> top-k -> top-p -> min-p     = the filtered distribution
                -> inverse-CDF draw with the row's own uniform
 
@@ -115,12 +115,15 @@ class SamplingBatch:
     prompt_token_ids: tuple[np.ndarray, ...] = field(repr=False)
     output_token_ids: tuple[np.ndarray, ...] = field(repr=False)
     suppressed_token_ids: tuple[tuple[int, ...], ...] = ()
+    logit_bias: tuple[tuple[tuple[int, float], ...], ...] = ()  # per row: (token id, bias) pairs
 
     def __post_init__(self) -> None:
         batch = len(self.seeds)
         sized = [self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
                  self.presence_penalty, self.frequency_penalty, self.generation_indices,
                  self.prompt_token_ids, self.output_token_ids, self.suppressed_token_ids]
+        if self.logit_bias:
+            sized.append(self.logit_bias)
         if any(len(values) != batch for values in sized):
             raise ValueError("every per-row field of SamplingBatch must have one entry per row")
         if self.vocab_size < 1:
@@ -149,6 +152,9 @@ class SamplingBatch:
             # Ids past the vocabulary can never be sampled, so there is nothing to suppress.
             suppressed_token_ids=tuple(tuple(t for t in row.suppressed_token_ids() if t < vocab_size)
                                        for row in rows),
+            # () when no row has a bias, the common case: process_logits then skips the step
+            logit_bias=(tuple(tuple((t, b) for t, b in p.logit_bias if t < vocab_size) for p in params)
+                        if any(p.logit_bias for p in params) else ()),
         )
 
     @property
@@ -181,11 +187,22 @@ def batch_uniforms(batch: SamplingBatch, stream: int = RngStream.SAMPLE) -> np.n
 
 
 def process_logits(logits: paddle.Tensor, batch: SamplingBatch) -> paddle.Tensor:
-    """Penalties then min_tokens suppression: the logits greedy rows take the argmax of."""
+    """Penalties, the logit bias, then min_tokens suppression: the logits greedy rows take the argmax of."""
     _check_logits(logits, batch)
     logits = apply_penalties(logits, batch.prompt_token_ids, batch.output_token_ids,
                              batch.repetition_penalty, batch.presence_penalty, batch.frequency_penalty)
+    if batch.logit_bias:
+        logits = add_logit_bias(logits, batch.logit_bias)
     return suppress_tokens(logits, batch.suppressed_token_ids)
+
+
+def add_logit_bias(logits: paddle.Tensor, logit_bias: Sequence[Sequence[tuple[int, float]]]) -> paddle.Tensor:
+    """``logits[row, token] + bias`` for every (token, bias) of each row; a new tensor."""
+    bias = np.zeros(list(logits.shape), dtype=np.float32)
+    for row, pairs in enumerate(logit_bias):
+        for token, value in pairs:
+            bias[row, token] = value
+    return logits + paddle.to_tensor(bias).astype(logits.dtype)
 
 
 def sampling_probs(processed_logits: paddle.Tensor, batch: SamplingBatch) -> paddle.Tensor:

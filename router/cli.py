@@ -36,6 +36,8 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--max-inflight-tokens", type=int, default=1 << 20)
     p.add_argument("--retry-attempts", type=int, default=3)
     p.add_argument("--health-interval", type=float, default=2.0)
+    p.add_argument("--workers", type=int, default=1,
+                   help="router processes sharing the port (admission limits are per worker)")
     p.set_defaults(handler=_run)
 
 
@@ -52,7 +54,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         registry=RegistryConfig(backend=args.registry, heartbeat_ttl_s=args.heartbeat_ttl),
         policy=PolicyConfig(prefill=args.prefill_policy, decode=args.decode_policy,
                             block_size=args.block_size),
-        log_level=args.log_level,
+        log_level=args.log_level, workers=args.workers,
     )
 
 

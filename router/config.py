@@ -131,10 +131,14 @@ class RouterConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     log_level: str = "warning"
+    # processes serving the port (SO_REUSEPORT), each with its own event loop, node channels and
+    # admission limits; with the embedded registry they share one view through files on /dev/shm
+    workers: int = 1
 
     def __post_init__(self) -> None:
         _check([
             ("port", 0 <= self.port <= 65535, "must be in [0, 65535]"),
+            ("workers", 1 <= self.workers <= 64, "must be in [1, 64]"),
             ("model_name", bool(self.model_name), "must be non-empty"),
             ("model_dir", Path(self.model_dir).is_dir(), "must be an existing directory"),
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 2, "must be >= 2"),

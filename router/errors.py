@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
@@ -50,15 +51,20 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     return str(loc[1]) if len(loc) >= 2 and loc[0] == "body" else None
 
 
-async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
+def validation_error(errors: Sequence[Any]) -> APIError:
+    """The 400 for a body that failed validation; ``errors`` as FastAPI reports them (locations
+    starting with "body")."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     param = _loc_to_param(tuple(first.get("loc", ())))
     if first.get("type") in ("json_invalid", "model_attributes_type") or param is None:
         message = f"the request body is not a valid JSON object: {first.get('msg', '')}"
-        return APIError(400, message, None, "invalid_json").response()
-    return APIError(400, f"{param}: {first.get('msg', 'invalid value')}", param, "invalid_value").response()
+        return APIError(400, message, None, "invalid_json")
+    return APIError(400, f"{param}: {first.get('msg', 'invalid value')}", param, "invalid_value")
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return validation_error(exc.errors()).response()
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,7 @@ from pdserve.router.errors import error_body
 from pdserve.router.metrics import RouterMetrics
 
 T = TypeVar("T")
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/version"})  # probes, as vLLM leaves them open
 
 
 class ClientGone(Exception):
@@ -66,14 +66,14 @@ class GateMiddleware:
 
     def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], max_body_bytes: int,
                  metrics: RouterMetrics) -> None:
-        self._app = app
+        self.app = app  # the wrapped ASGI app
         self._api_keys = api_keys
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self._app(scope, receive, send)
+            await self.app(scope, receive, send)
             return
         path = scope["path"]
         if self._api_keys and path not in OPEN_PATHS and not keys_match(_bearer(scope), self._api_keys):
@@ -102,7 +102,7 @@ class GateMiddleware:
             await send(message)
 
         try:
-            await self._app(scope, counting_receive, status_send)
+            await self.app(scope, counting_receive, status_send)
         except _BodyTooLarge:
             if not status:
                 await _send_error(send, 413, f"the request body is larger than {self._max_body_bytes} bytes",

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
-import uuid
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
 from pdserve.common.sampling_params import SamplingParams, SamplingParamsError
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.errors import APIError
-from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from pdserve.router.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Body,
+    _SamplingFields,
+    unsupported_fields,
+)
 from pdserve.rpc import node_pb2
 from pdserve.rpc.convert import sampling_to_proto
+
+MAX_CHOICES = 128  # prompts x n of one request: each is its own node request
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,11 @@ class Prepared:
     include_usage: bool
     echo: bool
     top_logprobs: int | None  # None: no logprobs asked for
+    # max_tokens=0 with echo: the node generates one token for the prompt's logprobs, which the
+    # response leaves out (OpenAI's and vLLM's "score the prompt only")
+    prompt_only: bool = False
+    index: int = 0  # the choice's index in the response: prompt i, choice j -> i * n + j
+    first_of_prompt: bool = True  # usage counts each prompt once, not once per choice
 
     @property
     def token_budget(self) -> int:
@@ -35,7 +54,38 @@ class Prepared:
 
     def to_proto(self) -> node_pb2.GenerateRequest:
         return node_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
-                                        sampling=sampling_to_proto(self.sampling))
+                                        sampling=sampling_to_proto(self.sampling),
+                                        merge_chunks=not self.stream)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """One OpenAI request fanned out: a node request per (prompt, choice), in response index order."""
+
+    request_id: str
+    choices: tuple[Prepared, ...]
+
+    @property
+    def stream(self) -> bool:
+        return self.choices[0].stream
+
+    @property
+    def include_usage(self) -> bool:
+        return self.choices[0].include_usage
+
+    @property
+    def token_budget(self) -> int:
+        return sum(p.token_budget for p in self.choices)
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of choice ``choice`` of a request seeded with ``seed``: choice 0 keeps it (n=1 answers
+    exactly as before), every later choice gets a distinct seed derived from (seed, choice), so a
+    seeded n>1 request returns distinct choices and returns the same ones again."""
+    if seed is None or choice == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # [0, 2**63), what SamplingParams takes
 
 
 def model_max_len(model_dir: Path) -> int:
@@ -47,58 +97,172 @@ def model_max_len(model_dir: Path) -> int:
         raise ValueError(f"max_model_len: cannot read max_position_embeddings from {model_dir}: {e}") from e
 
 
+def _check_content_parts(messages: list[ChatMessage]) -> None:
+    for i, message in enumerate(messages):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            where = f"messages[{i}].content[{j}]"
+            if part.type != "text":
+                raise APIError(400, f"{where}: content part type {part.type!r} is not supported: the served "
+                                    f"model takes text only (parts of type 'text')", "messages",
+                               "unsupported_content_type")
+            if part.text is None:
+                raise APIError(400, f"{where}: a 'text' part needs a 'text' string", "messages",
+                               "invalid_value")
+
+
+_ID_PREFIX = os.urandom(8).hex()  # unique per router process: ids never collide across routers
+_ID_COUNTER = itertools.count()
+
+
+def _next_request_id() -> str:
+    # a counter, not uuid4: reading the OS's randomness per request showed in the router's profile
+    return f"req-{_ID_PREFIX}{next(_ID_COUNTER):x}"
+
+
+def _choice_id(request_id: str, index: int, count: int) -> str:
+    # a one-choice request keeps the request's id on the node, so logs match across hops
+    return request_id if count == 1 else f"{request_id}-{index}"
+
+
 class Preparer:
     def __init__(self, tokenizer: Tokenizer, model_name: str, max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self._model_name = model_name
         self.max_model_len = max_model_len
 
-    def completion(self, req: CompletionRequest) -> Prepared:
+    def completion(self, req: CompletionRequest) -> PreparedBatch:
         self._check_common(req)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported (n=1)", "prompt",
-                               "invalid_value")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-            text = prompt
-        else:
-            token_ids = list(prompt)
-            self._check_ids(token_ids)
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
-        return self._build(req, token_ids, text, req.max_tokens, req.logprobs, req.echo)
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of other than n is not supported (every choice generated is returned)",
+                           "best_of", "unsupported_parameter")
+        prompts = self._completion_prompts(req.prompt)
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} choices is more than {MAX_CHOICES}",
+                           "n", "invalid_value")
+        max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        prompt_only = max_tokens == 0
+        if prompt_only and not req.echo:
+            raise APIError(400, "max_tokens=0 needs echo=true (it returns the prompt and its logprobs only)",
+                           "max_tokens", "invalid_value")
+        request_id = _next_request_id()
+        choices = []
+        for i, (token_ids, text) in enumerate(prompts):
+            for j in range(req.n):
+                index = i * req.n + j
+                choices.append(self._build(
+                    req, token_ids, text, 1 if prompt_only else max_tokens, req.logprobs, req.echo,
+                    prompt_only, _choice_id(request_id, index, len(prompts) * req.n), index, j))
+        return PreparedBatch(request_id, tuple(choices))
 
-    def chat(self, req: ChatCompletionRequest) -> Prepared:
+    def _completion_prompts(self, prompt: str | list[int] | list[str] | list[list[int]]
+                            ) -> list[tuple[list[int], str]]:
+        """(token ids, text) per prompt: a string, a token list, or a list of either."""
+        batch: list[str] | list[list[int]]
+        if isinstance(prompt, str):
+            batch = [prompt]
+        elif prompt and isinstance(prompt[0], (str, list)):
+            batch = prompt  # type: ignore[assignment]
+        else:
+            batch = [prompt]  # type: ignore[list-item]
+        prompts = []
+        for item in batch:
+            if isinstance(item, str):
+                prompts.append((self.tokenizer.encode(item), item))
+            else:
+                token_ids = list(item)
+                self._check_ids(token_ids)
+                prompts.append((token_ids, self.tokenizer.decode(token_ids, skip_special_tokens=False)))
+        return prompts
+
+    def chat(self, req: ChatCompletionRequest) -> PreparedBatch:
         self._check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
+        text = self._render_chat(req.messages, req.add_generation_prompt)
+        token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        request_id = _next_request_id()
+        return PreparedBatch(request_id, tuple(
+            self._build(req, token_ids, text, max_tokens, top, False, False,
+                        _choice_id(request_id, j, req.n), j, j)
+            for j in range(req.n)))
+
+    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's /tokenize answer: ``count``, ``max_model_len``, ``tokens``, ``token_strs``."""
+        self._check_fields(req)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt", "invalid_value")
+        if req.prompt is not None:
+            add_special = req.add_special_tokens is not False
+            token_ids = self.tokenizer.encode(req.prompt, add_special_tokens=add_special)
+        else:
+            text = self._render_chat(req.messages or [], req.add_generation_prompt)
+            token_ids = self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        strs = [self.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+        return {"count": len(token_ids), "max_model_len": self.max_model_len, "tokens": token_ids,
+                "token_strs": strs if req.return_token_strs else None}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        self._check_fields(req)
+        self._check_ids(req.tokens, "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What vLLM's /tokenizer_info reports and lm-eval's remote tokenizer reads (the special tokens
+        and the chat template)."""
+        special = self.tokenizer.special_tokens
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special.bos_token,
+                "eos_token": special.eos_token, "unk_token": special.unk_token,
+                "pad_token": special.pad_token,
+                "chat_template": self.tokenizer.chat_template, "model_max_length": self.max_model_len,
+                "vocab_size": self.tokenizer.vocab_size, "eos_token_ids": list(self.tokenizer.eos_token_ids)}
+
+    def _check_fields(self, req: _Body) -> None:
+        unsupported = unsupported_fields(req)
+        if unsupported:
+            name = unsupported[0]
+            raise APIError(400, f"{name}: this parameter is not supported by pdserve (docs/api.md lists "
+                                f"the supported ones)", name, "unsupported_parameter")
+        model = getattr(req, "model", None)
+        if model is not None and model != self._model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{self._model_name!r}", "model", "model_not_found")
+
+    def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        _check_content_parts(messages)
+        rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt)
+            return self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as e:  # the model's template refused these messages
             raise APIError(422, f"the chat template rejected the messages: {e}", "messages",
                            "chat_template_error") from e
         except ValueError as e:  # the model has no chat template
             raise APIError(400, str(e), "messages", "no_chat_template") from e
-        token_ids = self.tokenizer.encode(text, add_special_tokens=False)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        return self._build(req, token_ids, text, max_tokens, top, echo=False)
 
     def _check_common(self, req: _SamplingFields) -> None:
-        if req.model != self._model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
-                                f"{self._model_name!r}", "model", "model_not_found")
+        self._check_fields(req)
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options",
+                           "invalid_value")
 
-    def _check_ids(self, token_ids: list[int]) -> None:
+    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        pairs = []
+        for key, value in (bias or {}).items():
+            if not key.isdigit() or int(key) >= self.tokenizer.vocab_size:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 .. "
+                                    f"{self.tokenizer.vocab_size - 1})", "logit_bias", "invalid_value")
+            pairs.append((int(key), value))
+        return tuple(sorted(pairs))
+
+    def _check_ids(self, token_ids: list[int], field: str = "prompt") -> None:
         vocab = self.tokenizer.vocab_size
         bad = next((t for t in token_ids if t >= vocab), None)
         if bad is not None:
-            raise APIError(400, f"prompt token id {bad} is out of the vocabulary (size {vocab})", "prompt",
+            raise APIError(400, f"{field} token id {bad} is out of the vocabulary (size {vocab})", field,
                            "invalid_value")
 
     def _context_budget(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -116,7 +280,8 @@ class Preparer:
         return max_tokens
 
     def _build(self, req: _SamplingFields, token_ids: list[int], text: str, max_tokens: int | None,
-               top_logprobs: int | None, echo: bool) -> Prepared:
+               top_logprobs: int | None, echo: bool, prompt_only: bool, request_id: str, index: int,
+               choice: int) -> Prepared:
         budget = self._context_budget(len(token_ids), max_tokens)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         try:
@@ -124,16 +289,16 @@ class Preparer:
                 max_tokens=budget, min_tokens=min(req.min_tokens, budget),
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0, seed=req.seed,
+                top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0, seed=choice_seed(req.seed, choice),
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 stop_token_ids=tuple(req.stop_token_ids or ()), stop=stop, ignore_eos=req.ignore_eos,
-                logprobs=top_logprobs,
+                logprobs=top_logprobs, logit_bias=self._logit_bias(req.logit_bias),
                 # completions' echo + logprobs: the echoed prompt tokens get theirs too (OpenAI's API)
                 prompt_logprobs=top_logprobs if echo else None,
             )
         except SamplingParamsError as e:  # the message starts with the field's name
             raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from e
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        return Prepared(f"req-{uuid.uuid4().hex}", token_ids, text, sampling, req.stream, include_usage,
-                        echo, top_logprobs)
+        return Prepared(request_id, token_ids, text, sampling, req.stream, include_usage, echo, top_logprobs,
+                        prompt_only, index, first_of_prompt=choice == 0)

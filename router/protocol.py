@@ -1,7 +1,9 @@
 """The OpenAI request bodies the router accepts (pydantic: FastAPI's schema and first validation).
 
-Unknown fields are ignored, as OpenAI-compatible servers do. Ranges are checked here so a bad value
-is a 400 naming the field; cross-field rules (context length, n) are checked in ``prepare``.
+Every field is honoured or refused: a body may carry fields these models do not declare (pydantic keeps
+them as ``model_extra``), and ``unsupported_fields`` names each one that is set, so that ``prepare``
+answers 400 instead of silently ignoring what the client asked for. Ranges are checked here so a bad
+value is a 400 naming the field; cross-field rules (context length, n) are checked in ``prepare``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 1024
 UINT32_MAX = 2**32 - 1
 
 
@@ -30,21 +33,46 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
 StopString = Annotated[Text, Field(min_length=1, max_length=1024)]
+BiasKey = Annotated[str, Field(max_length=12)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # "allow", not "forbid": a field pdserve does not implement is reported by ``unsupported_fields``
+    # as a 400 naming it (OpenAI's error body), not as a schema failure deep in a union
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    def set_extra_fields(self) -> list[str]:
+        """Undeclared fields with a value; ``null`` means "not set", as OpenAI's API reads it."""
+        return [name for name, value in (self.model_extra or {}).items() if value is not None]
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
+def unsupported_fields(req: _Body) -> list[str]:
+    """Every field of ``req`` that is set but not implemented, as a dotted path
+    (``logit_bias``, ``messages[1].tool_calls``, ``stream_options.continuous_usage_stats``)."""
+    names = list(req.set_extra_fields())
+    options = getattr(req, "stream_options", None)
+    if options is not None:
+        names += [f"stream_options.{name}" for name in options.set_extra_fields()]
+    for i, message in enumerate(getattr(req, "messages", None) or ()):
+        names += [f"messages[{i}].{name}" for name in message.set_extra_fields()]
+        if isinstance(message.content, list):
+            # a non-text part is refused for its type (``prepare``), not for its payload's field
+            names += [f"messages[{i}].content[{j}].{name}" for j, part in enumerate(message.content)
+                      if part.type == "text" for name in part.set_extra_fields()]
+    return names
+
+
 class _SamplingFields(_Body):
     """Fields shared by both endpoints; pdserve extensions (vLLM's names) marked."""
 
-    model: Text = Field(min_length=1, max_length=256)
-    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    model: Text | None = Field(default=None, min_length=1, max_length=256,
+                               description="optional: the one served model when left out")
+    n: int = Field(default=1, ge=1, le=128, description="choices per prompt")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1, description="extension; 0 or -1: off")
@@ -60,23 +88,31 @@ class _SamplingFields(_Body):
     user: Text | None = Field(default=None, max_length=512)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[BiasKey, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS_ENTRIES,
+                                                   description="token id (a string) -> bias in [-100, 100]")
 
 
 class CompletionRequest(_SamplingFields):
     prompt: Text | list[TokenId] | list[Text] | list[list[TokenId]]
-    max_tokens: int | None = Field(default=16, ge=1, le=UINT32_MAX)
+    max_tokens: int | None = Field(default=16, ge=0, le=UINT32_MAX,
+                                   description="0 needs echo: the prompt only")
+    max_completion_tokens: int | None = Field(default=None, ge=0, le=UINT32_MAX,
+                                              description="wins over max_tokens")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    best_of: int | None = Field(default=None, ge=1, le=128, description="only equal to n")
 
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: Text
+class ContentPart(_Body):
+    """A chat content part; only ``text`` parts can be served (``prepare`` refuses the others by name)."""
+
+    type: Text = Field(max_length=64)
+    text: Text | None = None
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: Text | None = Field(default=None, max_length=256)
 
     def text(self) -> str:
@@ -84,7 +120,7 @@ class ChatMessage(_Body):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -94,3 +130,20 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = Field(default=True, description="extension")
+
+
+class TokenizeRequest(_Body):
+    """vLLM's ``/tokenize``: a ``prompt`` or chat ``messages`` (rendered by the chat template)."""
+
+    model: Text | None = Field(default=None, min_length=1, max_length=256)
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = Field(default=None, description="default: true for a prompt, "
+                                                                      "false for messages")
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: Text | None = Field(default=None, min_length=1, max_length=256)
+    tokens: list[TokenId]

@@ -7,14 +7,19 @@ behind one ABC:
 - ``RedisRegistry``: one key per node with a TTL in Redis, so several routers share one view. Each
   router re-reads the keys periodically; when Redis is unreachable it keeps serving from its last view
   (entries do not expire while the store is gone) and re-syncs when Redis returns.
+- ``SharedDirRegistry``: one file per node in a directory (on /dev/shm) that the worker processes of
+  one router (``--workers``) share: a heartbeat lands on whichever worker the kernel picked, and every
+  worker re-reads the directory, so all of them route over the same nodes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -25,6 +30,7 @@ from pdserve.rpc.registry import (
     NodeInfo,
     NodeInfoError,
     decode_node,
+    encode_node,
     redis_put,
 )
 
@@ -141,6 +147,69 @@ class RedisRegistry(Registry):
         while True:
             await asyncio.sleep(self._sync_interval_s)
             await self.sync()
+
+
+class SharedDirRegistry(Registry):
+    """Entries are files named by the node id's hex, written whole (a rename) on every heartbeat; a
+    worker's view is what it last read, refreshed every ``sync_interval_s`` and at once on its own
+    writes. Expired entries are deleted by whichever worker reads them first."""
+
+    def __init__(self, directory: Path, ttl_s: float, sync_interval_s: float) -> None:
+        self._dir = directory
+        self._ttl_s = ttl_s
+        self._sync_interval_s = sync_interval_s
+        self._view: dict[str, NodeInfo] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def _path(self, node_id: str) -> Path:
+        return self._dir / (node_id.encode().hex() + ".json")
+
+    async def start(self) -> None:
+        self.sync()
+        self._task = asyncio.create_task(self._sync_loop(), name="shared-dir-registry-sync")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def upsert(self, node: NodeInfo) -> None:
+        node = node.seen_now()
+        path = self._path(node.node_id)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(encode_node(node))
+        os.replace(tmp, path)  # readers see the old entry or the new one, never half of one
+        self._view[node.node_id] = node
+
+    async def remove(self, node_id: str) -> None:
+        self._path(node_id).unlink(missing_ok=True)
+        self._view.pop(node_id, None)
+
+    def snapshot(self) -> list[NodeInfo]:
+        deadline = time.time() - self._ttl_s
+        return sorted((n for n in self._view.values() if n.last_seen >= deadline), key=lambda n: n.node_id)
+
+    def sync(self) -> None:
+        deadline = time.time() - self._ttl_s
+        view: dict[str, NodeInfo] = {}
+        for path in self._dir.glob("*.json"):
+            try:
+                node = decode_node(path.read_bytes())
+            except FileNotFoundError:  # removed or expired between listing and reading
+                continue
+            except NodeInfoError as e:
+                log.warning("registry: skipping a malformed entry %s: %s", path.name, e)
+                continue
+            if node.last_seen < deadline:
+                path.unlink(missing_ok=True)
+                continue
+            view[node.node_id] = node
+        self._view = view
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._sync_interval_s)
+            self.sync()
 
 
 def build_registry(config: RegistryConfig) -> Registry:

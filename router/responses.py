@@ -1,23 +1,30 @@
 """Node chunks -> OpenAI responses: one JSON body, or SSE events ending in ``data: [DONE]``.
 
+A request with several choices (n > 1, or a batch of prompts) has one node stream per choice; the
+non-streaming answer lists the choices by index, and the streamed one interleaves their chunks as
+they arrive, each event carrying one choice with its ``index`` (OpenAI's format). A failure of any
+choice fails the request (a 503 before the first event, an error event after it).
+
 ``speculate_metrics`` (FastDeploy's field) rides on the final choice: the last streamed chunk's choice,
 or the choice of a non-streaming response, whenever the node reported it.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from pdserve.common.tokens import NO_TOKENS, SampledTokens
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.dispatch import StreamFailed
 from pdserve.router.errors import APIError, error_body
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.prepare import Prepared
+from pdserve.router.prepare import Prepared, PreparedBatch
 from pdserve.rpc import node_pb2
 from pdserve.rpc.convert import tokens_from_proto
 
@@ -25,14 +32,16 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
 
 class RequestTimer:
-    """Feeds the TTFT, ITL and E2E histograms of one request."""
+    """Feeds the TTFT, ITL and E2E histograms of one request. Without ``inter_token`` (a non-streaming
+    request, whose node merges chunks) the router cannot see token intervals and observes none."""
 
-    def __init__(self, metrics: RouterMetrics) -> None:
+    def __init__(self, metrics: RouterMetrics, inter_token: bool = True) -> None:
         self._metrics = metrics
+        self._inter_token = inter_token
         self._start = time.perf_counter()
         self._last: float | None = None
 
@@ -40,7 +49,7 @@ class RequestTimer:
         now = time.perf_counter()
         if self._last is None:
             self._metrics.ttft.observe(now - self._start)
-        elif count:
+        elif count and self._inter_token:
             for _ in range(count):  # a speculative chunk carries several tokens for one interval
                 self._metrics.itl.observe((now - self._last) / count)
         self._last = now
@@ -82,28 +91,27 @@ class _Accumulated:
             self.speculate_metrics = chunk.speculate_metrics
 
 
-class ResponseBuilder:
-    """Formats one request's chunks for /v1/completions (``chat=False``) or /v1/chat/completions."""
+class _ChoiceFormatter:
+    """Formats one choice's chunks (one node stream) for /v1/completions or /v1/chat/completions."""
 
-    def __init__(self, prepared: Prepared, chat: bool, model_name: str, tokenizer: Tokenizer,
-                 timer: RequestTimer) -> None:
+    def __init__(self, prepared: Prepared, chat: bool, tokenizer: Tokenizer, timer: RequestTimer) -> None:
         self._p = prepared
         self._chat = chat
-        self._model = model_name
         self._tokenizer = tokenizer
         self._timer = timer
-        self._id = ("chatcmpl-" if chat else "cmpl-") + prepared.request_id.removeprefix("req-")
-        self._created = int(time.time())
         self._text_offset = len(prepared.prompt_text) if prepared.echo else 0
+        self.acc = _Accumulated()
 
     # ---- pieces
     def _token_text(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _usage(self, acc: _Accumulated) -> dict[str, int]:
+    def usage(self) -> tuple[int, int]:
+        """(prompt tokens, completion tokens); the prompt counts on the first choice of its prompt only."""
+        acc = self.acc
         prompt = acc.usage.prompt_tokens if acc.usage is not None else len(self._p.prompt_token_ids)
         completion = acc.usage.completion_tokens if acc.usage is not None else acc.completion_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return (prompt if self._p.first_of_prompt else 0), (0 if self._p.prompt_only else completion)
 
     def _chat_logprobs(self, entries: SampledTokens) -> dict[str, Any]:
         def item(token_id: int, logprob: float) -> dict[str, Any]:
@@ -150,16 +158,9 @@ class ResponseBuilder:
             return self._chat_logprobs(entries)
         return self._completion_logprobs(entries, prompt_ids, prompt_entries)
 
-    def _envelope(self, choices: list[dict[str, Any]], streaming: bool) -> dict[str, Any]:
-        kind = "text_completion"
-        if self._chat:
-            kind = "chat.completion.chunk" if streaming else "chat.completion"
-        return {"id": self._id, "object": kind, "created": self._created, "model": self._model,
-                "choices": choices}
-
     def _choice(self, text: str, logprobs: Any, finish_reason: str | None, first: bool = False,
                 streaming: bool = True) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0}
+        choice: dict[str, Any] = {"index": self._p.index}
         if not self._chat:
             choice["text"] = text
         elif streaming:
@@ -170,51 +171,146 @@ class ResponseBuilder:
         choice["finish_reason"] = finish_reason
         return choice
 
-    # ---- non-streaming
-    async def collect(self, chunks: AsyncIterator[node_pb2.GenerateChunk]) -> dict[str, Any]:
-        acc = _Accumulated()
-        try:
-            async for chunk in chunks:
-                self._timer.on_tokens(len(chunk.tokens.token_ids))
-                acc.add(chunk)
-        except StreamFailed as e:
-            raise APIError(503, f"the request failed while generating: {e}", None, "node_failed", 1) from e
-        self._timer.done()
-        text = "".join(acc.text)
+    def final_choice(self, streaming: bool) -> dict[str, Any]:
+        """The whole answer as one choice (a non-streaming response, or a prompt-only stream's event)."""
+        acc = self.acc
+        text = "" if self._p.prompt_only else "".join(acc.text)
+        generated = NO_TOKENS if self._p.prompt_only or not acc.tokens else SampledTokens.concat(acc.tokens)
         prompt_ids: Sequence[int] = ()
         if self._p.echo:
             text = self._p.prompt_text + text
             prompt_ids = self._p.prompt_token_ids
-        logprobs = self._logprobs(SampledTokens.concat(acc.tokens) if acc.tokens else NO_TOKENS, prompt_ids,
-                                  acc.prompt_logprobs)
-        choice = self._choice(text, logprobs, acc.finish_reason, streaming=False)
-        if acc.speculate_metrics is not None:
+        logprobs = self._logprobs(generated, prompt_ids, acc.prompt_logprobs)
+        finish_reason = "length" if self._p.prompt_only else acc.finish_reason
+        choice = self._choice(text, logprobs, finish_reason, first=True, streaming=streaming)
+        if acc.speculate_metrics is not None and not self._p.prompt_only:
             choice["speculate_metrics"] = speculate_metrics_json(acc.speculate_metrics)
-        return {**self._envelope([choice], streaming=False), "usage": self._usage(acc)}
+        return choice
+
+    # ---- non-streaming
+    async def collect(self, chunks: AsyncIterator[node_pb2.GenerateChunk]) -> dict[str, Any]:
+        async for chunk in chunks:
+            self._timer.on_tokens(len(chunk.tokens.token_ids))
+            self.acc.add(chunk)
+        self._timer.done()
+        return self.final_choice(streaming=False)
 
     # ---- streaming
-    async def events(self, chunks: AsyncIterator[node_pb2.GenerateChunk]) -> AsyncIterator[bytes]:
-        """SSE events; a failure after the first event becomes an error event, then [DONE]."""
-        acc = _Accumulated()
+    async def stream(self, chunks: AsyncIterator[node_pb2.GenerateChunk]) -> AsyncIterator[dict[str, Any]]:
+        """This choice's streamed choice objects; raises StreamFailed / APIError when the node fails."""
         first = True
+        async for chunk in chunks:
+            self._timer.on_tokens(len(chunk.tokens.token_ids))
+            self.acc.add(chunk)
+            if self._p.prompt_only:  # one event once the prompt's logprobs are in
+                continue
+            if first and self._p.echo:  # the prompt's logprobs come with the first chunk
+                echoed = self._logprobs(NO_TOKENS, self._p.prompt_token_ids, self.acc.prompt_logprobs)
+                yield self._choice(self._p.prompt_text, echoed, None)
+            logprobs = self._logprobs(self.acc.tokens[-1])
+            choice = self._choice(chunk.text, logprobs, chunk.finish_reason or None, first=first)
+            first = False
+            if chunk.HasField("speculate_metrics"):
+                choice["speculate_metrics"] = speculate_metrics_json(chunk.speculate_metrics)
+            yield choice
+        self._timer.done()
+        if self._p.prompt_only:
+            yield self.final_choice(streaming=True)
+
+
+class ResponseBuilder:
+    """Formats one request's choices for /v1/completions (``chat=False``) or /v1/chat/completions."""
+
+    def __init__(self, batch: PreparedBatch, chat: bool, model_name: str, tokenizer: Tokenizer,
+                 metrics: RouterMetrics) -> None:
+        self._chat = chat
+        self._model = model_name
+        self._choices = [_ChoiceFormatter(p, chat, tokenizer, RequestTimer(metrics, inter_token=p.stream))
+                         for p in batch.choices]
+        self._id = ("chatcmpl-" if chat else "cmpl-") + batch.request_id.removeprefix("req-")
+        self._created = int(time.time())
+        self._include_usage = batch.include_usage
+
+    def _envelope(self, choices: list[dict[str, Any]], streaming: bool) -> dict[str, Any]:
+        kind = "text_completion"
+        if self._chat:
+            kind = "chat.completion.chunk" if streaming else "chat.completion"
+        return {"id": self._id, "object": kind, "created": self._created, "model": self._model,
+                "choices": choices}
+
+    def _usage(self) -> dict[str, int]:
+        counts = [c.usage() for c in self._choices]
+        prompt = sum(p for p, _ in counts)
+        completion = sum(c for _, c in counts)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # ---- non-streaming
+    async def collect(self, streams: Sequence[AsyncIterator[node_pb2.GenerateChunk]]) -> dict[str, Any]:
         try:
-            async for chunk in chunks:
-                self._timer.on_tokens(len(chunk.tokens.token_ids))
-                acc.add(chunk)
-                if first and self._p.echo:  # the prompt's logprobs come with the first chunk
-                    echoed = self._logprobs(NO_TOKENS, self._p.prompt_token_ids, acc.prompt_logprobs)
-                    yield sse(self._envelope([self._choice(self._p.prompt_text, echoed, None)], True))
-                choice = self._choice(chunk.text, self._logprobs(acc.tokens[-1]), chunk.finish_reason or None,
-                                      first=first)
-                first = False
-                if chunk.HasField("speculate_metrics"):
-                    choice["speculate_metrics"] = speculate_metrics_json(chunk.speculate_metrics)
+            works = [c.collect(s) for c, s in zip(self._choices, streams, strict=True)]
+            choices = await gather_or_cancel(works)
+        except StreamFailed as e:
+            raise APIError(503, f"the request failed while generating: {e}", None, "node_failed", 1) from e
+        return {**self._envelope(choices, streaming=False), "usage": self._usage()}
+
+    # ---- streaming
+    async def events(self, streams: Sequence[AsyncIterator[node_pb2.GenerateChunk]]) -> AsyncIterator[bytes]:
+        """SSE events; a failure after the first event becomes an error event, then [DONE]."""
+        sources = [c.stream(s) for c, s in zip(self._choices, streams, strict=True)]
+        try:
+            async for choice in (sources[0] if len(sources) == 1 else _merge(sources)):
                 yield sse(self._envelope([choice], streaming=True))
         except (StreamFailed, APIError) as e:
             yield sse(error_body(503, f"the request failed while generating: {e}", None, "node_failed"))
             yield DONE_EVENT
             return
-        self._timer.done()
-        if self._p.include_usage:
-            yield sse({**self._envelope([], streaming=True), "usage": self._usage(acc)})
+        if self._include_usage:
+            yield sse({**self._envelope([], streaming=True), "usage": self._usage()})
         yield DONE_EVENT
+
+
+async def gather_or_cancel(works: Sequence[Any]) -> list[Any]:
+    """The results of ``works`` in order; the first failure cancels the others (each one's node call
+    is then cancelled too) and is raised."""
+    if len(works) == 1:
+        return [await works[0]]
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_END = object()
+
+
+async def _merge(sources: Sequence[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
+    """Items of every source as they arrive; the first source failure is raised, the rest cancelled."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump(source: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for item in source:
+                await queue.put(item)
+        except (StreamFailed, APIError) as e:
+            await queue.put(e)
+            return
+        await queue.put(_END)
+
+    tasks = [asyncio.create_task(pump(source)) for source in sources]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

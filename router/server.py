@@ -6,26 +6,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import shutil
+import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
 from types import TracebackType
 
 import uvicorn
 
-from pdserve.router.app import RouterState, create_app
+from pdserve.router.app import HotPaths, RouterState, create_asgi
 from pdserve.router.config import RouterConfig
-from pdserve.router.registry import Registry, build_registry
+from pdserve.router.registry import Registry, SharedDirRegistry, build_registry
 
 log = logging.getLogger(__name__)
+_SHM_DIR = Path("/dev/shm")
+# how often a worker re-reads the shared registry directory (a listing of a few small files): a node's
+# first heartbeat reaches the other workers within this
+SHARED_DIR_SYNC_S = 0.2
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, reuse_port: bool = False, listen: bool = True) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # several listening sockets on one port: the kernel spreads connections over them
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
@@ -36,19 +50,82 @@ def _url(sock: socket.socket) -> str:
 
 
 def _uvicorn_config(config: RouterConfig, registry: Registry, **kwargs: object) -> uvicorn.Config:
-    app = create_app(config, registry)
+    """``create_asgi``'s app for uvicorn."""
+    app = create_asgi(config, registry)
     return uvicorn.Config(app, log_level=config.log_level.lower(), access_log=False, lifespan="on",
                           timeout_graceful_shutdown=5, **kwargs)  # type: ignore[arg-type]
 
 
 def run_router(config: RouterConfig) -> int:
-    """Serve until SIGINT/SIGTERM. Prints the URL (stdout, one line) once the socket is bound."""
+    """Serve until SIGINT/SIGTERM. Prints the URL (stdout, one line) once every worker listens."""
+    if config.workers > 1:
+        return _run_workers(config)
     sock = bind_socket(config.host, config.port)
     server = uvicorn.Server(_uvicorn_config(config, build_registry(config.registry), loop="uvloop",
                                             http="httptools"))
     print(f"pdserve router listening on {_url(sock)}", flush=True)
     server.run(sockets=[sock])
     return 0
+
+
+def _run_workers(config: RouterConfig) -> int:
+    # the parent's socket is bound, not listening: it holds the port (port 0 picks one) and takes no
+    # connections; each worker listens on its own SO_REUSEPORT socket
+    holder = bind_socket(config.host, config.port, reuse_port=True, listen=False)
+    port = holder.getsockname()[1]
+    shm = _SHM_DIR if _SHM_DIR.is_dir() else None
+    shared_dir = Path(tempfile.mkdtemp(prefix="pdserve-registry-", dir=shm))
+    context = multiprocessing.get_context("spawn")
+    ready = [context.Event() for _ in range(config.workers)]
+    workers = [context.Process(target=_serve_worker, args=(config, port, shared_dir, event),
+                               name=f"router-worker-{i}", daemon=False) for i, event in enumerate(ready)]
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for worker in workers:
+            worker.start()
+        deadline = time.monotonic() + 60
+        while not all(e.is_set() for e in ready):
+            if stopping.is_set() or time.monotonic() > deadline or not all(w.is_alive() for w in workers):
+                raise RuntimeError("a router worker did not start")
+            time.sleep(0.02)
+        print(f"pdserve router ({config.workers} workers) listening on {_url(holder)}", flush=True)
+        while not stopping.is_set() and all(w.is_alive() for w in workers):
+            stopping.wait(0.5)
+        return 0 if stopping.is_set() else 1
+    finally:
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)  # uvicorn's graceful shutdown
+        for worker in workers:
+            worker.join(timeout=15)
+            if worker.is_alive():
+                worker.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(shared_dir, ignore_errors=True)
+        holder.close()
+
+
+def _serve_worker(config: RouterConfig, port: int, shared_dir: Path, ready: EventType) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM each
+    sock = bind_socket(config.host, port, reuse_port=True)
+    r = config.registry
+    registry = (build_registry(r) if r.is_redis else
+                SharedDirRegistry(shared_dir, r.heartbeat_ttl_s, min(r.sync_interval_s, SHARED_DIR_SYNC_S)))
+    server = uvicorn.Server(_uvicorn_config(config, registry, loop="uvloop", http="httptools"))
+
+    def report_ready() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.01)
+        ready.set()
+
+    threading.Thread(target=report_ready, daemon=True).start()
+    server.run(sockets=[sock])
 
 
 class BackgroundRouter:
@@ -66,7 +143,9 @@ class BackgroundRouter:
     @property
     def state(self) -> RouterState:
         """The app's components (node pool, admission, metrics), for tests and status."""
-        return self._server.config.app.state.router  # type: ignore[union-attr]
+        hot_paths = self._server.config.app.app  # type: ignore[union-attr]
+        assert isinstance(hot_paths, HotPaths)
+        return hot_paths.state
 
     def _run(self) -> None:
         asyncio.run(self._server.serve(sockets=[self._sock]))

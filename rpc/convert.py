@@ -14,7 +14,7 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty, stop_token_ids=list(params.stop_token_ids),
         stop=list(params.stop), ignore_eos=params.ignore_eos, logprobs=params.logprobs,
-        prompt_logprobs=params.prompt_logprobs,
+        prompt_logprobs=params.prompt_logprobs, logit_bias=dict(params.logit_bias),
     )
 
 
@@ -29,6 +29,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop), ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
     )
 
 

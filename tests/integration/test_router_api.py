@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -177,7 +181,7 @@ def test_sampling_parameters_reach_the_node(client: openai.OpenAI, node: StubNod
     ({"max_tokens": 5000}, openai.BadRequestError, "context_length_exceeded"),
     ({"temperature": 3.0}, openai.BadRequestError, "invalid_value"),
     ({"logprobs": 21}, openai.BadRequestError, "invalid_value"),
-    ({"n": 2}, openai.BadRequestError, "invalid_value"),
+    ({"n": 0}, openai.BadRequestError, "invalid_value"),
 ])
 def test_errors_carry_the_openai_body(client: openai.OpenAI, kwargs: dict[str, object],
                                       error: type[openai.APIStatusError], code: str) -> None:
@@ -262,3 +266,156 @@ def test_prefill_decode_pairs_and_prefix_affinity() -> None:
         addresses = {p0.address, p1.address}
         assert {req.prefill.grpc_address for req in d0.counters.requests} <= addresses
         assert p0.counters.calls == p1.counters.calls == 0  # the router calls only the decode node
+
+
+# ---- every field honoured or refused
+@pytest.mark.parametrize(("path", "extra", "param"), [
+    ("/v1/completions", {"suffix": "}"}, "suffix"),
+    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", {"truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {"service_tier": "flex"}, "service_tier"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}}]}]}, "messages"),
+])
+def test_unimplemented_fields_get_a_400_naming_them(router: BackgroundRouter, path: str,
+                                                    extra: dict[str, object], param: str) -> None:
+    body: dict[str, object] = {"model": MODEL, "max_tokens": 2}
+    body.update({"prompt": "x"} if path == "/v1/completions" else
+                {"messages": [{"role": "user", "content": "x"}]})
+    body.update(extra)
+    response = httpx.post(router.url + path, json=body, timeout=10)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert param.split(".")[-1] in error["message"] or "image_url" in error["message"]
+
+
+def test_model_is_optional_with_one_served_model(router: BackgroundRouter) -> None:
+    response = httpx.post(router.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
+    assert response.status_code == 200 and response.json()["model"] == MODEL
+
+
+def test_max_completion_tokens_on_completions(client: openai.OpenAI, node: StubNodeServer) -> None:
+    out = client.completions.create(model=MODEL, prompt="q", max_tokens=5,
+                                    extra_body={"max_completion_tokens": 2})
+    assert node.counters.requests[-1].sampling.max_tokens == 2 and out.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_zero_with_echo_scores_the_prompt_only(client: openai.OpenAI, tokenizer: Tokenizer,
+                                                          stream: bool) -> None:
+    n = len(tokenizer.encode("a = 1"))
+    out = client.completions.create(model=MODEL, prompt="a = 1", max_tokens=0, echo=True, logprobs=1,
+                                    stream=stream)
+    choice = list(out)[0].choices[0] if stream else out.choices[0]
+    assert choice.text == "a = 1" and choice.finish_reason == "length"
+    assert choice.logprobs.token_logprobs == [None] + [-0.25 * i for i in range(1, n)]
+    if not stream:
+        assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == n
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="a = 1", max_tokens=0)
+    assert info.value.body["param"] == "max_tokens"
+
+
+# ---- the endpoints tools expect
+def test_models_retrieve(client: openai.OpenAI) -> None:
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_tokenize_then_detokenize_round_trips(router: BackgroundRouter, tokenizer: Tokenizer) -> None:
+    text = "def fib(n):\n    return n<|endoftext|>"
+    out = httpx.post(router.url + "/tokenize", json={"prompt": text, "add_special_tokens": False,
+                                                     "return_token_strs": True}).json()
+    assert out["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    assert out["count"] == len(out["tokens"]) and out["max_model_len"] == 2048
+    assert "".join(out["token_strs"]) == text
+    back = httpx.post(router.url + "/detokenize", json={"model": MODEL, "tokens": out["tokens"]}).json()
+    assert back == {"prompt": text}
+    chat = httpx.post(router.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                                              add_special_tokens=False)
+    bad = httpx.post(router.url + "/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_tokenizer_info_version_and_ping(router: BackgroundRouter, tokenizer: Tokenizer) -> None:
+    info = httpx.get(router.url + "/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.special_tokens.eos_token and info["chat_template"]
+    assert httpx.get(router.url + "/version").json()["version"]
+    assert httpx.get(router.url + "/ping").status_code == 200
+    assert httpx.post(router.url + "/ping").status_code == 200
+
+
+# ---- n > 1 and batched prompts: one node request per (prompt, choice)
+def test_n_choices_get_distinct_reproducible_seeds(client: openai.OpenAI, node: StubNodeServer,
+                                                   tokenizer: Tokenizer) -> None:
+    out = client.completions.create(model=MODEL, prompt="def g(", max_tokens=2, n=3, seed=5)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    _, text = _expected_text(tokenizer.encode("def g("), 2)
+    assert all(c.text == text and c.finish_reason == "length" for c in out.choices)
+    seeds = [r.sampling.seed for r in node.counters.requests[-3:]]
+    assert seeds[0] == 5 and len(set(seeds)) == 3
+    client.completions.create(model=MODEL, prompt="def g(", max_tokens=2, n=3, seed=5)
+    assert sorted(r.sampling.seed for r in node.counters.requests[-3:]) == sorted(seeds)
+    assert out.usage.prompt_tokens == len(tokenizer.encode("def g(")) and out.usage.completion_tokens == 6
+
+
+def test_batched_prompts_come_back_in_order(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
+    prompts = ["import os", "x = [", "def h():"]
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [_expected_text(tokenizer.encode(p), 3)[1] for p in prompts]
+    assert out.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+
+
+def test_streamed_batch_times_n_interleaves_indexed_choices(client: openai.OpenAI,
+                                                            tokenizer: Tokenizer) -> None:
+    prompts = ["a", "bb"]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts: dict[int, str] = {}
+    finished = set()
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if choice.finish_reason:
+            finished.add(choice.index)
+    expected = [_expected_text(tokenizer.encode(p), 3)[1] for p in prompts]
+    assert texts == {0: expected[0], 1: expected[0], 2: expected[1], 3: expected[1]}
+    assert finished == {0, 1, 2, 3} and chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_n_returns_n_messages(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=2, n=2)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.choices[0].message.content == out.choices[1].message.content
+
+
+def test_worker_processes_share_the_port_and_one_registry_view(node: StubNodeServer,
+                                                               tokenizer: Tokenizer) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "router", "--port", "0", "--workers", "2",
+                             "--health-interval", "0.5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[-1]
+        register_with_router(url, node.info())  # one heartbeat, taken by one of the workers
+        time.sleep(1.0)  # the other worker reads the shared registry directory within 0.2 s
+        with httpx.Client(base_url=url, timeout=10) as http:
+            workers = set()
+            for _ in range(20):  # a new connection each time: the kernel spreads them over the workers
+                reply = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                  headers={"connection": "close"})
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["choices"][0]["text"] == _expected_text(tokenizer.encode("x"), 2)[1]
+                workers.add(reply.json()["id"].split("-")[1][:16])  # ids carry a per-process prefix
+        assert len(workers) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

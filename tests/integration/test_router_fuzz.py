@@ -18,12 +18,20 @@ from pdserve.router.server import BackgroundRouter
 from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router
 
 MODEL = "pdserve-demo"
-ENDPOINTS = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest"}
+ENDPOINTS = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest",
+             "/tokenize": "TokenizeRequest", "/detokenize": "DetokenizeRequest"}
 VALID = {
     "/v1/completions": {"model": MODEL, "prompt": "def f(", "max_tokens": 2},
     "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                              "max_tokens": 2},
+    "/tokenize": {"prompt": "def f("},
+    "/detokenize": {"tokens": [5, 6]},
 }
+# the fields this fuzz must reach (it fails if the schema stops declaring them)
+NEW_FIELDS = {"/v1/completions": {"n", "best_of", "logit_bias", "max_completion_tokens", "prompt"},
+              "/v1/chat/completions": {"n", "logit_bias", "max_completion_tokens"},
+              "/tokenize": {"prompt", "messages", "add_special_tokens", "return_token_strs"},
+              "/detokenize": {"tokens"}}
 FUZZ_SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -33,6 +41,19 @@ json_scalars = st.one_of(
     st.sampled_from([0, 1, -1, 20, 21, 2048, 2**32, 0.5, 2.5]),
     st.text(max_size=40), st.sampled_from(["", "user", "text", MODEL, "\x00", "\ud7ff", "\ud800"]),
 )
+# values aimed at the new fields' edges, drawn besides arbitrary JSON
+FIELD_VALUES = {
+    "n": st.integers(min_value=-2, max_value=200),
+    "best_of": st.integers(min_value=-2, max_value=200),
+    "max_completion_tokens": st.integers(min_value=-2, max_value=5000),
+    "logit_bias": st.dictionaries(st.one_of(st.integers(min_value=-5, max_value=2**40).map(str),
+                                            st.text(max_size=8)),
+                                  st.one_of(st.floats(allow_nan=False), st.integers(-200, 200)), max_size=5),
+    "prompt": st.one_of(st.lists(st.text(max_size=8), max_size=5),
+                        st.lists(st.lists(st.integers(min_value=-1, max_value=70000), max_size=4),
+                                 max_size=4)),
+    "tokens": st.lists(st.integers(min_value=-1, max_value=2**33), max_size=6),
+}
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=12)
 
@@ -47,7 +68,8 @@ def router() -> Iterator[tuple[BackgroundRouter, dict[str, list[str]]]]:
         register_with_router(r.url, node.info(capacity=64))
         schema = httpx.get(r.url + "/openapi.json").json()["components"]["schemas"]
         fields = {path: sorted(schema[name]["properties"]) for path, name in ENDPOINTS.items()}
-        nested = [name for name in ("ChatMessage", "StreamOptions", "TextPart") if name in schema]
+        assert all(NEW_FIELDS[path] <= set(fields[path]) for path in ENDPOINTS)
+        nested = [name for name in ("ChatMessage", "StreamOptions", "ContentPart") if name in schema]
         assert len(nested) == 3 and "messages" in fields["/v1/chat/completions"]
         yield r, fields
 
@@ -75,7 +97,8 @@ def test_mutated_valid_requests_never_5xx(router: tuple[BackgroundRouter, dict[s
     body: dict[str, Any] = dict(VALID[path])
     names = data.draw(st.lists(st.sampled_from(fields[path] + ["unknown_field"]), min_size=1, max_size=4))
     for name in names:
-        body[name] = data.draw(json_values)
+        body[name] = data.draw(st.one_of(json_values, FIELD_VALUES[name]) if name in FIELD_VALUES
+                               else json_values)
     if data.draw(st.booleans()) and "messages" in body and isinstance(body["messages"], list):
         body["messages"] = [data.draw(st.dictionaries(st.sampled_from(["role", "content", "name", "x"]),
                                                       json_values, max_size=3))]

@@ -167,6 +167,24 @@ def test_client_disconnect_cancels_the_node_call_non_streaming() -> None:
         assert a.counters.completed == 0
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["sse", "json"])
+def test_client_disconnect_cancels_every_choice_of_a_fanned_out_request(stream: bool) -> None:
+    slow = StubBehavior(tokens=200, token_delay_s=0.1)
+    body = BODY | {"prompt": ["a", "b"], "n": 2, "max_tokens": 200, "stream": stream}
+    with StubNodeServer("a", behavior=slow) as a, BackgroundRouter(_config()) as r:
+        register_with_router(r.url, a.info(capacity=8))
+        if stream:
+            with httpx.stream("POST", r.url + "/v1/completions", json=body, timeout=10) as resp:
+                assert next(resp.iter_lines()).startswith("data: ")
+                assert a.servicer.running == 4
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(r.url + "/v1/completions", json=body, timeout=0.5)
+        _wait_until(lambda: a.counters.cancelled == 4, timeout_s=CANCEL_WAIT_S)
+        assert a.counters.completed == 0
+        _wait_until(lambda: _node_view(r, "a")["router_inflight"] == 0)
+
+
 def test_admission_answers_429_fast_beyond_its_limits() -> None:
     slow = StubBehavior(tokens=30, token_delay_s=0.05)
     admission = AdmissionConfig(max_inflight_requests=1, max_queued_requests=0, retry_after_s=2,

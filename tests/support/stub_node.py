@@ -25,6 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 from pdserve.common.tokens import SampledTokens
 from pdserve.node.registry_client import Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2, node_pb2_grpc
+from pdserve.rpc.chunks import merged_chunks
 from pdserve.rpc.convert import tokens_to_proto
 from pdserve.rpc.registry import HEARTBEAT_PATH, NodeInfo, Role, encode_node
 
@@ -79,7 +80,8 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure before the first chunk")
         self.running += 1
         try:
-            async for chunk in self._chunks(request, b, context):
+            chunks = self._chunks(request, b, context)
+            async for chunk in (merged_chunks(chunks) if request.merge_chunks else chunks):
                 yield chunk
             self.counters.completed += 1
         except asyncio.CancelledError:

@@ -14,6 +14,7 @@ from pdserve.kernels.sampling import (
     RngStream,
     SamplingBatch,
     SamplingRow,
+    is_plain_greedy,
     process_logits,
     request_uniforms,
     sample,
@@ -264,3 +265,28 @@ def test_rejects_out_of_vocab_history_and_bad_shapes() -> None:
     batch = SamplingBatch.from_rows([make_row()], 64)
     with pytest.raises(ValueError, match="shape"):
         sample(paddle.zeros([2, 64]), batch)
+
+
+def test_logit_bias_shifts_the_processed_logits_and_bans_with_minus_100() -> None:
+    logits = np.array([[1.0, 3.0, 2.0, 0.5], [1.0, 3.0, 2.0, 0.5]], dtype=np.float32)
+    greedy = SamplingParams(temperature=0.0)
+    biased = SamplingParams(temperature=0.0, logit_bias=((1, -100.0), (3, 2.0)))
+    rows = [make_row(greedy), make_row(biased)]
+    processed = process_logits(paddle.to_tensor(logits), SamplingBatch.from_rows(rows, 4)).numpy()
+    np.testing.assert_allclose(processed[0], logits[0])
+    np.testing.assert_allclose(processed[1], [1.0, -97.0, 2.0, 2.5])
+    assert sample_rows(logits, rows).tolist() == [1, 3]
+    assert not is_plain_greedy(biased, 5, ())
+
+
+def test_logit_bias_reshapes_the_sampled_distribution() -> None:
+    logits = np.zeros((1, 4), dtype=np.float32)
+    params = SamplingParams(temperature=1.0, logit_bias=((2, math.log(5.0)),))
+    probs = sampling_probs(process_logits(paddle.to_tensor(logits), SamplingBatch.from_rows(
+        [make_row(params)], 4)), SamplingBatch.from_rows([make_row(params)], 4)).numpy()[0]
+    np.testing.assert_allclose(probs, [1 / 8, 1 / 8, 5 / 8, 1 / 8], rtol=1e-6)
+
+
+def test_logit_bias_range_is_checked() -> None:
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 101.0),))
