@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from pdserve.models.tokenizer import Tokenizer
-from pdserve.router.config import HealthConfig, PolicyConfig, RouterConfig, default_model_dir
+from pdserve.router.config import HealthConfig, PolicyConfig, RegistryConfig, RouterConfig, default_model_dir
 from pdserve.router.server import BackgroundRouter
 from pdserve.router.stub_node import StubBehavior, StubNodeServer, register_with_router, stub_token
 
@@ -28,9 +28,11 @@ KEY = "sk-test-7f3a9c"
 
 
 def _config(**kw: object) -> RouterConfig:
-    # lenient health checks: a stall of this shared machine must not eject the stub node
+    # lenient health checks: a stall of this shared machine must not eject the stub node; the one
+    # registration of the module's node must not expire either (nothing renews it)
     health = HealthConfig(interval_s=0.2, timeout_s=2.0, eject_after=20)
-    return RouterConfig(port=0, model_name=MODEL, health=health, **kw)  # type: ignore[arg-type]
+    return RouterConfig(port=0, model_name=MODEL, health=health,  # type: ignore[arg-type]
+                        registry=RegistryConfig(heartbeat_ttl_s=3600.0), **kw)
 
 
 @pytest.fixture(scope="module")
