@@ -426,3 +426,11 @@ def test_worker_processes_share_the_port_and_one_registry_view(node: StubNodeSer
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_best_of_asks_the_node_for_logprobs_and_returns_n(client: openai.OpenAI,
+                                                          node: StubNodeServer) -> None:
+    out = client.completions.create(model=MODEL, prompt="def k(", max_tokens=2, best_of=3, n=1)
+    assert [c.index for c in out.choices] == [0] and out.choices[0].logprobs is None
+    assert [r.sampling.logprobs for r in node.counters.requests[-3:]] == [0, 0, 0]
+    assert out.usage.completion_tokens == 6
