@@ -141,7 +141,7 @@ class Preparer:
             raise APIError(400, f"best_of ({best_of}) must be >= n ({req.n})", "best_of", "invalid_value")
         if best_of > req.n and req.stream:  # the best ones are known only at the end (OpenAI's rule too)
             raise APIError(400, "best_of > n cannot be streamed", "best_of", "invalid_value")
-        prompts = self._completion_prompts(req.prompt)
+        prompts = [self._truncate(req, ids, text) for ids, text in self._completion_prompts(req.prompt)]
         if len(prompts) * best_of > MAX_CHOICES:
             raise APIError(400, f"{len(prompts)} prompts x {best_of} choices is more than {MAX_CHOICES}",
                            "best_of" if req.best_of else "n", "invalid_value")
@@ -186,7 +186,7 @@ class Preparer:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
         text = self._render_chat(req.messages, req.add_generation_prompt)
-        token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        token_ids, text = self._truncate(req, self.tokenizer.encode(text, add_special_tokens=False), text)
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         request_id = _next_request_id()
@@ -253,6 +253,20 @@ class Preparer:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options",
                            "invalid_value")
+
+    def _truncate(self, req: _SamplingFields, token_ids: list[int], text: str) -> tuple[list[int], str]:
+        """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the model's context)."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return token_ids, text
+        if k == 0:
+            raise APIError(400, "truncate_prompt_tokens must be >= 1, or -1 for the model's context",
+                           "truncate_prompt_tokens", "invalid_value")
+        keep = self.max_model_len if k == -1 else k
+        if len(token_ids) <= keep:
+            return token_ids, text
+        kept = token_ids[len(token_ids) - keep:]
+        return kept, self.tokenizer.decode(kept, skip_special_tokens=False)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         pairs = []

@@ -279,7 +279,7 @@ def test_prefill_decode_pairs_and_prefix_affinity() -> None:
 @pytest.mark.parametrize(("path", "extra", "param"), [
     ("/v1/completions", {"suffix": "}"}, "suffix"),
     ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
-    ("/v1/completions", {"truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
     ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
      "stream_options.continuous_usage_stats"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),

@@ -178,3 +178,17 @@ def test_best_of_candidates_report_logprobs_for_the_ranking(preparer: Preparer) 
     assert (batch.n, batch.best_of, len(batch.choices)) == (2, 3, 6)
     assert all(p.sampling.logprobs == 0 and p.top_logprobs is None for p in batch.choices)
     assert [p.sampling.seed for p in batch.choices[:3]] == [p.sampling.seed for p in batch.choices[3:]]
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(preparer: Preparer, tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("def f(x):\n    return x + 1")
+    (p,) = preparer.completion(_completion(prompt="def f(x):\n    return x + 1", truncate_prompt_tokens=3,
+                                           echo=True)).choices
+    assert p.prompt_token_ids == ids[-3:]
+    assert p.prompt_text == tokenizer.decode(ids[-3:], skip_special_tokens=False)
+    (long,) = preparer.completion(_completion(prompt=[7] * 100, truncate_prompt_tokens=60,
+                                              max_tokens=4)).choices
+    assert long.prompt_token_ids == [7] * 60
+    with pytest.raises(APIError) as info:
+        preparer.completion(_completion(truncate_prompt_tokens=0))
+    assert info.value.param == "truncate_prompt_tokens"
