@@ -60,10 +60,12 @@ class Prepared:
 
 @dataclass(frozen=True)
 class PreparedBatch:
-    """One OpenAI request fanned out: a node request per (prompt, choice), in response index order."""
+    """One OpenAI request fanned out: a node request per (prompt, candidate), in index order."""
 
     request_id: str
-    choices: tuple[Prepared, ...]
+    choices: tuple[Prepared, ...]  # best_of per prompt: candidate j of prompt i at i * best_of + j
+    n: int = 1  # choices returned per prompt
+    best_of: int = 1  # candidates generated per prompt; the n with the highest total logprob return
 
     @property
     def stream(self) -> bool:
@@ -134,13 +136,15 @@ class Preparer:
 
     def completion(self, req: CompletionRequest) -> PreparedBatch:
         self._check_common(req)
-        if req.best_of is not None and req.best_of != req.n:
-            raise APIError(400, "best_of other than n is not supported (every choice generated is returned)",
-                           "best_of", "unsupported_parameter")
-        prompts = self._completion_prompts(req.prompt)
-        if len(prompts) * req.n > MAX_CHOICES:
-            raise APIError(400, f"{len(prompts)} prompts x n={req.n} choices is more than {MAX_CHOICES}",
-                           "n", "invalid_value")
+        best_of = req.n if req.best_of is None else req.best_of
+        if best_of < req.n:
+            raise APIError(400, f"best_of ({best_of}) must be >= n ({req.n})", "best_of", "invalid_value")
+        if best_of > req.n and req.stream:  # the best ones are known only at the end (OpenAI's rule too)
+            raise APIError(400, "best_of > n cannot be streamed", "best_of", "invalid_value")
+        prompts = [self._truncate(req, ids, text) for ids, text in self._completion_prompts(req.prompt)]
+        if len(prompts) * best_of > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x {best_of} choices is more than {MAX_CHOICES}",
+                           "best_of" if req.best_of else "n", "invalid_value")
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         prompt_only = max_tokens == 0
         if prompt_only and not req.echo:
@@ -149,12 +153,13 @@ class Preparer:
         request_id = _next_request_id()
         choices = []
         for i, (token_ids, text) in enumerate(prompts):
-            for j in range(req.n):
-                index = i * req.n + j
+            for j in range(best_of):
+                index = i * best_of + j
                 choices.append(self._build(
                     req, token_ids, text, 1 if prompt_only else max_tokens, req.logprobs, req.echo,
-                    prompt_only, _choice_id(request_id, index, len(prompts) * req.n), index, j))
-        return PreparedBatch(request_id, tuple(choices))
+                    prompt_only, _choice_id(request_id, index, len(prompts) * best_of), index, j,
+                    rank=best_of > req.n))
+        return PreparedBatch(request_id, tuple(choices), n=req.n, best_of=best_of)
 
     def _completion_prompts(self, prompt: str | list[int] | list[str] | list[list[int]]
                             ) -> list[tuple[list[int], str]]:
@@ -181,14 +186,14 @@ class Preparer:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
         text = self._render_chat(req.messages, req.add_generation_prompt)
-        token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        token_ids, text = self._truncate(req, self.tokenizer.encode(text, add_special_tokens=False), text)
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         request_id = _next_request_id()
         return PreparedBatch(request_id, tuple(
             self._build(req, token_ids, text, max_tokens, top, False, False,
                         _choice_id(request_id, j, req.n), j, j)
-            for j in range(req.n)))
+            for j in range(req.n)), n=req.n, best_of=req.n)
 
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         """vLLM's /tokenize answer: ``count``, ``max_model_len``, ``tokens``, ``token_strs``."""
@@ -249,6 +254,20 @@ class Preparer:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options",
                            "invalid_value")
 
+    def _truncate(self, req: _SamplingFields, token_ids: list[int], text: str) -> tuple[list[int], str]:
+        """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the model's context)."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return token_ids, text
+        if k == 0:
+            raise APIError(400, "truncate_prompt_tokens must be >= 1, or -1 for the model's context",
+                           "truncate_prompt_tokens", "invalid_value")
+        keep = self.max_model_len if k == -1 else k
+        if len(token_ids) <= keep:
+            return token_ids, text
+        kept = token_ids[len(token_ids) - keep:]
+        return kept, self.tokenizer.decode(kept, skip_special_tokens=False)
+
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         pairs = []
         for key, value in (bias or {}).items():
@@ -281,7 +300,9 @@ class Preparer:
 
     def _build(self, req: _SamplingFields, token_ids: list[int], text: str, max_tokens: int | None,
                top_logprobs: int | None, echo: bool, prompt_only: bool, request_id: str, index: int,
-               choice: int) -> Prepared:
+               choice: int, rank: bool = False) -> Prepared:
+        """``rank``: a best_of candidate, whose tokens' logprobs the node must report for the ranking
+        even when the client asked for none (the response then shows none)."""
         budget = self._context_budget(len(token_ids), max_tokens)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         try:
@@ -293,7 +314,8 @@ class Preparer:
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 stop_token_ids=tuple(req.stop_token_ids or ()), stop=stop, ignore_eos=req.ignore_eos,
-                logprobs=top_logprobs, logit_bias=self._logit_bias(req.logit_bias),
+                logprobs=0 if top_logprobs is None and rank else top_logprobs,
+                logit_bias=self._logit_bias(req.logit_bias),
                 # completions' echo + logprobs: the echoed prompt tokens get theirs too (OpenAI's API)
                 prompt_logprobs=top_logprobs if echo else None,
             )

@@ -88,6 +88,9 @@ class _SamplingFields(_Body):
     user: Text | None = Field(default=None, max_length=512)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, le=UINT32_MAX,
+                                               description="extension: keep the prompt's last k tokens; "
+                                                           "-1: the model's context")
     logit_bias: dict[BiasKey, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS_ENTRIES,
                                                    description="token id (a string) -> bias in [-100, 100]")
 

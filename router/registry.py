@@ -67,19 +67,28 @@ class EmbeddedRegistry(Registry):
     def __init__(self, ttl_s: float) -> None:
         self._ttl_s = ttl_s
         self._nodes: dict[str, NodeInfo] = {}
+        # the sorted view, rebuilt only after a change or when its oldest entry may have expired:
+        # the request path reads it several times per request
+        self._view: list[NodeInfo] | None = None
+        self._oldest_seen = 0.0
 
     async def upsert(self, node: NodeInfo) -> None:
         self._nodes[node.node_id] = node.seen_now()  # the router's clock, not the node's
+        self._view = None
 
     async def remove(self, node_id: str) -> None:
         self._nodes.pop(node_id, None)
+        self._view = None
 
     def snapshot(self) -> list[NodeInfo]:
         deadline = time.time() - self._ttl_s
-        expired = [nid for nid, n in self._nodes.items() if n.last_seen < deadline]
-        for node_id in expired:
-            del self._nodes[node_id]
-        return sorted(self._nodes.values(), key=lambda n: n.node_id)
+        if self._view is None or self._oldest_seen < deadline:
+            expired = [nid for nid, n in self._nodes.items() if n.last_seen < deadline]
+            for node_id in expired:
+                del self._nodes[node_id]
+            self._view = sorted(self._nodes.values(), key=lambda n: n.node_id)
+            self._oldest_seen = min((n.last_seen for n in self._view), default=float("inf"))
+        return list(self._view)
 
 
 class RedisRegistry(Registry):

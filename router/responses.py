@@ -113,6 +113,10 @@ class _ChoiceFormatter:
         completion = acc.usage.completion_tokens if acc.usage is not None else acc.completion_tokens
         return (prompt if self._p.first_of_prompt else 0), (0 if self._p.prompt_only else completion)
 
+    def total_logprob(self) -> float:
+        """The generated tokens' total logprob (best_of's ranking)."""
+        return sum(lp for tokens in self.acc.tokens for lp in tokens.logprobs)
+
     def _chat_logprobs(self, entries: SampledTokens) -> dict[str, Any]:
         def item(token_id: int, logprob: float) -> dict[str, Any]:
             text = self._token_text(token_id)
@@ -230,6 +234,8 @@ class ResponseBuilder:
         self._id = ("chatcmpl-" if chat else "cmpl-") + batch.request_id.removeprefix("req-")
         self._created = int(time.time())
         self._include_usage = batch.include_usage
+        self._n = batch.n
+        self._best_of = batch.best_of
 
     def _envelope(self, choices: list[dict[str, Any]], streaming: bool) -> dict[str, Any]:
         kind = "text_completion"
@@ -251,7 +257,20 @@ class ResponseBuilder:
             choices = await gather_or_cancel(works)
         except StreamFailed as e:
             raise APIError(503, f"the request failed while generating: {e}", None, "node_failed", 1) from e
+        if self._best_of > self._n:
+            choices = self._best(choices)
         return {**self._envelope(choices, streaming=False), "usage": self._usage()}
+
+    def _best(self, choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """best_of: per prompt, the n candidates with the highest total logprob of their tokens, best
+        first, re-indexed prompt * n + rank (usage still counts every candidate's tokens, as OpenAI's)."""
+        best = []
+        for start in range(0, len(choices), self._best_of):
+            group = range(start, start + self._best_of)
+            ranked = sorted(group, key=lambda i: -self._choices[i].total_logprob())[: self._n]
+            for rank, i in enumerate(ranked):
+                best.append({**choices[i], "index": start // self._best_of * self._n + rank})
+        return best
 
     # ---- streaming
     async def events(self, streams: Sequence[AsyncIterator[node_pb2.GenerateChunk]]) -> AsyncIterator[bytes]:

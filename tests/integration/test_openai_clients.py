@@ -92,6 +92,17 @@ def test_batched_completion_returns_the_prompts_in_order(client: openai.OpenAI) 
     assert len(set(one_by_one)) == 3
 
 
+def test_best_of_returns_the_candidates_with_the_highest_total_logprob(client: openai.OpenAI) -> None:
+    ask = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 8, "seed": 77, "temperature": 1.0}
+    best = client.completions.create(**ask, best_of=3, n=2)
+    assert [c.index for c in best.choices] == [0, 1] and best.choices[0].logprobs is None
+    # the same three candidates (the same per-choice seeds), scored here
+    candidates = client.completions.create(**ask, n=3, logprobs=0).choices
+    ranked = sorted(candidates, key=lambda c: -sum(c.logprobs.token_logprobs))
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert best.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in candidates)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 def test_logit_bias_minus_100_on_the_greedy_token_changes_it(client: openai.OpenAI, url: str,
                                                              stream: bool) -> None:
@@ -118,7 +129,6 @@ def test_logit_bias_minus_100_on_the_greedy_token_changes_it(client: openai.Open
 @pytest.mark.parametrize(("endpoint", "field", "value"), [
     ("completions", "suffix", "}"),
     ("completions", "prompt_logprobs", 1),
-    ("completions", "best_of", 3),
     ("chat", "response_format", {"type": "json_object"}),
     ("chat", "tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("chat", "guided_json", {"type": "object"}),

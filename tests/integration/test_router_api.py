@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from pdserve.models.tokenizer import Tokenizer
-from pdserve.router.config import HealthConfig, PolicyConfig, RouterConfig
+from pdserve.router.config import HealthConfig, PolicyConfig, RegistryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
 from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router, stub_token
 
@@ -28,9 +28,11 @@ KEY = "sk-test-7f3a9c"
 
 
 def _config(**kw: object) -> RouterConfig:
-    # lenient health checks: a stall of this shared machine must not eject the stub node
+    # lenient health checks: a stall of this shared machine must not eject the stub node; the one
+    # registration of the module's node must not expire either (nothing renews it)
     health = HealthConfig(interval_s=0.2, timeout_s=2.0, eject_after=20)
-    return RouterConfig(port=0, model_name=MODEL, health=health, **kw)  # type: ignore[arg-type]
+    return RouterConfig(port=0, model_name=MODEL, health=health,  # type: ignore[arg-type]
+                        registry=RegistryConfig(heartbeat_ttl_s=3600.0), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +274,7 @@ def test_prefill_decode_pairs_and_prefix_affinity() -> None:
 @pytest.mark.parametrize(("path", "extra", "param"), [
     ("/v1/completions", {"suffix": "}"}, "suffix"),
     ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
-    ("/v1/completions", {"truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
     ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
      "stream_options.continuous_usage_stats"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
@@ -419,3 +421,11 @@ def test_worker_processes_share_the_port_and_one_registry_view(node: StubNodeSer
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_best_of_asks_the_node_for_logprobs_and_returns_n(client: openai.OpenAI,
+                                                          node: StubNodeServer) -> None:
+    out = client.completions.create(model=MODEL, prompt="def k(", max_tokens=2, best_of=3, n=1)
+    assert [c.index for c in out.choices] == [0] and out.choices[0].logprobs is None
+    assert [r.sampling.logprobs for r in node.counters.requests[-3:]] == [0, 0, 0]
+    assert out.usage.completion_tokens == 6

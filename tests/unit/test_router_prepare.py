@@ -54,7 +54,8 @@ def test_completion_accepts_token_id_prompts(preparer: Preparer) -> None:
     ({"prompt": [1, 99999]}, 400, "prompt", "out of the vocabulary"),
     ({"prompt": ["a", ""]}, 400, "prompt", "empty"),
     ({"prompt": ["a"] * 9, "n": 15}, 400, "n", "more than 128"),
-    ({"best_of": 3}, 400, "best_of", "best_of"),
+    ({"best_of": 1, "n": 2}, 400, "best_of", ">= n"),
+    ({"best_of": 3, "stream": True}, 400, "best_of", "streamed"),
     ({"prompt": ""}, 400, "prompt", "empty"),
     ({"max_tokens": 60}, 400, "max_tokens", "maximum context length is 64 tokens"),
 ])
@@ -170,3 +171,24 @@ def test_logit_bias_reaches_the_node_request(preparer: Preparer) -> None:
     with pytest.raises(APIError) as info:
         preparer.completion(_completion(logit_bias={"99999999": 1}))
     assert info.value.param == "logit_bias"
+
+
+def test_best_of_candidates_report_logprobs_for_the_ranking(preparer: Preparer) -> None:
+    batch = preparer.completion(_completion(prompt=["a", "b"], best_of=3, n=2, seed=1))
+    assert (batch.n, batch.best_of, len(batch.choices)) == (2, 3, 6)
+    assert all(p.sampling.logprobs == 0 and p.top_logprobs is None for p in batch.choices)
+    assert [p.sampling.seed for p in batch.choices[:3]] == [p.sampling.seed for p in batch.choices[3:]]
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(preparer: Preparer, tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("def f(x):\n    return x + 1")
+    (p,) = preparer.completion(_completion(prompt="def f(x):\n    return x + 1", truncate_prompt_tokens=3,
+                                           echo=True)).choices
+    assert p.prompt_token_ids == ids[-3:]
+    assert p.prompt_text == tokenizer.decode(ids[-3:], skip_special_tokens=False)
+    (long,) = preparer.completion(_completion(prompt=[7] * 100, truncate_prompt_tokens=60,
+                                              max_tokens=4)).choices
+    assert long.prompt_token_ids == [7] * 60
+    with pytest.raises(APIError) as info:
+        preparer.completion(_completion(truncate_prompt_tokens=0))
+    assert info.value.param == "truncate_prompt_tokens"
