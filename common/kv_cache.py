@@ -132,11 +132,19 @@ class KVCachePool:
     def close(self) -> None:
         """Drop the mapping; the owner of a shared pool also removes its file."""
         # The mapping itself goes with the last reference: unmapping now could pull memory from
-        # under a paddle view that is still alive.
+        # under a paddle view (or a zero-copy frame) that is still alive.
         self.caches = []
         if self._owner and self.shm_path is not None:
             self.shm_path.unlink(missing_ok=True)
         self.shm_path = None
+
+    def unmap(self) -> None:
+        """Close a peer's pool and unmap it now, for a holder that keeps no view of it beyond its own
+        calls (the same-host KV sender): its memory must not wait for the garbage collector."""
+        self.close()
+        if isinstance(self.array, np.memmap) and self.array._mmap is not None:
+            self.array._mmap.close()
+        self.array = np.empty((0,), dtype=self.spec.numpy_dtype())
 
 
 def _paddle_view(array: np.ndarray, dtype: str) -> paddle.Tensor:
