@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdserve.router.config import HealthConfig, RouterConfig
+from pdserve.router.config import HealthConfig, RegistryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
 from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router
 
@@ -39,10 +39,12 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(
 
 @pytest.fixture(scope="module")
 def router() -> Iterator[tuple[BackgroundRouter, dict[str, list[str]]]]:
-    # health checks must not eject the one node when this busy machine stalls: 5xx here would mean
-    # "no capacity", which is not what the fuzz looks for
+    # Neither health checks nor the registry's TTL may drop the one node (registered once, with no
+    # heartbeats) while this busy machine runs the fuzz for minutes: 5xx here would mean "no
+    # capacity", which is not what the fuzz looks for.
     config = RouterConfig(port=0, model_name=MODEL, health=HealthConfig(interval_s=1.0, timeout_s=5.0,
-                                                                        eject_after=100))
+                                                                        eject_after=100),
+                          registry=RegistryConfig(heartbeat_ttl_s=3600.0))
     with StubNodeServer("fuzz-0", behavior=StubBehavior(tokens=2)) as node, BackgroundRouter(config) as r:
         register_with_router(r.url, node.info(capacity=64))
         schema = httpx.get(r.url + "/openapi.json").json()["components"]["schemas"]
