@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import msgspec
 import numpy as np
 
+from pdserve.common.leftovers import SHM_DIR, pool_name
+
 if TYPE_CHECKING:
     import paddle
 
-SHM_DIR = Path("/dev/shm")
 
 
 Positive = Annotated[int, msgspec.Meta(ge=1, lt=2**31)]
@@ -104,7 +105,7 @@ class KVCachePool:
     @classmethod
     def create_shared(cls, spec: KVCacheSpec, name: str | None = None) -> KVCachePool:
         """A pool in a new /dev/shm file that peers on this host can `attach` to by name."""
-        name = name or f"pdserve-kv-{uuid.uuid4().hex}"
+        name = name or pool_name(os.getpid(), uuid.uuid4().hex)  # the pid: see common/leftovers.py
         path = SHM_DIR / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
