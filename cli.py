@@ -134,9 +134,9 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
 def _node_config(args: argparse.Namespace):
     import os
 
-    from pdserve.engine.node_server import NodeConfig
     from pdserve.models.loader import default_model_dir
     from pdserve.models.tokenizer import Tokenizer
+    from pdserve.node.server import NodeConfig
 
     model_dir = args.model or default_model_dir()
     return NodeConfig(
@@ -152,7 +152,7 @@ def _node_config(args: argparse.Namespace):
 
 
 def _run_node(args: argparse.Namespace) -> int:
-    from pdserve.engine.node_server import run_node
+    from pdserve.node.server import run_node
 
     config = _node_config(args)
     if config.role == "prefill":
@@ -163,11 +163,11 @@ def _run_node(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pdserve.engine.client import EngineClient, EngineClientConfig
-    from pdserve.engine.offline import generate
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.common.sampling_params import SamplingParams
     from pdserve.models.loader import default_model_dir
     from pdserve.models.tokenizer import Tokenizer
+    from pdserve.node.engine_client import EngineClient, EngineClientConfig
+    from pdserve.node.offline import generate
 
     engine_config = _engine_config(args)  # validates --speculative-config before anything starts
     model_dir = args.model or default_model_dir()

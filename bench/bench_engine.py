@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pdserve.common.kv_cache import KVCachePool
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine, kv_spec_for
-from pdserve.engine.kv_cache import KVCachePool
 from pdserve.engine.output_queue import OutputQueueReader, OutputQueueWriter
 from pdserve.engine.process import to_step_output, tune_malloc
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import default_model_dir, load_model
 from pdserve.models.tokenizer import Tokenizer

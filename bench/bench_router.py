@@ -2,7 +2,7 @@
 
     python bench/bench_router.py [--requests 300] [--tokens 16] [--rate-seconds 5]
 
-Starts a stub node (``pdserve.router.stub_node``) and the router (``pdserve router``, pinned to one
+Starts a stub node (``pdserve.tests.support.stub_node``) and the router (``pdserve router``, pinned to one
 core) as subprocesses. For concurrency 1, 10 and 50 it measures TTFT and end-to-end latency of
 streaming requests through the router (HTTP/SSE) and directly on the node's gRPC Generate, side by
 side in one run; overhead = router median - direct median. Then the router's request rate: as many
@@ -187,7 +187,7 @@ def main() -> int:
                                  "--health-interval", "5"], cpu=args.router_cpu)
     node = None
     try:
-        node, node_address = _spawn([sys.executable, "-m", "pdserve.router.stub_node", "--tokens",
+        node, node_address = _spawn([sys.executable, "-m", "pdserve.tests.support.stub_node", "--tokens",
                                      str(args.tokens), "--register", router_url, "--heartbeat-s", "1"],
                                     cpu=None)
         deadline = time.monotonic() + 10

@@ -30,12 +30,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pdserve.common.kv_cache import KVCachePool
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.spec_metrics import SpeculateMetrics
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine, kv_spec_for
-from pdserve.engine.kv_cache import KVCachePool
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_config import SpeculativeConfig
-from pdserve.engine.spec_metrics import SpeculateMetrics
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import default_model_dir, load_model
 from pdserve.models.tokenizer import Tokenizer

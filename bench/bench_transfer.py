@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
 from pdserve.transfer.block_copy import COPY_STRATEGIES
 from pdserve.transfer.channel import Outbox
 from pdserve.transfer.config import TransferConfig

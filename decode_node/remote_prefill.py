@@ -19,11 +19,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from pdserve.engine.bridge import EngineBridge, EngineGone, RequestHandle
-from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
-from pdserve.engine.node_server import NodeConfig, NodeMetrics
+from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.protocol import KVReserved, RequestRejected
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.node.engine_bridge import EngineBridge, EngineGone, RequestHandle
+from pdserve.node.server import NodeConfig, NodeMetrics
 from pdserve.transfer.channel import TransferError
 from pdserve.transfer.endpoint import KVEndpoint, Malformed
 from pdserve.transfer.messages import Abort, FirstToken, LeaseRenewal, PrefillTask

@@ -16,18 +16,16 @@ from dataclasses import replace
 import grpc
 import numpy as np
 
+from pdserve.common.sampling_params import SamplingParams, SamplingParamsError
+from pdserve.common.spec_metrics import RequestSpecStats, SpeculateMetrics
 from pdserve.decode_node.remote_prefill import RemotePrefill, RemotePrefillError
-from pdserve.engine.bridge import EngineGone, RequestHandle
-from pdserve.engine.client import EngineError
-from pdserve.engine.kv_cache import kv_spec_for_model
-from pdserve.engine.node_server import NodeConfig, NodeServer
 from pdserve.engine.output_codec import SlotEvent, SlotOutput
 from pdserve.engine.protocol import PromptLogprobs, RequestRejected
-from pdserve.engine.request_stream import RequestStream
-from pdserve.engine.sampling_params import SamplingParams, SamplingParamsError
-from pdserve.engine.spec_metrics import RequestSpecStats, SpeculateMetrics
-from pdserve.models.config import ModelConfig
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.node.engine_bridge import EngineGone, RequestHandle
+from pdserve.node.engine_client import EngineError
+from pdserve.node.request_stream import RequestStream
+from pdserve.node.server import NodeConfig, NodeServer
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc.convert import delta_to_chunk, sampling_from_proto
 from pdserve.transfer.messages import FirstToken
@@ -40,16 +38,14 @@ class DecodeNodeServer(NodeServer):
         super().__init__(config)
         self.tokenizer = tokenizer or Tokenizer.from_dir(config.model_dir)
         self.remote: RemotePrefill | None = None
-        if config.role == "decode":
-            spec = kv_spec_for_model(ModelConfig.from_dir(config.model_dir), config.engine.cache.num_blocks,
-                                     config.engine.cache.block_size)
-            self.remote = RemotePrefill(config, self.bridge, spec, self.metrics)
         # Reserved beyond the prompt: the peer's first token and the drafts our first step verifies.
         self._extra_tokens = 1 + config.engine.scheduler.num_speculative_tokens
 
     async def start_data_plane(self) -> None:
-        if self.remote is not None:
-            self.data_address = self.remote.start(self.bridge.ready.kv_pool_name)
+        if self.config.role == "decode":
+            ready = self.bridge.ready
+            self.remote = RemotePrefill(self.config, self.bridge, ready.kv_spec, self.metrics)
+            self.data_address = self.remote.start(ready.kv_pool_name)
 
     async def stop_data_plane(self) -> None:
         if self.remote is not None:
@@ -123,7 +119,7 @@ class DecodeNodeServer(NodeServer):
         """The peer's first token as this request's first chunk, with the TTFT split it reported."""
         first_slot = _first_token_slot(handle.seq_id, first, params)
         if stats is not None:
-            stats.on_slot(first_slot)
+            stats.on_tokens(first_slot.num_tokens)
         chunk = delta_to_chunk(stream.on_slot(first_slot))
         t = first.timings
         chunk.timing.CopyFrom(pb.TimingInfo(queue_s=t.queue_ms / 1000, prefill_s=t.prefill_ms / 1000,
@@ -149,7 +145,7 @@ class DecodeNodeServer(NodeServer):
                                            usage=_usage(handle, stream))
                     return
                 if stats is not None:
-                    stats.on_slot(item)
+                    stats.on_slot(item.event is SlotEvent.PREEMPTED, item.num_tokens)
                 delta = stream.on_slot(item)
                 if delta.stopped_by_string:
                     self.bridge.abort(handle)

@@ -13,15 +13,16 @@ from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry
 
+from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec, kv_spec_for_model
 from pdserve.engine.model_runner import ModelRunner, TokenInfo
 from pdserve.engine.protocol import EngineStats
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import AdmissionError, Scheduler
 from pdserve.engine.spec_decoder import SpecDecoder
+from pdserve.models.config import ModelConfig
 from pdserve.models.llama import LlamaForCausalLM
 
 
@@ -44,6 +45,17 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.status.is_finished
+
+
+def kv_spec_for_model(model_config: ModelConfig, num_blocks: int, block_size: int,
+                      dtype: str = "float32") -> KVCacheSpec:
+    """The pool a model needs: one layer per decoder layer plus its MTP layers (always last). The one
+    place the layout is derived; the engine's ready record carries it to the node server and peers."""
+    return KVCacheSpec(
+        num_layers=model_config.num_hidden_layers + model_config.num_nextn_predict_layers,
+        num_blocks=num_blocks, block_size=block_size, num_kv_heads=model_config.num_key_value_heads,
+        head_dim=model_config.head_dim, dtype=dtype,
+    )
 
 
 def kv_spec_for(model: LlamaForCausalLM, config: EngineConfig) -> KVCacheSpec:

@@ -18,16 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from pdserve.engine.kv_cache import KVCachePool
+from pdserve.common.kv_cache import KVCachePool
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from pdserve.kernels.attention import AttentionMetadata
-from pdserve.kernels.lm_head import lm_head_of
 from pdserve.kernels.logprobs import TokenLogprobs, prompt_logprobs
 from pdserve.kernels.rows import take_rows
 from pdserve.kernels.sampling import SamplingBatch, SamplingRow, is_plain_greedy
 from pdserve.kernels.spec_verify import greedy_verify, verify_drafts
-from pdserve.models.llama import LlamaForCausalLM
+from pdserve.models.llama import LlamaForCausalLM, lm_head_of
 
 
 @dataclass(frozen=True)

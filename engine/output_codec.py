@@ -26,7 +26,7 @@ from itertools import chain
 
 import numpy as np
 
-from pdserve.engine.sampling_params import MAX_TOP_LOGPROBS
+from pdserve.common.sampling_params import MAX_TOP_LOGPROBS
 
 MAGIC = b"PDSO"
 WIRE_VERSION = 1

@@ -24,9 +24,9 @@ from typing import BinaryIO
 import msgspec
 import numpy as np
 
+from pdserve.common.kv_cache import KVCachePool
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine, RequestOutput, kv_spec_for
-from pdserve.engine.kv_cache import KVCachePool
 from pdserve.engine.model_runner import TokenInfo
 from pdserve.engine.output_codec import SlotEvent, SlotOutput, StepOutput
 from pdserve.engine.output_queue import OutputQueueAddress, OutputQueueWriter, ReaderGoneError
@@ -352,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine, pool = build_engine(config)
         writer = OutputQueueWriter(config.output_queue)
-        events.send(EngineReady(pid=os.getpid(), num_blocks=config.engine.cache.num_blocks,
-                                block_size=config.engine.cache.block_size, kv_pool_name=pool.shm_name))
+        events.send(EngineReady(pid=os.getpid(), kv_spec=pool.spec, kv_pool_name=pool.shm_name))
         EngineLoop(engine, TaskInbox(tasks), writer, events).run()
     except ReaderGoneError:
         log.warning("output queue reader is gone; engine stopping")

@@ -15,16 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from pdserve.engine.kv_cache import KVCachePool
+from pdserve.common.kv_cache import KVCachePool
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.kernels.attention import AttentionMetadata
-from pdserve.kernels.lm_head import lm_head_of
 from pdserve.kernels.ngram import ngram_propose, split_draft_budget
 from pdserve.kernels.rows import take_rows
 from pdserve.kernels.sampling import greedy_token_ids
-from pdserve.models.llama import LlamaForCausalLM
+from pdserve.models.llama import LlamaForCausalLM, lm_head_of
 
 
 @dataclass(frozen=True)

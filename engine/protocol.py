@@ -13,7 +13,8 @@ from typing import BinaryIO
 
 import msgspec
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.common.kv_cache import KVCacheSpec
+from pdserve.common.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a 1M-token prompt is ~5 MB of msgpack; anything near this is garbage
@@ -132,8 +133,7 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
 
 class EngineReady(msgspec.Struct, tag="ready", frozen=True):
     pid: int
-    num_blocks: int
-    block_size: int
+    kv_spec: KVCacheSpec  # the pool's geometry, derived once from the model (node servers and peers use it)
     kv_pool_name: str | None  # the shared-memory pool a same-host peer may attach to
 
 

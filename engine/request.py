@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 
 MAX_SEQ_ID = 2**32 - 1  # seq_id travels as a uint32 in the compact output queue
 

@@ -12,14 +12,15 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
+from pdserve.common.kv_cache import KVCachePool
+from pdserve.common.spec_metrics import RequestSpecStats
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.kv_cache import KVCachePool
 from pdserve.engine.model_runner import StepResult
 from pdserve.engine.proposers import DRAFTING_STATUSES, DraftProposer, ProposalInput, make_proposer
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import RequestUpdate, ScheduledChunk
 from pdserve.engine.spec_config import SpeculativeConfig
-from pdserve.engine.spec_metrics import RequestSpecStats, SpecDecodeCounters, log_finished
+from pdserve.engine.spec_metrics import SpecDecodeCounters, log_finished
 from pdserve.models.llama import LlamaForCausalLM
 
 

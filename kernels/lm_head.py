@@ -20,22 +20,17 @@ does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import paddle
 
 from pdserve.kernels import cpu_ops
-from pdserve.kernels.linear import is_packed, pack_weight, packed_matmul
+from pdserve.kernels.linear import pack_weight, packed_matmul
 
 # The packed op multiplies up to 8 rows per pass over the weights (4 without AVX-512): measured
 # 0.05 ms for 1 row (0.12 before one row took eight strips per pass) and 0.18 ms for 8 on the demo
 # head, so a verification's rows are scored in one call rather than round by round.
 FLAT_ROWS = 8
-
-if TYPE_CHECKING:  # for the annotation only: kernels do not import models at run time
-    from pdserve.models.llama import LlamaForCausalLM
-
 
 class LMHead:
     """hidden ``[N, H]`` -> logits ``[N, V]`` float32, equal to ``reference(hidden)`` up to rounding.
@@ -69,22 +64,3 @@ class LMHead:
             return packed_matmul(hidden, self._packed)
         logits = np.matmul(np.from_dlpack(hidden), self._weight_hv)  # [N, V] float32
         return paddle.from_dlpack(logits)
-
-
-def lm_head_of(model: LlamaForCausalLM) -> LMHead:
-    """The model's head (the tied embedding, or the untied ``lm_head``) with the CPU fast path.
-
-    One per model: the runner and the MTP proposer share it (and its packed copy of the weights).
-    It is kept on the model itself (a plain attribute, not a sublayer), so it lives and dies with
-    the model; a cache keyed weakly by the model would be kept alive by ``reference``, the model's
-    own bound method.
-    """
-    head = getattr(model, "_fast_lm_head", None)
-    if head is None:
-        packed = is_packed(model)
-        if model.lm_head is None:
-            head = LMHead(model.embed_tokens.weight, True, model.compute_logits, packed)
-        else:
-            head = LMHead(model.lm_head.weight, False, model.compute_logits, packed)
-        object.__setattr__(model, "_fast_lm_head", head)
-    return head

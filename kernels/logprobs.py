@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import paddle
 
-from pdserve.engine.sampling_params import MAX_TOP_LOGPROBS
+from pdserve.common.sampling_params import MAX_TOP_LOGPROBS
 
 
 class TokenLogprobs(NamedTuple):

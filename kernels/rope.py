@@ -8,12 +8,28 @@ position, as in chunked prefill or decode) costs one gather.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
 import paddle
 from paddle import _C_ops
 
-from pdserve.models.config import RopeScaling
+
+class RopeScaling(Protocol):
+    """The scaling fields these functions read (models.config.RopeScaling provides them; kernels do
+    not import models)."""
+
+    rope_type: str  # "linear" | "llama3" | "yarn"
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    beta_fast: float
+    beta_slow: float
+    attention_factor: float | None
+    mscale: float | None
+    mscale_all_dim: float | None
+    truncate: bool
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> tuple[np.ndarray, float]:

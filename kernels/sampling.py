@@ -29,7 +29,7 @@ from enum import IntEnum
 import numpy as np
 import paddle
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.kernels import cpu_ops
 from pdserve.kernels.penalties import apply_penalties, suppress_tokens
 

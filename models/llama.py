@@ -21,7 +21,8 @@ from paddle import nn
 from pdserve.kernels import cpu_ops
 from pdserve.kernels.activation import silu_and_mul, silu_and_mul_cpu
 from pdserve.kernels.attention import AttentionMetadata, paged_attention, write_and_attend_cpu, write_kv
-from pdserve.kernels.linear import Linear
+from pdserve.kernels.linear import Linear, is_packed
+from pdserve.kernels.lm_head import LMHead
 from pdserve.kernels.norm import rms_norm, rms_norm_cpu
 from pdserve.kernels.rope import apply_rope, rope_cos_sin_cache, split_qkv_rope_cpu
 from pdserve.kernels.rows import take_rows
@@ -239,3 +240,22 @@ def use_cpu_ops(model: nn.Layer) -> int:
     for layer in layers:
         object.__setattr__(layer, "_cpu_op", True)
     return len(layers)
+
+
+def lm_head_of(model: LlamaForCausalLM) -> LMHead:
+    """The model's head (the tied embedding, or the untied ``lm_head``) with the CPU fast path.
+
+    One per model: the runner and the MTP proposer share it (and its packed copy of the weights).
+    It is kept on the model itself (a plain attribute, not a sublayer), so it lives and dies with
+    the model; a cache keyed weakly by the model would be kept alive by ``reference``, the model's
+    own bound method.
+    """
+    head = getattr(model, "_fast_lm_head", None)
+    if head is None:
+        packed = is_packed(model)
+        if model.lm_head is None:
+            head = LMHead(model.embed_tokens.weight, True, model.compute_logits, packed)
+        else:
+            head = LMHead(model.lm_head.weight, False, model.compute_logits, packed)
+        object.__setattr__(model, "_fast_lm_head", head)
+    return head

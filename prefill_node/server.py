@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.engine.bridge import EngineGone, RequestHandle
-from pdserve.engine.client import EngineError
-from pdserve.engine.kv_cache import KVCachePool, kv_spec_for_model
-from pdserve.engine.node_server import NodeConfig, NodeServer
+from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
 from pdserve.engine.output_codec import SlotOutput
 from pdserve.engine.protocol import PrefillDone, PrefillProgress, RequestRejected
-from pdserve.models.config import ModelConfig
+from pdserve.node.engine_bridge import EngineGone, RequestHandle
+from pdserve.node.engine_client import EngineError
+from pdserve.node.server import NodeConfig, NodeServer
 from pdserve.rpc import node_pb2 as pb
 from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
@@ -65,9 +64,7 @@ class PrefillNodeServer(NodeServer):
     def __init__(self, config: NodeConfig, transfer: TransferConfig | None = None) -> None:
         super().__init__(config)
         self.transfer = transfer or config.transfer_config()
-        model_config = ModelConfig.from_dir(config.model_dir)
-        self.kv_spec = kv_spec_for_model(model_config, config.engine.cache.num_blocks,
-                                         config.engine.cache.block_size)
+        self.kv_spec: KVCacheSpec | None = None  # the engine reports it when ready
         self.jobs: dict[str, PrefillJob] = {}
         self.pool: KVCachePool | None = None
         self._inbox: Inbox | None = None
@@ -84,6 +81,7 @@ class PrefillNodeServer(NodeServer):
 
     async def start_data_plane(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.kv_spec = self.bridge.ready.kv_spec
         self.pool = KVCachePool.attach(self.kv_spec, self.bridge.ready.kv_pool_name)
         dispatcher = InboxDispatcher(self._from_inbox_thread, receiver=None)
         self._inbox = Inbox(self.transfer, dispatcher, MAX_MESSAGE_BYTES).start()

@@ -35,10 +35,10 @@ from pdserve.router.nodes import NodePool
 from pdserve.router.policies import build_policy
 from pdserve.router.prepare import Prepared, Preparer, model_max_len
 from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest
-from pdserve.router.registry import NodeInfoError, Registry, decode_node
-from pdserve.router.registry_client import HEARTBEAT_PATH, NODES_PATH
+from pdserve.router.registry import Registry
 from pdserve.router.responses import RequestTimer, ResponseBuilder
 from pdserve.rpc import node_pb2
+from pdserve.rpc.registry import HEARTBEAT_PATH, NODES_PATH, NodeInfoError, decode_node
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; nobody receives it
 

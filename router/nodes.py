@@ -14,8 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve.router.config import HealthConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy, RouteContext
-from pdserve.router.registry import NodeInfo, Registry
+from pdserve.router.registry import Registry
 from pdserve.rpc import node_pb2, node_pb2_grpc
+from pdserve.rpc.registry import NodeInfo
 
 log = logging.getLogger(__name__)
 

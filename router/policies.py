@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pdserve.router.config import PolicyConfig
-from pdserve.router.registry import NodeInfo
+from pdserve.rpc.registry import NodeInfo
 
 LoadFn = Callable[[NodeInfo], float]
 

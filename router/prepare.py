@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jinja2
 
-from pdserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from pdserve.common.sampling_params import SamplingParams, SamplingParamsError
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.errors import APIError
 from pdserve.router.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields

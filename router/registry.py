@@ -15,64 +15,20 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from typing import Literal
 
-import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from pdserve.router.config import RegistryConfig
+from pdserve.rpc.registry import (
+    REDIS_KEY_PREFIX,
+    NodeInfo,
+    NodeInfoError,
+    decode_node,
+    redis_put,
+)
 
 log = logging.getLogger(__name__)
-
-NodeRole = Literal["prefill", "decode", "mixed"]
-REDIS_KEY_PREFIX = "pdserve:node:"
-
-
-class NodeInfoError(ValueError):
-    """A node's registration is malformed; the message names the field."""
-
-
-class NodeInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    node_id: str
-    role: NodeRole
-    model: str
-    grpc_address: str  # host:port of the node's Node service
-    data_address: str = ""  # host:port of its KV data plane (prefill/decode)
-    capacity: int = 1  # requests it runs at once (its max_num_seqs)
-    load: float = 0.0  # requests running + waiting, as the node last reported
-    draining: bool = False
-    last_seen: float = 0.0  # unix time of the last heartbeat, set by whoever stores the entry
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("node_id", 0 < len(self.node_id) <= 128, "must be 1-128 characters"),
-            ("model", bool(self.model), "must be non-empty"),
-            ("grpc_address", self.grpc_address.rpartition(":")[2].isdigit(), "must be host:port"),
-            ("capacity", self.capacity >= 1, "must be >= 1"),
-            ("load", self.load >= 0, "must be >= 0"),
-        ]
-        for name, ok, why in checks:
-            if not ok:
-                raise NodeInfoError(f"{name} {why} (got {getattr(self, name)!r})")
-
-    def seen_now(self) -> NodeInfo:
-        return msgspec.structs.replace(self, last_seen=time.time())
-
-
-def encode_node(node: NodeInfo) -> bytes:
-    return msgspec.json.encode(node)
-
-
-def decode_node(data: bytes | str) -> NodeInfo:
-    """Raises NodeInfoError for anything that is not a valid NodeInfo JSON object."""
-    try:
-        return msgspec.json.decode(data, type=NodeInfo)
-    except msgspec.ValidationError as e:
-        raise NodeInfoError(str(e)) from e
-    except msgspec.DecodeError as e:
-        raise NodeInfoError(f"not valid JSON: {e}") from e
-
 
 class Registry(ABC):
     """The router's view of the cluster.
@@ -185,10 +141,6 @@ class RedisRegistry(Registry):
         while True:
             await asyncio.sleep(self._sync_interval_s)
             await self.sync()
-
-
-async def redis_put(client: aioredis.Redis, node: NodeInfo, ttl_s: float) -> None:
-    await client.set(REDIS_KEY_PREFIX + node.node_id, encode_node(node), px=max(1, int(ttl_s * 1000)))
 
 
 def build_registry(config: RegistryConfig) -> Registry:

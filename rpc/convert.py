@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pdserve.engine.request_stream import StreamDelta, TokenLogprob
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.node.request_stream import StreamDelta, TokenLogprob
 from pdserve.rpc import node_pb2 as pb
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from pdserve.engine.kv_cache import KVCachePool
+from pdserve.common.kv_cache import KVCachePool
 from pdserve.transfer.channel import Inbox
 from pdserve.transfer.config import TransferConfig
-from pdserve.transfer.messages import KVChunkHeader, KVLayout, KVTarget, WireCodec, WireError, WireMessage
+from pdserve.transfer.messages import KVChunkHeader, KVTarget, WireCodec, WireError, WireMessage
 from pdserve.transfer.receiver import ChunkResult, KVReceiver
 from pdserve.transfer.reservations import KVReservations
 from pdserve.transfer.transport import local_host_id
@@ -96,8 +96,7 @@ class KVEndpoint:
         return f"tcp://{host}:{self.inbox.port}"
 
     def target(self) -> KVTarget:
-        layout = KVLayout.from_spec(self.pool.spec)
-        return KVTarget(self.address, self._host_id, layout, shm_name=self.pool.shm_name)
+        return KVTarget(self.address, self._host_id, self.pool.spec, shm_name=self.pool.shm_name)
 
     def close(self) -> None:
         self.inbox.close()

@@ -19,8 +19,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from pdserve.engine.kv_cache import KVCacheSpec
-from pdserve.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from pdserve.common.kv_cache import KVCacheSpec
+from pdserve.common.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 WIRE_VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 1M-token PrefillTask is ~5 MB of msgpack
@@ -58,32 +58,12 @@ class ErrorCode(enum.IntEnum):
     OVERLOADED = 6  # P refused the task: its queue is full
 
 
-class KVLayout(msgspec.Struct, frozen=True):
-    """A KV pool's geometry, as `KVCacheSpec` (which it converts to and from)."""
-
-    num_layers: Positive
-    num_blocks: Positive
-    block_size: Positive
-    num_kv_heads: Positive
-    head_dim: Positive
-    dtype: DType
-
-    @classmethod
-    def from_spec(cls, spec: KVCacheSpec) -> KVLayout:
-        return cls(spec.num_layers, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
-                   spec.dtype)  # type: ignore[arg-type]
-
-    def to_spec(self) -> KVCacheSpec:
-        return KVCacheSpec(self.num_layers, self.num_blocks, self.block_size, self.num_kv_heads,
-                           self.head_dim, self.dtype)
-
-
 class KVTarget(msgspec.Struct, frozen=True):
     """Where a decode node takes KV: its data address and, for peers on its host, its shared pool."""
 
     address: Annotated[str, msgspec.Meta(max_length=256)]  # D's inbox, tcp://host:port
     host_id: Annotated[str, msgspec.Meta(max_length=256)]  # `transport.local_host_id()` of D
-    layout: KVLayout  # D's pool; P checks its own layout matches before it prefills
+    layout: KVCacheSpec  # D's pool; P checks its own layout matches before it prefills
     shm_name: Annotated[str, msgspec.Meta(max_length=200)] | None = None  # D's pool under /dev/shm
 
     def __post_init__(self) -> None:

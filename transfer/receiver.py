@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdserve.engine.kv_cache import KVCachePool
+from pdserve.common.kv_cache import KVCachePool
 from pdserve.transfer.block_copy import scatter_blocks
 from pdserve.transfer.messages import KVChunkHeader
 from pdserve.transfer.progress import ChunkRange, blocks_of

@@ -15,17 +15,18 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+import msgspec
 import numpy as np
 import zmq
 
-from pdserve.engine.kv_cache import SHM_DIR, KVCachePool, KVCacheSpec
+from pdserve.common.kv_cache import SHM_DIR, KVCachePool, KVCacheSpec
 from pdserve.transfer.block_copy import copy_blocks_runs, gather_blocks
 from pdserve.transfer.channel import Outbox, TransferError
-from pdserve.transfer.messages import KVChunkHeader, KVLayout, KVTarget
+from pdserve.transfer.messages import KVChunkHeader, KVTarget
 from pdserve.transfer.progress import ChunkRange, KVProgress, blocks_of
 
 
@@ -132,7 +133,7 @@ class ShmKVSender(KVSender):
         if target.shm_name is None:
             raise TransferError(f"decode node at {target.address} has no shared pool: use the zmq transport")
         try:
-            self._dst = KVCachePool.attach(target.layout.to_spec(), target.shm_name)
+            self._dst = KVCachePool.attach(target.layout, target.shm_name)
         except (OSError, ValueError) as exc:
             raise TransferError(f"cannot map the decode node's pool {target.shm_name}: {exc}") from exc
 
@@ -178,9 +179,9 @@ def open_kv_sender(kind: str, outbox: Outbox, target: KVTarget, local_spec: KVCa
     return KV_SENDERS[kind](outbox, target, local_spec)
 
 
-def check_compatible(local: KVCacheSpec, layout: KVLayout) -> None:
+def check_compatible(local: KVCacheSpec, layout: KVCacheSpec) -> None:
     """Both pools must agree on everything but their block count, or KV cannot move between them."""
-    peer = replace(layout.to_spec(), num_blocks=local.num_blocks)
+    peer = msgspec.structs.replace(layout, num_blocks=local.num_blocks)
     if peer != local:
         raise TransferError(f"KV layout mismatch: this node {local}, peer {layout}")
 

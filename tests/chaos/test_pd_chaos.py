@@ -21,7 +21,7 @@ import pytest
 import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdserve.engine.kv_cache import kv_spec_for_model
+from pdserve.engine.engine import kv_spec_for_model
 from pdserve.models.config import ModelConfig
 from pdserve.models.loader import default_model_dir
 from pdserve.rpc import node_pb2 as pb

@@ -26,11 +26,11 @@ import grpc
 import pytest
 import sysv_ipc
 
-from pdserve.engine.node_server import READY_PREFIX
 from pdserve.engine.output_queue import pid_alive  # zombie-aware: an unreaped child counts as gone
 from pdserve.engine.process import decode_config
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.node.server import READY_PREFIX
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc import node_pb2_grpc
 

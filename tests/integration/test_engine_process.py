@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import sysv_ipc
 
-from pdserve.engine.client import EngineClient, EngineClientConfig, EngineError
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from pdserve.engine.offline import generate
 from pdserve.engine.output_codec import SlotEvent, StepOutput
 from pdserve.engine.output_queue import OutputQueueReader, pid_alive
 from pdserve.engine.process import EngineProcessConfig, decode_config, encode_config
@@ -37,9 +36,10 @@ from pdserve.engine.protocol import (
     read_frame,
     write_frame,
 )
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.node.engine_client import EngineClient, EngineClientConfig, EngineError
+from pdserve.node.offline import generate
 from pdserve.tests.integration.pd_fixtures import queue_exists, wait_until
 
 ENGINE = EngineConfig(
@@ -147,8 +147,8 @@ def receive_until_done(client: EngineClient, seq_ids: set[int], timeout_s: float
 
 def in_process_greedy(prompt_ids: list[list[int]], max_tokens: int, logprobs: int) -> list[dict]:
     """The same request through an `LLMEngine` in this process: the CLI's expected output."""
+    from pdserve.common.kv_cache import KVCachePool
     from pdserve.engine.engine import LLMEngine, kv_spec_for
-    from pdserve.engine.kv_cache import KVCachePool
     from pdserve.models.loader import load_model
 
     model = load_model(default_model_dir())
@@ -292,9 +292,9 @@ def test_malformed_task_frames_are_dropped_and_the_engine_keeps_serving(tokenize
 
 PARENT_SCRIPT = textwrap.dedent("""
     import json, sys, time
-    from pdserve.engine.client import EngineClient, EngineClientConfig
+    from pdserve.node.engine_client import EngineClient, EngineClientConfig
     from pdserve.engine.config import CacheConfig, EngineConfig
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.common.sampling_params import SamplingParams
     model_dir, num_requests = sys.argv[1], int(sys.argv[2])
     engine = EngineConfig(cache=CacheConfig(num_blocks=128, block_size=16))
     client = EngineClient(EngineClientConfig(model_dir=model_dir, engine=engine, eos_token_ids=(0,),

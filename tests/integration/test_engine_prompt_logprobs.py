@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-from pdserve.engine.bridge import BridgeItem, EngineBridge, RequestHandle
-from pdserve.engine.client import EngineClient, EngineClientConfig
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.output_codec import SlotOutput
 from pdserve.engine.protocol import PromptLogprobs
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.node.engine_bridge import BridgeItem, EngineBridge, RequestHandle
+from pdserve.node.engine_client import EngineClient, EngineClientConfig
 
 ENGINE = EngineConfig(
     cache=CacheConfig(num_blocks=64, block_size=16),

@@ -17,7 +17,7 @@ import pytest
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.config import HealthConfig, PolicyConfig, RouterConfig, default_model_dir
 from pdserve.router.server import BackgroundRouter
-from pdserve.router.stub_node import StubBehavior, StubNodeServer, register_with_router, stub_token
+from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router, stub_token
 
 MODEL = "pdserve-demo"
 KEY = "sk-test-7f3a9c"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pdserve.router.config import HealthConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
-from pdserve.router.stub_node import StubBehavior, StubNodeServer, register_with_router
+from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router
 
 MODEL = "pdserve-demo"
 ENDPOINTS = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest"}

@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pdserve.node.registry_client import Heartbeater, RedisRegistryClient, registry_client_for
 from pdserve.router.config import HealthConfig, RegistryConfig, RouterConfig
-from pdserve.router.registry import NodeInfo
-from pdserve.router.registry_client import Heartbeater, RedisRegistryClient, registry_client_for
 from pdserve.router.server import BackgroundRouter
-from pdserve.router.stub_node import StubNodeServer
+from pdserve.rpc.registry import NodeInfo
+from pdserve.tests.support.stub_node import StubNodeServer
 
 MODEL = "pdserve-demo"
 BODY = {"model": MODEL, "prompt": "x", "max_tokens": 2}
@@ -170,7 +170,7 @@ def test_redis_outage_keeps_serving_from_the_last_view_and_resyncs(redis_server:
 
 
 def test_redis_client_reports_an_unreachable_store() -> None:
-    from pdserve.router.registry_client import RegistryUnavailable
+    from pdserve.node.registry_client import RegistryUnavailable
 
     async def scenario() -> None:
         client = RedisRegistryClient(f"redis://127.0.0.1:{_free_port()}/0", timeout_s=0.2)

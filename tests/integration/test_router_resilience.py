@@ -12,7 +12,7 @@ import pytest
 
 from pdserve.router.config import AdmissionConfig, HealthConfig, PolicyConfig, RetryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
-from pdserve.router.stub_node import StubBehavior, StubNodeServer, register_with_router
+from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router
 
 MODEL = "pdserve-demo"
 BODY = {"model": MODEL, "prompt": "def f(", "max_tokens": 4}

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from pdserve.common.kv_cache import KVCachePool
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine, kv_spec_for
-from pdserve.engine.kv_cache import KVCachePool
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.models.llama import LlamaForCausalLM
 

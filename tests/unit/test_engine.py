@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from pdserve.common.kv_cache import KVCachePool
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine, kv_spec_for
-from pdserve.engine.kv_cache import KVCachePool
 from pdserve.engine.model_runner import TokenInfo
 from pdserve.engine.request import RequestStatus
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import AdmissionError
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import default_model_dir

@@ -15,7 +15,7 @@ from paddle import nn
 
 from pdserve.kernels import cpu_ops
 from pdserve.kernels.linear import Linear, is_packed, pack_linears, pack_weight, packed_matmul
-from pdserve.kernels.lm_head import lm_head_of
+from pdserve.models.llama import lm_head_of
 from pdserve.models.loader import default_model_dir, load_model
 
 

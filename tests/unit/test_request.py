@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.request import Request, RequestStateError, RequestStatus
-from pdserve.engine.sampling_params import SamplingParams
 
 EOS = 2
 

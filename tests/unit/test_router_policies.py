@@ -25,7 +25,8 @@ from pdserve.router.policies import (
     RouteContext,
     build_policy,
 )
-from pdserve.router.registry import EmbeddedRegistry, NodeInfo, NodeInfoError, decode_node, encode_node
+from pdserve.router.registry import EmbeddedRegistry
+from pdserve.rpc.registry import NodeInfo, NodeInfoError, decode_node, encode_node
 
 
 def _nodes(n: int, role: str = "prefill") -> list[NodeInfo]:

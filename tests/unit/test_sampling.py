@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.kernels.sampling import (
     RngStream,
     SamplingBatch,

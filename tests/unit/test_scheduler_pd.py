@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import SchedulerConfig
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import AdmissionError, CapacityError, Scheduler
 
 BLOCK_SIZE = 4

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.engine import LLMEngine, RequestOutput
 from pdserve.engine.request import RequestStatus
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import default_model_dir

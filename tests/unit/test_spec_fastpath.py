@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.kernels.lm_head import LMHead
 from pdserve.kernels.ngram import ngram_propose
 from pdserve.kernels.sampling import (

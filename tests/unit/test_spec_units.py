@@ -9,10 +9,11 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.spec_metrics import RequestSpecStats, SpeculateMetrics
 from pdserve.engine.config import CacheConfig, EngineConfig, EngineConfigError, SchedulerConfig
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_config import SpeculativeConfig, SpeculativeConfigError
-from pdserve.engine.spec_metrics import RequestSpecStats, SpecDecodeCounters, SpeculateMetrics
+from pdserve.engine.spec_metrics import SpecDecodeCounters
 from pdserve.kernels.ngram import ngram_propose, split_draft_budget
 from pdserve.kernels.sampling import SamplingBatch, SamplingRow
 from pdserve.kernels.spec_verify import greedy_accept, rejection_accept, residual_probs, verify_drafts

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
 from pdserve.transfer.channel import Outbox, TransferError, create_curve_keys
 from pdserve.transfer.config import CurveClientKeys, CurveServerKeys, TransferConfig, TransferConfigError
 from pdserve.transfer.endpoint import KVEndpoint

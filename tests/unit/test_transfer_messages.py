@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.common.kv_cache import KVCacheSpec
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.transfer.messages import (
     WIRE_VERSION,
     Abort,
     ErrorCode,
     FirstToken,
     KVChunkHeader,
-    KVLayout,
     KVTarget,
     LeaseRenewal,
     PrefillTask,
@@ -26,7 +26,7 @@ from pdserve.transfer.messages import (
 )
 
 CODEC = WireCodec()
-LAYOUT = KVLayout(num_layers=3, num_blocks=64, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+LAYOUT = KVCacheSpec(num_layers=3, num_blocks=64, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
 TARGET = KVTarget("tcp://127.0.0.1:5555", "boot/1", LAYOUT, shm_name="pdserve-kv-abc")
 
 token_ids = st.integers(0, 2**31 - 1)
@@ -195,5 +195,9 @@ def test_oversized_message_is_rejected_before_decoding() -> None:
         CODEC.decode(bytes([WIRE_VERSION]) + b"\x00" * (16 * 1024 * 1024 + 1))
 
 
-def test_layout_converts_to_and_from_the_spec() -> None:
-    assert KVLayout.from_spec(LAYOUT.to_spec()) == LAYOUT
+def test_a_layout_with_a_bad_geometry_is_rejected_on_decode() -> None:
+    raw = msgspec.msgpack.encode(LAYOUT)
+    assert msgspec.msgpack.decode(raw, type=KVCacheSpec) == LAYOUT
+    bad = msgspec.msgpack.encode({**msgspec.structs.asdict(LAYOUT), "block_size": 0})
+    with pytest.raises(msgspec.ValidationError, match="block_size"):
+        msgspec.msgpack.decode(bad, type=KVCacheSpec)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
 from pdserve.transfer.messages import KVChunkHeader
 from pdserve.transfer.receiver import KVReceiver, RejectReason
 from pdserve.transfer.reservations import KVReservations

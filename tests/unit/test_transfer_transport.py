@@ -14,7 +14,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdserve.engine.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
 from pdserve.transfer.channel import Outbox, TransferError, keep_message_buffers
 from pdserve.transfer.config import TransferConfig, TransferConfigError
 from pdserve.transfer.endpoint import InboxDispatcher, KVEndpoint, Malformed
@@ -23,7 +23,6 @@ from pdserve.transfer.messages import (
     Abort,
     FirstToken,
     KVChunkHeader,
-    KVLayout,
     KVTarget,
     WireCodec,
 )
@@ -350,8 +349,7 @@ def test_config_errors_name_the_field(kwargs: dict[str, object], field: str) -> 
 
 def test_inbox_binds_the_configured_interface_and_port(decode: DecodeSide) -> None:
     assert decode.endpoint.address.startswith("tcp://127.0.0.1:") and decode.endpoint.inbox.port > 0
-    layout = KVLayout.from_spec(SPEC)
-    assert decode.endpoint.target() == KVTarget(decode.endpoint.address, local_host_id(), layout,
+    assert decode.endpoint.target() == KVTarget(decode.endpoint.address, local_host_id(), SPEC,
                                                 decode.pool.shm_name)
     assert WIRE_VERSION == 1
 

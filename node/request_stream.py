@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.output_codec import SlotEvent, SlotOutput
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 FINISH_REASONS = {

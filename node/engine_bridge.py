@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pdserve.engine.client import EngineClient, EngineError
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.output_codec import SlotOutput
 from pdserve.engine.protocol import (
     EngineFailed,
@@ -26,9 +26,9 @@ from pdserve.engine.protocol import (
     PromptLogprobs,
     RequestRejected,
 )
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.node.engine_client import EngineClient, EngineError
 
-log = logging.getLogger("pdserve.engine.bridge")
+log = logging.getLogger("pdserve.node.engine_bridge")
 
 POLL_S = 0.02
 # The engine writes a request's PromptLogprobs to its control pipe before the first token to the SysV

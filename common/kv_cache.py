@@ -16,27 +16,36 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
 
+import msgspec
 import numpy as np
-import paddle
 
-from pdserve.models.config import ModelConfig
+if TYPE_CHECKING:
+    import paddle
 
 SHM_DIR = Path("/dev/shm")
 
 
-@dataclass(frozen=True)
-class KVCacheSpec:
-    num_layers: int  # decoder layers plus MTP layers; the MTP layer is always last
-    num_blocks: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str = "float32"
+Positive = Annotated[int, msgspec.Meta(ge=1, lt=2**31)]
+KVDType = Literal["float32", "float16", "bfloat16"]
+
+
+class KVCacheSpec(msgspec.Struct, frozen=True):
+    """A pool's geometry. The engine derives it from the model (engine.kv_spec_for) and reports it in
+    its ready record; a prefill node checks a decode node's copy of it before writing a byte."""
+
+    num_layers: Positive  # decoder layers plus MTP layers; the MTP layer is always last
+    num_blocks: Positive
+    block_size: Positive
+    num_kv_heads: Positive
+    head_dim: Positive
+    dtype: KVDType = "float32"
 
     def __post_init__(self) -> None:
+        # msgspec checks the annotations when decoding; direct construction is checked here.
         for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"KVCacheSpec.{name} must be >= 1 (got {getattr(self, name)})")
@@ -70,17 +79,6 @@ class KVCacheSpec:
         return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[self.dtype])
 
 
-def kv_spec_for_model(model_config: ModelConfig, num_blocks: int, block_size: int,
-                      dtype: str = "float32") -> KVCacheSpec:
-    """The pool a model needs: one layer per decoder layer plus its MTP layers (always last). The one
-    place the layout is derived, so an engine's pool and a peer's view of it always agree."""
-    return KVCacheSpec(
-        num_layers=model_config.num_hidden_layers + model_config.num_nextn_predict_layers,
-        num_blocks=num_blocks, block_size=block_size, num_kv_heads=model_config.num_key_value_heads,
-        head_dim=model_config.head_dim, dtype=dtype,
-    )
-
-
 class KVCachePool:
     """Owns (or maps) the KV buffer and exposes per-layer ``(k_cache, v_cache)`` paddle views."""
 
@@ -89,10 +87,14 @@ class KVCachePool:
         self.array = array  # [layers, 2, blocks, heads, block_size, head_dim]
         self.shm_path = shm_path
         self._owner = owner
-        self.caches: list[tuple[paddle.Tensor, paddle.Tensor]] = [
-            (_paddle_view(array[layer, 0], spec.dtype), _paddle_view(array[layer, 1], spec.dtype))
-            for layer in range(spec.num_layers)
-        ]
+
+    @cached_property
+    def caches(self) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
+        """Per-layer ``(k_cache, v_cache)`` paddle views; built on first use, so a node server that
+        maps the pool only to copy blocks never imports paddle."""
+        return [(_paddle_view(self.array[layer, 0], self.spec.dtype),
+                 _paddle_view(self.array[layer, 1], self.spec.dtype))
+                for layer in range(self.spec.num_layers)]
 
     @classmethod
     def allocate(cls, spec: KVCacheSpec) -> KVCachePool:
@@ -142,6 +144,8 @@ class KVCachePool:
 
 
 def _paddle_view(array: np.ndarray, dtype: str) -> paddle.Tensor:
+    import paddle  # only the engine process views the pool as tensors
+
     tensor = paddle.from_dlpack(array.__dlpack__())
     if dtype == "bfloat16":
         tensor = tensor.view(paddle.bfloat16)

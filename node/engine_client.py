@@ -17,8 +17,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from pdserve.common.kv_cache import SHM_DIR
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.kv_cache import SHM_DIR
 from pdserve.engine.output_codec import StepOutput
 from pdserve.engine.output_queue import OutputQueueReader
 from pdserve.engine.process import EngineProcessConfig, encode_config
@@ -39,9 +40,8 @@ from pdserve.engine.protocol import (
     read_frame,
     write_frame,
 )
-from pdserve.engine.sampling_params import SamplingParams
 
-log = logging.getLogger("pdserve.engine.client")
+log = logging.getLogger("pdserve.node.engine_client")
 
 MAX_SEQ_ID = 0xFFFF_FFFF
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.engine.client import EngineClient, EngineError
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.spec_metrics import RequestSpecStats, SpeculateMetrics
+from pdserve.engine.output_codec import SlotEvent
 from pdserve.engine.protocol import EngineFailed, RequestRejected
-from pdserve.engine.request_stream import RequestStream, TokenLogprob
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec_config import SpeculativeConfig
-from pdserve.engine.spec_metrics import RequestSpecStats, SpeculateMetrics
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.node.engine_client import EngineClient, EngineError
+from pdserve.node.request_stream import RequestStream, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def generate(client: EngineClient, tokenizer: Tokenizer, prompts: Sequence[str],
             if entry is None:
                 continue
             if entry.spec_stats is not None:
-                entry.spec_stats.on_slot(slot)
+                entry.spec_stats.on_slot(slot.event is SlotEvent.PREEMPTED, slot.num_tokens)
             if not entry.stream.finished:
                 delta = entry.stream.on_slot(slot)
                 entry.logprobs.extend(delta.logprobs)

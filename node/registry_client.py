@@ -18,13 +18,16 @@ import httpx
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from pdserve.router.registry import REDIS_KEY_PREFIX, NodeInfo, encode_node, redis_put
+from pdserve.rpc.registry import (
+    HEARTBEAT_PATH,
+    NODES_PATH,
+    REDIS_KEY_PREFIX,
+    NodeInfo,
+    encode_node,
+    redis_put,
+)
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT_PATH = "/internal/v1/nodes/heartbeat"
-NODES_PATH = "/internal/v1/nodes"
-
 
 class RegistryUnavailable(ConnectionError):
     """The registry could not be reached or refused the entry."""

@@ -6,7 +6,7 @@ grpc.health.v1, and takes failure injection through ``StubBehavior`` (a mutable 
 test owns): fail before the first chunk, fail after k chunks, hang, report an error chunk, go
 NOT_SERVING. It counts calls, completions and cancellations so tests can see what the router did.
 
-    python -m pdserve.router.stub_node --role mixed --register http://127.0.0.1:8000   # for bench
+    python -m pdserve.tests.support.stub_node --role mixed --register http://127.0.0.1:8000   # for bench
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from pdserve.router.registry import NodeInfo, NodeRole, encode_node
-from pdserve.router.registry_client import HEARTBEAT_PATH, Heartbeater, registry_client_for
+from pdserve.node.registry_client import HEARTBEAT_PATH, Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2, node_pb2_grpc
+from pdserve.rpc.registry import NodeInfo, NodeRole, encode_node
 
 STUB_FIRST_TOKEN = 3  # ids 0-2 are the demo tokenizer's special tokens
 STUB_TOKEN_SPAN = 1000

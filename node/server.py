@@ -18,10 +18,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from pdserve.engine.bridge import EngineBridge
-from pdserve.engine.client import EngineClient, EngineClientConfig
+from pdserve.common.spec_metrics import SpeculateMetrics
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.spec_metrics import SpeculateMetrics
+from pdserve.node.engine_bridge import EngineBridge
+from pdserve.node.engine_client import EngineClient, EngineClientConfig
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc import node_pb2_grpc
 from pdserve.transfer.config import TransferConfig
@@ -185,7 +185,7 @@ class NodeServer:
             await self._start_heartbeats()
 
     async def _start_heartbeats(self) -> None:
-        from pdserve.router.registry_client import Heartbeater, registry_client_for
+        from pdserve.node.registry_client import Heartbeater, registry_client_for
 
         client = registry_client_for(self.config.registry_url, api_key=self.config.registry_api_key)
         self._heartbeater = Heartbeater(client, self.node_info, self.config.heartbeat_interval_s)
@@ -193,7 +193,7 @@ class NodeServer:
 
     def node_info(self):
         """This node's registry entry, current load included."""
-        from pdserve.router.registry import NodeInfo
+        from pdserve.rpc.registry import NodeInfo
 
         stats = self.bridge.stats
         return NodeInfo(
