@@ -56,7 +56,11 @@ python="${PYTHON:-.venv/bin/python}"
 [ -x "$python" ] || python=python3
 "$python" -m pip wheel --quiet --wheel-dir "$context/wheels" . >"$context/pip.log" 2>&1 \
     || { tail -n 20 "$context/pip.log" >&2; exit 1; }
-# Only the wheels the image installs: the runtime dependencies for Linux x86-64, CPython 3.11.
+# The image installs these versions; pip there fetches only what its Python needs on top (the image's
+# Python 3.11 may be an older patch release with dependencies of its own).
+for wheel in "$context"/wheels/*.whl; do
+    basename "$wheel" | awk -F- '{print $1 "==" $2}'
+done > "$context/wheels/constraints.txt"
 cp deploy/container/Containerfile "$context/"
 say "building $tag"
 podman build --runtime runc --tag "$tag" --file "$context/Containerfile" "$context"

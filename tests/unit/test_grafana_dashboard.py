@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pdserve.engine.node_server import NodeMetrics
+from pdserve.node.server import NodeMetrics
 from pdserve.router.metrics import RouterMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "pdserve-dashboard.json"
