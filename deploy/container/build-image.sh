@@ -5,7 +5,8 @@
 # It installs podman, runc and debootstrap if missing, configures podman for this kind of host
 # (runc: crun fails on hybrid cgroups; no default ulimits: raising rlimits is not permitted), makes
 # the base image once (localhost/pdserve-base:bookworm), builds pdserve's wheels from this checkout
-# and builds the image on them.
+# and builds the image on them. PDSERVE_BUILD_CA names the CA bundle pip in the build trusts
+# (default: this host's system bundle).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tag="${1:-localhost/pdserve:cpu}"
@@ -63,5 +64,9 @@ for wheel in "$context"/wheels/*.whl; do
 done > "$context/wheels/constraints.txt"
 cp deploy/container/Containerfile "$context/"
 say "building $tag"
-podman build --runtime runc --tag "$tag" --file "$context/Containerfile" "$context"
+# pip in the build trusts what this host's pip trusts (a proxy's CA, say); a build secret, so the
+# bundle stays out of the image's layers.
+ca_bundle="${PDSERVE_BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}"
+podman build --runtime runc --secret "id=ca,src=$ca_bundle" --tag "$tag" \
+    --file "$context/Containerfile" "$context"
 say "$tag: $(podman image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1 / 1e6}')"
