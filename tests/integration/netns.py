@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 
@@ -34,6 +35,7 @@ class HostNetwork:
     addresses: dict[str, str] = field(default_factory=dict)  # host name -> address
     namespaces: dict[str, str] = field(default_factory=dict)  # host name -> namespace
     bridge: str = ""
+    links: list[str] = field(default_factory=list)  # the bridge and the root side of each veth pair
 
     @classmethod
     def create(cls, hosts: list[str]) -> HostNetwork:
@@ -49,6 +51,7 @@ class HostNetwork:
         self.prefix = _free_subnet()
         self.bridge = f"{self.tag}br"
         _ip("link", "add", self.bridge, "type", "bridge")
+        self.links.append(self.bridge)
         _ip("addr", "add", f"{self.prefix}254/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for i, host in enumerate(hosts):
@@ -56,6 +59,7 @@ class HostNetwork:
             _ip("netns", "add", ns)
             self.namespaces[host] = ns
             _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            self.links.append(veth)
             _ip("link", "set", veth, "master", self.bridge, "up")
             address = f"{self.prefix}{i + 1}"
             _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
@@ -67,13 +71,20 @@ class HostNetwork:
         """argv run inside the host's namespace (`ip netns exec` execs it: the pid stays the same)."""
         return ["ip", "netns", "exec", self.namespaces[host], *argv]
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
         for ns in self.namespaces.values():  # deleting a namespace deletes its veth pair
             _ip("netns", "delete", ns, check=False)
         if self.bridge:
             _ip("link", "delete", self.bridge, check=False)
-        self.namespaces.clear()
+        # The kernel frees a namespace's interfaces once its last process is gone, not at once.
+        deadline = time.monotonic() + timeout_s
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def leftovers(self) -> list[str]:
-        names = _ip("netns", "list").stdout + _ip("-o", "link", "show").stdout
-        return [line for line in names.splitlines() if self.tag in line]
+        """The namespaces and links this network made that still exist."""
+        ours = {*self.namespaces.values(), *self.links}
+        namespaces = {line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()}
+        links = {line.split(":")[1].strip().split("@")[0]
+                 for line in _ip("-o", "link", "show").stdout.splitlines()}
+        return sorted(ours & (namespaces | links))

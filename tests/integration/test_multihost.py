@@ -2,10 +2,10 @@
 only through `pdserve host --spec FILE --host NAME` from one cluster spec, KV over ZMQ between them.
 
 Checks: the completions through the router equal the mixed engine's (`pdserve generate`, greedy,
-tokens and logprobs), the KV went over ZMQ, the cluster secret from the spec guards the router,
-`pdserve status` reports every node serving and registered, and SIGTERM to each launcher stops its
-host cleanly (exit 0, no process, SysV queue or shared-memory pool left). The namespaces and the bridge
-are deleted however the test ends.
+tokens and logprobs), the KV went over ZMQ, the prefill node runs on the CPUs the spec gives it, the
+cluster secret from the spec guards the router, `pdserve status` reports every node serving and
+registered, and SIGTERM to each launcher stops its host cleanly (exit 0, no process or shared-memory
+pool left). The namespaces and the bridge are deleted however the test ends.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _spec(net: HostNetwork, secret_file: Path) -> dict:
             "router": {"address": a["router"], "router": {"port": 8000}},
             "prefill": {"address": a["prefill"], "nodes": [
                 {"role": "prefill", "port": 7001, "data_port": 7002, "metrics_port": 9100, "threads": 1,
-                 "transport": "zmq", "num_blocks": 256}]},
+                 "cpus": "0", "transport": "zmq", "num_blocks": 256}]},
             "decode": {"address": a["decode"], "nodes": [
                 {"role": "decode", "port": 7001, "data_port": 7002, "threads": 1, "num_blocks": 256}]},
         },
@@ -177,6 +177,14 @@ def test_status_lists_every_node_healthy(cluster: MultiHost) -> None:
         assert " SERVING " in rows[node] and " yes " in rows[node], result.stdout
 
 
+def test_the_spec_pins_the_prefill_node_to_its_cpus(cluster: MultiHost) -> None:
+    pids = _descendants({cluster.launchers["prefill"].pid})
+    assert len(pids) >= 2, "expected the node server and its engine process"
+    for pid in pids:
+        allowed = re.search(r"^Cpus_allowed_list:\s*(\S+)$", Path(f"/proc/{pid}/status").read_text(), re.M)
+        assert allowed.group(1) == "0", f"process {pid} may run on CPUs {allowed.group(1)}"
+
+
 def test_each_host_stops_cleanly(cluster: MultiHost) -> None:
     pools_before = {p.name for p in Path("/dev/shm").glob("pdserve-kv-*")}
     node_pids = _node_pids(cluster)
@@ -193,7 +201,10 @@ def test_each_host_stops_cleanly(cluster: MultiHost) -> None:
 
 def _node_pids(cluster: MultiHost) -> list[int]:
     """Every descendant of the three launchers (node servers and their engine processes)."""
-    roots = {proc.pid for proc in cluster.launchers.values()}
+    return _descendants({proc.pid for proc in cluster.launchers.values()})
+
+
+def _descendants(roots: set[int]) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
