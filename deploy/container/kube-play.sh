@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the rendered CPU overlay (deploy/k8s/overlays/cpu, as overlays/cpu-podman adapts it) with
-# `podman kube play` on the image built by build-image.sh, waits until the router serves a completion, prints the time that took, and removes
-# the pods, the secret and the network again (also on failure).
-#   deploy/container/kube-play.sh            (needs root, podman, kubectl; about 2 minutes)
+# `podman kube play` on the image built by build-image.sh, waits until the router serves a
+# completion, prints the time that took, and removes the pods, the secret and the network again
+# (also on failure).
+#   deploy/container/kube-play.sh            (needs root, podman, kubectl; under a minute)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 network="pdserve-demo"
