@@ -36,7 +36,6 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
-            num_speculative_tokens=speculative.num_speculative_tokens if speculative else 0,
         ),
         speculative=speculative,
     )
@@ -143,8 +142,9 @@ def _node_config(args: argparse.Namespace):
         role=args.role, node_id=args.node_id or f"{args.role}-{os.getpid()}", model_dir=str(model_dir),
         engine=_engine_config(args), model_name=args.model_name, host=args.host, grpc_port=args.port,
         data_port=args.data_port, metrics_port=args.metrics_port, omp_num_threads=args.threads,
+        dtype=args.dtype,
         eos_token_ids=Tokenizer.from_dir(model_dir).eos_token_ids, registry_url=args.registry,
-        registry_api_key=args.registry_api_key, speculative_config=args.speculative_config,
+        registry_api_key=args.registry_api_key,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
         prefill_fallback=args.prefill_fallback,
         log_level=args.log_level,
@@ -153,9 +153,10 @@ def _node_config(args: argparse.Namespace):
 
 def _run_node(args: argparse.Namespace) -> int:
     from pdserve.node.server import run_node
+    from pdserve.rpc.registry import Role
 
     config = _node_config(args)
-    if config.role == "prefill":
+    if config.role is Role.PREFILL:
         from pdserve.prefill_node.server import PrefillNodeServer as server_class
     else:
         from pdserve.decode_node.server import DecodeNodeServer as server_class

@@ -4,13 +4,13 @@ Run: ``OMP_NUM_THREADS=1 python bench/bench_engine.py`` (a script, not a test; `
 only reported: paddle reads OMP_NUM_THREADS when it is imported).
 
 - decode: B requests with ~128-token prompts are prefilled, then N decode steps are timed; tokens/s
-  is B / median step time. Each step's outputs go through a real SysV output queue (a reader thread
+  is B / median step time. Each step's outputs go through a real SysV record stream (a reader thread
   drains it), as in the engine process.
 - prefill: one 512-token prompt in a single step (max_tokens=1); tokens/s is 512 / median step time.
 - breakdown: the step's pieces are timed by wrapping the engine's own methods from this script (no
   timing code lives in the engine): schedule (`Scheduler.schedule` + `on_step_done`), prepare
   (`ModelRunner._prepare`), forward (the model's `forward` + `compute_logits`, i.e. with the LM head),
-  sampling + logprobs (`ModelRunner._sample` minus its `compute_logits`), output queue (encode + send),
+  sampling + logprobs (`ModelRunner._sample` minus its `compute_logits`), record stream (encode + send),
   and other (the rest of `LLMEngine.step`: building outputs). Overhead = everything but forward.
 """
 
@@ -32,13 +32,15 @@ from pdserve.common.kv_cache import KVCachePool
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine, kv_spec_for
-from pdserve.engine.output_queue import OutputQueueReader, OutputQueueWriter
-from pdserve.engine.process import to_step_output, tune_malloc
+from pdserve.engine.output_stream import RecordWriter
+from pdserve.engine.process import tune_malloc
+from pdserve.engine.protocol import StepOutputs
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import default_model_dir, load_model
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.node.engine_stream import RecordReader, StreamClosed
 
-PARTS = ("schedule", "prepare", "forward", "sampling+logprobs", "output queue", "other")
+PARTS = ("schedule", "prepare", "forward", "sampling+logprobs", "record stream", "other")
 OUT_DIR = Path(__file__).resolve().parent.parent / "bench_out"
 
 
@@ -69,7 +71,7 @@ class StepTimer:
 class Bench:
     engine: LLMEngine
     timer: StepTimer
-    writer: OutputQueueWriter
+    writer: RecordWriter
 
     def step(self) -> dict[str, float]:
         """One engine step plus its output-queue send; seconds per part, 'total' included."""
@@ -77,13 +79,13 @@ class Bench:
         outputs = self.engine.step()
         sent = time.perf_counter()
         if outputs:
-            self.writer.send(to_step_output(self.engine.steps, outputs))
+            self.writer.send(StepOutputs(self.engine.steps, outputs))
         end = time.perf_counter()
         parts = self.timer.take()
         # _sample includes the LM head (compute_logits), which belongs to the forward pass.
         parts["sampling+logprobs"] = parts.pop("sample", 0.0) - parts.get("lm head", 0.0)
         parts["forward"] = parts.get("forward", 0.0) + parts.pop("lm head", 0.0)
-        parts["output queue"] = end - sent
+        parts["record stream"] = end - sent
         parts["total"] = end - start
         parts["other"] = parts["total"] - sum(parts.get(p, 0.0) for p in PARTS if p != "other")
         return parts
@@ -96,7 +98,7 @@ class Bench:
         raise RuntimeError("engine did not finish")
 
 
-def build_bench(model: LlamaForCausalLM, config: EngineConfig, writer: OutputQueueWriter) -> Bench:
+def build_bench(model: LlamaForCausalLM, config: EngineConfig, writer: RecordWriter) -> Bench:
     engine = LLMEngine(model, config, KVCachePool.allocate(kv_spec_for(model, config)), eos_token_ids=(0,))
     timer = StepTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
@@ -133,7 +135,7 @@ def summarize(case: str, samples: list[dict[str, float]], tokens_per_step: int) 
     return Row(case, tokens_per_step / step_s, step_s * 1e3, shares)
 
 
-def bench_decode(model: LlamaForCausalLM, writer: OutputQueueWriter, prompts: list[list[int]], batch: int,
+def bench_decode(model: LlamaForCausalLM, writer: RecordWriter, prompts: list[list[int]], batch: int,
                  steps: int, logprobs: int | None) -> Row:
     config = EngineConfig(cache=CacheConfig(num_blocks=batch * (128 + steps + 8) // 16 + 16, block_size=16),
                           scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=batch,
@@ -141,7 +143,7 @@ def bench_decode(model: LlamaForCausalLM, writer: OutputQueueWriter, prompts: li
     bench = build_bench(model, config, writer)
     params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True, logprobs=logprobs)
     for i in range(batch):
-        bench.engine.add_request(f"d{i}", prompts[i % len(prompts)], params, seq_id=i)
+        bench.engine.add_request(f"d{i}", prompts[i % len(prompts)], params)
     scheduler = bench.engine.scheduler
     while scheduler.waiting or any(r.num_output_tokens == 0 for r in scheduler.running):
         bench.step()  # prefill (chunked by the budget) until every request decodes
@@ -154,13 +156,13 @@ def bench_decode(model: LlamaForCausalLM, writer: OutputQueueWriter, prompts: li
     return summarize(label, samples, batch)
 
 
-def bench_prefill(model: LlamaForCausalLM, writer: OutputQueueWriter, prompt: list[int], repeats: int) -> Row:
+def bench_prefill(model: LlamaForCausalLM, writer: RecordWriter, prompt: list[int], repeats: int) -> Row:
     config = EngineConfig(cache=CacheConfig(num_blocks=64, block_size=16),
                           scheduler=SchedulerConfig(max_num_batched_tokens=len(prompt), max_model_len=1024))
     bench = build_bench(model, config, writer)
     samples = []
     for i in range(repeats + 1):
-        bench.engine.add_request(f"p{i}", prompt, SamplingParams(max_tokens=1, temperature=0.0), seq_id=i)
+        bench.engine.add_request(f"p{i}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
         parts = bench.step()
         assert not bench.engine.has_unfinished(), "the prompt did not prefill in one step"
         if i:  # the first is a warm-up
@@ -169,9 +171,13 @@ def bench_prefill(model: LlamaForCausalLM, writer: OutputQueueWriter, prompt: li
     return summarize(f"prefill {len(prompt)} tokens", samples, len(prompt))
 
 
-def drain(reader: OutputQueueReader, stop: threading.Event) -> None:
-    while not stop.is_set():
-        reader.receive(timeout=0.05)
+def drain(reader: RecordReader) -> None:
+    """The node server's side: read every record until the stream is closed."""
+    try:
+        while True:
+            reader.receive()
+    except StreamClosed:
+        return
 
 
 def print_table(rows: list[Row]) -> list[str]:
@@ -222,11 +228,10 @@ def main() -> None:
     tokens = Tokenizer.from_dir(model_dir).encode(source * 4)
     prompts = prompt_windows(tokens, args.prompt_len, 32)
     rows: list[Row] = []
-    stop = threading.Event()
-    with OutputQueueReader() as reader:
-        drainer = threading.Thread(target=drain, args=(reader, stop), daemon=True)
+    with RecordReader() as reader:
+        drainer = threading.Thread(target=drain, args=(reader,), daemon=True)
         drainer.start()
-        writer = OutputQueueWriter(reader.address)
+        writer = RecordWriter(reader.address)
         try:
             cases: list[Callable[[], Row]] = [
                 *(lambda b=b: bench_decode(model, writer, prompts, b, args.decode_steps, None)
@@ -237,7 +242,7 @@ def main() -> None:
             for case in cases:
                 rows.append(case())
         finally:
-            stop.set()
+            reader.close()  # wakes the drainer
             drainer.join()
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"demo model ({model_dir.name}), fp32, OMP_NUM_THREADS={threads}, "

@@ -2,7 +2,7 @@
 
 Run: ``OMP_NUM_THREADS=1 python bench/bench_pd.py`` (a script, not a test).
 
-Real processes, started like the integration tests do (tests/integration/pd_fixtures.py): a prefill
+Real processes, started like the integration tests do (tests/support/cluster.py): a prefill
 node per transport (``--transport auto``, which picks shm on one host, and ``--transport zmq``), one
 decode node, and one mixed node, each with a one-thread engine. TTFT is the time from opening the
 gRPC ``Generate`` stream to the first chunk that carries a token, as a router would see it.
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.rpc import node_pb2 as pb
-from pdserve.tests.integration.pd_fixtures import Node, NodeSpec, sampling, start_nodes, stop_nodes, tokenizer
+from pdserve.tests.support.cluster import Node, NodeSpec, sampling, start_nodes, stop_nodes, tokenizer
 
 OUT_DIR = Path("bench_out")
 PATHS = ("pd shm", "pd zmq", "mixed")
@@ -67,7 +67,7 @@ def time_to_first_token(node: Node, request_id: str, prompt: list[int],
     started = time.perf_counter()
     call = node.stub.Generate(request, timeout=120.0)
     for chunk in call:
-        if chunk.token_ids:
+        if chunk.tokens.token_ids:
             sample = Sample(time.perf_counter() - started, chunk.timing)
             break
         if chunk.error:

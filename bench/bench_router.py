@@ -61,7 +61,7 @@ async def _direct_one(stub: node_pb2_grpc.NodeStub, prompt_ids: list[int], token
     request = node_pb2.GenerateRequest(request_id="bench", prompt_token_ids=prompt_ids,
                                        sampling=node_pb2.SamplingParams(max_tokens=tokens, temperature=1.0))
     async for chunk in stub.Generate(request):
-        if ttft is None and chunk.token_ids:
+        if ttft is None and chunk.tokens.token_ids:
             ttft = time.perf_counter() - t0
     return Sample(ttft or 0.0, time.perf_counter() - t0)
 

@@ -101,27 +101,24 @@ def run(
     max_tokens: int,
     clock: Callable[[], float] = time.perf_counter,
 ) -> RunResult:
-    k = spec.num_speculative_tokens if spec else 0
     config = EngineConfig(
         CacheConfig(num_blocks=512, block_size=16),
-        SchedulerConfig(
-            max_num_batched_tokens=2048, max_num_seqs=batch, max_model_len=512, num_speculative_tokens=k
-        ),
+        SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=batch, max_model_len=512),
         spec,
     )
     engine = LLMEngine(model, config, KVCachePool.allocate(kv_spec_for(model, config)), eos_token_ids=[])
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, seed=0)
     for i, ids in enumerate(prompts):
-        engine.add_request(f"r{i}", ids, params, seq_id=i)
+        engine.add_request(f"r{i}", ids, params)
     times: dict[str, list[float]] = {}
     counts: dict[str, list[int]] = {}
     while engine.has_unfinished():
         outputs = engine.step()
         now = clock()
         for out in outputs:
-            if out.new_token_ids:
+            if out.tokens.token_ids:
                 times.setdefault(out.request_id, []).append(now)
-                counts.setdefault(out.request_id, []).append(len(out.new_token_ids))
+                counts.setdefault(out.request_id, []).append(len(out.tokens.token_ids))
     tpots = [(t[-1] - t[0]) / (sum(counts[r]) - counts[r][0]) * 1e3 for r, t in times.items()]
     steps = [n for c in counts.values() for n in c[1:]]
     return RunResult(tpots, steps)

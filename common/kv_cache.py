@@ -129,10 +129,6 @@ class KVCachePool:
     def shm_name(self) -> str | None:
         return self.shm_path.name if self.shm_path else None
 
-    def block_view(self, layer: int, kv: int, block_id: int) -> np.ndarray:
-        """One block of one layer's K (kv=0) or V (kv=1) as a writable numpy view."""
-        return self.array[layer, kv, block_id]
-
     def close(self) -> None:
         """Drop the mapping; the owner of a shared pool also removes its file."""
         # The mapping itself goes with the last reference: unmapping now could pull memory from

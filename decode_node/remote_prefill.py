@@ -98,8 +98,7 @@ class RemotePrefill:
                       num_extra_tokens: int) -> tuple[RequestHandle, FirstToken]:
         """Reserve blocks, have the peer fill them; returns the engine handle (now decoding) and the
         peer's first token. Raises RemotePrefillError; on any failure our blocks are freed."""
-        handle = self.bridge.submit(request_id, prompt, params, mode="reserve",
-                                    num_extra_tokens=num_extra_tokens)
+        handle = self.bridge.reserve(request_id, prompt, params, num_extra_tokens)
         pending = PendingPrefill(self._loop.create_future(), peer_address=peer_address)
         self._pending[request_id] = pending
         try:
@@ -124,7 +123,7 @@ class RemotePrefill:
             raise
         self._pending.pop(request_id, None)
         self.endpoint.reservations.release(request_id)
-        self.bridge.kv_ready(handle, first.token_id, list(first.draft_token_ids))
+        self.bridge.kv_ready(handle, first.token, list(first.draft_token_ids))
         return handle, first
 
     async def _reserved_blocks(self, handle: RequestHandle) -> list[int]:

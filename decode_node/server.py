@@ -14,21 +14,21 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
-import numpy as np
 
 from pdserve.common.sampling_params import SamplingParams, SamplingParamsError
 from pdserve.common.spec_metrics import RequestSpecStats, SpeculateMetrics
 from pdserve.decode_node.remote_prefill import RemotePrefill, RemotePrefillError
-from pdserve.engine.output_codec import SlotEvent, SlotOutput
-from pdserve.engine.protocol import PromptLogprobs, RequestRejected
+from pdserve.engine.protocol import RequestRejected
+from pdserve.engine.request import RequestStatus
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.node.engine_bridge import EngineGone, RequestHandle
 from pdserve.node.engine_client import EngineError
 from pdserve.node.request_stream import RequestStream
 from pdserve.node.server import NodeConfig, NodeServer
 from pdserve.rpc import node_pb2 as pb
-from pdserve.rpc.convert import delta_to_chunk, sampling_from_proto
-from pdserve.transfer.messages import FirstToken
+from pdserve.rpc.convert import sampling_from_proto, tokens_to_proto
+from pdserve.rpc.registry import Role
+from pdserve.transfer.messages import FirstToken, PrefillTimings
 
 log = logging.getLogger("pdserve.decode")
 
@@ -39,10 +39,10 @@ class DecodeNodeServer(NodeServer):
         self.tokenizer = tokenizer or Tokenizer.from_dir(config.model_dir)
         self.remote: RemotePrefill | None = None
         # Reserved beyond the prompt: the peer's first token and the drafts our first step verifies.
-        self._extra_tokens = 1 + config.engine.scheduler.num_speculative_tokens
+        self._extra_tokens = 1 + config.engine.num_speculative_tokens
 
     async def start_data_plane(self) -> None:
-        if self.config.role == "decode":
+        if self.config.role is Role.DECODE:
             ready = self.bridge.ready
             self.remote = RemotePrefill(self.config, self.bridge, ready.kv_spec, self.metrics)
             self.data_address = self.remote.start(ready.kv_pool_name)
@@ -59,23 +59,24 @@ class DecodeNodeServer(NodeServer):
         stats = RequestSpecStats(spec.num_speculative_tokens) if spec is not None else None
         started = time.monotonic()
         engine_request_id = request.request_id
+        timings = None  # where a remote prefill's TTFT went, from the prefill node
+        handle = None
         # Prompt logprobs (completions' echo) are computed where the prompt is prefilled, and the PD
         # hand-over carries only KV and the first token: such a request is prefilled here.
         if request.HasField("prefill") and params.prompt_logprobs is None and self.remote is not None:
             prefilled = await self._prefill_remotely(request, prompt, params, context)
             if prefilled is not None:
                 handle, first = prefilled
-                yield self._first_token_chunk(handle, first, params, stream, stats, started)
-                async for chunk in self._relay(handle, stream, started, stats, first=False):
-                    yield chunk
-                return
-            # The abandoned reservation holds the request id in the engine until its abort lands.
-            engine_request_id = f"{request.request_id}/local-prefill"
-        try:
-            handle = self.bridge.submit(engine_request_id, prompt, params)
-        except EngineError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        async for chunk in self._relay(handle, stream, started, stats):
+                timings = first.timings
+            else:
+                # The abandoned reservation holds the request id in the engine until its abort lands.
+                engine_request_id = f"{request.request_id}/local-prefill"
+        if handle is None:
+            try:
+                handle = self.bridge.generate(engine_request_id, prompt, params)
+            except EngineError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        async for chunk in self._relay(handle, stream, started, stats, timings):
             yield chunk
 
     async def _validated(self, request: pb.GenerateRequest,
@@ -113,50 +114,33 @@ class DecodeNodeServer(NodeServer):
             log.warning("remote prefill of %s failed (%s); prefilling locally", request.request_id, exc)
             return None
 
-    def _first_token_chunk(self, handle: RequestHandle, first: FirstToken, params: SamplingParams,
-                           stream: RequestStream, stats: RequestSpecStats | None,
-                           started: float) -> pb.GenerateChunk:
-        """The peer's first token as this request's first chunk, with the TTFT split it reported."""
-        first_slot = _first_token_slot(handle.seq_id, first, params)
-        if stats is not None:
-            stats.on_tokens(first_slot.num_tokens)
-        chunk = delta_to_chunk(stream.on_slot(first_slot))
-        t = first.timings
-        chunk.timing.CopyFrom(pb.TimingInfo(queue_s=t.queue_ms / 1000, prefill_s=t.prefill_ms / 1000,
-                                            transfer_s=t.transfer_ms / 1000))
-        self.metrics.ttft.labels(part="total").observe(time.monotonic() - started)
-        for part in ("queue", "prefill", "transfer"):
-            self.metrics.ttft.labels(part=part).observe(getattr(t, f"{part}_ms") / 1000)
-        return chunk
-
     async def _relay(self, handle: RequestHandle, stream: RequestStream, started: float,
-                     stats: RequestSpecStats | None, first: bool = True) -> AsyncIterator[pb.GenerateChunk]:
-        """Engine outputs -> chunks. Leaving early (client cancelled) aborts the engine request."""
-        prompt_logprobs: list[pb.TokenLogprob] = []  # ride on the first chunk
+                     stats: RequestSpecStats | None,
+                     timings: PrefillTimings | None) -> AsyncIterator[pb.GenerateChunk]:
+        """Engine outputs -> chunks (the first one carries the TTFT split). Leaving early (the client
+        cancelled) aborts the engine request."""
+        first = True
         try:
             while not stream.finished:
                 item = await handle.items.get()
-                if isinstance(item, PromptLogprobs):
-                    prompt_logprobs += _prompt_logprobs_to_proto(item, stream.prompt_token_ids)
-                    continue
                 if isinstance(item, (RequestRejected, EngineGone)):
                     self.metrics.outcome("error")
                     yield pb.GenerateChunk(finish_reason="error", error=item.message,
                                            usage=_usage(handle, stream))
                     return
                 if stats is not None:
-                    stats.on_slot(item.event is SlotEvent.PREEMPTED, item.num_tokens)
-                delta = stream.on_slot(item)
+                    stats.on_slot(item.status is RequestStatus.PREEMPTED, len(item.tokens))
+                delta = stream.on_output(item)
                 if delta.stopped_by_string:
                     self.bridge.abort(handle)
-                if delta.preempted or (not delta.token_ids and not delta.finish_reason):
+                if delta.preempted or (not delta.tokens.token_ids and not delta.finish_reason):
                     continue
-                chunk = delta_to_chunk(delta)
+                chunk = pb.GenerateChunk(tokens=tokens_to_proto(delta.tokens), text=delta.text,
+                                         finish_reason=delta.finish_reason or "")
                 if first:
-                    chunk.prompt_logprobs.extend(prompt_logprobs)
-                    ttft = time.monotonic() - started
-                    self.metrics.ttft.labels(part="total").observe(ttft)
-                    chunk.timing.CopyFrom(pb.TimingInfo(queue_s=0.0, prefill_s=ttft, transfer_s=0.0))
+                    if item.prompt_logprobs is not None:
+                        chunk.prompt_logprobs.CopyFrom(tokens_to_proto(item.prompt_logprobs))
+                    chunk.timing.CopyFrom(self._ttft(started, timings))
                     first = False
                 if stream.finished:
                     chunk.usage.CopyFrom(_usage(handle, stream))
@@ -171,32 +155,23 @@ class DecodeNodeServer(NodeServer):
                 self.metrics.outcome("cancelled")
                 self.bridge.abort(handle)
 
+    def _ttft(self, started: float, timings: PrefillTimings | None) -> pb.TimingInfo:
+        """The first token's TTFT split: the prefill node's (queue, prefill, transfer), or all of it
+        prefill when this node prefilled."""
+        ttft = time.monotonic() - started
+        self.metrics.ttft.labels(part="total").observe(ttft)
+        if timings is None:
+            return pb.TimingInfo(queue_s=0.0, prefill_s=ttft, transfer_s=0.0)
+        for part in ("queue", "prefill", "transfer"):
+            self.metrics.ttft.labels(part=part).observe(getattr(timings, f"{part}_ms") / 1000)
+        return pb.TimingInfo(queue_s=timings.queue_ms / 1000, prefill_s=timings.prefill_ms / 1000,
+                             transfer_s=timings.transfer_ms / 1000)
+
 
 def _usage(handle: RequestHandle, stream: RequestStream) -> pb.Usage:
     return pb.Usage(prompt_tokens=handle.prompt_len, completion_tokens=len(stream.token_ids))
 
 
-
-
-def _prompt_logprobs_to_proto(part: PromptLogprobs, prompt: list[int]) -> list[pb.TokenLogprob]:
-    return [
-        pb.TokenLogprob(token_id=prompt[part.first_position + i], logprob=lp, rank=rank,
-                        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in zip(ids, lps, strict=True)])
-        for i, (lp, rank, ids, lps) in enumerate(zip(part.logprobs, part.ranks, part.top_ids,
-                                                     part.top_logprobs, strict=True))
-    ]
-
-
-def _first_token_slot(seq_id: int, first: FirstToken, params: SamplingParams) -> SlotOutput:
-    """The peer's first token as if our engine had emitted it, so one RequestStream sees every token."""
-    k = len(first.top_ids)
-    return SlotOutput(
-        seq_id=seq_id, event=SlotEvent.TOKENS, token_ids=np.asarray([first.token_id], dtype=np.uint32),
-        logprobs=np.asarray([first.logprob], dtype=np.float32),
-        ranks=np.asarray([first.rank], dtype=np.uint32),
-        topk_ids=np.asarray([first.top_ids], dtype=np.uint32).reshape(1, k),
-        topk_logprobs=np.asarray([first.top_logprobs], dtype=np.float32).reshape(1, k),
-    )
 
 
 def _metrics_to_proto(m: SpeculateMetrics) -> pb.SpeculateMetrics:

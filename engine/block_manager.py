@@ -32,10 +32,6 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        """Whether a request with no blocks yet could get room for num_tokens tokens now."""
-        return self.blocks_needed(num_tokens) <= self.num_free_blocks
-
     def ensure_capacity(self, request: Request, num_tokens: int) -> bool:
         """Grow request.block_table to hold num_tokens tokens.
 

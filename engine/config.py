@@ -34,9 +34,6 @@ class CacheConfig:
             ("block_size", self.block_size >= 1, "must be >= 1"),
         ], self)
 
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
 
 
 @dataclass(frozen=True)
@@ -55,8 +52,6 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # Cap on one prefill chunk (0 = no cap), so several prompts can share a step's budget.
     long_prefill_token_threshold: int = 0
-    # Drafts a decode step may verify (issue 4: speculative decoding); 0 until that lands.
-    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check([
@@ -64,10 +59,6 @@ class SchedulerConfig:
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
             ("max_model_len", self.max_model_len >= 2, "must be >= 2 (one prompt token, one output)"),
             ("long_prefill_token_threshold", self.long_prefill_token_threshold >= 0, "must be >= 0"),
-            ("num_speculative_tokens", self.num_speculative_tokens >= 0, "must be >= 0"),
-            # A decode step feeds 1 + drafts tokens and must fit the budget on its own.
-            ("num_speculative_tokens", self.num_speculative_tokens < self.max_num_batched_tokens,
-             "must be < max_num_batched_tokens"),
             ("max_num_batched_tokens",
              self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
              "must be >= max_model_len when chunked prefill is off"),
@@ -83,9 +74,14 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
-        k = self.speculative.num_speculative_tokens if self.speculative else 0
-        if self.scheduler.num_speculative_tokens != k:
-            # One number, two readers: the scheduler feeds k drafts, the proposer makes them.
+        # A decode step feeds 1 + drafts tokens and must fit the step's budget on its own.
+        if self.num_speculative_tokens >= self.scheduler.max_num_batched_tokens:
             raise EngineConfigError(
-                f"SchedulerConfig.num_speculative_tokens must equal speculative_config."
-                f"num_speculative_tokens ({k}) (got {self.scheduler.num_speculative_tokens})")
+                f"speculative_config.num_speculative_tokens must be < SchedulerConfig.max_num_batched_tokens "
+                f"({self.scheduler.max_num_batched_tokens}) (got {self.num_speculative_tokens})")
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Drafts a decode step may verify: the speculative config's k (0 without speculation). The
+        scheduler feeds them and the proposer makes them, so both take it from here."""
+        return self.speculative.num_speculative_tokens if self.speculative else 0

@@ -9,42 +9,22 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
 from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tokens import NO_TOKENS, SampledTokens
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.model_runner import ModelRunner, TokenInfo
-from pdserve.engine.protocol import EngineStats
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.protocol import EngineStats, RequestOutput
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import AdmissionError, Scheduler
 from pdserve.engine.spec_decoder import SpecDecoder
 from pdserve.models.config import ModelConfig
 from pdserve.models.llama import LlamaForCausalLM
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step did to one request."""
-
-    request_id: str
-    seq_id: int
-    new_token_ids: tuple[int, ...]
-    infos: tuple[TokenInfo, ...]  # per new token when logprobs were asked for, else empty
-    status: RequestStatus  # RUNNING, PREEMPTED or a FINISHED_* status
-    num_accepted_drafts: int = 0
-    error: str | None = None
-    # Raw logprobs of prompt tokens 1 .. n-1, on the request's first sampled output, when asked for.
-    prompt_logprobs: tuple[TokenInfo, ...] = ()
-    # FINISHED_PREFILLED (prefill node): the MTP / n-gram drafts the decode node's first step verifies.
-    draft_token_ids: tuple[int, ...] = ()
-
-    @property
-    def finished(self) -> bool:
-        return self.status.is_finished
 
 
 def kv_spec_for_model(model_config: ModelConfig, num_blocks: int, block_size: int,
@@ -70,7 +50,7 @@ class LLMEngine:
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, config.num_speculative_tokens)
         self.runner = ModelRunner(model, kv_pool)
         # Speculative decoding's draft side; its counters go to the registry given (a private one if none).
         self.spec = None if config.speculative is None else SpecDecoder.build(
@@ -79,19 +59,19 @@ class LLMEngine:
         self.steps = 0
         self._held: dict[str, Request] = {}  # prefilled requests whose blocks the transfer agent reads
         self._progressed: list[Request] = []
-        # Prompt logprobs gathered chunk by chunk until the request's first output carries them,
-        # keyed by position so a prefill recomputed after preemption does not add them twice.
-        self._prompt_logprobs: dict[str, dict[int, TokenInfo]] = {}
+        # Prompt logprobs gathered chunk by chunk until the request's first output carries them, keyed
+        # by first position so a prefill recomputed after preemption does not add them twice.
+        self._prompt_logprobs: dict[str, dict[int, SampledTokens]] = {}
 
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                    seq_id: int) -> Request:
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                    params: SamplingParams) -> Request:
         """Queue a request. Raises AdmissionError if it can never be served (the request is then
         already FINISHED_ERROR). An unseeded request gets its seed here, so it can be replayed."""
         vocab_size = self.runner.vocab_size
         if prompt_token_ids and not 0 <= min(prompt_token_ids) <= max(prompt_token_ids) < vocab_size:
             # Checked here: an out-of-range id would fail the embedding mid-step, taking the whole batch down.
             raise AdmissionError(f"request {request_id!r}: prompt token ids must be in [0, {vocab_size})")
-        request = Request(request_id, prompt_token_ids, self._seeded(params), seq_id, self.eos_token_ids)
+        request = Request(request_id, prompt_token_ids, self._seeded(params), self.eos_token_ids)
         self.scheduler.add(request)
         return request
 
@@ -108,29 +88,30 @@ class LLMEngine:
     # -- PD: the decode side ---------------------------------------------------------------------------
 
     def reserve(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                seq_id: int, num_extra_tokens: int) -> Request:
+                num_extra_tokens: int) -> Request:
         """Reserve blocks for a request whose prompt KV a prefill node will write (raises
         AdmissionError / CapacityError). The blocks are `request.block_table`."""
-        request = Request(request_id, prompt_token_ids, self._seeded(params), seq_id, self.eos_token_ids)
+        request = Request(request_id, prompt_token_ids, self._seeded(params), self.eos_token_ids)
         self.scheduler.reserve_for_remote_kv(request, num_extra_tokens)
         return request
 
-    def on_remote_kv(self, request_id: str, first_token_id: int,
+    def on_remote_kv(self, request_id: str, first: SampledTokens,
                      draft_token_ids: Sequence[int] = ()) -> RequestOutput | None:
-        """The peer delivered the prompt's KV and sampled the first token: decode from here."""
-        update = self.scheduler.on_remote_kv(request_id, first_token_id, draft_token_ids)
+        """The peer delivered the prompt's KV and sampled the first token (`first`, with its logprobs):
+        decode from here. Returns the request's first output; None if the request is unknown."""
+        update = self.scheduler.on_remote_kv(request_id, first.token_ids[0], draft_token_ids)
         if update is None:
             return None
         r = update.request
-        return RequestOutput(r.request_id, r.seq_id, update.new_token_ids, (), r.status, 0, r.error)
+        return RequestOutput(r.request_id, r.status, first, error=r.error or "")
 
     # -- PD: the prefill side --------------------------------------------------------------------------
 
-    def add_prefill_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                            seq_id: int) -> Request:
+    def add_prefill_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                            params: SamplingParams) -> Request:
         """Prefill the prompt and sample the first token (with logprobs), then hold the blocks for the
         transfer agent until `release`."""
-        request = Request(request_id, prompt_token_ids, self._seeded(params), seq_id, self.eos_token_ids)
+        request = Request(request_id, prompt_token_ids, self._seeded(params), self.eos_token_ids)
         request.prefill_only = True
         self.scheduler.add(request)
         return request
@@ -142,10 +123,6 @@ class LLMEngine:
             return False
         self.block_manager.free(request)
         return True
-
-    def held(self, request_id: str) -> Request | None:
-        """A prefilled request whose blocks are held for the transfer agent."""
-        return self._held.get(request_id)
 
     def take_prefill_progress(self) -> list[Request]:
         """Prefill-only requests that computed more prompt KV since the last call (for streaming the
@@ -169,7 +146,7 @@ class LLMEngine:
         """Run one scheduled step; returns outputs of sampled and preempted requests."""
         plan = self.scheduler.schedule()
         outputs = [
-            RequestOutput(r.request_id, r.seq_id, (), (), RequestStatus.PREEMPTED)
+            RequestOutput(r.request_id, RequestStatus.PREEMPTED)
             for r in map(self.scheduler.get, plan.preempted_request_ids) if r is not None
         ]
         for request_id in plan.finished_request_ids:  # aborted before their first output
@@ -183,7 +160,7 @@ class LLMEngine:
         self.steps += 1
         self._collect_prompt_logprobs(result.prompt_logprobs)
         sampled = {rid: s.token_ids for rid, s in result.sampled.items()}
-        self._progressed.extend(c.request for c in plan.chunks if c.request.prefill_only and not c.sample)
+        self._progressed.extend(c.request for c in plan.chunks if c.request.prefill_only)
         updates = self.scheduler.on_step_done(plan, sampled)
         if self.spec is not None:
             self.spec.after_step(plan.chunks, result, updates)
@@ -191,20 +168,40 @@ class LLMEngine:
             request = update.request
             if request.status is RequestStatus.FINISHED_PREFILLED:
                 self._held[request.request_id] = request
-            infos = result.sampled[request.request_id].infos[: len(update.new_token_ids)]
-            prompt = self._prompt_logprobs.pop(request.request_id, {})
+            tokens = result.sampled[request.request_id].head(len(update.new_token_ids))
             outputs.append(RequestOutput(
-                request.request_id, request.seq_id, update.new_token_ids, infos, request.status,
-                update.num_accepted_draft_tokens, request.error, tuple(prompt[p] for p in sorted(prompt)),
-                tuple(request.draft_token_ids) if request.status is RequestStatus.FINISHED_PREFILLED else (),
+                request.request_id, request.status, tokens, update.num_accepted_draft_tokens,
+                request.error or "", self._take_prompt_logprobs(request, len(tokens)),
+                list(request.draft_token_ids) if request.status is RequestStatus.FINISHED_PREFILLED else [],
             ))
         return outputs
 
-    def _collect_prompt_logprobs(self, computed: dict[str, tuple[int, tuple[TokenInfo, ...]]]) -> None:
-        for request_id, (first_position, infos) in computed.items():
+    def _take_prompt_logprobs(self, request: Request, num_new_tokens: int) -> SampledTokens | None:
+        """For the request's first output, when it asked: its prompt logprobs (none to score for a
+        one-token prompt, an empty record rather than None)."""
+        chunks = self._prompt_logprobs.pop(request.request_id, None)
+        asked = request.sampling_params.prompt_logprobs is not None
+        if not asked or request.num_output_tokens != num_new_tokens:
+            return None
+        return _by_position(chunks) if chunks else NO_TOKENS
+
+    def _collect_prompt_logprobs(self, computed: dict[str, tuple[int, SampledTokens]]) -> None:
+        for request_id, (first_position, tokens) in computed.items():
             request = self.scheduler.get(request_id)
             if request is None or request.num_output_tokens:  # already reported (recomputed after preemption)
                 continue
-            held = self._prompt_logprobs.setdefault(request_id, {})
-            for offset, info in enumerate(infos):
-                held.setdefault(first_position + offset, info)
+            # A recomputed prefill covers the same chunks again: the first copy of each one stays.
+            self._prompt_logprobs.setdefault(request_id, {}).setdefault(first_position, tokens)
+
+
+def _by_position(chunks: dict[int, SampledTokens]) -> SampledTokens:
+    """Chunks keyed by their first position, as one run; where chunks overlap (a prefill recomputed
+    after preemption may cut its chunks elsewhere) the earlier-starting chunk's tokens are kept."""
+    parts, covered = [], None
+    for first in sorted(chunks):
+        tokens = chunks[first]
+        skip = 0 if covered is None else max(0, covered - first)
+        if skip < len(tokens):
+            parts.append(tokens.slice(skip, len(tokens)))
+            covered = first + len(tokens)
+    return SampledTokens.concat(parts)

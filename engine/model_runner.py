@@ -19,6 +19,7 @@ import numpy as np
 import paddle
 
 from pdserve.common.kv_cache import KVCachePool
+from pdserve.common.tokens import SampledTokens
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from pdserve.kernels.attention import AttentionMetadata
@@ -30,28 +31,12 @@ from pdserve.models.llama import LlamaForCausalLM, lm_head_of
 
 
 @dataclass(frozen=True)
-class TokenInfo:
-    """Logprob facts of one emitted token (raw logits)."""
-
-    logprob: float
-    rank: int  # 1-based rank of the token among the whole vocabulary
-    top_ids: tuple[int, ...]  # the request's top-k, most likely first
-    top_logprobs: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class SampledTokens:
-    """What one step produced for one request: accepted drafts, then one new token."""
-
-    token_ids: tuple[int, ...]
-    infos: tuple[TokenInfo, ...] = ()  # one per token when the request asked for logprobs, else empty
-
-
-@dataclass(frozen=True)
 class StepResult:
-    sampled: dict[str, SampledTokens]  # by request id, for chunks with sample=True
-    # Prompt logprobs computed this step: request id -> (prompt positions it covers, one per token).
-    prompt_logprobs: dict[str, tuple[int, tuple[TokenInfo, ...]]]
+    # By request id, for chunks with sample=True: the accepted drafts, then one new token (with their
+    # logprobs when the request asked).
+    sampled: dict[str, SampledTokens]
+    # Prompt logprobs computed this step: request id -> (first prompt position covered, its tokens).
+    prompt_logprobs: dict[str, tuple[int, SampledTokens]]
     # [T, hidden] final-normed hidden states of the step, kept for the MTP draft proposer.
     hidden: paddle.Tensor
     # The step's token positions [T] and attention metadata (with the plans its layers built): the MTP
@@ -109,22 +94,23 @@ class ModelRunner:
                           for r in _sampling_rows(c.request, d)]
             verified = verify_drafts(logits, SamplingBatch.from_rows(batch_rows, self.vocab_size), drafts, ks)
         # verified.logprobs has one row per emitted token of the requests that asked, in batch order.
-        emitted_ks = [k for k, ids in zip(ks, verified.token_ids, strict=True) if k is not None for _ in ids]
-        infos = iter(_unpack(verified.logprobs, emitted_ks) if verified.logprobs else [])
-        return {
-            c.request.request_id: SampledTokens(ids, () if k is None else tuple(next(infos) for _ in ids))
-            for c, k, ids in zip(sampling_chunks, ks, verified.token_ids, strict=True)
-        }
+        columns = _LogprobColumns(verified.logprobs) if verified.logprobs else None
+        sampled = {}
+        for chunk, k, ids in zip(sampling_chunks, ks, verified.token_ids, strict=True):
+            ids = list(ids)
+            sampled[chunk.request.request_id] = (SampledTokens(ids) if k is None
+                                                 else columns.take(ids, len(ids), k))
+        return sampled
 
     def _prompt_logprobs(self, chunks: Sequence[ScheduledChunk], hidden: paddle.Tensor,
-                         prompt_rows: PromptRows) -> dict[str, tuple[int, tuple[TokenInfo, ...]]]:
-        result: dict[str, tuple[int, tuple[TokenInfo, ...]]] = {}
+                         prompt_rows: PromptRows) -> dict[str, tuple[int, SampledTokens]]:
+        result: dict[str, tuple[int, SampledTokens]] = {}
         requests = {c.request.request_id: c.request for c in chunks}
         for request_id, (first_position, rows, next_ids) in prompt_rows.items():
             k = requests[request_id].sampling_params.prompt_logprobs
             logits = self.lm_head(take_rows(hidden, rows))
             facts = prompt_logprobs(logits, paddle.to_tensor(np.asarray(next_ids, dtype=np.int64)), k)
-            result[request_id] = (first_position, tuple(_unpack(facts, [k] * len(rows))))
+            result[request_id] = (first_position, _LogprobColumns(facts).take(next_ids, len(rows), k))
         return result
 
 
@@ -189,12 +175,20 @@ def _sampling_rows(request: Request, drafts: Sequence[int]) -> list[SamplingRow]
             for j in range(len(drafts) + 1)]
 
 
-def _unpack(facts: TokenLogprobs, ks: Sequence[int | None]) -> list[TokenInfo]:
-    logprob = facts.token_logprob.numpy().tolist()
-    rank = facts.token_rank.numpy().tolist()
-    top_ids = facts.topk_ids.numpy().tolist()
-    top_lps = facts.topk_logprobs.numpy().tolist()
-    return [
-        TokenInfo(logprob[i], rank[i], tuple(top_ids[i][: k or 0]), tuple(top_lps[i][: k or 0]))
-        for i, k in enumerate(ks)
-    ]
+class _LogprobColumns:
+    """The rows of a TokenLogprobs, read once from the device, handed out request by request."""
+
+    def __init__(self, facts: TokenLogprobs) -> None:
+        self._logprob = facts.token_logprob.numpy().tolist()
+        self._rank = facts.token_rank.numpy().tolist()
+        self._top_ids = facts.topk_ids.numpy()
+        self._top_lps = facts.topk_logprobs.numpy()
+        self._next = 0
+
+    def take(self, token_ids: list[int], count: int, k: int) -> SampledTokens:
+        """The next `count` rows as the given tokens, with the top `k` of each row."""
+        start, end = self._next, self._next + count
+        self._next = end
+        return SampledTokens(token_ids, self._logprob[start:end], self._rank[start:end], k,
+                             self._top_ids[start:end, :k].ravel().tolist(),
+                             self._top_lps[start:end, :k].ravel().tolist())

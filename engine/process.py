@@ -1,10 +1,11 @@
-"""The engine process: a busy loop of take tasks -> step -> emit outputs.
+"""The engine process: a busy loop of take tasks -> step -> emit records.
 
 Started by `EngineClient` as ``python -m pdserve.engine.process CONFIG_JSON``. Tasks arrive as frames on
-stdin (read by one I/O thread, so the loop itself never blocks on a pipe); per-step outputs leave over
-the SysV output queue; control events (ready, rejected, failed) leave as frames on stdout. The loop
-ends on a Shutdown task, on stdin closing (the node server is gone), or when the output queue's
-reader is gone — in every case the KV pool and the queue writer are released.
+stdin (read by one I/O thread, so the loop itself never blocks on a pipe); everything the engine
+reports (ready, stats, rejections, KV reserved, prefill progress, step outputs, a fatal failure) leaves
+in order as records on the one SysV record stream (engine/protocol.py). The loop ends on a Shutdown
+task, on stdin closing (the node server is gone), or when the stream's reader is gone; in every case
+the KV pool and the stream writer are released.
 """
 
 from __future__ import annotations
@@ -17,43 +18,34 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import BinaryIO
 
-import msgspec
-import numpy as np
-
 from pdserve.common.kv_cache import KVCachePool
-from pdserve.engine.config import EngineConfig
-from pdserve.engine.engine import LLMEngine, RequestOutput, kv_spec_for
-from pdserve.engine.model_runner import TokenInfo
-from pdserve.engine.output_codec import SlotEvent, SlotOutput, StepOutput
-from pdserve.engine.output_queue import OutputQueueAddress, OutputQueueWriter, ReaderGoneError
+from pdserve.engine.engine import LLMEngine, kv_spec_for
+from pdserve.engine.output_stream import ReaderGoneError, RecordWriter
 from pdserve.engine.protocol import (
-    PROMPT_LOGPROBS_PART,
-    AbortRequest,
-    AddPrefillRequest,
-    AddRequest,
-    EngineEvent,
+    AbortTask,
     EngineFailed,
+    EngineProcessConfig,
     EngineReady,
     EngineStats,
     EngineTask,
+    GenerateTask,
     KVReserved,
-    PrefillDone,
     PrefillProgress,
-    PromptLogprobs,
+    PrefillTask,
     ProtocolError,
-    ReleaseRequest,
-    RemoteKVReady,
+    ReleaseTask,
+    RemoteKVReadyTask,
+    RequestOutput,
     RequestRejected,
-    ReserveRequest,
-    Shutdown,
+    ReserveTask,
+    ShutdownTask,
+    StepOutputs,
+    decode_config,
     decode_task,
-    encode_event,
     read_frame,
-    write_frame,
 )
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.scheduler import AdmissionError, CapacityError
@@ -63,25 +55,6 @@ log = logging.getLogger("pdserve.engine")
 STATS_MIN_INTERVAL_S = 0.05
 IDLE_WAIT_S = 0.05  # an idle engine still reports load changes (e.g. an abort) this quickly
 STATS_MAX_INTERVAL_S = 1.0
-
-
-@dataclass(frozen=True)
-class EngineProcessConfig:
-    model_dir: str
-    engine: EngineConfig
-    output_queue: OutputQueueAddress
-    dtype: str = "float32"
-    shared_kv_pool: bool = False  # put the KV pool in /dev/shm so a same-host peer can write into it
-    eos_token_ids: tuple[int, ...] = ()
-    log_level: str = "WARNING"
-
-
-def encode_config(config: EngineProcessConfig) -> str:
-    return msgspec.json.encode(config).decode()
-
-
-def decode_config(text: str) -> EngineProcessConfig:
-    return msgspec.json.decode(text.encode(), type=EngineProcessConfig)
 
 
 class TaskInbox:
@@ -100,7 +73,7 @@ class TaskInbox:
                 log.error("task stream broken, stopping: %s", exc)
                 payload = None
             if payload is None:  # the node server closed our stdin (or broke it): it is gone
-                self._tasks.put(Shutdown())
+                self._tasks.put(ShutdownTask())
                 return
             try:
                 self._tasks.put(decode_task(payload))
@@ -119,71 +92,13 @@ class TaskInbox:
         return items
 
 
-class EventWriter:
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-
-    def send(self, event: EngineEvent) -> None:
-        write_frame(self._stream, encode_event(event))
-
-
-def to_step_output(step: int, outputs: list[RequestOutput]) -> StepOutput:
-    return StepOutput(step=step, is_draft=False, slots=tuple(_slot(o) for o in outputs))
-
-
-def prompt_logprobs_parts(seq_id: int, infos: Sequence[TokenInfo],
-                          part_size: int = PROMPT_LOGPROBS_PART) -> list[PromptLogprobs]:
-    """A request's prompt logprobs (positions 1 .. n-1) as events of at most part_size positions; at
-    least one, so a one-token prompt still tells the reader that nothing more is coming."""
-    starts = range(0, len(infos), part_size) or range(1)
-    return [
-        PromptLogprobs(
-            seq_id=seq_id, first_position=1 + start, logprobs=[i.logprob for i in part],
-            ranks=[i.rank for i in part], top_ids=[list(i.top_ids) for i in part],
-            top_logprobs=[list(i.top_logprobs) for i in part], last=start == starts[-1])
-        for start in starts for part in [infos[start:start + part_size]]
-    ]
-
-
-_EVENT_FOR_STATUS = {
-    RequestStatus.RUNNING: SlotEvent.TOKENS,
-    RequestStatus.PREEMPTED: SlotEvent.PREEMPTED,
-    RequestStatus.FINISHED_STOPPED: SlotEvent.FINISHED_STOPPED,
-    RequestStatus.FINISHED_LENGTH: SlotEvent.FINISHED_LENGTH,
-    RequestStatus.FINISHED_ABORTED: SlotEvent.ABORTED,
-    RequestStatus.FINISHED_ERROR: SlotEvent.ERROR,
-}
-
-
-def _slot(output: RequestOutput) -> SlotOutput:
-    event = _EVENT_FOR_STATUS[output.status]
-    if not output.new_token_ids:
-        return SlotOutput.marker(output.seq_id, event)
-    n = len(output.new_token_ids)
-    infos = output.infos
-    k = len(infos[0].top_ids) if infos else 0
-    return SlotOutput(
-        seq_id=output.seq_id,
-        event=event,
-        token_ids=np.asarray(output.new_token_ids, dtype=np.uint32),
-        logprobs=np.asarray([i.logprob for i in infos] if infos else [0.0] * n, dtype=np.float32),
-        ranks=np.asarray([i.rank for i in infos] if infos else [0] * n, dtype=np.uint32),
-        topk_ids=np.asarray([i.top_ids for i in infos], dtype=np.uint32).reshape(n, k),
-        topk_logprobs=np.asarray([i.top_logprobs for i in infos], dtype=np.float32).reshape(n, k),
-        num_accepted_drafts=output.num_accepted_drafts,
-    )
-
-
 class EngineLoop:
     """Ties the engine to its channels: take tasks, step, emit. No socket work happens here."""
 
-    def __init__(self, engine: LLMEngine, inbox: TaskInbox, writer: OutputQueueWriter, events: EventWriter):
+    def __init__(self, engine: LLMEngine, inbox: TaskInbox, records: RecordWriter):
         self.engine = engine
         self.inbox = inbox
-        self.writer = writer
-        self.events = events
-        self._request_ids: dict[int, str] = {}  # seq_id -> request_id of live requests
-        self._prompt_logprobs_due: set[int] = set()  # asked for prompt logprobs, first token not out yet
+        self.records = records
         self._last_stats: EngineStats | None = None
         self._last_stats_at = 0.0
 
@@ -191,47 +106,22 @@ class EngineLoop:
         while True:
             idle = not self.engine.has_schedulable_work()
             for task in self.inbox.take(wait_s=IDLE_WAIT_S if idle else 0.0):
-                if isinstance(task, Shutdown):
+                if isinstance(task, ShutdownTask):
                     return
                 self._apply(task)
             self._report_stats()
             if not self.engine.has_schedulable_work():
                 continue
-            self._emit(self.engine.step())
+            outputs = self.engine.step()
+            # Progress first: a prefill node pushes a request's last KV before it sends its first token.
             for request in self.engine.take_prefill_progress():
-                self.events.send(PrefillProgress(request.seq_id, request.num_computed_tokens,
-                                                 list(request.block_table)))
+                self.records.send(PrefillProgress(request.request_id, request.num_computed_tokens,
+                                                  list(request.block_table)))
+            self._emit(outputs)
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
-        """Token outputs go over the SysV queue; a prefill node's first token goes out as PrefillDone."""
-        slots = []
-        for output in outputs:
-            if output.status is RequestStatus.FINISHED_PREFILLED:
-                self.events.send(self._prefill_done(output))
-                continue
-            if output.new_token_ids and output.seq_id in self._prompt_logprobs_due:
-                self._send_prompt_logprobs(output)  # before the slot: the bridge relies on this order
-            slots.append(output)
-            if output.finished:
-                self._request_ids.pop(output.seq_id, None)
-                self._prompt_logprobs_due.discard(output.seq_id)
-        if slots:
-            self.writer.send(to_step_output(self.engine.steps, slots))
-
-    def _send_prompt_logprobs(self, output: RequestOutput) -> None:
-        self._prompt_logprobs_due.discard(output.seq_id)
-        for part in prompt_logprobs_parts(output.seq_id, output.prompt_logprobs):
-            self.events.send(part)
-
-    def _prefill_done(self, output: RequestOutput) -> PrefillDone:
-        request = self.engine.held(output.request_id)
-        info = output.infos[0]
-        return PrefillDone(
-            seq_id=output.seq_id, num_prompt_tokens=request.num_prompt_tokens,
-            block_ids=list(request.block_table), token_id=output.new_token_ids[0], logprob=info.logprob,
-            rank=info.rank, top_ids=list(info.top_ids), top_logprobs=list(info.top_logprobs),
-            draft_token_ids=list(output.draft_token_ids),
-        )
+        if outputs:
+            self.records.send(StepOutputs(self.engine.steps, outputs))
 
     def _report_stats(self) -> None:
         """Load for the node server's Stats RPC: sent when it changes, at most every 50 ms, and once
@@ -242,7 +132,7 @@ class EngineLoop:
         stats = self.engine.stats()
         if stats == self._last_stats and now - self._last_stats_at < STATS_MAX_INTERVAL_S:
             return
-        self.events.send(stats)
+        self.records.send(stats)
         self._last_stats, self._last_stats_at = stats, now
 
     def _apply(self, task: EngineTask | ProtocolError) -> None:
@@ -250,65 +140,46 @@ class EngineLoop:
             log.error("dropped a malformed task frame: %s", task)
             return
         handler = {
-            AddRequest: self._add, AddPrefillRequest: self._add, ReserveRequest: self._reserve,
-            AbortRequest: self._abort, ReleaseRequest: self._release, RemoteKVReady: self._kv_ready,
+            GenerateTask: self._add, PrefillTask: self._add, ReserveTask: self._reserve,
+            AbortTask: self._abort, ReleaseTask: self._release, RemoteKVReadyTask: self._kv_ready,
         }[type(task)]
         handler(task)
 
-    def _admit(self, task: AddRequest | AddPrefillRequest | ReserveRequest,
-               admit: Callable[[], object]) -> bool:
-        if task.seq_id in self._request_ids:
-            self.events.send(RequestRejected(task.seq_id, f"seq_id {task.seq_id} is already live"))
-            return False
+    def _admit(self, task: GenerateTask | PrefillTask | ReserveTask, admit: Callable[[], object]) -> bool:
         try:
             admit()
         except (AdmissionError, ValueError) as exc:
-            self.events.send(RequestRejected(task.seq_id, str(exc), retryable=isinstance(exc, CapacityError)))
+            self.records.send(RequestRejected(task.request_id, str(exc),
+                                              retryable=isinstance(exc, CapacityError)))
             return False
-        self._request_ids[task.seq_id] = task.request_id
         return True
 
-    def _add(self, task: AddRequest | AddPrefillRequest) -> None:
-        prefill_only = isinstance(task, AddPrefillRequest)
-        add = self.engine.add_prefill_request if prefill_only else self.engine.add_request
-        admitted = self._admit(task, lambda: add(task.request_id, task.prompt_token_ids, task.sampling,
-                                                 task.seq_id))
-        if admitted and not prefill_only and task.sampling.prompt_logprobs is not None:
-            self._prompt_logprobs_due.add(task.seq_id)
+    def _add(self, task: GenerateTask | PrefillTask) -> None:
+        add = self.engine.add_prefill_request if isinstance(task, PrefillTask) else self.engine.add_request
+        self._admit(task, lambda: add(task.request_id, task.prompt_token_ids, task.sampling))
 
-    def _reserve(self, task: ReserveRequest) -> None:
+    def _reserve(self, task: ReserveTask) -> None:
         reserved: list = []
 
         def admit() -> None:
             reserved.append(self.engine.reserve(task.request_id, task.prompt_token_ids, task.sampling,
-                                                task.seq_id, task.num_extra_tokens))
+                                                task.num_extra_tokens))
 
         if self._admit(task, admit):
-            self.events.send(KVReserved(task.seq_id, list(reserved[0].block_table)))
+            self.records.send(KVReserved(task.request_id, list(reserved[0].block_table)))
 
-    def _abort(self, task: AbortRequest) -> None:
-        request_id = self._request_ids.pop(task.seq_id, None)
-        self._prompt_logprobs_due.discard(task.seq_id)
-        if request_id is None:
-            return
+    def _abort(self, task: AbortTask) -> None:
         # release(): a prefilled request whose KV hand-over was abandoned still holds its blocks.
-        if self.engine.abort(request_id) or self.engine.release(request_id):
-            marker = RequestOutput(request_id, task.seq_id, (), (), RequestStatus.FINISHED_ABORTED)
-            self.writer.send(to_step_output(self.engine.steps, [marker]))
+        if self.engine.abort(task.request_id) or self.engine.release(task.request_id):
+            self._emit([RequestOutput(task.request_id, RequestStatus.FINISHED_ABORTED)])
 
-    def _release(self, task: ReleaseRequest) -> None:
-        request_id = self._request_ids.pop(task.seq_id, None)
-        if request_id is not None:
-            self.engine.release(request_id)
+    def _release(self, task: ReleaseTask) -> None:
+        self.engine.release(task.request_id)
 
-    def _kv_ready(self, task: RemoteKVReady) -> None:
-        request_id = self._request_ids.get(task.seq_id)
-        output = None if request_id is None else self.engine.on_remote_kv(
-            request_id, task.first_token_id, task.draft_token_ids)
-        if output is not None and output.finished:
-            # The node server already streamed the first token (from the peer): only the end is news.
-            marker = RequestOutput(output.request_id, output.seq_id, (), (), output.status)
-            self._emit([marker])
+    def _kv_ready(self, task: RemoteKVReadyTask) -> None:
+        output = self.engine.on_remote_kv(task.request_id, task.first, task.draft_token_ids)
+        if output is not None:  # the peer's first token is this request's first output, emitted here
+            self._emit([output])
 
 
 M_TRIM_THRESHOLD = -1
@@ -330,9 +201,24 @@ def tune_malloc() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 4 * MMAP_THRESHOLD_MAX)
 
 
+class UnsupportedDtypeError(ValueError):
+    """The requested --dtype cannot run on this engine's device."""
+
+
+def check_dtype_runs_here(dtype: str) -> None:
+    """Refuse a dtype the device cannot compute in, before loading: Paddle's CPU kernels have no
+    bfloat16/float16 matmul (PADDLE_CPU.md), so such a model would load and then fail its first step."""
+    import paddle
+
+    if dtype != "float32" and not paddle.device.is_compiled_with_cuda():
+        raise UnsupportedDtypeError(f"--dtype {dtype} does not run on the CPU (Paddle's CPU kernels have no "
+                                    f"{dtype} matmul); use --dtype float32, or a GPU build of Paddle")
+
+
 def build_engine(config: EngineProcessConfig) -> tuple[LLMEngine, KVCachePool]:
     from pdserve.models.loader import load_model  # imported here: paddle is heavy and only the child needs it
 
+    check_dtype_runs_here(config.dtype)
     model = load_model(config.model_dir, config.dtype)
     spec = kv_spec_for(model, config.engine)
     pool = KVCachePool.create_shared(spec) if config.shared_kv_pool else KVCachePool.allocate(spec)
@@ -343,51 +229,43 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = decode_config(argv[0])
     logging.basicConfig(level=config.log_level, format="%(asctime)s engine %(levelname)s %(message)s")
-    events, tasks = _claim_pipes()
+    tasks = _claim_stdin()
     # The node server owns this process's lifetime (Shutdown, or stdin closing). A Ctrl-C meant for
     # the node server also reaches us through the terminal's process group; it must not kill the loop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_malloc()
-    pool = writer = None
+    pool = None
+    records = RecordWriter(config.records)  # first: a failure to load the model is reported on it
     try:
         engine, pool = build_engine(config)
-        writer = OutputQueueWriter(config.output_queue)
-        events.send(EngineReady(pid=os.getpid(), kv_spec=pool.spec, kv_pool_name=pool.shm_name))
-        EngineLoop(engine, TaskInbox(tasks), writer, events).run()
+        records.send(EngineReady(pid=os.getpid(), kv_spec=pool.spec, kv_pool_name=pool.shm_name))
+        EngineLoop(engine, TaskInbox(tasks), records).run()
     except ReaderGoneError:
-        log.warning("output queue reader is gone; engine stopping")
-    except BrokenPipeError:  # the control pipe's reader is the node server: it is gone
-        log.warning("node server closed the control pipe; engine stopping")
+        log.warning("the record stream's reader is gone; engine stopping")
     except Exception as exc:  # the process is about to exit: report why, then let the traceback print
-        _try_send(events, EngineFailed(f"{type(exc).__name__}: {exc}"))
+        _try_send(records, EngineFailed(f"{type(exc).__name__}: {exc}"))
         raise
     finally:
         if pool is not None:
             pool.close()
-        if writer is not None:
-            writer.release()  # a node server killed -9 cannot remove its queue; we do
+        records.release()  # a node server killed -9 cannot remove its queue; we do
     return 0
 
 
-def _claim_pipes() -> tuple[EventWriter, BinaryIO]:
-    """Take stdout for control frames and stdin for task frames.
-
-    Anything else in this process that prints (a library at import or exit) must not corrupt the
-    control stream, so the frames get a private duplicate of fd 1 and fd 1 itself is pointed at
-    stderr. Tasks are read unbuffered: a daemon thread blocked inside a buffered reader's lock makes
-    interpreter shutdown abort."""
-    control = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+def _claim_stdin() -> BinaryIO:
+    """Take stdin for task frames, and point fd 1 at stderr so nothing printed by a library lands on a
+    pipe the node server reads. Tasks are read unbuffered: a daemon thread blocked inside a buffered
+    reader's lock makes interpreter shutdown abort."""
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    tasks = os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
-    return EventWriter(control), tasks
+    return os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
 
 
-def _try_send(events: EventWriter, event: EngineEvent) -> None:
+def _try_send(records: RecordWriter, record: EngineFailed) -> None:
     try:
-        events.send(event)
-    except OSError:
-        log.warning("could not report %s: the node server closed our stdout", type(event).__name__)
+        records.send(record)
+    except (ReaderGoneError, ProtocolError):
+        log.warning("could not report %s: the node server is gone", type(record).__name__)
 
 
 if __name__ == "__main__":

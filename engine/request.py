@@ -12,8 +12,6 @@ from collections.abc import Sequence
 
 from pdserve.common.sampling_params import SamplingParams
 
-MAX_SEQ_ID = 2**32 - 1  # seq_id travels as a uint32 in the compact output queue
-
 
 class RequestStatus(enum.IntEnum):
     """Ordered so that `status >= FINISHED_STOPPED` means finished."""
@@ -52,13 +50,10 @@ class Request:
     """A generation request inside one engine. Transitions only through the named methods below."""
 
     def __init__(self, request_id: str, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
-                 seq_id: int, eos_token_ids: Sequence[int] = ()) -> None:
+                 eos_token_ids: Sequence[int] = ()) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
-        if not 0 <= seq_id <= MAX_SEQ_ID:
-            raise ValueError(f"request {request_id!r}: seq_id must fit a uint32 (got {seq_id})")
         self.request_id = request_id
-        self.seq_id = seq_id
         self.prompt_token_ids: tuple[int, ...] = tuple(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.sampling_params = sampling_params
@@ -66,7 +61,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0  # tokens of all_token_ids whose KV is in the cache
         self.block_table: list[int] = []  # owned by the BlockManager; read by everyone else
-        # Proposed continuation of all_token_ids, verified by the next decode step (issue 4).
+        # Proposed continuation of all_token_ids, verified by the next decode step.
         self.draft_token_ids: list[int] = []
         self.error: str | None = None
         # Prefill node: stop after the first token and hand the KV over instead of decoding on.

@@ -91,15 +91,16 @@ class _StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 num_speculative_tokens: int = 0) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.num_speculative_tokens = num_speculative_tokens  # drafts a decode step may verify
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         # Decode side: blocks reserved, the prompt's KV is being written by a prefill peer.
         self.awaiting_kv: dict[str, Request] = {}
         self._requests: dict[str, Request] = {}
-        self._seq_ids: set[int] = set()
         self._finished_since_last_step: list[str] = []
 
     # -- intake and exits --------------------------------------------------------------------------
@@ -119,7 +120,6 @@ class Scheduler:
             request.finish(RequestStatus.FINISHED_ERROR, error=reason)
             raise AdmissionError(f"request {request.request_id!r}: {reason}")
         self._requests[request.request_id] = request
-        self._seq_ids.add(request.seq_id)
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> bool:
@@ -160,7 +160,6 @@ class Scheduler:
                                 f"{request.num_prompt_tokens} prompt tokens")
         request.wait_for_remote_kv()
         self._requests[request.request_id] = request
-        self._seq_ids.add(request.seq_id)
         self.awaiting_kv[request.request_id] = request
 
     def on_remote_kv(self, request_id: str, first_token_id: int,
@@ -178,7 +177,7 @@ class Scheduler:
             request.finish(stop)
             self._release(request)
         else:
-            request.draft_token_ids = list(draft_token_ids[: self.config.num_speculative_tokens])
+            request.draft_token_ids = list(draft_token_ids[: self.num_speculative_tokens])
             self.running.append(request)
         return RequestUpdate(request=request, new_token_ids=(first_token_id,), num_draft_tokens=0,
                              num_accepted_draft_tokens=0)
@@ -186,8 +185,8 @@ class Scheduler:
     def _check_new(self, request: Request) -> None:
         if request.status is not RequestStatus.WAITING or request.num_output_tokens:
             raise ValueError(f"add: {request!r} must be a fresh WAITING request")
-        if request.request_id in self._requests or request.seq_id in self._seq_ids:
-            raise ValueError(f"add: request id {request.request_id!r} or seq_id {request.seq_id} in use")
+        if request.request_id in self._requests:
+            raise ValueError(f"add: request id {request.request_id!r} in use")
 
     def _rejection_reason(self, request: Request) -> str | None:
         max_model_len = self.config.max_model_len
@@ -204,7 +203,6 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         self.block_manager.free(request)
         del self._requests[request.request_id]
-        self._seq_ids.discard(request.seq_id)
         self._finished_since_last_step.append(request.request_id)
 
     # -- one step ------------------------------------------------------------------------------------
@@ -290,7 +288,7 @@ class Scheduler:
     def _num_drafts_to_verify(self, request: Request, token_budget: int) -> int:
         # A step with d drafts can add up to d + 1 tokens; never more than the request may still get.
         room = request.max_num_tokens(self.config.max_model_len) - request.num_tokens - 1
-        return max(0, min(len(request.draft_token_ids), self.config.num_speculative_tokens,
+        return max(0, min(len(request.draft_token_ids), self.num_speculative_tokens,
                           token_budget - 1, room))
 
     @staticmethod
@@ -342,7 +340,6 @@ class Scheduler:
         self.running.remove(request)
         request.finish(RequestStatus.FINISHED_PREFILLED)
         del self._requests[request.request_id]
-        self._seq_ids.discard(request.seq_id)
         return RequestUpdate(request=request, new_token_ids=(first_token_id,), num_draft_tokens=0,
                              num_accepted_draft_tokens=0)
 

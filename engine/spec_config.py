@@ -94,10 +94,6 @@ class SpeculativeConfig:
         return self.method == "mtp"
 
     @property
-    def uses_ngram(self) -> bool:
-        return self.method == "ngram" or self.mtp_strategy == "with_ngram"
-
-    @property
     def proposer_name(self) -> str:
         """The registry key of the draft proposer this config selects."""
         if self.method == "ngram":

@@ -8,7 +8,8 @@ once there are 2 or more rows, so one extra row costs about as much as the first
     Paddle    40     51    127    372    11471 us
     packed    12     27     32     72     4147 us
 
-(one row takes eight strips per pass: 26 us with one, a single multiply-add chain bound by its latency)
+(one row takes eight strips per pass: with one strip it would be a single multiply-add chain, bound
+by its latency, at 26 us)
 
 ``kernels/csrc/packed_linear.cc`` keeps the weight in 16-column strips (``[N / 16, K, 16]``, packed
 when the model is loaded) and streams each strip once per group of 4 or 8 rows. A speculative step

@@ -27,9 +27,9 @@ import paddle
 from pdserve.kernels import cpu_ops
 from pdserve.kernels.linear import pack_weight, packed_matmul
 
-# The packed op multiplies up to 8 rows per pass over the weights (4 without AVX-512): measured
-# 0.05 ms for 1 row (0.12 before one row took eight strips per pass) and 0.18 ms for 8 on the demo
-# head, so a verification's rows are scored in one call rather than round by round.
+# The packed op multiplies up to 8 rows per pass over the weights (4 without AVX-512): 0.05 ms for
+# 1 row and 0.18 ms for 8 on the demo head, so a verification's rows are scored in one call rather
+# than round by round.
 FLAT_ROWS = 8
 
 class LMHead:

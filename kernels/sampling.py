@@ -217,8 +217,9 @@ def greedy_tokens(processed_logits: paddle.Tensor) -> paddle.Tensor:
 def greedy_token_ids(processed_logits: paddle.Tensor) -> np.ndarray:
     """``greedy_tokens`` on the host, for callers that read the ids in Python: float32 CPU logits are
     read in place (NumPy's argmax also returns the lowest id among equal maxima), which saves two
-    Paddle calls and a copy per step (a py-spy profile had the argmax chain at a quarter of a hybrid
-    step's sampling). Readable in place when it is what pdserve's CPU ops take (2-D float32 on CPU)."""
+    Paddle calls and a copy per step (through Paddle, the argmax chain is a quarter of a hybrid
+    step's sampling in a py-spy profile). Readable in place when it is what pdserve's CPU ops take
+    (2-D float32 on CPU)."""
     if cpu_ops.takes(processed_logits):
         return np.from_dlpack(processed_logits).argmax(axis=-1)
     return greedy_tokens(processed_logits).numpy()

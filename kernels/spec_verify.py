@@ -56,7 +56,7 @@ class VerifiedTokens(NamedTuple):
 def row_starts(num_drafts: Sequence[int]) -> list[int]:
     """First logits row of each request when request i owns 1 + num_drafts[i] rows.
 
-    Plain Python: a step has a handful of requests, and NumPy's calls for this took ~25 us of a
+    Plain Python: a step has a handful of requests, and NumPy's calls for this cost ~25 us of a
     hybrid step (py-spy), with cold caches after the forward pass."""
     starts, row = [], 0
     for n in num_drafts:

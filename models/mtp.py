@@ -72,7 +72,7 @@ class MTPModule(nn.Layer):
         rows = np.ascontiguousarray(table.numpy(), dtype=np.float32)
         object.__setattr__(self, "_token_rows", paddle.to_tensor(rows, place=paddle.CPUPlace()))
         object.__setattr__(self, "_hidden_proj", hidden_proj)
-        self.eh_proj.unpack()  # forward no longer calls it; its weight stays for state_dict
+        self.eh_proj.unpack()  # the folded forward does not call it; its weight stays for state_dict
 
     def forward(
         self,

@@ -1,9 +1,10 @@
 """The asyncio side of an engine process, for node servers.
 
-One reader thread blocks on the SysV output queue and the control pipe, and hands each slot output to
-the asyncio queue of its request; the event loop never blocks on the engine. A request's seq_id is
-released only after the engine's last event for it (finish, abort or rejection), so a late marker can
-never reach a newer request that reused the id.
+One reader thread blocks on the engine's record stream and hands each request's records to that
+request's asyncio queue; the event loop never blocks on the engine. Requests are named by their
+request id, the node's one id for them: a request stays in the bridge's one map until the engine's
+last record for it (its finish, or its rejection), so a late record can never reach a newer request
+that reuses the id, and a request id the engine still knows is refused.
 """
 
 from __future__ import annotations
@@ -11,69 +12,69 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.common.sampling_params import SamplingParams
-from pdserve.engine.output_codec import SlotOutput
+from pdserve.common.tokens import SampledTokens
 from pdserve.engine.protocol import (
     EngineFailed,
     EngineReady,
     EngineStats,
     KVReserved,
-    PrefillDone,
     PrefillProgress,
-    PromptLogprobs,
+    ProtocolError,
+    RequestOutput,
     RequestRejected,
+    StepOutputs,
 )
 from pdserve.node.engine_client import EngineClient, EngineError
+from pdserve.node.engine_stream import EngineExited, StreamClosed
 
-log = logging.getLogger("pdserve.node.engine_bridge")
+log = logging.getLogger("pdserve.node.bridge")
 
-POLL_S = 0.02
-# The engine writes a request's PromptLogprobs to its control pipe before the first token to the SysV
-# queue, so they are at most a pipe read behind; this bound only guards against a broken engine.
-PROMPT_LOGPROBS_WAIT_S = 2.0
+
+class RequestIdInUse(EngineError):
+    """The engine still has a request by this id (its last record has not arrived yet)."""
 
 
 @dataclass(frozen=True)
 class EngineGone:
-    """Delivered to every live request when the engine process dies."""
+    """Delivered to every live request when the engine process dies or its stream breaks."""
 
     message: str
 
 
-BridgeItem = (SlotOutput | RequestRejected | EngineGone | KVReserved | PrefillProgress | PrefillDone
-              | PromptLogprobs)
+BridgeItem = RequestOutput | RequestRejected | KVReserved | PrefillProgress | EngineGone
 
 
 @dataclass
 class RequestHandle:
     request_id: str
-    seq_id: int
     prompt_len: int
     items: asyncio.Queue[BridgeItem] = field(default_factory=asyncio.Queue)
-    # Asked for prompt logprobs and their last part has not arrived: its first token slot waits for it.
-    awaits_prompt_logprobs: bool = False
 
 
 class EngineBridge:
-    def __init__(self, client: EngineClient, prompt_logprobs_wait_s: float = PROMPT_LOGPROBS_WAIT_S) -> None:
+    def __init__(self, client: EngineClient) -> None:
         self.client = client
-        self._prompt_logprobs_wait_s = prompt_logprobs_wait_s
         self.stats: EngineStats | None = None
         self.ready: EngineReady | None = None
         self.failure: str | None = None
-        self._handles: dict[int, RequestHandle] = {}
+        self._handles: dict[str, RequestHandle] = {}
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.lost: asyncio.Event | None = None  # set once the engine is gone (not when we stopped it)
+        # Called on the reader thread with every stats record (prometheus gauges are thread-safe).
+        self.on_stats: Callable[[EngineStats], None] | None = None
 
     async def start(self) -> EngineReady:
         self._loop = asyncio.get_running_loop()
+        self.lost = asyncio.Event()
         self.ready = await self._loop.run_in_executor(None, self.client.start)
-        self._thread = threading.Thread(target=self._pump, name="engine-bridge", daemon=True)
+        self._thread = threading.Thread(target=self._read, name="engine-records", daemon=True)
         self._thread.start()
         return self.ready
 
@@ -85,106 +86,117 @@ class EngineBridge:
     def num_live(self) -> int:
         return len(self._handles)
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               mode: str = "generate", num_extra_tokens: int = 0) -> RequestHandle:
-        """Start a request in the engine (modes: EngineClient.submit); its outputs and lifecycle
-        events arrive on the handle's queue."""
-        if not self.alive:
-            raise EngineError(self.failure or "engine process is not running")
-        with self._lock:
-            seq_id = self.client.submit(request_id, prompt_token_ids, params, mode, num_extra_tokens)
-            awaits = mode == "generate" and params.prompt_logprobs is not None
-            handle = RequestHandle(request_id, seq_id, len(prompt_token_ids), awaits_prompt_logprobs=awaits)
-            self._handles[seq_id] = handle
-        return handle
+    # -- one call per task kind; each returns (or takes) the request's handle ------------------------
 
-    def kv_ready(self, handle: RequestHandle, first_token_id: int, draft_token_ids: list[int]) -> None:
-        self.client.kv_ready(handle.seq_id, first_token_id, draft_token_ids)
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
+        """Prefill and decode here: RequestOutputs (or a RequestRejected) arrive on the handle."""
+        return self._start(request_id, prompt_token_ids,
+                           lambda: self.client.generate(request_id, prompt_token_ids, params))
+
+    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
+        """Prefill node: PrefillProgress per chunk, then the FINISHED_PREFILLED output (first token)."""
+        return self._start(request_id, prompt_token_ids,
+                           lambda: self.client.prefill(request_id, prompt_token_ids, params))
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                num_extra_tokens: int) -> RequestHandle:
+        """Decode node: KVReserved (or RequestRejected), then after `kv_ready` the request's outputs."""
+        def send() -> None:
+            self.client.reserve(request_id, prompt_token_ids, params, num_extra_tokens)
+
+        return self._start(request_id, prompt_token_ids, send)
+
+    def kv_ready(self, handle: RequestHandle, first: SampledTokens, draft_token_ids: list[int]) -> None:
+        self.client.kv_ready(handle.request_id, first, draft_token_ids)
 
     def release_prefilled(self, handle: RequestHandle) -> None:
         """Prefill node: free the request's blocks; the handle gets nothing more."""
         with self._lock:
-            self._handles.pop(handle.seq_id, None)
+            if self._handles.get(handle.request_id) is handle:
+                del self._handles[handle.request_id]
         try:
-            self.client.release_prefilled(handle.seq_id)
+            self.client.release(handle.request_id)
         except EngineError:
             pass  # the engine is gone, and its blocks with it
 
     def abort(self, handle: RequestHandle) -> None:
-        """Ask the engine to stop the request; its ABORTED marker (or finish) releases the seq_id."""
+        """Ask the engine to stop the request; its FINISHED_ABORTED output (or finish) ends the handle."""
         try:
-            self.client.abort(handle.seq_id)
+            self.client.abort(handle.request_id)
         except EngineError:
             pass  # the engine is gone: its requests are gone with it
 
+    def _start(self, request_id: str, prompt_token_ids: list[int], send: Callable[[], None]) -> RequestHandle:
+        if not self.alive:
+            raise EngineError(self.failure or "engine process is not running")
+        with self._lock:
+            if request_id in self._handles:
+                raise RequestIdInUse(f"request id {request_id!r} is still in use on this node")
+            handle = RequestHandle(request_id, len(prompt_token_ids))
+            self._handles[request_id] = handle
+        try:
+            send()
+        except EngineError:
+            with self._lock:
+                self._handles.pop(request_id, None)
+            raise
+        return handle
+
     def close(self) -> None:
-        self._stopping.set()
+        self._stopping = True
+        self.client.close()  # the engine exits, the reaper's notice ends the reader
         if self._thread is not None:
             self._thread.join(timeout=5.0)
-        self.client.close()
 
     # -- the reader thread ---------------------------------------------------------------------------
 
-    def _pump(self) -> None:
-        while not self._stopping.is_set():
+    def _read(self) -> None:
+        engine_failure = ""
+        while True:
             try:
-                self._handle_events()
-                step = self.client.receive(timeout_s=POLL_S)
-                for slot in step.slots if step else ():
-                    if slot.num_tokens:
-                        self._wait_for_prompt_logprobs(slot.seq_id)
-                    self._deliver(slot.seq_id, slot, final=slot.event.is_terminal)
-            except EngineError as exc:
-                self._fail(str(exc))
+                record = self.client.receive()
+            except StreamClosed:
+                self._fail("the engine's record stream was closed")
                 return
-
-    def _wait_for_prompt_logprobs(self, seq_id: int) -> None:
-        """Hand a request its prompt logprobs before its first token, whichever channel was read first."""
-        deadline = time.monotonic() + self._prompt_logprobs_wait_s
-        while self._awaits_prompt_logprobs(seq_id):
-            if time.monotonic() > deadline:
-                log.error("seq_id %d: first token without prompt logprobs after %.1f s; sending it without",
-                          seq_id, self._prompt_logprobs_wait_s)
-                handle = self._handles.get(seq_id)
-                if handle is not None:
-                    handle.awaits_prompt_logprobs = False
+            except ProtocolError as exc:
+                self._fail(f"the engine's record stream broke: {exc}")
                 return
-            time.sleep(0.0005)
-            self._handle_events()
+            if isinstance(record, StepOutputs):
+                for output in record.outputs:
+                    self._deliver(output.request_id, output, final=output.finished)
+            elif isinstance(record, EngineStats):
+                self.stats = record
+                if self.on_stats is not None:
+                    self.on_stats(record)
+            elif isinstance(record, (KVReserved, PrefillProgress)):
+                self._deliver(record.request_id, record, final=False)
+            elif isinstance(record, RequestRejected):
+                self._deliver(record.request_id, record, final=True)
+            elif isinstance(record, EngineFailed):
+                engine_failure = record.message  # the process exits next; its exit notice follows
+            elif isinstance(record, EngineExited):
+                why = f"engine failed: {engine_failure}" if engine_failure else (
+                    f"engine process exited with code {record.returncode}")
+                self._fail(why)
+                return
+            else:
+                log.warning("unexpected engine record %s ignored", type(record).__name__)
 
-    def _awaits_prompt_logprobs(self, seq_id: int) -> bool:
-        handle = self._handles.get(seq_id)
-        return handle is not None and handle.awaits_prompt_logprobs
-
-    def _handle_events(self) -> None:
-        for event in self.client.events():
-            if isinstance(event, EngineStats):
-                self.stats = event
-            elif isinstance(event, RequestRejected):
-                self._deliver(event.seq_id, event, final=True)
-            elif isinstance(event, (KVReserved, PrefillProgress, PrefillDone)):
-                self._deliver(event.seq_id, event, final=False)
-            elif isinstance(event, PromptLogprobs):
-                handle = self._handles.get(event.seq_id)
-                if handle is not None and event.last:
-                    handle.awaits_prompt_logprobs = False
-                self._deliver(event.seq_id, event, final=False)
-            elif isinstance(event, EngineFailed):
-                raise EngineError(f"engine failed: {event.message}")
-
-    def _deliver(self, seq_id: int, item: BridgeItem, final: bool) -> None:
+    def _deliver(self, request_id: str, item: BridgeItem, final: bool) -> None:
         with self._lock:
-            handle = self._handles.pop(seq_id, None) if final else self._handles.get(seq_id)
-            if final:
-                self.client.release(seq_id)
+            handle = self._handles.pop(request_id, None) if final else self._handles.get(request_id)
         if handle is None:
-            log.debug("output for unknown seq_id %d dropped", seq_id)
+            log.debug("record for unknown request %r dropped", request_id)
             return
         self._loop.call_soon_threadsafe(handle.items.put_nowait, item)
 
     def _fail(self, message: str) -> None:
-        log.error("engine lost: %s", message)
-        self.failure = message
+        if self._stopping:
+            message = "node server stopping"  # an engine we stopped is no failure
+        else:
+            log.error("engine lost: %s", message)
+            self.failure = message
+            self._loop.call_soon_threadsafe(self.lost.set)
         with self._lock:
             handles, self._handles = list(self._handles.values()), {}
         for handle in handles:

@@ -1,7 +1,7 @@
 """`pdserve generate`: continue prompts through a real engine process, offline.
 
-The same path a node serves (engine process, SysV output queue, detokenizer, stop strings), driven by a
-plain loop instead of a gRPC stream.
+The same path a node serves (engine process, its record stream, detokenizer, stop strings), driven by
+a plain loop instead of a gRPC stream.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.spec_metrics import RequestSpecStats, SpeculateMetrics
-from pdserve.engine.output_codec import SlotEvent
-from pdserve.engine.protocol import EngineFailed, RequestRejected
+from pdserve.common.tokens import NO_TOKENS, SampledTokens
+from pdserve.engine.protocol import EngineFailed, RequestOutput, RequestRejected, StepOutputs
+from pdserve.engine.request import RequestStatus
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.node.engine_client import EngineClient, EngineError
-from pdserve.node.request_stream import RequestStream, TokenLogprob
+from pdserve.node.engine_stream import EngineExited
+from pdserve.node.request_stream import RequestStream
 
 
 @dataclass(frozen=True)
@@ -45,67 +47,63 @@ class GenerationResult:
 class _Pending:
     index: int
     stream: RequestStream
-    logprobs: list[TokenLogprob]
+    tokens: list[SampledTokens]
     spec_stats: RequestSpecStats | None = None
     error: str | None = None
-    engine_done: bool = False  # the engine sent this seq_id's last event; the id may be reused
+    engine_done: bool = False  # the engine sent this request's last record
 
 
 def generate(client: EngineClient, tokenizer: Tokenizer, prompts: Sequence[str], params: SamplingParams,
-             poll_s: float = 0.5, speculative: SpeculativeConfig | None = None) -> list[GenerationResult]:
-    pending: dict[int, _Pending] = {}
+             speculative: SpeculativeConfig | None = None) -> list[GenerationResult]:
+    pending: dict[str, _Pending] = {}
     for index, prompt in enumerate(prompts):
+        request_id = f"generate-{index}"
         prompt_ids = tokenizer.encode(prompt)
-        seq_id = client.submit(f"generate-{index}", prompt_ids, params)
-        stream = RequestStream(f"generate-{index}", params, tokenizer, prompt_ids)
+        client.generate(request_id, prompt_ids, params)
         stats = RequestSpecStats(speculative.num_speculative_tokens) if speculative else None
-        pending[seq_id] = _Pending(index, stream, [], stats)
-    results: dict[int, _Pending] = {}
+        stream = RequestStream(request_id, params, tokenizer, prompt_ids)
+        pending[request_id] = _Pending(index, stream, [], stats)
     while any(not p.engine_done for p in pending.values()):
-        _handle_events(client, pending)
-        step = client.receive(timeout_s=poll_s)
-        for slot in step.slots if step else ():
-            entry = pending.get(slot.seq_id)
-            if entry is None:
-                continue
-            if entry.spec_stats is not None:
-                entry.spec_stats.on_slot(slot.event is SlotEvent.PREEMPTED, slot.num_tokens)
-            if not entry.stream.finished:
-                delta = entry.stream.on_slot(slot)
-                entry.logprobs.extend(delta.logprobs)
-                if delta.stopped_by_string:
-                    client.abort(slot.seq_id)
-            if slot.event.is_terminal:
-                _done(client, slot.seq_id, entry)
-        results.update({p.index: p for p in pending.values()})
-    return [_result(prompts[i], results[i]) for i in range(len(prompts))]
-
-
-def _handle_events(client: EngineClient, pending: dict[int, _Pending]) -> None:
-    for event in client.events():
-        if isinstance(event, RequestRejected) and event.seq_id in pending:
-            entry = pending[event.seq_id]
-            entry.error = event.message
+        record = client.receive()
+        if isinstance(record, StepOutputs):
+            for output in record.outputs:
+                if output.request_id in pending:
+                    _on_output(client, pending[output.request_id], output)
+        elif isinstance(record, RequestRejected) and record.request_id in pending:
+            entry = pending[record.request_id]
+            entry.error = record.message
             entry.stream.finish_reason = "error"
-            _done(client, event.seq_id, entry)
-        elif isinstance(event, EngineFailed):
-            raise EngineError(f"engine failed: {event.message}")
+            entry.engine_done = True
+        elif isinstance(record, EngineFailed):
+            raise EngineError(f"engine failed: {record.message}")
+        elif isinstance(record, EngineExited):
+            raise EngineError(f"engine process exited with code {record.returncode}")
+    by_index = sorted(pending.values(), key=lambda p: p.index)
+    return [_result(prompts[p.index], p) for p in by_index]
 
 
-def _done(client: EngineClient, seq_id: int, entry: _Pending) -> None:
-    entry.engine_done = True
-    client.release(seq_id)
+def _on_output(client: EngineClient, entry: _Pending, output: RequestOutput) -> None:
+    if entry.spec_stats is not None:
+        entry.spec_stats.on_slot(output.status is RequestStatus.PREEMPTED, len(output.tokens))
+    if not entry.stream.finished:
+        delta = entry.stream.on_output(output)
+        entry.tokens.append(delta.tokens)
+        if delta.stopped_by_string:
+            client.abort(output.request_id)
+    entry.engine_done = output.finished
 
 
 def _result(prompt: str, entry: _Pending) -> GenerationResult:
     stream = entry.stream
     wants_logprobs = stream.params.logprobs is not None and entry.error is None
+    tokens = SampledTokens.concat(entry.tokens) if entry.tokens else NO_TOKENS
+    top = [[[t, lp] for t, lp in tokens.top(i)] for i in range(len(tokens))]
     return GenerationResult(
         prompt=prompt,
         token_ids=list(stream.token_ids),
         text=stream.text,
-        logprobs=[lp.logprob for lp in entry.logprobs] if wants_logprobs else None,
-        top_logprobs=[[[t, lp] for t, lp in x.top] for x in entry.logprobs] if wants_logprobs else None,
+        logprobs=list(tokens.logprobs) if wants_logprobs else None,
+        top_logprobs=top if wants_logprobs else None,
         finish_reason=stream.finish_reason or "error",
         error=entry.error,
         speculate_metrics=entry.spec_stats.metrics() if entry.spec_stats is not None else None,

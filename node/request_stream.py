@@ -1,5 +1,6 @@
-"""Turns one request's per-step slot outputs into what a client sees: text deltas, logprobs, and a
-finish reason. Stop strings live here, not in the engine: the engine only knows token ids.
+"""Turns one request's engine outputs into what a client sees: text deltas, the tokens with their
+logprobs (the engine's `SampledTokens`, cut where a stop string ended the request), and a finish
+reason. Stop strings live here, not in the engine: the engine only knows token ids.
 
 Streaming never shows text that a stop string might still claim: the last ``len(longest stop) - 1``
 characters are held back until the next token proves they are not the start of a stop string.
@@ -10,30 +11,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdserve.common.sampling_params import SamplingParams
-from pdserve.engine.output_codec import SlotEvent, SlotOutput
+from pdserve.common.tokens import NO_TOKENS, SampledTokens
+from pdserve.engine.protocol import RequestOutput
+from pdserve.engine.request import RequestStatus
 from pdserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 FINISH_REASONS = {
-    SlotEvent.FINISHED_STOPPED: "stop",
-    SlotEvent.FINISHED_LENGTH: "length",
-    SlotEvent.ABORTED: "abort",
-    SlotEvent.ERROR: "error",
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    rank: int
-    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
-
-
-@dataclass(frozen=True)
 class StreamDelta:
-    token_ids: tuple[int, ...]
+    tokens: SampledTokens  # logprob columns only when the request asked for logprobs
     text: str
-    logprobs: tuple[TokenLogprob, ...]  # empty unless the request asked for logprobs
     finish_reason: str | None  # set on the last delta of the request
     stopped_by_string: bool = False  # the engine still runs it: the caller must abort it
     preempted: bool = False
@@ -59,17 +53,16 @@ class RequestStream:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def on_slot(self, slot: SlotOutput) -> StreamDelta:
+    def on_output(self, output: RequestOutput) -> StreamDelta:
         if self.finished:
             raise ValueError(f"request {self.request_id!r} got an output after it finished")
-        if slot.event is SlotEvent.PREEMPTED:
-            return StreamDelta((), "", (), None, preempted=True)
-        new_ids = [int(t) for t in slot.token_ids]
-        logprobs = _logprobs(slot) if self.params.logprobs is not None else ()
-        self.num_accepted_drafts += slot.num_accepted_drafts
+        if output.status is RequestStatus.PREEMPTED:
+            return StreamDelta(NO_TOKENS, "", None, preempted=True)
+        tokens = output.tokens if self.params.logprobs is not None else SampledTokens(output.tokens.token_ids)
+        self.num_accepted_drafts += output.num_accepted_drafts
         stopped = False
-        kept = 0  # tokens of this slot up to (and including) the one that completed a stop string
-        for token_id in new_ids:
+        kept = 0  # tokens of this output up to (and including) the one that completed a stop string
+        for token_id in tokens.token_ids:
             self.token_ids.append(token_id)
             kept += 1
             previous_len = len(self.text)
@@ -79,11 +72,10 @@ class RequestStream:
                 break
         if stopped:
             self.finish_reason = "stop"
-        elif slot.event in FINISH_REASONS:
+        elif output.status in FINISH_REASONS:
             self.text += self._detokenizer.flush()
-            self.finish_reason = FINISH_REASONS[slot.event]
-        delta_text = self._take_text()
-        return StreamDelta(tuple(new_ids[:kept]), delta_text, logprobs[:kept], self.finish_reason,
+            self.finish_reason = FINISH_REASONS[output.status]
+        return StreamDelta(tokens.head(kept), self._take_text(), self.finish_reason,
                            stopped_by_string=stopped)
 
     def _cut_at_stop_string(self, previous_len: int) -> bool:
@@ -105,15 +97,3 @@ class RequestStream:
         delta = self.text[self._emitted_chars:end]
         self._emitted_chars = end
         return delta
-
-
-def _logprobs(slot: SlotOutput) -> tuple[TokenLogprob, ...]:
-    return tuple(
-        TokenLogprob(
-            token_id=int(slot.token_ids[i]),
-            logprob=float(slot.logprobs[i]),
-            rank=int(slot.ranks[i]),
-            top=tuple(zip(slot.topk_ids[i].tolist(), slot.topk_logprobs[i].tolist(), strict=True)),
-        )
-        for i in range(slot.num_tokens)
-    )

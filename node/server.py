@@ -20,21 +20,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from pdserve.common.spec_metrics import SpeculateMetrics
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.protocol import EngineStats
 from pdserve.node.engine_bridge import EngineBridge
 from pdserve.node.engine_client import EngineClient, EngineClientConfig
+from pdserve.node.registry_client import Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc import node_pb2_grpc
+from pdserve.rpc.registry import NodeInfo, Role
 from pdserve.transfer.config import TransferConfig
 
 log = logging.getLogger("pdserve.node")
 
 READY_PREFIX = "PDSERVE_READY "
-ROLES = ("prefill", "decode", "mixed")
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    role: str
+    role: Role
     node_id: str
     model_dir: str
     engine: EngineConfig
@@ -44,10 +46,10 @@ class NodeConfig:
     data_port: int = 0  # KV data plane: decode nodes receive KV here, prefill nodes take tasks here
     metrics_port: int | None = None  # Prometheus; None = no metrics endpoint
     omp_num_threads: int = 1
+    dtype: str = "float32"  # the model's dtype in the engine (an engine that cannot run it refuses to start)
     eos_token_ids: tuple[int, ...] = ()
     registry_url: str | None = None  # the router (http://...) or redis://...; None = not registered
     registry_api_key: str | None = field(default=None, repr=False)  # never in a log line
-    speculative_config: str | None = None  # FastDeploy's JSON; None = no speculative decoding
     transport: str = "auto"  # KV transport a prefill node uses: auto (shm on the same host) | shm | zmq
     prefill_timeout_s: float = 120.0  # decode node: no FirstToken by then -> the request fails
     kv_lease_s: float = 10.0  # reservation lease, renewed while the peer works
@@ -56,8 +58,9 @@ class NodeConfig:
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES} (got {self.role!r})")
+        if self.role not in set(Role):
+            raise ValueError(f"role must be one of {[r.value for r in Role]} (got {self.role!r})")
+        object.__setattr__(self, "role", Role(self.role))  # a plain string names the same role
         if not self.node_id:
             raise ValueError("node_id must not be empty")
         for name in ("grpc_port", "data_port"):
@@ -78,8 +81,8 @@ class NodeConfig:
 
     def engine_client_config(self) -> EngineClientConfig:
         return EngineClientConfig(
-            model_dir=self.model_dir, engine=self.engine, eos_token_ids=self.eos_token_ids,
-            shared_kv_pool=self.role != "mixed", omp_num_threads=self.omp_num_threads,
+            model_dir=self.model_dir, engine=self.engine, eos_token_ids=self.eos_token_ids, dtype=self.dtype,
+            shared_kv_pool=self.role is not Role.MIXED, omp_num_threads=self.omp_num_threads,
             log_level=self.log_level,
         )
 
@@ -128,13 +131,16 @@ class NodeMetrics:
             self.spec_accepted_per_head.labels(head=str(head)).inc(count)
 
 
-class NodeServer:
-    """The parts every role shares. Subclasses add their Node RPCs and data-plane endpoints."""
+class NodeServer(node_pb2_grpc.NodeServicer):
+    """The runtime every role shares: the engine bridge, the gRPC server with Stats, Drain and health,
+    heartbeats, metrics. Each role is a subclass that adds its own RPCs and data plane; an RPC a role
+    does not serve keeps the generated base's answer, UNIMPLEMENTED (a prefill node and Generate)."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.bridge = EngineBridge(EngineClient(config.engine_client_config()))
         self.metrics = NodeMetrics(config.role)
+        self.bridge = EngineBridge(EngineClient(config.engine_client_config()))
+        self.bridge.on_stats = self._on_stats
         self.draining = False
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -185,16 +191,12 @@ class NodeServer:
             await self._start_heartbeats()
 
     async def _start_heartbeats(self) -> None:
-        from pdserve.node.registry_client import Heartbeater, registry_client_for
-
         client = registry_client_for(self.config.registry_url, api_key=self.config.registry_api_key)
         self._heartbeater = Heartbeater(client, self.node_info, self.config.heartbeat_interval_s)
         await self._heartbeater.start()
 
-    def node_info(self):
+    def node_info(self) -> NodeInfo:
         """This node's registry entry, current load included."""
-        from pdserve.rpc.registry import NodeInfo
-
         stats = self.bridge.stats
         return NodeInfo(
             node_id=self.config.node_id, role=self.config.role, model=self.config.model_name,
@@ -218,18 +220,15 @@ class NodeServer:
 
     async def _watch_engine(self) -> None:
         """An engine that dies takes the node's health with it, so routers stop sending requests."""
-        while not self._stop.is_set():
-            if not self.bridge.alive:
-                log.error("engine process is gone; node %s stops serving", self.config.node_id)
-                await self._set_health(serving=False)
-                self._stop.set()
-                return
-            s = self.bridge.stats
-            if s is not None:
-                self.metrics.running.set(s.running)
-                self.metrics.waiting.set(s.waiting)
-                self.metrics.free_blocks.set(s.free_blocks)
-            await asyncio.sleep(0.1)
+        await self.bridge.lost.wait()
+        log.error("engine process is gone; node %s stops serving", self.config.node_id)
+        await self._set_health(serving=False)
+        self._stop.set()
+
+    def _on_stats(self, stats: EngineStats) -> None:
+        self.metrics.running.set(stats.running)
+        self.metrics.waiting.set(stats.waiting)
+        self.metrics.free_blocks.set(stats.free_blocks)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         self._stop.set()

@@ -13,15 +13,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import grpc
+import msgspec
 
 from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
-from pdserve.engine.output_codec import SlotOutput
-from pdserve.engine.protocol import PrefillDone, PrefillProgress, RequestRejected
+from pdserve.engine.protocol import PrefillProgress, RequestOutput, RequestRejected
+from pdserve.engine.request import RequestStatus
 from pdserve.node.engine_bridge import EngineGone, RequestHandle
 from pdserve.node.engine_client import EngineError
 from pdserve.node.server import NodeConfig, NodeServer
-from pdserve.rpc import node_pb2 as pb
 from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import InboxDispatcher, Malformed
@@ -71,11 +70,6 @@ class PrefillNodeServer(NodeServer):
         self._peers = PeerSenders(self.transfer)  # one thread per decode peer: KV, FirstToken, acks
         self._host_id = local_host_id()
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            "a prefill node does not serve Generate; send requests to a decode or mixed node")
-        yield pb.GenerateChunk()  # never reached: makes this an async generator like the servicer expects
 
     # -- data plane ------------------------------------------------------------------------------------
 
@@ -140,8 +134,8 @@ class PrefillNodeServer(NodeServer):
                                 self.kv_spec.num_layers, self.kv_spec.block_size)
             job.handle = self._submit(task)
             job.started_at = time.monotonic()
-            done = await self._prefill_and_push(job, kind, chunker)
-            first = _first_token(task.request_id, done, _timings(job))
+            prefilled = await self._prefill_and_push(job, kind, chunker)
+            first = _first_token(task.request_id, prefilled, _timings(job))
             await self._peers.send(task.kv_target.address, first)
             self.metrics.outcome("prefilled")
         except PrefillFailed as exc:
@@ -156,28 +150,28 @@ class PrefillNodeServer(NodeServer):
 
     def _submit(self, task: PrefillTask) -> RequestHandle:
         try:
-            return self.bridge.submit(task.request_id, list(task.prompt_token_ids), task.sampling,
-                                      mode="prefill")
+            return self.bridge.prefill(task.request_id, list(task.prompt_token_ids), task.sampling)
         except EngineError as exc:
             raise PrefillFailed(ErrorCode.PREFILL_FAILED, str(exc)) from exc
 
-    async def _prefill_and_push(self, job: PrefillJob, kind: str, chunker: KVChunker) -> PrefillDone:
-        """Follow the engine's progress: push each newly computed span, the rest after the first token."""
+    async def _prefill_and_push(self, job: PrefillJob, kind: str, chunker: KVChunker) -> RequestOutput:
+        """Follow the engine's progress, pushing each newly computed span (the engine reports the last
+        chunk's progress before the output with the first token)."""
         while True:
             item = await job.handle.items.get()
             if job.aborted:
                 raise PrefillFailed(ErrorCode.ABORTED, "aborted")
             if isinstance(item, PrefillProgress):
                 await self._push(job, kind, chunker, item.block_ids, item.num_computed_tokens)
-            elif isinstance(item, PrefillDone):
-                if not chunker.done:
-                    await self._push(job, kind, chunker, item.block_ids, item.num_prompt_tokens)
-                return item
             elif isinstance(item, (RequestRejected, EngineGone)):
                 raise PrefillFailed(ErrorCode.PREFILL_FAILED, item.message)
-            elif isinstance(item, SlotOutput):
+            elif item.status is RequestStatus.FINISHED_PREFILLED:
+                if not chunker.done:
+                    raise PrefillFailed(ErrorCode.PREFILL_FAILED, "first token before the prompt's last KV")
+                return item
+            else:
                 # PREEMPTED: blocks already pushed may have been reused; ABORTED/ERROR: gone.
-                raise PrefillFailed(ErrorCode.PREFILL_FAILED, f"prefill {item.event.name.lower()}")
+                raise PrefillFailed(ErrorCode.PREFILL_FAILED, f"prefill {item.status.name.lower()}")
 
     async def _push(self, job: PrefillJob, kind: str, chunker: KVChunker, block_table: list[int],
                     token_end: int) -> None:
@@ -250,14 +244,14 @@ class PrefillNodeServer(NodeServer):
         return kind
 
 
-def _first_token(request_id: str, done: PrefillDone, timings: PrefillTimings) -> FirstToken:
-    return FirstToken(
+def _first_token(request_id: str, prefilled: RequestOutput, timings: PrefillTimings) -> FirstToken:
+    token = prefilled.tokens
+    if not token.valid_logprobs():
         # float32 rounding can put a near-certain token's logprob a hair above 0: the wire wants <= 0.
-        request_id=request_id, token_id=done.token_id, logprob=min(done.logprob, 0.0),
-        rank=done.rank, top_ids=tuple(done.top_ids),
-        top_logprobs=tuple(min(x, 0.0) for x in done.top_logprobs),
-        draft_token_ids=tuple(done.draft_token_ids), timings=timings,
-    )
+        token = msgspec.structs.replace(token, logprobs=[min(x, 0.0) for x in token.logprobs],
+                                        top_logprobs=[min(x, 0.0) for x in token.top_logprobs])
+    return FirstToken(request_id=request_id, token=token, draft_token_ids=tuple(prefilled.draft_token_ids),
+                      timings=timings)
 
 
 def _timings(job: PrefillJob) -> PrefillTimings:

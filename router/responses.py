@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.common.tokens import NO_TOKENS, SampledTokens
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.dispatch import StreamFailed
 from pdserve.router.errors import APIError, error_body
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.prepare import Prepared
 from pdserve.rpc import node_pb2
+from pdserve.rpc.convert import tokens_from_proto
 
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -59,8 +61,8 @@ def speculate_metrics_json(m: node_pb2.SpeculateMetrics) -> dict[str, Any]:
 @dataclass
 class _Accumulated:
     text: list[str] = field(default_factory=list)
-    logprobs: list[node_pb2.TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[node_pb2.TokenLogprob] = field(default_factory=list)
+    tokens: list[SampledTokens] = field(default_factory=list)
+    prompt_logprobs: SampledTokens = NO_TOKENS
     completion_tokens: int = 0
     finish_reason: str | None = None
     usage: node_pb2.Usage | None = None
@@ -68,9 +70,10 @@ class _Accumulated:
 
     def add(self, chunk: node_pb2.GenerateChunk) -> None:
         self.text.append(chunk.text)
-        self.logprobs.extend(chunk.logprobs)
-        self.prompt_logprobs.extend(chunk.prompt_logprobs)
-        self.completion_tokens += len(chunk.token_ids)
+        self.tokens.append(tokens_from_proto(chunk.tokens))
+        if chunk.HasField("prompt_logprobs"):
+            self.prompt_logprobs = tokens_from_proto(chunk.prompt_logprobs)
+        self.completion_tokens += len(chunk.tokens.token_ids)
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
         if chunk.HasField("usage"):
@@ -102,44 +105,45 @@ class ResponseBuilder:
         completion = acc.usage.completion_tokens if acc.usage is not None else acc.completion_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _chat_logprobs(self, entries: Sequence[node_pb2.TokenLogprob]) -> dict[str, Any]:
+    def _chat_logprobs(self, entries: SampledTokens) -> dict[str, Any]:
         def item(token_id: int, logprob: float) -> dict[str, Any]:
             text = self._token_text(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        return {"content": [{**item(e.token_id, e.logprob),
-                             "top_logprobs": [item(t.token_id, t.logprob) for t in e.top]} for e in entries]}
+        return {"content": [{**item(token_id, entries.logprobs[i]),
+                             "top_logprobs": [item(t, lp) for t, lp in entries.top(i)]}
+                            for i, token_id in enumerate(entries.token_ids)]}
 
-    def _top(self, e: node_pb2.TokenLogprob, text: str) -> dict[str, float]:
-        top = {self._token_text(t.token_id): t.logprob for t in e.top}
-        top.setdefault(text, e.logprob)
+    def _top(self, entries: SampledTokens, i: int, text: str) -> dict[str, float]:
+        top = {self._token_text(t): lp for t, lp in entries.top(i)}
+        top.setdefault(text, entries.logprobs[i])
         return top
 
-    def _completion_logprobs(self, entries: Sequence[node_pb2.TokenLogprob], prompt_ids: Sequence[int] = (),
-                             prompt_entries: Sequence[node_pb2.TokenLogprob] = ()) -> dict[str, Any]:
+    def _completion_logprobs(self, entries: SampledTokens, prompt_ids: Sequence[int] = (),
+                             prompt_entries: SampledTokens = NO_TOKENS) -> dict[str, Any]:
         tokens, token_logprobs, tops, offsets = [], [], [], []
         # echoed prompt tokens: the first has no logprob (nothing precedes it); entry i - 1 scores token i
         prompt_offset = 0
         for i, token_id in enumerate(prompt_ids):
             text = self._token_text(token_id)
-            e = prompt_entries[i - 1] if 0 < i <= len(prompt_entries) else None
+            scored = 0 < i <= len(prompt_entries)
             tokens.append(text)
-            token_logprobs.append(None if e is None else e.logprob)
-            tops.append(None if e is None else self._top(e, text))
+            token_logprobs.append(prompt_entries.logprobs[i - 1] if scored else None)
+            tops.append(self._top(prompt_entries, i - 1, text) if scored else None)
             offsets.append(prompt_offset)
             prompt_offset += len(text)
-        for e in entries:
-            text = self._token_text(e.token_id)
+        for i, token_id in enumerate(entries.token_ids):
+            text = self._token_text(token_id)
             tokens.append(text)
-            token_logprobs.append(e.logprob)
-            tops.append(self._top(e, text))
+            token_logprobs.append(entries.logprobs[i])
+            tops.append(self._top(entries, i, text))
             offsets.append(self._text_offset)
             self._text_offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
                 "text_offset": offsets}
 
-    def _logprobs(self, entries: Sequence[node_pb2.TokenLogprob], prompt_ids: Sequence[int] = (),
-                  prompt_entries: Sequence[node_pb2.TokenLogprob] = ()) -> Any:
+    def _logprobs(self, entries: SampledTokens, prompt_ids: Sequence[int] = (),
+                  prompt_entries: SampledTokens = NO_TOKENS) -> Any:
         if self._p.top_logprobs is None:
             return None
         if self._chat:
@@ -171,7 +175,7 @@ class ResponseBuilder:
         acc = _Accumulated()
         try:
             async for chunk in chunks:
-                self._timer.on_tokens(len(chunk.token_ids))
+                self._timer.on_tokens(len(chunk.tokens.token_ids))
                 acc.add(chunk)
         except StreamFailed as e:
             raise APIError(503, f"the request failed while generating: {e}", None, "node_failed", 1) from e
@@ -181,7 +185,8 @@ class ResponseBuilder:
         if self._p.echo:
             text = self._p.prompt_text + text
             prompt_ids = self._p.prompt_token_ids
-        logprobs = self._logprobs(acc.logprobs, prompt_ids, acc.prompt_logprobs)
+        logprobs = self._logprobs(SampledTokens.concat(acc.tokens) if acc.tokens else NO_TOKENS, prompt_ids,
+                                  acc.prompt_logprobs)
         choice = self._choice(text, logprobs, acc.finish_reason, streaming=False)
         if acc.speculate_metrics is not None:
             choice["speculate_metrics"] = speculate_metrics_json(acc.speculate_metrics)
@@ -194,12 +199,12 @@ class ResponseBuilder:
         first = True
         try:
             async for chunk in chunks:
-                self._timer.on_tokens(len(chunk.token_ids))
+                self._timer.on_tokens(len(chunk.tokens.token_ids))
                 acc.add(chunk)
                 if first and self._p.echo:  # the prompt's logprobs come with the first chunk
-                    echoed = self._logprobs([], self._p.prompt_token_ids, chunk.prompt_logprobs)
+                    echoed = self._logprobs(NO_TOKENS, self._p.prompt_token_ids, acc.prompt_logprobs)
                     yield sse(self._envelope([self._choice(self._p.prompt_text, echoed, None)], True))
-                choice = self._choice(chunk.text, self._logprobs(chunk.logprobs), chunk.finish_reason or None,
+                choice = self._choice(chunk.text, self._logprobs(acc.tokens[-1]), chunk.finish_reason or None,
                                       first=first)
                 first = False
                 if chunk.HasField("speculate_metrics"):

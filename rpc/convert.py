@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pdserve.common.sampling_params import SamplingParams
-from pdserve.node.request_stream import StreamDelta, TokenLogprob
+from pdserve.common.tokens import SampledTokens
 from pdserve.rpc import node_pb2 as pb
 
 
@@ -32,16 +32,12 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
-    return pb.TokenLogprob(
-        token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
-        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-    )
+def tokens_to_proto(tokens: SampledTokens) -> pb.SampledTokens:
+    return pb.SampledTokens(token_ids=tokens.token_ids, logprobs=tokens.logprobs, ranks=tokens.ranks,
+                            top_k=tokens.top_k, top_ids=tokens.top_ids, top_logprobs=tokens.top_logprobs)
 
 
-def delta_to_chunk(delta: StreamDelta) -> pb.GenerateChunk:
-    return pb.GenerateChunk(
-        token_ids=list(delta.token_ids), text=delta.text,
-        logprobs=[logprob_to_proto(lp) for lp in delta.logprobs],
-        finish_reason=delta.finish_reason or "",
-    )
+def tokens_from_proto(msg: pb.SampledTokens) -> SampledTokens:
+    """Raises ValueError when the columns do not fit together."""
+    return SampledTokens(list(msg.token_ids), list(msg.logprobs), list(msg.ranks), msg.top_k,
+                         list(msg.top_ids), list(msg.top_logprobs))

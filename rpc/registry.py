@@ -5,8 +5,8 @@ for heartbeats.
 
 from __future__ import annotations
 
+import enum
 import time
-from typing import Literal
 
 import msgspec
 import redis.asyncio as aioredis
@@ -14,7 +14,17 @@ import redis.asyncio as aioredis
 HEARTBEAT_PATH = "/internal/v1/nodes/heartbeat"
 NODES_PATH = "/internal/v1/nodes"
 
-NodeRole = Literal["prefill", "decode", "mixed"]
+
+class Role(enum.StrEnum):
+    """What a node does. Its gRPC services follow: every node serves Node.Stats/Drain and health;
+    decode and mixed nodes serve Generate (a prefill node answers it UNIMPLEMENTED) and prefill nodes
+    take their work on the KV data plane."""
+
+    PREFILL = "prefill"  # prefills prompts for decode nodes, pushes their KV
+    DECODE = "decode"  # owns requests, takes KV from prefill nodes, decodes
+    MIXED = "mixed"  # prefills and decodes in one engine (the single-node baseline)
+
+
 REDIS_KEY_PREFIX = "pdserve:node:"
 
 
@@ -24,7 +34,7 @@ class NodeInfoError(ValueError):
 
 class NodeInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     node_id: str
-    role: NodeRole
+    role: Role
     model: str
     grpc_address: str  # host:port of the node's Node service
     data_address: str = ""  # host:port of its KV data plane (prefill/decode)

@@ -40,8 +40,8 @@ def keep_message_buffers(config: TransferConfig) -> bool:
 
     libzmq allocates a fresh buffer for every received frame. By default glibc serves buffers above
     128 KiB with mmap and unmaps them on free, so every frame's pages fault in again and are zeroed
-    by the kernel: measured here, a 64 MiB transfer took 16k page faults and ran at half the
-    speed of plain TCP. With the mmap threshold at 32 MiB and trimming above
+    by the kernel: a 64 MiB transfer then takes 16k page faults and runs at half the speed of
+    plain TCP. With the mmap threshold at 32 MiB and trimming above
     `config.malloc_retain_bytes`, freed frames are reused (a few hundred faults per transfer). It is
     process-wide, hence a config switch; False where malloc is not glibc's (returns False).
     """

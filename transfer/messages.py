@@ -13,16 +13,16 @@ clocks are not comparable (each side turns a lease into a deadline on its own mo
 from __future__ import annotations
 
 import enum
-import math
 import re
 from typing import Annotated, Literal
 
 import msgspec
 
 from pdserve.common.kv_cache import KVCacheSpec
-from pdserve.common.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tokens import NO_TOKENS, SampledTokens
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 1M-token PrefillTask is ~5 MB of msgpack
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_BLOCKS = 1 << 20
@@ -150,29 +150,32 @@ class PrefillTimings(msgspec.Struct, frozen=True):
 class FirstToken(msgspec.Struct, tag="first_token", frozen=True):
     """P -> D, sent only after every KV chunk of the request: the first sampled token, or an error.
 
+    `token` is the prefill engine's own record of it (one token, its raw logprob and rank, and the
+    top-k the request asked for); the decode engine emits it unchanged as the request's first output.
     When `error_code` is not OK the token fields carry nothing and must be left at their defaults.
     """
 
     request_id: RequestId
-    token_id: TokenId = 0
-    logprob: float = 0.0  # the sampled token's raw logprob (before sampling transforms)
-    rank: Count = 0  # 1-based rank of the sampled token in the raw distribution (0 only on error)
-    top_ids: Annotated[tuple[TokenId, ...], msgspec.Meta(max_length=MAX_TOP_LOGPROBS)] = ()
-    top_logprobs: Annotated[tuple[float, ...], msgspec.Meta(max_length=MAX_TOP_LOGPROBS)] = ()
+    token: SampledTokens = NO_TOKENS
     draft_token_ids: Annotated[tuple[TokenId, ...], msgspec.Meta(max_length=MAX_DRAFT_TOKENS)] = ()
     error_code: ErrorCode = ErrorCode.OK
     error_message: Text = ""
     timings: PrefillTimings = PrefillTimings()
 
     def __post_init__(self) -> None:
-        if len(self.top_ids) != len(self.top_logprobs):
-            raise ValueError("FirstToken.top_ids and top_logprobs must have the same length")
-        if not all(_is_logprob(x) for x in (self.logprob, *self.top_logprobs)):
+        if self.error_code != ErrorCode.OK:
+            if self.token.token_ids or self.draft_token_ids:
+                raise ValueError("FirstToken with an error must carry no token data")
+            return
+        token = self.token
+        if len(token) != 1 or not token.logprobs:
+            raise ValueError("FirstToken.token must be one token with its logprob and rank")
+        if not 0 <= token.token_ids[0] < 2**31 or not all(0 <= t < 2**31 for t in token.top_ids):
+            raise ValueError("FirstToken.token ids must be in [0, 2**31)")
+        if token.ranks[0] < 1:
+            raise ValueError("FirstToken.token rank must be >= 1")
+        if not token.valid_logprobs():
             raise ValueError("FirstToken logprobs must be <= 0 and not NaN")
-        if self.error_code == ErrorCode.OK and self.rank < 1:
-            raise ValueError("FirstToken.rank must be >= 1 when error_code is OK")
-        if self.error_code != ErrorCode.OK and (self.rank or self.top_ids or self.draft_token_ids):
-            raise ValueError("FirstToken with an error must carry no token data")
 
     @property
     def ok(self) -> bool:
@@ -194,10 +197,6 @@ class LeaseRenewal(msgspec.Struct, tag="lease_renewal", frozen=True):
 
 
 WireMessage = PrefillTask | KVChunkHeader | FirstToken | Abort | LeaseRenewal
-
-
-def _is_logprob(x: float) -> bool:
-    return not math.isnan(x) and x <= 0.0
 
 
 class WireCodec:

@@ -2,20 +2,19 @@
 //
 // Why: at decode sizes (1 to ~100 rows of a 256-wide model) Paddle's CPU ops cost their dispatch,
 // and its element-wise ops that broadcast ([T, H] * [T, 1] in RMSNorm, [T, heads, D] * [T, 1, D]
-// in RoPE) take a slow path whose cost grows with the rows: a 6-row verification step paid ~1.5x
-// a 1-row step in every norm, RoPE and attention call. Measured on the demo model (1 thread):
-// RMSNorm 29 -> 46 us, RoPE 39 -> 56 us, paged attention 82 -> 146 us for 1 -> 6 rows.
+// in RoPE) take a slow path whose cost grows with the rows: on Paddle's ops a 6-row verification
+// step pays ~1.5x a 1-row step in every norm, RoPE and attention call (the demo model, 1 thread:
+// RMSNorm 29 -> 46 us, RoPE 39 -> 56 us, paged attention 82 -> 146 us for 1 -> 6 rows).
 //
-// The attention is vectorized: with scalar loops (a float sum the compiler may not reorder) a
-// 6-row verification over 120 cached tokens took 89 us against 29 us for one row; now 38 and 11.
-// Its rows and a GQA group's query heads all read the same keys and values, yet each (row, head)
-// loaded them again: each key 12 times for 6 rows of 2 heads. Loading each key for two queries and
-// each value for three, with the accumulators kept in registers and every sum in the same order as
-// before (the same bits), took that 6-row verification to 23 us and one row to 9.4 (a 64-row
-// prefill from 136 to 102 us). With AVX-512 the exp and the weighted sum run on 16 lanes, each lane
-// doing what the 8-lane code does for its column (the same bits again), and each value chunk is
-// loaded once for six queries: a 500-token prefill's attention 2.85 -> 2.04 ms, 6 rows over 60
-// tokens 17 -> 15.5 us (hot loop).
+// The attention is vectorized and shares its loads: a sequence's rows and a GQA group's query heads
+// all read the same keys and values (each key 12 times for 6 rows of 2 heads if every (row, head)
+// loaded its own), so each key is loaded for two queries at a time and each value for three, with
+// the accumulators kept in registers and every sum in a fixed order (the same bits as one query
+// alone). With AVX-512 the exp and the weighted sum run on 16 lanes, each lane doing what the
+// 8-lane code does for its column (the same bits again), and each value chunk is loaded once for
+// six queries. On 8 lanes a 6-row verification over 120 cached tokens takes 23 us and one row 9.4,
+// against 89 and 29 with scalar loops (a float sum the compiler may not reorder); the 16 lanes
+// take a 500-token prefill's attention to 2.04 ms from 2.85 on 8.
 //
 // Each op computes every output row from that row's inputs alone, in a fixed order, so a row's
 // result is the same bits whatever else is in the batch (as kernels/csrc/packed_linear.cc).
@@ -205,9 +204,9 @@ inline void weighted_chunk(const Query* queries, const float* base, const int64_
 // weighted_chunk on 16 columns with AVX-512, for up to 6 queries at once: every lane runs exactly
 // the 8-lane version's operations for its column (key p into accumulator p mod 4 in key order, the
 // same pairwise total, the same scaling), so the outputs are the same bits; a value chunk is loaded
-// once for six queries instead of three, and a multiply-add covers 16 columns instead of 8. The
-// weighted sum was ~40% of a 500-token prefill's attention. No lambdas: they would not inherit the
-// target attribute.
+// once for six queries instead of three, and a multiply-add covers 16 columns instead of 8. On 8
+// lanes the weighted sum is ~40% of a 500-token prefill's attention. No lambdas: they would not
+// inherit the target attribute.
 template <int N, bool Full>
 __attribute__((target("avx512f"))) void weighted_chunk16(const Query* queries, const float* base,
                                                          const int64_t* offsets, int64_t i, __mmask16 tail) {
@@ -323,7 +322,7 @@ static __m256i tail_mask_of(int64_t n) {
 // out[t] = weight * x[t] / sqrt(mean(x[t]^2) + eps), in float32 as the reference (kernels/norm.py).
 // The sum of squares runs on four 8-lane accumulators (element i into accumulator (i / 8) mod 4, in
 // order), combined in a fixed tree: an order fixed by the width alone, so a row is the same bits in
-// any batch. A scalar loop (a float sum the compiler may not reorder) took 5-7 us a call in a step.
+// any batch. A scalar loop (a float sum the compiler may not reorder) costs 5-7 us a call in a step.
 std::vector<paddle::Tensor> RmsNorm(const paddle::Tensor& x, const paddle::Tensor& weight, float eps) {
   check_cpu_f32(x, "x");
   check_cpu_f32(weight, "weight");

@@ -59,13 +59,13 @@ void strip_avx2(const float* x, int64_t ldx, const W* strip, float* out, int64_t
 // R rows of x against S adjacent strips (strip s at strips + s * K * 16, its outputs at out + s * 16),
 // with 512-bit registers. Every (row, strip) pair is its own chain of fused multiply-adds over k; a
 // core starts two a cycle and each waits four cycles on the last, so a pass needs about 8 chains to
-// keep the core busy: one row against one strip ran at an eighth of its rate. Each output is still
+// keep the core busy: one row against one strip runs at an eighth of its rate. Each output is still
 // summed over k = 0 .. K-1 in order, one multiply-add per k: the same bits for any R and S.
 //
 // The weights stream from L3 or memory in a decode step (a layer's are evicted by the others' before
 // it runs again), so each strip is prefetched 2 KB ahead, on into the next pass's strips: in the
-// engine that, more than the chains, made passes of 2-6 rows faster, and one row's too
-// (docs/benchmarks.md; 1 KB ahead was slower, 3 KB the same, 4 KB slower for one row).
+// engine the prefetch, more than the chains, is what makes passes of 2-6 rows fast, and one row's
+// too (2 KB is the fastest distance measured: 1 KB and, for one row, 4 KB are slower).
 template <int R, int S, typename W>
 __attribute__((target("avx512f"))) void strips_avx512(const float* x, int64_t ldx, const W* strips,
                                                       float* out, int64_t ldo, int64_t K) {
@@ -108,8 +108,8 @@ struct Avx512ByRows {  // strips_avx512<R, S> indexed by R = 1 .. 8
       strips_avx512<6, S, W>, strips_avx512<7, S, W>, strips_avx512<8, S, W>};
 };
 
-// Strips per pass for a group of `rows` rows (8 at most). Measured in the engine: 2 strips for 5-6
-// rows were slower than 1, 4 were faster; 7-8 rows already run 7-8 chains with one strip.
+// Strips per pass for a group of `rows` rows (8 at most). In the engine, 5-6 rows run faster on 4
+// strips than on 1 (and slower on 2); 7-8 rows already run 7-8 chains with one strip.
 constexpr int64_t strips_per_pass(int64_t rows) { return rows == 1 ? 8 : rows <= 6 ? 4 : 1; }
 
 template <typename W>

@@ -25,7 +25,7 @@ from pdserve.engine.engine import kv_spec_for_model
 from pdserve.models.config import ModelConfig
 from pdserve.models.loader import default_model_dir
 from pdserve.rpc import node_pb2 as pb
-from pdserve.tests.integration.pd_fixtures import (
+from pdserve.tests.support.cluster import (
     Node,
     NodeSpec,
     Result,
@@ -247,7 +247,7 @@ def test_kill9_decode_engine_fails_inflight_requests_and_health(nodes: dict[str,
                                    sampling=sampling(1500, ignore_eos=True)) for _ in range(2)]
     calls = [decode.stub.Generate(request, timeout=30.0) for request in requests]
     for call in calls:
-        assert next(call).token_ids  # both are decoding
+        assert next(call).tokens.token_ids  # both are decoding
     decode.expect_clean_exit = False
     os.kill(decode.engine_pid, signal.SIGKILL)
     killed = time.monotonic()

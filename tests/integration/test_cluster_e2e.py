@@ -101,11 +101,6 @@ def _wait_up(proc: subprocess.Popen[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_dir(default_model_dir())
-
-
-@pytest.fixture(scope="module")
 def reference() -> dict[str, dict]:
     """The mixed (single-engine) greedy output, without speculation."""
     argv = [sys.executable, "-m", "pdserve.cli", "generate", "--json", "--max-tokens", str(MAX_TOKENS),

@@ -1,4 +1,4 @@
-"""The engine in its own process: `EngineClient`, the task pipe, the SysV output queue, the CLI.
+"""The engine in its own process: `EngineClient`, the task pipe, the SysV record stream, the CLI.
 
 Every test runs real processes on the bundled demo model and checks that no SysV queue and no
 /dev/shm KV pool outlives it, whichever side died.
@@ -22,25 +22,27 @@ import sysv_ipc
 
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from pdserve.engine.output_codec import SlotEvent, StepOutput
-from pdserve.engine.output_queue import OutputQueueReader, pid_alive
-from pdserve.engine.process import EngineProcessConfig, decode_config, encode_config
+from pdserve.engine.output_stream import pid_alive
 from pdserve.engine.protocol import (
     PROTOCOL_VERSION,
-    AddRequest,
+    EngineProcessConfig,
     EngineReady,
+    GenerateTask,
     RequestRejected,
-    Shutdown,
-    decode_event,
+    ShutdownTask,
+    StepOutputs,
+    decode_config,
+    encode_config,
     encode_task,
-    read_frame,
     write_frame,
 )
+from pdserve.engine.request import RequestStatus
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.node.engine_client import EngineClient, EngineClientConfig, EngineError
+from pdserve.node.engine_stream import EngineExited, RecordReader
 from pdserve.node.offline import generate
-from pdserve.tests.integration.pd_fixtures import queue_exists, wait_until
+from pdserve.tests.support.cluster import queue_exists, wait_until
 
 ENGINE = EngineConfig(
     cache=CacheConfig(num_blocks=128, block_size=16),
@@ -49,7 +51,6 @@ ENGINE = EngineConfig(
 PROMPTS = ["def fibonacci(n):", "class Stack:", "import os\n"]
 EXIT_BOUND_S = 15.0  # an orphaned or failed engine must be gone within this
 SHM_DIR = Path("/dev/shm")
-TERMINAL = {SlotEvent.FINISHED_STOPPED, SlotEvent.FINISHED_LENGTH, SlotEvent.ABORTED, SlotEvent.ERROR}
 
 
 def client_config(**overrides: object) -> EngineClientConfig:
@@ -82,7 +83,7 @@ class Resources:
 
     def track_client(self, client: EngineClient) -> None:
         self.engine_pids.append(client.pid)
-        self.queue_keys.append(engine_process_config(client.pid).output_queue.key)
+        self.queue_keys.append(engine_process_config(client.pid).records.key)
         if client.ready.kv_pool_name:
             self.shm_names.append(client.ready.kv_pool_name)
 
@@ -105,16 +106,11 @@ def resources() -> Iterator[Resources]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_dir(default_model_dir())
-
-
-@pytest.fixture(scope="module")
 def shared_client() -> Iterator[EngineClient]:
     """One engine (KV pool in /dev/shm) for the tests that do not kill anything."""
     client = EngineClient(client_config(shared_kv_pool=True))
     client.start()
-    key = engine_process_config(client.pid).output_queue.key
+    key = engine_process_config(client.pid).records.key
     pool = SHM_DIR / client.ready.kv_pool_name
     assert queue_exists(key) and pool.exists()
     yield client
@@ -122,24 +118,23 @@ def shared_client() -> Iterator[EngineClient]:
     assert not queue_exists(key) and not pool.exists()
 
 
-def receive_until_done(client: EngineClient, seq_ids: set[int], timeout_s: float = 60.0,
-                       on_step: Callable[[StepOutput], None] | None = None) -> dict[int, list[SlotEvent]]:
-    """Events per seq_id until each one got a terminal event; tokens are appended to `tokens`."""
-    events: dict[int, list[SlotEvent]] = {s: [] for s in seq_ids}
-    deadline = time.monotonic() + timeout_s
-    while any(not (set(e) & TERMINAL) for e in events.values()):
-        assert time.monotonic() < deadline, f"no terminal event within {timeout_s} s: {events}"
-        step = client.receive(timeout_s=0.5)
-        if step is None:
+def receive_until_done(client: EngineClient, request_ids: set[str],
+                       on_step: Callable[[StepOutputs], None] | None = None
+                       ) -> dict[str, list[RequestStatus]]:
+    """Statuses per request until each one finished (the client's receive blocks: pytest's timeout
+    bounds a test that never gets there)."""
+    statuses: dict[str, list[RequestStatus]] = {r: [] for r in request_ids}
+    while any(not (s and s[-1].is_finished) for s in statuses.values()):
+        record = client.receive()
+        assert not isinstance(record, EngineExited), statuses
+        if not isinstance(record, StepOutputs):
             continue
-        for slot in step.slots:
-            if slot.seq_id in events:
-                events[slot.seq_id].append(slot.event)
+        for output in record.outputs:
+            if output.request_id in statuses:
+                statuses[output.request_id].append(output.status)
         if on_step is not None:
-            on_step(step)
-    for seq_id in seq_ids:
-        client.release(seq_id)
-    return events
+            on_step(record)
+    return statuses
 
 
 # -- the offline path ----------------------------------------------------------------------------------
@@ -155,15 +150,16 @@ def in_process_greedy(prompt_ids: list[list[int]], max_tokens: int, logprobs: in
     engine = LLMEngine(model, ENGINE, KVCachePool.allocate(kv_spec_for(model, ENGINE)), (0,))
     for i, ids in enumerate(prompt_ids):
         engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                        logprobs=logprobs), seq_id=i)
+                                                        logprobs=logprobs))
     results = {f"r{i}": {"token_ids": [], "logprobs": [], "top": []} for i in range(len(prompt_ids))}
     for _ in range(1000):
         if not engine.has_unfinished():
             break
         for out in engine.step():
-            results[out.request_id]["token_ids"] += out.new_token_ids
-            results[out.request_id]["logprobs"] += [i.logprob for i in out.infos]
-            results[out.request_id]["top"] += [list(i.top_ids) for i in out.infos]
+            results[out.request_id]["token_ids"] += out.tokens.token_ids
+            results[out.request_id]["logprobs"] += out.tokens.logprobs
+            results[out.request_id]["top"] += [[t for t, _ in out.tokens.top(i)]
+                                               for i in range(len(out.tokens))]
     assert not engine.has_unfinished()
     return [results[f"r{i}"] for i in range(len(prompt_ids))]
 
@@ -201,22 +197,22 @@ def test_stop_string_cuts_the_text_and_finishes_with_stop(shared_client: EngineC
 
 def test_abort_of_a_running_request_while_another_continues(shared_client: EngineClient,
                                                             tokenizer: Tokenizer) -> None:
-    long = shared_client.submit("long", tokenizer.encode(PROMPTS[0]),
-                                SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
-    short = shared_client.submit("short", tokenizer.encode(PROMPTS[1]),
-                                 SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
-    tokens = {long: 0, short: 0}
+    shared_client.generate("long", tokenizer.encode(PROMPTS[0]),
+                           SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+    shared_client.generate("short", tokenizer.encode(PROMPTS[1]),
+                           SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    tokens = {"long": 0, "short": 0}
 
-    def count_and_abort(step: StepOutput) -> None:
-        for slot in step.slots:
-            if slot.seq_id in tokens:
-                tokens[slot.seq_id] += slot.num_tokens
-        if tokens[long] >= 3:
-            shared_client.abort(long)  # repeated until the engine's ABORTED marker arrives: harmless
+    def count_and_abort(step: StepOutputs) -> None:
+        for output in step.outputs:
+            if output.request_id in tokens:
+                tokens[output.request_id] += len(output.tokens)
+        if tokens["long"] >= 3:
+            shared_client.abort("long")  # repeated until the engine's ABORTED output arrives: harmless
 
-    events = receive_until_done(shared_client, {long, short}, on_step=count_and_abort)
-    assert events[long][-1] is SlotEvent.ABORTED and 3 <= tokens[long] < 400
-    assert events[short][-1] is SlotEvent.FINISHED_LENGTH and tokens[short] == 30
+    statuses = receive_until_done(shared_client, {"long", "short"}, on_step=count_and_abort)
+    assert statuses["long"][-1] is RequestStatus.FINISHED_ABORTED and 3 <= tokens["long"] < 400
+    assert statuses["short"][-1] is RequestStatus.FINISHED_LENGTH and tokens["short"] == 30
 
 
 def test_a_rejected_request_gets_a_clear_error_while_others_continue(shared_client: EngineClient,
@@ -236,32 +232,33 @@ def test_a_rejected_request_gets_a_clear_error_while_others_continue(shared_clie
 class RawEngine:
     """An engine process started by hand, so a test can write any bytes into its task pipe."""
 
-    def __init__(self, reader: OutputQueueReader) -> None:
+    def __init__(self, reader: RecordReader) -> None:
+        self.reader = reader
         config = EngineProcessConfig(model_dir=str(default_model_dir()), engine=ENGINE,
-                                     output_queue=reader.address, eos_token_ids=(0,))
+                                     records=reader.address, eos_token_ids=(0,))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pdserve.engine.process", encode_config(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        payload = read_frame(self.process.stdout)  # the first control frame is EngineReady
-        assert payload is not None and isinstance(decode_event(payload), EngineReady)
+            stdin=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert isinstance(reader.receive(), EngineReady)  # the first record
 
     def send_raw(self, payload: bytes) -> None:
         write_frame(self.process.stdin, payload)
 
-    def control_events(self) -> list[object]:
-        """Every control frame until the engine closes its end of the pipe."""
-        events = []
-        while (payload := read_frame(self.process.stdout)) is not None:
-            events.append(decode_event(payload))
-        return events
+    def records_until_exit(self) -> list[object]:
+        """Every record until the process exits (nobody else reaps it here, so this does)."""
+        self.reader.notify_exit(self.process.wait(timeout=EXIT_BOUND_S))
+        records = []
+        while not isinstance(record := self.reader.receive(), EngineExited):
+            records.append(record)
+        return records
 
 
 def test_malformed_task_frames_are_dropped_and_the_engine_keeps_serving(tokenizer: Tokenizer) -> None:
-    with OutputQueueReader() as reader:
+    with RecordReader() as reader:
         engine = RawEngine(reader)
         try:
-            valid = encode_task(AddRequest(7, "ok", tokenizer.encode(PROMPTS[0]),
-                                           SamplingParams(max_tokens=5, temperature=0.0)))
+            valid = encode_task(GenerateTask("ok", tokenizer.encode(PROMPTS[0]),
+                                             SamplingParams(max_tokens=5, temperature=0.0)))
             bad_params = valid.replace(b"max_tokens\x05", b"max_tokens\xff")  # -1 fails validation
             assert bad_params != valid
             wrong_version = bytes([PROTOCOL_VERSION + 1]) + valid[1:]
@@ -269,25 +266,23 @@ def test_malformed_task_frames_are_dropped_and_the_engine_keeps_serving(tokenize
             for garbage in (b"", wrong_version, not_msgpack, valid[:-3], bad_params, os.urandom(64)):
                 engine.send_raw(garbage)
             engine.send_raw(valid)
-            tokens, events = [], []
-            deadline = time.monotonic() + 60
-            while SlotEvent.FINISHED_LENGTH not in events:
-                assert time.monotonic() < deadline and engine.process.poll() is None
-                step = reader.receive(timeout=0.5)
-                for slot in step.slots if step else ():
-                    assert slot.seq_id == 7  # nothing from the garbage frames was ever admitted
-                    tokens += slot.token_ids.tolist()
-                    events.append(slot.event)
+            tokens, statuses = [], []
+            while RequestStatus.FINISHED_LENGTH not in statuses:
+                record = reader.receive()
+                assert not isinstance(record, RequestRejected), record  # garbage is dropped, not admitted
+                for output in record.outputs if isinstance(record, StepOutputs) else ():
+                    assert output.request_id == "ok"
+                    tokens += output.tokens.token_ids
+                    statuses.append(output.status)
             assert len(tokens) == 5
-            engine.send_raw(encode_task(Shutdown()))
+            engine.send_raw(encode_task(ShutdownTask()))
             engine.process.stdin.close()
-            assert not any(isinstance(e, RequestRejected) for e in engine.control_events())
-            assert engine.process.wait(timeout=EXIT_BOUND_S) == 0
+            assert not any(isinstance(r, RequestRejected) for r in engine.records_until_exit())
+            assert engine.process.returncode == 0
         finally:
             if engine.process.poll() is None:
                 engine.process.kill()
             engine.process.wait()
-            engine.process.stdout.close()
 
 
 PARENT_SCRIPT = textwrap.dedent("""
@@ -301,8 +296,8 @@ PARENT_SCRIPT = textwrap.dedent("""
                                              shared_kv_pool=True, startup_timeout_s=90.0))
     ready = client.start()
     for i in range(num_requests):
-        client.submit(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True,
-                                                         logprobs=20))
+        client.generate(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True,
+                                                           logprobs=20))
     print(json.dumps({"pid": client.pid, "pool": ready.kv_pool_name}), flush=True)
     time.sleep(600)  # never reads a single output: the queue fills up, then this process is killed
 """)
@@ -319,7 +314,7 @@ def test_engine_exits_cleanly_when_its_node_server_is_killed(resources: Resource
         started = json.loads(parent.stdout.readline())
         engine_pid = started["pid"]
         resources.engine_pids.append(engine_pid)
-        resources.queue_keys.append(engine_process_config(engine_pid).output_queue.key)
+        resources.queue_keys.append(engine_process_config(engine_pid).records.key)
         resources.shm_names.append(started["pool"])
         if num_requests:  # let the unread outputs fill the 16 KiB queue: the engine now waits on it
             assert wait_until(lambda: queue_is_full(resources.queue_keys[-1]), 30)
@@ -346,15 +341,17 @@ def test_killed_engine_makes_receive_raise_and_close_cleans_up(resources: Resour
     client.start()
     try:
         resources.track_client(client)
-        client.submit("r", tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=400, temperature=0.0,
-                                                                       ignore_eos=True))
-        assert client.receive(timeout_s=30) is not None
+        client.generate("r", tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=400, temperature=0.0,
+                                                                         ignore_eos=True))
+        while not isinstance(client.receive(), StepOutputs):  # its first tokens (after a stats record)
+            pass
         os.kill(client.pid, signal.SIGKILL)
         killed_at = time.monotonic()
+        # What the engine wrote before it died drains first; then the reaper's notice ends the stream.
+        while not isinstance(record := client.receive(), EngineExited):
+            assert time.monotonic() - killed_at < EXIT_BOUND_S, record
+        assert record.returncode == -signal.SIGKILL
         with pytest.raises(EngineError):
-            while time.monotonic() - killed_at < EXIT_BOUND_S:
-                client.receive(timeout_s=0.5)  # drains what the engine sent before it died, then raises
-        with pytest.raises(EngineError):
-            client.submit("late", [1, 2, 3], SamplingParams(max_tokens=2))
+            client.generate("late", [1, 2, 3], SamplingParams(max_tokens=2))
     finally:
         client.close()

@@ -1,25 +1,23 @@
-"""Prompt logprobs across the engine -> node-server boundary: the engine process sends them as
-PromptLogprobs control events, and the bridge hands a request its prompt logprobs before its first token
-even though the two travel on different channels (control pipe, SysV queue). Real engine process.
+"""Prompt logprobs across the engine -> node-server boundary: they ride on the request's first output
+record (one stream, so they can never arrive after the first token), also when they need many SysV
+messages. Real engine process, read through the node server's bridge.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from pdserve.engine.output_codec import SlotOutput
-from pdserve.engine.protocol import PromptLogprobs
+from pdserve.engine.protocol import RequestOutput
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.node.engine_bridge import BridgeItem, EngineBridge, RequestHandle
 from pdserve.node.engine_client import EngineClient, EngineClientConfig
 
 ENGINE = EngineConfig(
-    cache=CacheConfig(num_blocks=64, block_size=16),
-    scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=8, max_model_len=512),
+    cache=CacheConfig(num_blocks=128, block_size=16),
+    scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=8, max_model_len=1024),
 )
 
 
@@ -31,56 +29,48 @@ def _config() -> EngineClientConfig:
 async def _items_until_done(handle: RequestHandle) -> list[BridgeItem]:
     items: list[BridgeItem] = []
     async with asyncio.timeout(60):
-        while not (items and isinstance(items[-1], SlotOutput) and items[-1].event.is_terminal):
+        while not (items and isinstance(items[-1], RequestOutput) and items[-1].finished):
             items.append(await handle.items.get())
     return items
 
 
-async def _run_three_requests(prompt: list[int]) -> dict[str, list[BridgeItem]]:
+async def _run(requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[BridgeItem]]:
     bridge = EngineBridge(EngineClient(_config()))
     await bridge.start()
     try:
-        handles = {
-            "asked": bridge.submit("asked", prompt,
-                                   SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=2)),
-            # one prompt token, one output token: the first slot is also the terminal one
-            "one-token": bridge.submit("one-token", prompt[:1],
-                                       SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)),
-            "not-asked": bridge.submit("not-asked", prompt, SamplingParams(max_tokens=3, temperature=0.0)),
-        }
+        handles = {name: bridge.generate(name, prompt, params) for name, (prompt, params) in requests.items()}
         return {name: await _items_until_done(h) for name, h in handles.items()}
     finally:
         await asyncio.get_running_loop().run_in_executor(None, bridge.close)
 
 
-def test_prompt_logprobs_reach_the_request_before_its_first_token() -> None:
+def test_prompt_logprobs_ride_on_the_first_output() -> None:
     prompt = Tokenizer.from_dir(default_model_dir()).encode("import os\nimport sys\n\n\ndef main(argv):")
-    got = asyncio.run(_run_three_requests(prompt))
+    # 20 top logprobs for ~700 positions: about 200 KB of record, far more than one 8 KB SysV message.
+    long_prompt = (prompt * 80)[:700]
+    got = asyncio.run(_run({
+        "asked": (prompt, SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=2)),
+        "long": (long_prompt, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=20)),
+        # one prompt token, one output token: the first output is also the last one
+        "one-token": (prompt[:1], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)),
+        "not-asked": (prompt, SamplingParams(max_tokens=3, temperature=0.0)),
+    }))
 
     first, *rest = got["asked"]
-    assert isinstance(first, PromptLogprobs) and first.last and first.first_position == 1
-    assert len(first.logprobs) == len(first.ranks) == len(first.top_ids) == len(prompt) - 1
-    assert all(len(ids) == len(lps) == 2 for ids, lps in zip(first.top_ids, first.top_logprobs, strict=True))
-    for lp, rank, top in zip(first.logprobs, first.ranks, first.top_logprobs, strict=True):
+    scored = first.prompt_logprobs
+    assert scored is not None and scored.token_ids == prompt[1:] and scored.top_k == 2
+    for i, (lp, rank) in enumerate(zip(scored.logprobs, scored.ranks, strict=True)):
+        top = [x for _, x in scored.top(i)]
         assert lp <= 0.0 and rank >= 1 and top == sorted(top, reverse=True)
         assert (rank == 1) == (abs(lp - top[0]) < 1e-6)  # rank 1 is the top entry, nothing else is
-    assert all(isinstance(item, SlotOutput) for item in rest)
-    assert sum(item.num_tokens for item in rest) == 3
+    assert all(isinstance(item, RequestOutput) and item.prompt_logprobs is None for item in rest)
+    assert sum(len(item.tokens) for item in got["asked"]) == 3
 
-    one_first, one_slot = got["one-token"]
-    assert isinstance(one_first, PromptLogprobs) and one_first.last and one_first.logprobs == []
-    assert isinstance(one_slot, SlotOutput) and one_slot.num_tokens == 1 and one_slot.event.is_terminal
+    long_scored = got["long"][0].prompt_logprobs
+    assert long_scored.token_ids == long_prompt[1:] and len(long_scored.top_ids) == 20 * 699
 
-    assert not any(isinstance(item, PromptLogprobs) for item in got["not-asked"])
+    (only,) = got["one-token"]
+    assert only.prompt_logprobs is not None and len(only.prompt_logprobs) == 0
+    assert len(only.tokens) == 1 and only.finished
 
-
-def test_a_first_token_without_its_prompt_logprobs_is_not_held_forever() -> None:
-    # An engine that never sends the PromptLogprobs it owes (a broken one; a real engine always sends
-    # them first): the bridge waits its bound, then lets the token through rather than stall the pump.
-    bridge = EngineBridge(EngineClient(_config()), prompt_logprobs_wait_s=0.3)
-    handle = RequestHandle("r", seq_id=7, prompt_len=4, awaits_prompt_logprobs=True)
-    bridge._handles[7] = handle  # the engine is never started: its control channel stays silent
-    started = time.monotonic()
-    bridge._wait_for_prompt_logprobs(7)
-    assert 0.3 <= time.monotonic() - started < 2.0
-    assert not handle.awaits_prompt_logprobs and handle.items.empty()
+    assert all(item.prompt_logprobs is None for item in got["not-asked"])

@@ -21,7 +21,7 @@ import pytest
 
 from pdserve.engine.process import STATS_MIN_INTERVAL_S
 from pdserve.rpc import node_pb2 as pb
-from pdserve.tests.integration.pd_fixtures import (
+from pdserve.tests.support.cluster import (
     Node,
     NodeSpec,
     Result,
@@ -104,8 +104,7 @@ def test_pd_greedy_and_seeded_equal_mixed(nodes: dict[str, Node], prompts: dict[
             assert_same_first_token(pd, ref)
             # Every later token was decoded on D from the transferred KV: a wrong byte anywhere would
             # move these far more than float rounding between chunked and unchunked prefill does.
-            assert [lp.logprob for lp in pd.logprobs] == pytest.approx([lp.logprob for lp in ref.logprobs],
-                                                                       abs=1e-4)
+            assert pd.tokens.logprobs == pytest.approx(ref.tokens.logprobs, abs=1e-4)
             timing = pd.chunks[0].timing
             assert timing.prefill_s > 0 and timing.transfer_s > 0
     # The transport really was the one the prefill node was told to use.
@@ -171,9 +170,9 @@ def test_abort_mid_decode_frees_blocks(nodes: dict[str, Node], prompts: dict[str
         timeout=60.0)
     try:
         first = next(call)
-        assert first.token_ids and not first.finish_reason
+        assert first.tokens.token_ids and not first.finish_reason
         second = next(call)  # decoding on D now, not just the peer's first token
-        assert second.token_ids and not second.finish_reason
+        assert second.tokens.token_ids and not second.finish_reason
         # Stats reach the node server at most every 50 ms, so two fast tokens can beat the first report.
         assert wait_until(lambda: not decode.all_blocks_free(), 2.0), decode.stats()
     finally:
@@ -212,6 +211,15 @@ def test_bad_prompt_ids_are_invalid_argument(nodes: dict[str, Node], prompt: lis
     with pytest.raises(grpc.RpcError) as err:
         generate(nodes[node_name], rid("oov"), prompt, sampling(4), prefill=prefill, timeout_s=10.0)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_prefill_node_does_not_serve_generate_but_answers_stats(nodes: dict[str, Node],
+                                                                  prompts: dict[str, list[int]]) -> None:
+    prefill = nodes["prefill_shm"]
+    with pytest.raises(grpc.RpcError) as err:
+        generate(prefill, rid("misrouted"), prompts["short"], sampling(4), timeout_s=10.0)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert prefill.stats().role == "prefill" and prefill.all_blocks_free()
 
 
 def _unreachable_target() -> pb.PrefillTarget:

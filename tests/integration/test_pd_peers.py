@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from pdserve.tests.integration.pd_fixtures import free_port
+from pdserve.tests.support.cluster import free_port
 from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.messages import MAX_MESSAGE_BYTES, LeaseRenewal, WireCodec, WireMessage

@@ -12,6 +12,7 @@ import asyncio
 
 import pytest
 
+from pdserve.common.tokens import SampledTokens
 from pdserve.decode_node.remote_prefill import PendingPrefill, RemotePrefillError, fail_expired
 from pdserve.transfer.messages import FirstToken
 from pdserve.transfer.reservations import KVReservations
@@ -38,7 +39,7 @@ def test_sweep_fails_expired_waiters_and_frees_their_blocks() -> None:
         reservations.reserve("renewed", [2, 3], 5, LEASE_S)
         reservations.reserve("answered", [4], 3, LEASE_S)
         reservations.reserve("orphan", [5], 3, LEASE_S)  # no one waits on it any more
-        first = FirstToken("answered", token_id=7, logprob=-0.1, rank=1)
+        first = FirstToken("answered", token=SampledTokens([7], [-0.1], [1]))
         pending["answered"].first_token.set_result(first)
 
         clock.now += LEASE_S / 2

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pdserve.tests.integration.pd_fixtures import (
+from pdserve.tests.support.cluster import (
     Node,
     NodeSpec,
     Result,
@@ -98,11 +98,10 @@ def test_pd_speculative_greedy_equals_plain_mixed(nodes: dict[str, Node], prompt
         assert pd.finish_reason == ref.finish_reason == "length", pd.chunks[-1].error
         assert pd.token_ids == ref.token_ids, name
         assert_same_first_token(pd, ref)
-        assert [lp.token_id for lp in pd.logprobs] == pd.token_ids
-        assert [lp.logprob for lp in pd.logprobs] == pytest.approx([lp.logprob for lp in ref.logprobs],
-                                                                   abs=1e-4)
-        assert len(pd.chunks[0].token_ids) == 1  # the prefill node's first token, on its own, at once
-        first_decode_chunk_sizes.append(len(pd.chunks[1].token_ids))
+        assert pd.tokens.token_ids == pd.token_ids
+        assert pd.tokens.logprobs == pytest.approx(ref.tokens.logprobs, abs=1e-4)
+        assert len(pd.chunks[0].tokens.token_ids) == 1  # the prefill node's first token, on its own, at once
+        first_decode_chunk_sizes.append(len(pd.chunks[1].tokens.token_ids))
         metrics = pd.chunks[-1].speculate_metrics
         assert 0 <= metrics.accepted_tokens <= len(pd.token_ids) - 1  # the first token is no draft's
         accepted_total += metrics.accepted_tokens

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from pdserve.models.tokenizer import Tokenizer
-from pdserve.router.config import HealthConfig, PolicyConfig, RouterConfig, default_model_dir
+from pdserve.router.config import HealthConfig, PolicyConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
 from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router, stub_token
 
@@ -27,11 +27,6 @@ def _config(**kw: object) -> RouterConfig:
     # lenient health checks: a stall of this shared machine must not eject the stub node
     health = HealthConfig(interval_s=0.2, timeout_s=2.0, eject_after=20)
     return RouterConfig(port=0, model_name=MODEL, health=health, **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_dir(default_model_dir())
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,11 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from pdserve.node.registry_client import HEARTBEAT_PATH, Heartbeater, registry_client_for
+from pdserve.common.tokens import SampledTokens
+from pdserve.node.registry_client import Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2, node_pb2_grpc
-from pdserve.rpc.registry import NodeInfo, NodeRole, encode_node
+from pdserve.rpc.convert import tokens_to_proto
+from pdserve.rpc.registry import HEARTBEAT_PATH, NodeInfo, Role, encode_node
 
 STUB_FIRST_TOKEN = 3  # ids 0-2 are the demo tokenizer's special tokens
 STUB_TOKEN_SPAN = 1000
@@ -59,7 +61,7 @@ class StubCounters:
 
 
 class StubNodeServicer(node_pb2_grpc.NodeServicer):
-    def __init__(self, node_id: str, role: NodeRole, model: str, behavior: StubBehavior) -> None:
+    def __init__(self, node_id: str, role: Role, model: str, behavior: StubBehavior) -> None:
         self.node_id = node_id
         self.role = role
         self.model = model
@@ -109,19 +111,20 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
 
     def _chunk(self, request: node_pb2.GenerateRequest, ids: list[int], sent: int, total: int,
                b: StubBehavior, first: bool) -> node_pb2.GenerateChunk:
-        chunk = node_pb2.GenerateChunk(token_ids=ids, text="".join(f" w{t}" for t in ids))
+        tokens = SampledTokens(ids)
         if request.sampling.HasField("logprobs"):
-            for t in ids:
-                top = [node_pb2.TopLogprob(token_id=t + k, logprob=-0.5 - k)
-                       for k in range(request.sampling.logprobs)]
-                chunk.logprobs.append(node_pb2.TokenLogprob(token_id=t, logprob=-0.5, rank=1, top=top))
+            k = request.sampling.logprobs
+            tokens = SampledTokens(ids, [-0.5] * len(ids), [1] * len(ids), k,
+                                   [t + j for t in ids for j in range(k)],
+                                   [-0.5 - j for _ in ids for j in range(k)])
+        chunk = node_pb2.GenerateChunk(tokens=tokens_to_proto(tokens), text="".join(f" w{t}" for t in ids))
         if first:
             chunk.timing.CopyFrom(node_pb2.TimingInfo(queue_s=0.0, prefill_s=0.001, transfer_s=0.0))
             if request.sampling.HasField("prompt_logprobs"):  # prompt token i (i >= 1) scores -0.25 * i
-                chunk.prompt_logprobs.extend(
-                    node_pb2.TokenLogprob(token_id=t, logprob=-0.25 * i, rank=1,
-                                          top=[node_pb2.TopLogprob(token_id=t, logprob=-0.25 * i)])
-                    for i, t in enumerate(request.prompt_token_ids[1:], start=1))
+                scored = list(request.prompt_token_ids[1:])
+                logprobs = [-0.25 * i for i in range(1, len(scored) + 1)]
+                chunk.prompt_logprobs.CopyFrom(tokens_to_proto(
+                    SampledTokens(scored, logprobs, [1] * len(scored), 1, scored, logprobs)))
         if sent >= total:
             chunk.finish_reason = "length"
             chunk.usage.CopyFrom(node_pb2.Usage(prompt_tokens=len(request.prompt_token_ids),
@@ -148,7 +151,7 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
 class StubNodeServer:
     """The stub in a background thread with its own event loop: ``with StubNodeServer(...) as node``."""
 
-    def __init__(self, node_id: str, role: NodeRole = "mixed", model: str = "pdserve-demo",
+    def __init__(self, node_id: str, role: Role = "mixed", model: str = "pdserve-demo",
                  behavior: StubBehavior | None = None, host: str = "127.0.0.1") -> None:
         self.servicer = StubNodeServicer(node_id, role, model, behavior or StubBehavior())
         self._host = host

@@ -26,7 +26,6 @@ def make_spec_engine(
         CacheConfig(num_blocks=num_blocks, block_size=16),
         SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=256,
-            num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
         ),
         spec,
     )

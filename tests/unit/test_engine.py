@@ -19,12 +19,12 @@ from pdserve.common.kv_cache import KVCachePool
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine, kv_spec_for
-from pdserve.engine.model_runner import TokenInfo
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.scheduler import AdmissionError
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.tests.support.token_views import TokenInfo, token_infos
 
 LOGPROB_TOL = 1e-4
 MAX_STEPS = 2000  # far above any test's need: a scheduler that stops making progress fails, not hangs
@@ -82,9 +82,9 @@ def run_to_completion(engine: LLMEngine) -> dict[str, Generated]:
             return results
         for out in engine.step():
             got = results.setdefault(out.request_id, Generated())
-            got.token_ids.extend(out.new_token_ids)
-            got.infos.extend(out.infos)
-            got.prompt_infos.extend(out.prompt_logprobs)
+            got.token_ids.extend(out.tokens.token_ids)
+            got.infos.extend(token_infos(out.tokens))
+            got.prompt_infos.extend(token_infos(out.prompt_logprobs))
             got.status = out.status
             got.num_preemptions += out.status is RequestStatus.PREEMPTED
     raise AssertionError(f"engine still busy after {MAX_STEPS} steps")
@@ -95,7 +95,7 @@ def generate(model: LlamaForCausalLM, requests: Sequence[tuple[Sequence[int], Sa
              eos: Sequence[int] = (0,)) -> list[Generated]:
     engine = make_engine(model, cache, scheduler, eos)
     for i, (ids, params) in enumerate(requests):
-        engine.add_request(f"r{i}", ids, params, seq_id=i)
+        engine.add_request(f"r{i}", ids, params)
     results = run_to_completion(engine)
     assert engine.block_manager.num_free_blocks == cache.num_blocks, "blocks leaked"
     return [results[f"r{i}"] for i in range(len(requests))]
@@ -289,7 +289,7 @@ def test_abort_of_running_and_waiting_requests_frees_every_block(
     engine = make_engine(model, CacheConfig(num_blocks=64, block_size=4),
                          SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=2, max_model_len=256))
     for i in range(3):
-        engine.add_request(f"r{i}", prompt_ids[i], greedy(40), seq_id=i)
+        engine.add_request(f"r{i}", prompt_ids[i], greedy(40))
     for _ in range(4):
         engine.step()
     assert engine.block_manager.num_free_blocks < 64
@@ -299,7 +299,7 @@ def test_abort_of_running_and_waiting_requests_frees_every_block(
     assert engine.block_manager.num_free_blocks == 64 and not engine.has_unfinished()
     assert engine.step() == []
     # Freed blocks hold stale KV; a new request on them must not see it.
-    engine.add_request("again", prompt_ids[4], greedy(12), seq_id=0)
+    engine.add_request("again", prompt_ids[4], greedy(12))
     assert run_to_completion(engine)["again"].token_ids == solo_greedy[4]
     assert engine.block_manager.num_free_blocks == 64
 
@@ -307,9 +307,9 @@ def test_abort_of_running_and_waiting_requests_frees_every_block(
 def test_a_prompt_longer_than_max_model_len_is_rejected_and_others_continue(
         model: LlamaForCausalLM, prompt_ids: list[list[int]], solo_greedy: list[list[int]]) -> None:
     engine = make_engine(model, scheduler=SchedulerConfig(max_model_len=32))
-    engine.add_request("ok", prompt_ids[0], greedy(12), seq_id=0)
+    engine.add_request("ok", prompt_ids[0], greedy(12))
     with pytest.raises(AdmissionError, match="max_model_len"):
-        engine.add_request("long", list(range(1, 40)), greedy(4), seq_id=1)
+        engine.add_request("long", list(range(1, 40)), greedy(4))
     assert run_to_completion(engine)["ok"].token_ids == solo_greedy[0]
 
 
@@ -319,10 +319,10 @@ def test_a_prompt_token_outside_the_vocabulary_is_rejected_at_admission(
         bad_id: int) -> None:
     assert model.config.vocab_size == 8192
     engine = make_engine(model)
-    engine.add_request("ok", prompt_ids[0], greedy(12), seq_id=0)
+    engine.add_request("ok", prompt_ids[0], greedy(12))
     # Admitted, it would fail the embedding lookup mid-step and take the whole batch down with it.
     with pytest.raises(AdmissionError, match=r"\[0, 8192\)"):
-        engine.add_request("bad", [5, bad_id, 6], greedy(4), seq_id=1)
+        engine.add_request("bad", [5, bad_id, 6], greedy(4))
     assert run_to_completion(engine)["ok"].token_ids == solo_greedy[0]
 
 

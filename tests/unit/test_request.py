@@ -11,7 +11,7 @@ EOS = 2
 
 
 def make_request(prompt: list[int] | None = None, eos: tuple[int, ...] = (EOS,), **params: object) -> Request:
-    return Request("r", prompt or [5, 6, 7], SamplingParams(**params), seq_id=1, eos_token_ids=eos)
+    return Request("r", prompt or [5, 6, 7], SamplingParams(**params), eos_token_ids=eos)
 
 
 def running(**params: object) -> Request:
@@ -36,10 +36,10 @@ def test_new_request_counts_prompt_tokens() -> None:
     assert request.finish_reason is None
 
 
-@pytest.mark.parametrize("kwargs", [{"prompt_token_ids": []}, {"seq_id": -1}, {"seq_id": 2**32}])
+@pytest.mark.parametrize("kwargs", [{"prompt_token_ids": []}])
 def test_invalid_construction_is_rejected(kwargs: dict[str, object]) -> None:
     args: dict[str, object] = {"request_id": "r", "prompt_token_ids": [1],
-                               "sampling_params": SamplingParams(), "seq_id": 0}
+                               "sampling_params": SamplingParams()}
     args.update(kwargs)
     with pytest.raises(ValueError):
         Request(**args)  # type: ignore[arg-type]

@@ -96,13 +96,15 @@ class FakeRunner:
         return drafts
 
 
-def make_scheduler(num_blocks: int = 16, block_size: int = 4, **config: object) -> Scheduler:
-    return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, block_size))  # type: ignore[arg-type]
+def make_scheduler(num_blocks: int = 16, block_size: int = 4, num_speculative_tokens: int = 0,
+                   **config: object) -> Scheduler:
+    return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, block_size),  # type: ignore[arg-type]
+                     num_speculative_tokens)
 
 
-def make_request(request_id: str, prompt_len: int, seq_id: int = 0, **params: object) -> Request:
-    prompt = [(seq_id * 13 + i * 5) % (VOCAB - 1) + 1 for i in range(prompt_len)]  # no eos in prompts
-    return Request(request_id, prompt, SamplingParams(**params), seq_id=seq_id, eos_token_ids=(EOS,))
+def make_request(request_id: str, prompt_len: int, variant: int = 0, **params: object) -> Request:
+    prompt = [(variant * 13 + i * 5) % (VOCAB - 1) + 1 for i in range(prompt_len)]  # no eos in prompts
+    return Request(request_id, prompt, SamplingParams(**params), eos_token_ids=(EOS,))
 
 
 def step(scheduler: Scheduler, runner: FakeRunner) -> SchedulerOutput:
@@ -114,8 +116,6 @@ def step(scheduler: Scheduler, runner: FakeRunner) -> SchedulerOutput:
 def test_config_validation_names_the_field() -> None:
     with pytest.raises(EngineConfigError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_batched_tokens=16, max_model_len=32, enable_chunked_prefill=False)
-    with pytest.raises(EngineConfigError, match="num_speculative_tokens"):
-        SchedulerConfig(max_num_batched_tokens=4, num_speculative_tokens=4)
     with pytest.raises(EngineConfigError, match="num_blocks"):
         CacheConfig(num_blocks=0)
 
@@ -137,10 +137,10 @@ def test_chunked_prefill_positions_are_continuous_and_only_the_last_chunk_sample
 def test_decodes_go_first_and_prefill_takes_the_remaining_budget() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=6, max_model_len=64)
     runner = FakeRunner(4, 16)
-    decoding = make_request("decoding", 3, seq_id=1, max_tokens=8, ignore_eos=True)
+    decoding = make_request("decoding", 3, variant=1, max_tokens=8, ignore_eos=True)
     scheduler.add(decoding)
     step(scheduler, runner)
-    long_prompt = make_request("long", 20, seq_id=2, max_tokens=2, ignore_eos=True)
+    long_prompt = make_request("long", 20, variant=2, max_tokens=2, ignore_eos=True)
     scheduler.add(long_prompt)
     for _ in range(3):
         output = step(scheduler, runner)
@@ -152,7 +152,7 @@ def test_decodes_go_first_and_prefill_takes_the_remaining_budget() -> None:
 def test_long_prefill_threshold_lets_prompts_share_a_step() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=8, max_model_len=64, long_prefill_token_threshold=4)
     for i in range(2):
-        scheduler.add(make_request(f"r{i}", 10, seq_id=i))
+        scheduler.add(make_request(f"r{i}", 10, variant=i))
     output = scheduler.schedule()
     assert [(c.request.request_id, len(c.token_ids)) for c in output.chunks] == [("r0", 4), ("r1", 4)]
 
@@ -160,10 +160,10 @@ def test_long_prefill_threshold_lets_prompts_share_a_step() -> None:
 def test_without_chunked_prefill_a_prompt_waits_for_a_budget_it_fits() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=8, max_model_len=8, enable_chunked_prefill=False)
     runner = FakeRunner(4, 16)
-    scheduler.add(make_request("short", 2, seq_id=1, max_tokens=3, ignore_eos=True))
-    scheduler.add(make_request("shorter", 2, seq_id=2, max_tokens=2, ignore_eos=True))
+    scheduler.add(make_request("short", 2, variant=1, max_tokens=3, ignore_eos=True))
+    scheduler.add(make_request("shorter", 2, variant=2, max_tokens=2, ignore_eos=True))
     step(scheduler, runner)
-    scheduler.add(make_request("whole", 7, seq_id=3, max_tokens=1))
+    scheduler.add(make_request("whole", 7, variant=3, max_tokens=1))
     output = step(scheduler, runner)  # two decodes leave 6 tokens of budget: "whole" (7) waits
     assert [c.request.request_id for c in output.chunks] == ["short", "shorter"]
     output = step(scheduler, runner)  # "shorter" finished last step; 7 tokens left
@@ -174,7 +174,7 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_budget_it_fits() -> None:
 def test_max_num_seqs_caps_the_running_batch() -> None:
     scheduler = make_scheduler(max_num_seqs=2, max_model_len=64)
     for i in range(3):
-        scheduler.add(make_request(f"r{i}", 2, seq_id=i))
+        scheduler.add(make_request(f"r{i}", 2, variant=i))
     output = scheduler.schedule()
     assert [c.request.request_id for c in output.chunks] == ["r0", "r1"]
     assert len(scheduler.waiting) == 1
@@ -183,8 +183,8 @@ def test_max_num_seqs_caps_the_running_batch() -> None:
 def test_a_request_that_cannot_grow_preempts_the_newest_and_it_recomputes_identically() -> None:
     scheduler = make_scheduler(num_blocks=2, block_size=4, max_model_len=64)
     runner = FakeRunner(4, 2)
-    old = make_request("old", 4, seq_id=1, max_tokens=4, ignore_eos=True)
-    new = make_request("new", 4, seq_id=2, max_tokens=4, ignore_eos=True)
+    old = make_request("old", 4, variant=1, max_tokens=4, ignore_eos=True)
+    new = make_request("new", 4, variant=2, max_tokens=4, ignore_eos=True)
     scheduler.add(old)
     scheduler.add(new)
     step(scheduler, runner)  # both prompts fill one block each, both sampled a first token
@@ -209,8 +209,8 @@ def test_a_request_that_cannot_grow_preempts_the_newest_and_it_recomputes_identi
 def test_the_newest_request_preempts_itself_when_it_is_the_only_candidate() -> None:
     scheduler = make_scheduler(num_blocks=3, block_size=4, max_model_len=64)
     runner = FakeRunner(4, 3)
-    first = make_request("first", 4, seq_id=1, max_tokens=6, ignore_eos=True)
-    second = make_request("second", 4, seq_id=2, max_tokens=6, ignore_eos=True)
+    first = make_request("first", 4, variant=1, max_tokens=6, ignore_eos=True)
+    second = make_request("second", 4, variant=2, max_tokens=6, ignore_eos=True)
     scheduler.add(first)
     scheduler.add(second)
     step(scheduler, runner)
@@ -234,18 +234,17 @@ def test_requests_that_can_never_fit_are_rejected(prompt_len: int, max_tokens: i
 
 def test_duplicate_ids_are_refused() -> None:
     scheduler = make_scheduler()
-    scheduler.add(make_request("a", 2, seq_id=1))
+    scheduler.add(make_request("a", 2, variant=1))
     with pytest.raises(ValueError, match="in use"):
-        scheduler.add(make_request("a", 2, seq_id=2))
-    with pytest.raises(ValueError, match="in use"):
-        scheduler.add(make_request("b", 2, seq_id=1))
+        scheduler.add(make_request("a", 2, variant=2))
+    scheduler.add(make_request("b", 2, variant=1))  # the same prompt under another id is another request
 
 
 def test_abort_of_waiting_and_running_requests_frees_blocks_and_is_reported() -> None:
     scheduler = make_scheduler(num_blocks=8, max_num_batched_tokens=8, max_model_len=64)
     runner = FakeRunner(4, 8)
-    running = make_request("running", 12, seq_id=1, max_tokens=5)
-    waiting = make_request("waiting", 12, seq_id=2, max_tokens=5)
+    running = make_request("running", 12, variant=1, max_tokens=5)
+    waiting = make_request("waiting", 12, variant=2, max_tokens=5)
     scheduler.add(running)
     scheduler.add(waiting)
     step(scheduler, runner)  # "running" holds 2 blocks (8 of 12 prompt tokens), "waiting" none
@@ -344,9 +343,8 @@ workloads = st.builds(
 def test_random_workloads_finish_correctly_and_return_every_block(work: Workload) -> None:
     block_size, max_model_len = 4, 24
     config = SchedulerConfig(max_num_batched_tokens=work.budget, max_num_seqs=work.max_num_seqs,
-                             max_model_len=max_model_len, long_prefill_token_threshold=work.threshold,
-                             num_speculative_tokens=work.num_spec)
-    scheduler = Scheduler(config, BlockManager(work.num_blocks, block_size))
+                             max_model_len=max_model_len, long_prefill_token_threshold=work.threshold)
+    scheduler = Scheduler(config, BlockManager(work.num_blocks, block_size), work.num_spec)
     runner = FakeRunner(block_size, work.num_blocks, work.drafts_correct)
     requests: dict[str, Request] = {}
     computed: dict[str, int] = {}  # expected num_computed_tokens, tracked from the outputs alone
@@ -354,7 +352,7 @@ def test_random_workloads_finish_correctly_and_return_every_block(work: Workload
         for i, (prompt_len, max_tokens, min_tokens, arrival, abort_at) in enumerate(work.requests):
             request_id = f"r{i}"
             if arrival == step_index:
-                request = make_request(request_id, prompt_len, seq_id=i, max_tokens=max_tokens,
+                request = make_request(request_id, prompt_len, variant=i, max_tokens=max_tokens,
                                        min_tokens=min(min_tokens, max_tokens))
                 fits = (prompt_len < max_model_len and -(-min(prompt_len + max_tokens, max_model_len)
                                                        // block_size) <= work.num_blocks)
@@ -368,7 +366,7 @@ def test_random_workloads_finish_correctly_and_return_every_block(work: Workload
             if abort_at == step_index and request_id in requests:
                 scheduler.abort(request_id)
         output = scheduler.schedule()
-        _check_step(output, config, computed)
+        _check_step(output, config, scheduler.num_speculative_tokens, computed)
         for update in scheduler.on_step_done(output, runner.run(output)):
             computed[update.request.request_id] = update.request.num_computed_tokens
         for chunk in output.chunks:
@@ -388,7 +386,8 @@ def test_random_workloads_finish_correctly_and_return_every_block(work: Workload
                 list(request.prompt_token_ids), request.sampling_params, max_model_len)
 
 
-def _check_step(output: SchedulerOutput, config: SchedulerConfig, computed: dict[str, int]) -> None:
+def _check_step(output: SchedulerOutput, config: SchedulerConfig, num_speculative_tokens: int,
+                computed: dict[str, int]) -> None:
     for request_id in output.preempted_request_ids:
         computed[request_id] = 0
     assert output.num_batched_tokens == sum(len(c.token_ids) for c in output.chunks)
@@ -397,5 +396,5 @@ def _check_step(output: SchedulerOutput, config: SchedulerConfig, computed: dict
     assert len({c.request.request_id for c in output.chunks}) == len(output.chunks)
     for chunk in output.chunks:
         assert chunk.start_position == computed[chunk.request.request_id]  # continuous positions
-        assert chunk.num_draft_tokens <= config.num_speculative_tokens
+        assert chunk.num_draft_tokens <= num_speculative_tokens
         assert chunk.sample == (chunk.context_len - chunk.num_draft_tokens == chunk.request.num_tokens)

@@ -18,10 +18,9 @@ def make(num_blocks: int = 8, **config: object) -> Scheduler:
     return Scheduler(cfg, BlockManager(num_blocks, BLOCK_SIZE))
 
 
-def request(request_id: str, prompt_len: int, seq_id: int = 0, **params: object) -> Request:
+def request(request_id: str, prompt_len: int, **params: object) -> Request:
     params.setdefault("max_tokens", 8)
-    return Request(request_id, list(range(1, prompt_len + 1)), SamplingParams(**params), seq_id,
-                   eos_token_ids=(0,))
+    return Request(request_id, list(range(1, prompt_len + 1)), SamplingParams(**params), eos_token_ids=(0,))
 
 
 def test_reservation_holds_blocks_and_is_never_scheduled() -> None:
@@ -64,14 +63,14 @@ def test_abort_of_a_reservation_frees_its_blocks() -> None:
 
 def test_reservation_without_room_is_a_capacity_error_and_leaks_nothing() -> None:
     scheduler = make(num_blocks=4)
-    first = request("a", prompt_len=11, seq_id=0, max_tokens=4)
+    first = request("a", prompt_len=11, max_tokens=4)
     scheduler.reserve_for_remote_kv(first, num_extra_tokens=1)
     with pytest.raises(CapacityError):
-        second = request("b", prompt_len=11, seq_id=1, max_tokens=4)
+        second = request("b", prompt_len=11, max_tokens=4)
         scheduler.reserve_for_remote_kv(second, num_extra_tokens=1)
     assert scheduler.block_manager.num_free_blocks == 1
     with pytest.raises(AdmissionError) as info:  # never servable: not a capacity problem
-        scheduler.reserve_for_remote_kv(request("c", prompt_len=70, seq_id=2), num_extra_tokens=1)
+        scheduler.reserve_for_remote_kv(request("c", prompt_len=70), num_extra_tokens=1)
     assert not isinstance(info.value, CapacityError)
 
 

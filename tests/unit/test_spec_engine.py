@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from pdserve.common.sampling_params import SamplingParams
-from pdserve.engine.engine import LLMEngine, RequestOutput
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.protocol import RequestOutput
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.tests.support.token_views import token_infos
 from pdserve.tests.unit.spec_fixtures import make_spec_engine
 
 PROMPTS = [
@@ -65,7 +67,7 @@ PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=3, seed
 
 def run(engine: LLMEngine, prompts: list[list[int]]) -> tuple[dict[str, list[RequestOutput]], int]:
     for i, ids in enumerate(prompts):
-        engine.add_request(f"r{i}", ids, PARAMS, seq_id=i)
+        engine.add_request(f"r{i}", ids, PARAMS)
     outputs: dict[str, list[RequestOutput]] = {}
     for _ in range(len(prompts) * (MAX_TOKENS + 2)):
         if not engine.has_unfinished():
@@ -77,8 +79,8 @@ def run(engine: LLMEngine, prompts: list[list[int]]) -> tuple[dict[str, list[Req
 
 
 def tokens_and_logprobs(outs: list[RequestOutput]) -> tuple[list[int], np.ndarray, list[tuple[int, ...]]]:
-    tokens = [t for o in outs for t in o.new_token_ids]
-    infos = [i for o in outs for i in o.infos]
+    tokens = [t for o in outs for t in o.tokens.token_ids]
+    infos = [i for o in outs for i in token_infos(o.tokens)]
     assert len(infos) == len(tokens)
     return tokens, np.asarray([i.logprob for i in infos]), [i.top_ids for i in infos]
 
@@ -117,24 +119,26 @@ def test_prefill_and_decode_phases_equal_the_single_phase_run(
     pool = engine.runner.kv_pool
     for i, ids in enumerate(prompts[:6]):
         # Prefill phase: the first token with its logprob facts and the MTP drafts for the decode side.
-        engine.add_prefill_request(f"p{i}", ids, PARAMS, seq_id=1000 + i)
-        first = None
+        engine.add_prefill_request(f"p{i}", ids, PARAMS)
+        first = prefilled = None
         for _ in range(4):
             first = next((o for o in engine.step() if o.request_id == f"p{i}"), None)
+            # The blocks a prefill node pushes are the ones its engine reports with each chunk.
+            progressed = engine.take_prefill_progress()
+            prefilled = next((r for r in progressed if r.request_id == f"p{i}"), prefilled)
             if first is not None:
                 break
         assert first is not None and first.status is RequestStatus.FINISHED_PREFILLED
         assert len(first.draft_token_ids) == spec.num_speculative_tokens
-        prefilled = engine.held(f"p{i}")
         # Decode phase: reserve, receive the KV (every layer, the MTP layer's too), then the first token.
-        decode = engine.reserve(f"r{i}", ids, PARAMS, seq_id=i,
+        decode = engine.reserve(f"r{i}", ids, PARAMS,
                                 num_extra_tokens=1 + spec.num_speculative_tokens)
         num_blocks = -(-len(ids) // pool.spec.block_size)
         src, dst = prefilled.block_table[:num_blocks], decode.block_table[:num_blocks]
         pool.array[:, :, dst] = pool.array[:, :, src]
         engine.release(f"p{i}")
-        start = engine.on_remote_kv(f"r{i}", first.new_token_ids[0], first.draft_token_ids)
-        outs = [RequestOutput(start.request_id, start.seq_id, start.new_token_ids, first.infos, start.status)]
+        start = engine.on_remote_kv(f"r{i}", first.tokens, first.draft_token_ids)
+        outs = [start]  # the peer's first token, logprobs and all, is the decode side's first output
         for _ in range(MAX_TOKENS + 2):
             if not engine.has_unfinished():
                 break

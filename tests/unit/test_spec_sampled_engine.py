@@ -83,7 +83,7 @@ def run(
         params = SamplingParams(
             max_tokens=MAX_TOKENS, temperature=temperature, top_k=TOP_K, seed=seed, ignore_eos=True
         )
-        engine.add_request(f"r{i}", prompt_ids, params, seq_id=i)
+        engine.add_request(f"r{i}", prompt_ids, params)
     outputs: dict[str, list[RequestOutput]] = {}
     for _ in range(len(seeds) * (MAX_TOKENS + 2)):
         if not engine.has_unfinished():
@@ -96,7 +96,7 @@ def run(
         outs = outputs[f"r{i}"]
         assert all(o.status is not RequestStatus.PREEMPTED for o in outs)  # the KV pool is big enough
         assert outs[-1].status is RequestStatus.FINISHED_LENGTH
-        sequences.append(tuple(t for o in outs for t in o.new_token_ids))
+        sequences.append(tuple(t for o in outs for t in o.tokens.token_ids))
         assert len(sequences[-1]) == MAX_TOKENS
     return Run(sequences, outputs)
 
@@ -203,7 +203,7 @@ def test_sampled_speculative_decoding_keeps_the_target_distribution(
 
     drafted, accepted = counter("num_draft_tokens"), counter("num_accepted_tokens")
     accepted_in_outputs = sum(o.num_accepted_drafts for outs in result.outputs.values() for o in outs)
-    multi_token_steps = sum(len(o.new_token_ids) > 1 for outs in result.outputs.values() for o in outs[1:])
+    multi_token_steps = sum(len(o.tokens.token_ids) > 1 for outs in result.outputs.values() for o in outs[1:])
     assert accepted == accepted_in_outputs
     assert accepted >= NUM_REQUESTS // 2, (drafted, accepted)
     assert drafted - accepted >= NUM_REQUESTS // 8, (drafted, accepted)

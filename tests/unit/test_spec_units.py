@@ -67,11 +67,13 @@ def test_config_rejects_bad_fields_by_name(text: str, field: str) -> None:
         SpeculativeConfig.from_json(text)
 
 
-def test_engine_config_requires_matching_scheduler_drafts() -> None:
+def test_the_engine_takes_its_draft_count_from_the_speculative_config() -> None:
     spec = SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 3}')
-    EngineConfig(CacheConfig(8), SchedulerConfig(num_speculative_tokens=3), spec)
+    assert EngineConfig(CacheConfig(8), SchedulerConfig(), spec).num_speculative_tokens == 3
+    assert EngineConfig(CacheConfig(8), SchedulerConfig()).num_speculative_tokens == 0
+    # A decode step feeds 1 + k tokens: k must leave room in the step's budget.
     with pytest.raises(EngineConfigError, match="num_speculative_tokens"):
-        EngineConfig(CacheConfig(8), SchedulerConfig(num_speculative_tokens=0), spec)
+        EngineConfig(CacheConfig(8), SchedulerConfig(max_num_batched_tokens=3), spec)
 
 
 # -- n-gram --------------------------------------------------------------------------------------------

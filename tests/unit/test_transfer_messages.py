@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from pdserve.common.kv_cache import KVCacheSpec
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tokens import SampledTokens
 from pdserve.transfer.messages import (
     WIRE_VERSION,
     Abort,
@@ -66,10 +67,11 @@ def chunk_headers(draw: st.DrawFn) -> KVChunkHeader:
 @st.composite
 def first_tokens(draw: st.DrawFn) -> FirstToken:
     k = draw(st.integers(0, 20))
+    token = SampledTokens([draw(token_ids)], [draw(logprobs)], [draw(st.integers(1, 10**6))], k,
+                          draw(st.lists(token_ids, min_size=k, max_size=k)),
+                          draw(st.lists(logprobs, min_size=k, max_size=k)))
     return FirstToken(
-        draw(request_ids), token_id=draw(token_ids), logprob=draw(logprobs), rank=draw(st.integers(1, 10**6)),
-        top_ids=tuple(draw(st.lists(token_ids, min_size=k, max_size=k))),
-        top_logprobs=tuple(draw(st.lists(logprobs, min_size=k, max_size=k))),
+        draw(request_ids), token=token,
         draft_token_ids=tuple(draw(st.lists(token_ids, max_size=8))),
         timings=PrefillTimings(draw(st.floats(0, 1e6)), draw(st.floats(0, 1e6)), draw(st.floats(0, 1e6))))
 
@@ -150,18 +152,29 @@ def test_header_bounds_are_checked(change: dict[str, object]) -> None:
         CODEC.decode(_raw(**(_valid_header_fields() | change)))
 
 
+def _token(token_id: int = 5, logprob: float = -0.1, rank: int = 1, top_k: int = 0,
+           top_ids: list[int] | None = None, top_logprobs: list[float] | None = None) -> list[object]:
+    """A SampledTokens of one token as it travels (an array of its columns)."""
+    return [[token_id], [logprob], [rank], top_k, top_ids or [], top_logprobs or []]
+
+
 @pytest.mark.parametrize("change", [
-    dict(top_ids=list(range(21)), top_logprobs=[-1.0] * 21),  # more than 20
-    dict(top_ids=[1, 2], top_logprobs=[-1.0]),
-    dict(logprob=0.5),
-    dict(logprob=math.nan),
-    dict(rank=0),
+    dict(token=_token(top_k=21, top_ids=list(range(21)), top_logprobs=[-1.0] * 21)),  # more than 20
+    dict(token=_token(top_k=2, top_ids=[1, 2], top_logprobs=[-1.0])),
+    dict(token=_token(logprob=0.5)),
+    dict(token=_token(logprob=math.nan)),
+    dict(token=_token(top_k=1, top_ids=[3], top_logprobs=[0.5])),
+    dict(token=_token(rank=0)),
+    dict(token=_token(token_id=-1)),
+    dict(token=_token(token_id=2**31)),
+    dict(token=[[5, 6], [-0.1, -0.2], [1, 1], 0, [], []]),  # two tokens
+    dict(token=[[5], [], [], 0, [], []]),  # no logprob
     dict(error_code=99),
-    dict(error_code=1),  # an error that still carries a token rank
+    dict(error_code=1),  # an error that still carries a token
     dict(draft_token_ids=list(range(33))),
 ])
 def test_first_token_bounds_are_checked(change: dict[str, object]) -> None:
-    base = dict(type="first_token", request_id="r", token_id=5, logprob=-0.1, rank=1)
+    base = dict(type="first_token", request_id="r", token=_token())
     assert isinstance(CODEC.decode(_raw(**base)), FirstToken)
     with pytest.raises(WireError):
         CODEC.decode(_raw(**(base | change)))

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.common.tokens import SampledTokens
 from pdserve.transfer.channel import Outbox, TransferError, keep_message_buffers
 from pdserve.transfer.config import TransferConfig, TransferConfigError
 from pdserve.transfer.endpoint import InboxDispatcher, KVEndpoint, Malformed
@@ -93,10 +94,10 @@ def test_multi_chunk_transfer_delivers_exact_bytes_then_first_token(
     try:
         for token_end in (6, 13, 19):  # chunk boundaries inside blocks: partial blocks are re-sent
             assert sender.send_chunk(chunker.next_chunk(src_ids, token_end), src).wait(EVENT_TIMEOUT_S)
-        outbox.send(FirstToken("r", token_id=7, logprob=-0.25, rank=1))
+        outbox.send(FirstToken("r", token=SampledTokens([7], [-0.25], [1])))
         results = [decode.next_event() for _ in range(3)]
         assert [(r.accepted, r.complete) for r in results] == [(True, False), (True, False), (True, True)]
-        assert decode.next_event() == FirstToken("r", token_id=7, logprob=-0.25, rank=1)
+        assert decode.next_event() == FirstToken("r", token=SampledTokens([7], [-0.25], [1]))
     finally:
         sender.close()
         outbox.close()
@@ -351,7 +352,7 @@ def test_inbox_binds_the_configured_interface_and_port(decode: DecodeSide) -> No
     assert decode.endpoint.address.startswith("tcp://127.0.0.1:") and decode.endpoint.inbox.port > 0
     assert decode.endpoint.target() == KVTarget(decode.endpoint.address, local_host_id(), SPEC,
                                                 decode.pool.shm_name)
-    assert WIRE_VERSION == 1
+    assert WIRE_VERSION == 2
 
 
 def test_malloc_tuning_applies_on_glibc_and_can_be_switched_off() -> None:

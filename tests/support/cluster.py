@@ -26,13 +26,15 @@ import grpc
 import pytest
 import sysv_ipc
 
-from pdserve.engine.output_queue import pid_alive  # zombie-aware: an unreaped child counts as gone
-from pdserve.engine.process import decode_config
+from pdserve.common.tokens import SampledTokens
+from pdserve.engine.output_stream import pid_alive  # zombie-aware: an unreaped child counts as gone
+from pdserve.engine.protocol import decode_config
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.node.server import READY_PREFIX
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc import node_pb2_grpc
+from pdserve.rpc.convert import tokens_from_proto
 
 STARTUP_TIMEOUT_S = 150.0  # several nodes loading Paddle at once on two shared cores
 EXIT_TIMEOUT_S = 20.0
@@ -55,7 +57,7 @@ class Node:
     process: subprocess.Popen[str]
     log_path: Path
     info: dict = field(default_factory=dict)
-    queue_key: int | None = None  # the SysV output queue the node server owns
+    queue_key: int | None = None  # the SysV record queue the node server owns
     pool_name: str | None = None  # the engine's shared KV pool under /dev/shm (prefill/decode only)
     channel: grpc.Channel | None = None
     expect_clean_exit: bool = True  # chaos tests kill nodes on purpose and set this to False
@@ -97,18 +99,19 @@ class Result:
         return self.chunks[-1].finish_reason if self.chunks else ""
 
     @property
-    def logprobs(self) -> list[pb.TokenLogprob]:
-        return [lp for c in self.chunks for lp in c.logprobs]
+    def tokens(self) -> SampledTokens:
+        """Every chunk's tokens with their logprobs, as one record."""
+        return SampledTokens.concat([tokens_from_proto(c.tokens) for c in self.chunks if c.tokens.token_ids])
 
 
 def assert_same_first_token(pd: Result, mixed: Result) -> None:
     """The first token (sampled on the prefill node) equals the mixed node's: id, rank, top-k."""
-    a, b = pd.logprobs[0], mixed.logprobs[0]
-    assert a.token_id == b.token_id
-    assert a.rank == b.rank
-    assert a.logprob == pytest.approx(b.logprob, abs=LOGPROB_TOL)
-    assert [t.token_id for t in a.top] == [t.token_id for t in b.top]
-    assert [t.logprob for t in a.top] == pytest.approx([t.logprob for t in b.top], abs=LOGPROB_TOL)
+    a, b = pd.tokens.head(1), mixed.tokens.head(1)
+    assert a.token_ids == b.token_ids
+    assert a.ranks == b.ranks
+    assert a.logprobs == pytest.approx(b.logprobs, abs=LOGPROB_TOL)
+    assert a.top_ids == b.top_ids
+    assert a.top_logprobs == pytest.approx(b.top_logprobs, abs=LOGPROB_TOL)
 
 
 def sampling(max_tokens: int = 16, temperature: float = 0.0, **extra: object) -> pb.SamplingParams:
@@ -123,7 +126,7 @@ def generate(node: Node, request_id: str, prompt_ids: Sequence[int], params: pb.
     request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=list(prompt_ids), sampling=params,
                                  prefill=target)
     chunks = list(node.stub.Generate(request, timeout=timeout_s))
-    return Result([t for c in chunks for t in c.token_ids], chunks)
+    return Result([t for c in chunks for t in c.tokens.token_ids], chunks)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> bool:
@@ -196,10 +199,10 @@ def _await_ready(nodes: list[Node]) -> None:
 
 
 def _inspect_engine(node: Node) -> None:
-    """Find this node's output queue (in the engine's command line) and its shared pool (in its maps)."""
+    """Find this node's record queue (in the engine's command line) and its shared pool (in its maps)."""
     pid = node.engine_pid
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    node.queue_key = decode_config(argv[argv.index(b"pdserve.engine.process") + 1].decode()).output_queue.key
+    node.queue_key = decode_config(argv[argv.index(b"pdserve.engine.process") + 1].decode()).records.key
     if node.spec.role != "mixed":
         maps = Path(f"/proc/{pid}/maps").read_text()
         marker = f"/dev/shm/{SHM_POOL_PREFIX}"
