@@ -25,10 +25,21 @@ json.dump(secrets[0]["data"], open(sys.argv[3], "w"))
 yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"], open(sys.argv[2], "w"))
 PY
 
+# netavark leaves its nftables tables behind when the last network goes: the ones this run brought
+# are removed again once no container is left.
+tables_before="$(nft list tables 2>/dev/null || true)"
 cleanup() {
     podman kube down "$manifest" >/dev/null 2>&1 || true
     podman secret rm pdserve-cluster-secret >/dev/null 2>&1 || true
     podman network rm -f "$network" >/dev/null 2>&1 || true
+    if [ -z "$(podman ps -aq 2>/dev/null)" ]; then
+        for table in "ip nat" "ip filter"; do
+            if ! grep -qx "table $table" <<<"$tables_before" && nft list tables 2>/dev/null | grep -qx "table $table"; then
+                # shellcheck disable=SC2086 # "ip nat" is two words of the command
+                nft delete table $table
+            fi
+        done
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
