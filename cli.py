@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pdserve.deploy.cli import add_deploy_parsers
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.spec_config import SpeculativeConfig
 from pdserve.router.cli import add_router_parser
@@ -85,6 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--num-blocks", type=int, default=None, help="KV blocks per node")
     up.set_defaults(handler=_up)
     add_router_parser(sub)
+    add_deploy_parsers(sub)
     return parser
 
 

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import msgspec
 import numpy as np
 
+from pdserve.common.leftovers import SHM_DIR, pool_name
+
 if TYPE_CHECKING:
     import paddle
 
-SHM_DIR = Path("/dev/shm")
 
 
 Positive = Annotated[int, msgspec.Meta(ge=1, lt=2**31)]
@@ -104,7 +105,7 @@ class KVCachePool:
     @classmethod
     def create_shared(cls, spec: KVCacheSpec, name: str | None = None) -> KVCachePool:
         """A pool in a new /dev/shm file that peers on this host can `attach` to by name."""
-        name = name or f"pdserve-kv-{uuid.uuid4().hex}"
+        name = name or pool_name(os.getpid(), uuid.uuid4().hex)  # the pid: see common/leftovers.py
         path = SHM_DIR / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -132,11 +133,19 @@ class KVCachePool:
     def close(self) -> None:
         """Drop the mapping; the owner of a shared pool also removes its file."""
         # The mapping itself goes with the last reference: unmapping now could pull memory from
-        # under a paddle view that is still alive.
+        # under a paddle view (or a zero-copy frame) that is still alive.
         self.caches = []
         if self._owner and self.shm_path is not None:
             self.shm_path.unlink(missing_ok=True)
         self.shm_path = None
+
+    def unmap(self) -> None:
+        """Close a peer's pool and unmap it now, for a holder that keeps no view of it beyond its own
+        calls (the same-host KV sender): its memory must not wait for the garbage collector."""
+        self.close()
+        if isinstance(self.array, np.memmap) and self.array._mmap is not None:
+            self.array._mmap.close()
+        self.array = np.empty((0,), dtype=self.spec.numpy_dtype())
 
 
 def _paddle_view(array: np.ndarray, dtype: str) -> paddle.Tensor:

@@ -13,15 +13,14 @@ dead node server stops the engine with `ReaderGoneError` instead of hanging it f
 from __future__ import annotations
 
 import errno
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import sysv_ipc
 
+from pdserve.common.leftovers import pid_alive
 from pdserve.engine.protocol import (
     EngineRecord,
     ProtocolError,
@@ -55,22 +54,6 @@ class WriterConfig:
         if not 0.0 < self.liveness_interval_s <= 10.0:
             raise ValueError(f"WriterConfig.liveness_interval_s must be in (0, 10] s "
                              f"(got {self.liveness_interval_s})")
-
-
-def pid_alive(pid: int) -> bool:
-    """True while process `pid` exists and is not a zombie (a killed, not yet reaped reader is dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs here (or the process just vanished; the next kill(0) says so)
-    # The command name in parentheses may contain spaces; the state is the first field after it.
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def remove_queue(queue: sysv_ipc.MessageQueue) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import sysv_ipc
 
+from pdserve.common.leftovers import queue_marker
 from pdserve.engine.output_stream import EXIT_NOTICE_TYPE, RECORD_MESSAGE_TYPE, StreamError, remove_queue
 from pdserve.engine.protocol import DEFAULT_MAX_MESSAGE_BYTES, EngineRecord, RecordAssembler, StreamAddress
 
@@ -48,6 +49,9 @@ class RecordReader:
                  key_source: Callable[[], int] = _random_key) -> None:
         self._max_message_bytes = max_message_bytes
         self._queue = self._create(key_source)
+        # Marks the queue as this process's, so a node started after a kill -9 can remove it.
+        self._marker = queue_marker(os.getpid(), self._queue.key)
+        self._marker.touch()
         self._assembler = RecordAssembler()
         self._closed = False
 
@@ -103,6 +107,7 @@ class RecordReader:
             return
         self._closed = True
         remove_queue(self._queue)
+        self._marker.unlink(missing_ok=True)
 
     def __enter__(self) -> RecordReader:
         return self

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from pdserve.common.leftovers import remove_leftovers
 from pdserve.common.spec_metrics import SpeculateMetrics
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.protocol import EngineStats
@@ -173,6 +174,10 @@ class NodeServer(node_pb2_grpc.NodeServicer):
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        removed = remove_leftovers()  # what killed nodes on this host left: dead owners only
+        if removed.pools or removed.queues:
+            log.warning("removed KV pools %s and record queues %s of dead nodes", list(removed.pools),
+                        list(removed.queues))
         await self.bridge.start()
         self._server = grpc.aio.server()
         node_pb2_grpc.add_NodeServicer_to_server(self, self._server)

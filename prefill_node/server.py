@@ -39,6 +39,7 @@ from pdserve.transfer.transport import KVChunker, check_compatible, choose_trans
 log = logging.getLogger("pdserve.prefill")
 
 DELIVERY_TIMEOUT_S = 30.0
+POOL_SWEEP_S = 2.0  # how often pools of exited decode peers are looked for and unmapped
 
 
 class PrefillFailed(Exception):
@@ -82,6 +83,7 @@ class PrefillNodeServer(NodeServer):
         host = self.transfer.advertise_host or self.transfer.bind_host
         self.data_address = f"tcp://{host}:{self._inbox.port}"
         self._loop.create_task(self._expire_leases())
+        self._loop.create_task(self._unmap_dead_pools())
 
     async def stop_data_plane(self) -> None:
         for job in list(self.jobs.values()):
@@ -212,6 +214,14 @@ class PrefillNodeServer(NodeServer):
         if code is not ErrorCode.ABORTED:
             error = FirstToken(job.task.request_id, error_code=code, error_message=message[:1000])
             self._send_soon(job.task, error)
+
+    async def _unmap_dead_pools(self) -> None:
+        """A decode peer that exited or restarted leaves its old pool mapped here until its peer is
+        retired: look for pools whose file is gone every POOL_SWEEP_S."""
+        while True:
+            await asyncio.sleep(POOL_SWEEP_S)
+            for address in self._peers.retire_stale():
+                log.info("decode peer %s's KV pool is gone; unmapped it", address)
 
     async def _expire_leases(self) -> None:
         while True:

@@ -9,7 +9,10 @@ used and closed on its own peer's thread (ZMQ sockets belong to one thread).
 
 A peer whose send failed is retired (its socket closed on its thread, after whatever was queued
 behind the failure): the next message to that address opens a fresh one, so addresses that never
-answer do not keep threads alive.
+answer do not keep threads alive. A decode peer's shared pool stays mapped only while it is that
+peer's current pool: a task naming another pool (the peer restarted at the same address) replaces
+the mapping, and `retire_stale` retires peers whose pool file is gone (the peer died or restarted
+elsewhere), so a prefill node never keeps dead pools' memory mapped.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from pdserve.common.kv_cache import SHM_DIR
 from pdserve.transfer.channel import Outbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.messages import KVTarget, WireMessage
-from pdserve.transfer.transport import KVSender, open_kv_sender
+from pdserve.transfer.transport import KVSender, ShmKVSender, open_kv_sender
 
 T = TypeVar("T")
 
@@ -49,10 +53,21 @@ class Peer:
 
     def kv_sender(self, kind: str, target: KVTarget, local_spec) -> KVSender:
         """The `kind` (shm or zmq) KV sender to this peer; both share the peer's outbox, so a message
-        sent after a chunk reaches the peer after it."""
-        if kind not in self._kv_senders:
-            self._kv_senders[kind] = open_kv_sender(kind, self.outbox, target, local_spec)
-        return self._kv_senders[kind]
+        sent after a chunk reaches the peer after it. A target other than the sender's (a restarted
+        peer: another pool, maybe another layout) replaces the sender and drops its mapping."""
+        sender = self._kv_senders.get(kind)
+        if sender is not None and sender.target != target:
+            sender.close()
+            del self._kv_senders[kind]
+            sender = None
+        if sender is None:
+            sender = self._kv_senders[kind] = open_kv_sender(kind, self.outbox, target, local_spec)
+        return sender
+
+    def pools(self) -> list[str]:
+        """The /dev/shm pools this peer's senders map (read from any thread: targets never change)."""
+        return [s.target.shm_name for s in list(self._kv_senders.values())
+                if isinstance(s, ShmKVSender) and s.target.shm_name]
 
     def close(self) -> None:
         for sender in self._kv_senders.values():
@@ -88,6 +103,15 @@ class PeerSenders:
         except TransferError:
             self._retire(peer)
             raise
+
+    def retire_stale(self) -> list[str]:
+        """Retire every peer that maps a pool whose file is gone (its owner exited or restarted), so
+        its memory is returned; returns their addresses. A later task to the address opens a new peer."""
+        stale = [peer for peer in self._peers.values()
+                 if any(not (SHM_DIR / name).exists() for name in peer.pools())]
+        for peer in stale:
+            self._retire(peer)
+        return [peer.address for peer in stale]
 
     def _retire(self, peer: Peer) -> None:
         if self._peers.get(peer.address) is peer:

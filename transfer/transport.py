@@ -146,7 +146,7 @@ class ShmKVSender(KVSender):
         return Delivery(header.payload_nbytes)
 
     def close(self) -> None:
-        self._dst.close()
+        self._dst.unmap()  # copies run on this sender's thread only: no view of it outlives them
 
 
 class ZmqKVSender(KVSender):

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import sysv_ipc
 
+from pdserve.common.leftovers import pid_alive
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from pdserve.engine.output_stream import pid_alive
 from pdserve.engine.protocol import (
     PROTOCOL_VERSION,
     EngineProcessConfig,

@@ -60,9 +60,9 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(
 
 @pytest.fixture(scope="module")
 def router() -> Iterator[tuple[BackgroundRouter, dict[str, list[str]]]]:
-    # health checks must not eject the one node when this busy machine stalls: 5xx here would mean
-    # "no capacity", which is not what the fuzz looks for
-    # and the one registration must outlive the whole module (no heartbeats renew it)
+    # Neither health checks nor the registry's TTL may drop the one node (registered once, with no
+    # heartbeats) while this busy machine runs the fuzz for minutes: 5xx here would mean "no
+    # capacity", which is not what the fuzz looks for.
     config = RouterConfig(port=0, model_name=MODEL, health=HealthConfig(interval_s=1.0, timeout_s=5.0,
                                                                         eject_after=100),
                           registry=RegistryConfig(heartbeat_ttl_s=3600.0))

@@ -26,8 +26,8 @@ import grpc
 import pytest
 import sysv_ipc
 
+from pdserve.common.leftovers import pid_alive  # zombie-aware: an unreaped child counts as gone
 from pdserve.common.tokens import SampledTokens
-from pdserve.engine.output_stream import pid_alive  # zombie-aware: an unreaped child counts as gone
 from pdserve.engine.protocol import decode_config
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer

@@ -18,8 +18,9 @@ import sysv_ipc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pdserve.common.leftovers import pid_alive
 from pdserve.common.tokens import SampledTokens
-from pdserve.engine.output_stream import ReaderGoneError, RecordWriter, StreamError, WriterConfig, pid_alive
+from pdserve.engine.output_stream import ReaderGoneError, RecordWriter, StreamError, WriterConfig
 from pdserve.engine.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     FRAGMENT_HEADER,

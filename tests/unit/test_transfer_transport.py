@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import queue
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -27,6 +29,7 @@ from pdserve.transfer.messages import (
     KVTarget,
     WireCodec,
 )
+from pdserve.transfer.peers import PeerSenders
 from pdserve.transfer.receiver import ChunkResult, RejectReason
 from pdserve.transfer.transport import (
     KVChunker,
@@ -358,3 +361,42 @@ def test_inbox_binds_the_configured_interface_and_port(decode: DecodeSide) -> No
 def test_malloc_tuning_applies_on_glibc_and_can_be_switched_off() -> None:
     assert keep_message_buffers(TransferConfig())  # this host's Python runs on glibc
     assert not keep_message_buffers(TransferConfig(tune_malloc=False))
+
+
+def _mappings(name: str) -> int:
+    """How many times this process maps /dev/shm/<name> (also after the file was unlinked)."""
+    return sum(name in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_a_restarted_or_exited_decode_peer_leaves_no_pool_mapped() -> None:
+    """The prefill side maps a decode peer's pool to copy into it; when that peer restarts (a new pool
+    at the same address) or exits (its pool file removed), the old mapping must go, or every decode
+    restart would leave a whole pool's memory mapped on each prefill node."""
+    async def run() -> None:
+        first, second = DecodeSide(), DecodeSide()
+        peers = PeerSenders(CONFIG)
+        old_pool = first.pool.shm_name
+        try:
+            # Both "decode sides" live in this process: each pool is mapped once by its owner, and once
+            # more by the sender that copies into it.
+            owned = _mappings(old_pool)
+            target = first.endpoint.target()
+            await peers.run(first.endpoint.address, lambda p: p.kv_sender("shm", target, SPEC))
+            assert _mappings(old_pool) > owned
+            # The same address now names another pool (the peer restarted): the sender is replaced.
+            restarted = msgspec.structs.replace(target, shm_name=second.pool.shm_name)
+            sender = await peers.run(first.endpoint.address, lambda p: p.kv_sender("shm", restarted, SPEC))
+            assert sender.target == restarted and _mappings(old_pool) == owned
+            # The peer exits: its pool file goes, and the sweep retires the peer and its mapping.
+            assert peers.retire_stale() == []
+            second_pool = second.pool.shm_name
+            with_sender = _mappings(second_pool)
+            second.close()  # the owner removes the file (its own mapping goes with its last reference)
+            assert peers.retire_stale() == [first.endpoint.address] and len(peers) == 0
+            await asyncio.sleep(0.2)  # the retired peer closes on its own thread
+            assert _mappings(second_pool) < with_sender
+        finally:
+            await peers.close()
+            first.close()
+
+    asyncio.run(run())
