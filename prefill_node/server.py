@@ -136,9 +136,7 @@ class PrefillNodeServer(NodeServer):
                                 self.kv_spec.num_layers, self.kv_spec.block_size)
             job.handle = self._submit(task)
             job.started_at = time.monotonic()
-            prefilled = await self._prefill_and_push(job, kind, chunker)
-            first = _first_token(task.request_id, prefilled, _timings(job))
-            await self._peers.send(task.kv_target.address, first)
+            await self._prefill_and_push(job, kind, chunker)
             self.metrics.outcome("prefilled")
         except PrefillFailed as exc:
             self._fail(job, exc.code, str(exc))
@@ -156,27 +154,36 @@ class PrefillNodeServer(NodeServer):
         except EngineError as exc:
             raise PrefillFailed(ErrorCode.PREFILL_FAILED, str(exc)) from exc
 
-    async def _prefill_and_push(self, job: PrefillJob, kind: str, chunker: KVChunker) -> RequestOutput:
-        """Follow the engine's progress, pushing each newly computed span (the engine reports the last
-        chunk's progress before the output with the first token)."""
+    async def _prefill_and_push(self, job: PrefillJob, kind: str, chunker: KVChunker) -> None:
+        """Follow the engine's progress, pushing each newly computed span. The engine reports the last
+        chunk's progress right before the output with the first token: that span and the FirstToken go
+        out together, in one job on the peer's thread."""
+        last_span: PrefillProgress | None = None
         while True:
             item = await job.handle.items.get()
             if job.aborted:
                 raise PrefillFailed(ErrorCode.ABORTED, "aborted")
             if isinstance(item, PrefillProgress):
-                await self._push(job, kind, chunker, item.block_ids, item.num_computed_tokens)
+                if item.num_computed_tokens < len(job.task.prompt_token_ids):
+                    await self._push(job, kind, chunker, item.block_ids, item.num_computed_tokens)
+                else:
+                    last_span = item
             elif isinstance(item, (RequestRejected, EngineGone)):
                 raise PrefillFailed(ErrorCode.PREFILL_FAILED, item.message)
             elif item.status is RequestStatus.FINISHED_PREFILLED:
-                if not chunker.done:
+                if last_span is None:
                     raise PrefillFailed(ErrorCode.PREFILL_FAILED, "first token before the prompt's last KV")
-                return item
+                await self._push(job, kind, chunker, last_span.block_ids, last_span.num_computed_tokens,
+                                 then=item)
+                return
             else:
                 # PREEMPTED: blocks already pushed may have been reused; ABORTED/ERROR: gone.
                 raise PrefillFailed(ErrorCode.PREFILL_FAILED, f"prefill {item.status.name.lower()}")
 
     async def _push(self, job: PrefillJob, kind: str, chunker: KVChunker, block_table: list[int],
-                    token_end: int) -> None:
+                    token_end: int, then: RequestOutput | None = None) -> None:
+        """Push the span up to token_end; with `then` (the prefilled output), its FirstToken follows on
+        the same thread and connection once the span is delivered, its timings counting this push."""
         chunk = chunker.next_chunk(block_table, token_end)
         target = job.task.kv_target
         started = time.monotonic()
@@ -190,6 +197,9 @@ class PrefillNodeServer(NodeServer):
             # The source blocks are released after the FirstToken; zero-copy frames must be gone first.
             if not delivery.wait(DELIVERY_TIMEOUT_S):
                 raise TransferError(f"KV chunk of {chunk.request_id} not taken by the peer in time")
+            if then is not None:
+                timings = _timings(job, pushing_s=time.monotonic() - started)
+                peer.send(_first_token(job.task.request_id, then, timings))
             return delivery.nbytes
 
         nbytes = await self._peers.run(target.address, send)
@@ -264,11 +274,12 @@ def _first_token(request_id: str, prefilled: RequestOutput, timings: PrefillTimi
                       timings=timings)
 
 
-def _timings(job: PrefillJob) -> PrefillTimings:
+def _timings(job: PrefillJob, pushing_s: float = 0.0) -> PrefillTimings:
+    """Where the request's time went so far; pushing_s: a push under way, not yet in job.transfer_s."""
     now = time.monotonic()
     queue_ms = max(0.0, (job.started_at - job.received_at) * 1000)
     total_ms = max(0.0, (now - job.started_at) * 1000)
-    transfer_ms = min(job.transfer_s * 1000, total_ms)
+    transfer_ms = min((job.transfer_s + pushing_s) * 1000, total_ms)
     return PrefillTimings(queue_ms=queue_ms, prefill_ms=total_ms - transfer_ms, transfer_ms=transfer_ms)
 
 

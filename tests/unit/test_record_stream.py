@@ -18,7 +18,7 @@ import sysv_ipc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdserve.common.leftovers import pid_alive
+from pdserve.common.leftovers import pid_alive, queue_marker, remove_leftovers
 from pdserve.common.tokens import SampledTokens
 from pdserve.engine.output_stream import ReaderGoneError, RecordWriter, StreamError, WriterConfig
 from pdserve.engine.protocol import (
@@ -277,6 +277,11 @@ def test_a_killed_reader_process_is_detected_within_a_bounded_time() -> None:
         process.wait(timeout=10.0)
         if key and queue_exists(key):
             sysv_ipc.MessageQueue(key).remove()
+    # The killed reader's marker of its queue is what the next node on the host removes.
+    marker = queue_marker(pid, key)
+    assert marker.exists()
+    remove_leftovers()
+    assert not marker.exists()
 
 
 def key_sequence(keys: list[int]) -> Callable[[], int]:

@@ -59,6 +59,8 @@ class DecodeSide:
         return hashlib.sha256(np.asarray(self.pool.array).tobytes()).hexdigest()
 
     def close(self) -> None:
+        if self.pool.shm_path is None:
+            return  # closed already
         self.endpoint.close()
         self.pool.close()
 
@@ -398,5 +400,6 @@ def test_a_restarted_or_exited_decode_peer_leaves_no_pool_mapped() -> None:
         finally:
             await peers.close()
             first.close()
+            second.close()  # idempotent: a failure above must not leave its pool behind
 
     asyncio.run(run())
