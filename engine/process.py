@@ -13,18 +13,18 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
+import select
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
-from typing import BinaryIO
 
 from pdserve.common.kv_cache import KVCachePool
 from pdserve.engine.engine import LLMEngine, kv_spec_for
 from pdserve.engine.output_stream import ReaderGoneError, RecordWriter
 from pdserve.engine.protocol import (
+    FRAME_LENGTH,
+    MAX_FRAME_BYTES,
     AbortTask,
     EngineFailed,
     EngineProcessConfig,
@@ -45,7 +45,6 @@ from pdserve.engine.protocol import (
     StepOutputs,
     decode_config,
     decode_task,
-    read_frame,
 )
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.scheduler import AdmissionError, CapacityError
@@ -58,37 +57,61 @@ STATS_MAX_INTERVAL_S = 1.0
 
 
 class TaskInbox:
-    """Frames from a pipe, decoded by a reader thread; the engine loop polls without blocking."""
+    """Task frames from the node server's pipe, read by the engine loop itself: when idle it blocks in
+    select() until a frame arrives (or wait_s passes), when busy it takes what is there without
+    waiting. No reader thread, so a task reaches the loop without a thread hand-off."""
 
-    def __init__(self, stream: BinaryIO) -> None:
-        self._tasks: queue.SimpleQueue[EngineTask | ProtocolError] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._read, args=(stream,), name="task-inbox", daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: BinaryIO) -> None:
-        while True:
-            try:
-                payload = read_frame(stream)
-            except ProtocolError as exc:  # framing is lost: there is no way to find the next frame
-                log.error("task stream broken, stopping: %s", exc)
-                payload = None
-            if payload is None:  # the node server closed our stdin (or broke it): it is gone
-                self._tasks.put(ShutdownTask())
-                return
-            try:
-                self._tasks.put(decode_task(payload))
-            except ProtocolError as exc:  # one bad frame; the next one is still readable
-                self._tasks.put(exc)
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        os.set_blocking(fd, False)
+        self._buffer = bytearray()
+        self._closed = False
 
     def take(self, wait_s: float) -> list[EngineTask | ProtocolError]:
-        """Every queued task; waits up to wait_s for the first one when none is queued."""
-        items = []
-        try:
-            items.append(self._tasks.get(timeout=wait_s) if wait_s > 0 else self._tasks.get_nowait())
-            while True:
-                items.append(self._tasks.get_nowait())
-        except queue.Empty:
-            pass
+        """Every complete task frame available, waiting up to wait_s for the first when none is. A
+        closed or broken pipe (the node server is gone, or framing is lost) yields ShutdownTask."""
+        if self._closed:
+            return [ShutdownTask()]
+        items = self._frames()
+        if not items and wait_s > 0 and select.select([self._fd], [], [], wait_s)[0]:
+            self._fill()
+            items = self._frames()
+        elif not items:
+            self._fill()
+            items = self._frames()
+        if self._closed:
+            items.append(ShutdownTask())
+        return items
+
+    def _fill(self) -> None:
+        while True:
+            try:
+                data = os.read(self._fd, 1 << 20)
+            except BlockingIOError:
+                return
+            if not data:  # the node server closed our stdin: it is gone
+                self._closed = True
+                return
+            self._buffer += data
+
+    def _frames(self) -> list[EngineTask | ProtocolError]:
+        items: list[EngineTask | ProtocolError] = []
+        while len(self._buffer) >= FRAME_LENGTH.size:
+            (length,) = FRAME_LENGTH.unpack_from(self._buffer)
+            if length > MAX_FRAME_BYTES:  # framing is lost: there is no way to find the next frame
+                log.error("task stream broken, stopping: a %d-byte frame", length)
+                self._closed = True
+                self._buffer.clear()
+                break
+            end = FRAME_LENGTH.size + length
+            if len(self._buffer) < end:
+                break
+            payload = bytes(self._buffer[FRAME_LENGTH.size:end])
+            del self._buffer[:end]
+            try:
+                items.append(decode_task(payload))
+            except ProtocolError as exc:  # one bad frame; the next one is still readable
+                items.append(exc)
         return items
 
 
@@ -255,13 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _claim_stdin() -> BinaryIO:
-    """Take stdin for task frames, and point fd 1 at stderr so nothing printed by a library lands on a
-    pipe the node server reads. Tasks are read unbuffered: a daemon thread blocked inside a buffered
-    reader's lock makes interpreter shutdown abort."""
+def _claim_stdin() -> int:
+    """Take stdin (a private duplicate of it) for task frames, and point fd 1 at stderr so nothing
+    printed by a library lands on a pipe the node server reads."""
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    return os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
+    return os.dup(sys.stdin.fileno())
 
 
 def _try_send(records: RecordWriter, record: EngineFailed) -> None:

@@ -38,7 +38,7 @@ from pdserve.engine.request import RequestStatus
 PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a 1M-token prompt is ~5 MB of msgpack; anything near this is garbage
 MAX_RECORD_BYTES = 256 * 1024 * 1024  # a step of 1024 requests with 20 top logprobs is ~0.5 MB
-_LENGTH = struct.Struct("<I")
+FRAME_LENGTH = struct.Struct("<I")  # a task frame's length prefix
 DEFAULT_MAX_MESSAGE_BYTES = 8192  # Linux kernel.msgmax default: no sysctl is ever required
 FRAGMENT_HEADER = struct.Struct("<2sBBI")  # see the module docstring
 
@@ -158,38 +158,8 @@ def decode_task(payload: bytes) -> EngineTask:
 
 
 def write_frame(stream: BinaryIO, payload: bytes) -> None:
-    stream.write(_LENGTH.pack(len(payload)) + payload)
+    stream.write(FRAME_LENGTH.pack(len(payload)) + payload)
     stream.flush()
-
-
-def read_frame(stream: BinaryIO) -> bytes | None:
-    """The next frame's payload, or None at a clean end of stream (the peer closed the pipe).
-    Works on raw (unbuffered) streams too: short reads are completed."""
-    header = _read_exact(stream, _LENGTH.size)
-    if not header:
-        return None
-    if len(header) < _LENGTH.size:
-        raise ProtocolError("stream ended inside a frame header")
-    (length,) = _LENGTH.unpack(header)
-    if length > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-    payload = _read_exact(stream, length)
-    if len(payload) < length:
-        raise ProtocolError(f"stream ended inside a frame ({len(payload)} of {length} bytes)")
-    return payload
-
-
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    """Up to size bytes: fewer only at end of stream."""
-    parts: list[bytes] = []
-    remaining = size
-    while remaining:
-        part = stream.read(remaining)
-        if not part:
-            break
-        parts.append(part)
-        remaining -= len(part)
-    return b"".join(parts)
 
 
 # -- engine -> node server: records ----------------------------------------------------------------
