@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from pdserve.common.leftovers import remove_leftovers
+
 READY_PREFIX = "PDSERVE_READY "
 PR_SET_PDEATHSIG = 1
 
@@ -233,12 +235,20 @@ def run_cluster(spec: ClusterSpec) -> int:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 1
     print(f"pdserve is up: {spec.url}/v1  (model {spec.model_name!r}; Ctrl-C stops it)", flush=True)
+    reported: set[str] = set()
     try:
         while not stop.wait(0.5):
-            dead = [m.name for m in cluster.members if m.process.poll() is not None]
-            if "router" in dead:
+            dead = [m for m in cluster.members if m.process.poll() is not None]
+            if any(m.name == "router" for m in dead):
                 print("pdserve up: the router exited; stopping the cluster", file=sys.stderr)
                 break
+            for member in (m for m in dead if m.name not in reported):
+                reported.add(member.name)
+                # A node killed with its engine cannot remove its KV pool or record queue: we do.
+                removed = remove_leftovers()
+                print(f"pdserve up: {member.name} exited with code {member.process.returncode}; removed "
+                      f"{len(removed.pools)} KV pool(s) and {len(removed.queues)} record queue(s) it left",
+                      file=sys.stderr, flush=True)
     finally:
         cluster.stop()
     print("pdserve up: stopped", file=sys.stderr)
