@@ -11,11 +11,8 @@ float64 log-softmax of HF transformers' logits on the same weights.
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ from openai import OpenAI
 
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
+from pdserve.tests.support.cluster import pdserve_up
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\ndef main(argv):", "class Stack:"]
 MAX_TOKENS = 16
@@ -64,40 +62,16 @@ class Cluster:
         return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=list(SHAPES), ids=list(SHAPES))
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     shape = SHAPES[request.param]
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), "--prefill", str(shape.prefill),
-         "--decode", str(shape.decode), "--speculative-config", shape.speculative_config,
-         "--num-blocks", "256"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_up(proc)
-        yield Cluster(f"http://127.0.0.1:{port}", shape)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
-    assert code == 0
+    flags = ("--prefill", str(shape.prefill), "--decode", str(shape.decode), "--speculative-config",
+             shape.speculative_config, "--num-blocks", "256")
+    with pdserve_up(*flags) as (_proc, url):
+        yield Cluster(url, shape)
+    port = url.rsplit(":", 1)[1]
     leftover = subprocess.run(["pgrep", "-f", f"--registry http://127.0.0.1:{port}"], capture_output=True)
     assert leftover.stdout == b"", "pdserve up left node processes behind"
-
-
-def _wait_up(proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 240
-    line = ""
-    while time.monotonic() < deadline and "pdserve is up" not in line:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            pytest.fail(f"pdserve up exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-    assert "pdserve is up" in line
 
 
 @pytest.fixture(scope="module")

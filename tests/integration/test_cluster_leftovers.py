@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from pdserve.common.leftovers import POOL_PREFIX, QUEUE_MARKER_PREFIX, pid_alive
+from pdserve.tests.support.cluster import pdserve_up
 
 SHM = Path("/dev/shm")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -35,15 +27,8 @@ def _owned(pid: int, prefix: str) -> list[Path]:
 
 
 def test_up_removes_the_pool_and_queue_of_a_node_killed_with_its_engine() -> None:
-    port = _free_port()
-    up = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), "--prefill", "1",
-                           "--decode", "1", "--num-blocks", "64", "--threads-per-node", "1"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while "pdserve is up" not in (line := up.stdout.readline()):
-            assert line or up.poll() is None, up.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "pdserve up did not come up"
+    flags = ("--prefill", "1", "--decode", "1", "--num-blocks", "64", "--threads-per-node", "1")
+    with pdserve_up(*flags) as (up, _url):
         decode = next(pid for pid in _children(up.pid)
                       if b"decode" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"))
         (engine,) = _children(decode)
@@ -56,7 +41,4 @@ def test_up_removes_the_pool_and_queue_of_a_node_killed_with_its_engine() -> Non
             assert time.monotonic() < deadline, "pdserve up left the killed node's pool or queue"
             time.sleep(0.1)
         assert not pid_alive(engine) and up.poll() is None  # the cluster itself keeps running
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(timeout=60)
     assert "decode-0 exited with code -9; removed 1 KV pool(s) and 1 record queue(s)" in up.stderr.read()

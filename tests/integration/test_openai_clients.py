@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,38 +21,19 @@ import httpx
 import openai
 import pytest
 
+from pdserve.tests.support.cluster import pdserve_up
+
 MODEL = "pdserve-demo"
 HYBRID = ('{"method": "mtp", "num_speculative_tokens": 3, "num_model_steps": 1, '
           '"mtp_strategy": "with_ngram", "max_ngram_size": 3, "min_ngram_size": 1}')
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), "--prefill", "1", "--decode", "1",
-         "--speculative-config", HYBRID, "--num-blocks", "256", "--threads-per-node", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        line = ""
-        while time.monotonic() < deadline and "pdserve is up" not in line:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                pytest.fail(f"pdserve up exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        assert "pdserve is up" in line
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
-    assert code == 0
+    with pdserve_up("--prefill", "1", "--decode", "1", "--speculative-config", HYBRID, "--num-blocks", "256",
+                    "--threads-per-node", "1") as (_proc, router_url):
+        yield router_url
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ are not confused by other processes on the host.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,3 +284,24 @@ def scrape_metric(port: int, name: str, labels: dict[str, str]) -> float:
             if got == wanted:
                 return float(value)
     return 0.0
+
+
+@contextlib.contextmanager
+def pdserve_up(*flags: str, startup_timeout_s: float = 240.0) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`pdserve up FLAGS` on a free port: yields the process and the router's URL once it is up, and
+    stops it with SIGINT afterwards, asserting a clean exit (its stderr stays readable)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while "pdserve is up" not in (line := proc.stdout.readline()):
+            if not line and proc.poll() is not None:
+                raise RuntimeError(f"pdserve up exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pdserve up not up after {startup_timeout_s} s")
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    assert code == 0, f"pdserve up exited {code}"
