@@ -30,7 +30,6 @@ from pdserve.engine.protocol import (
     EngineTask,
     GenerateTask,
     PrefillTask,
-    ProtocolError,
     ReleaseTask,
     RemoteKVReadyTask,
     ReserveTask,
@@ -222,5 +221,3 @@ def _wait_or_kill(process: subprocess.Popen[bytes], timeout_s: float) -> None:
         process.kill()
         process.wait()
 
-
-__all__ = ["EngineClient", "EngineClientConfig", "EngineError", "EngineExited", "ProtocolError"]
