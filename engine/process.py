@@ -1,11 +1,11 @@
 """The engine process: a busy loop of take tasks -> step -> emit records.
 
 Started by `EngineClient` as ``python -m pdserve.engine.process CONFIG_JSON``. Tasks arrive as frames
-on stdin, which the loop reads itself (waiting in select() only when it has nothing to step); everything
-the engine reports (ready, stats, rejections, KV reserved, prefill progress, step outputs, a fatal failure) leaves
-in order as records on the one SysV record stream (engine/protocol.py). The loop ends on a Shutdown
-task, on stdin closing (the node server is gone), or when the stream's reader is gone; in every case
-the KV pool and the stream writer are released.
+on stdin, which the loop reads itself (waiting in select() only when it has nothing to step);
+everything the engine reports (ready, stats, rejections, KV reserved, prefill progress, step outputs,
+a fatal failure) leaves in order as records on the one SysV record stream (engine/protocol.py). The
+loop ends on a Shutdown task, on stdin closing (the node server is gone), or when the stream's reader
+is gone; in every case the KV pool and the stream writer are released.
 """
 
 from __future__ import annotations
