@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from openai import OpenAI
 
 from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
-from pdserve.tests.support.cluster import pdserve_up
+from pdserve.tests.support.cluster import offline_reference, pdserve_up
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\ndef main(argv):", "class Stack:"]
 MAX_TOKENS = 16
@@ -77,12 +76,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def reference() -> dict[str, dict]:
     """The mixed (single-engine) greedy output, without speculation."""
-    argv = [sys.executable, "-m", "pdserve.cli", "generate", "--json", "--max-tokens", str(MAX_TOKENS),
-            "--logprobs", "2", "--threads", "1"]
-    for prompt in PROMPTS:
-        argv += ["--prompt", prompt]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=True).stdout
-    return {row["prompt"]: row for row in map(json.loads, out.splitlines())}
+    return offline_reference(PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ pool left). The namespaces and the bridge are deleted however the test ends.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ import yaml
 from openai import AuthenticationError, OpenAI
 
 from pdserve.tests.integration.netns import HostNetwork
+from pdserve.tests.support.cluster import offline_reference
 
 PROMPTS = ["def fibonacci(n):", "class Stack:"]
 MAX_TOKENS = 16
@@ -111,12 +111,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiHost]:
 @pytest.fixture(scope="module")
 def reference() -> dict[str, dict]:
     """The mixed engine's greedy output, without speculation."""
-    argv = [sys.executable, "-m", "pdserve.cli", "generate", "--json", "--max-tokens", str(MAX_TOKENS),
-            "--logprobs", "2", "--threads", "1"]
-    for prompt in PROMPTS:
-        argv += ["--prompt", prompt]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=True).stdout
-    return {row["prompt"]: row for row in map(json.loads, out.splitlines())}
+    return offline_reference(PROMPTS, MAX_TOKENS)
 
 
 def _client(url: str, key: str) -> OpenAI:

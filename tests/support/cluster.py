@@ -305,3 +305,14 @@ def pdserve_up(*flags: str, startup_timeout_s: float = 240.0) -> Iterator[tuple[
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     assert code == 0, f"pdserve up exited {code}"
+
+
+def offline_reference(prompts: Sequence[str], max_tokens: int) -> dict[str, dict]:
+    """`pdserve generate --json` of each prompt (greedy, top-2 logprobs, no speculation): the single
+    engine's output that served completions are compared with. Keyed by prompt."""
+    argv = [sys.executable, "-m", "pdserve.cli", "generate", "--json", "--max-tokens", str(max_tokens),
+            "--logprobs", "2", "--threads", "1"]
+    for prompt in prompts:
+        argv += ["--prompt", prompt]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=True).stdout
+    return {row["prompt"]: row for row in map(json.loads, out.splitlines())}
