@@ -80,14 +80,16 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = Tokenizer.from_dir(default_model_dir())
     model = load_model(default_model_dir(), "float32")
-    compiler = GrammarCompiler.for_model(default_model_dir(), tokenizer.eos_token_ids, model.config.vocab_size)
+    compiler = GrammarCompiler.for_model(default_model_dir(), tokenizer.eos_token_ids,
+                                         model.config.vocab_size)
     full_us, raw_us, states = mask_costs(compiler, tokenizer, args.mask_repeats)
     print(f"mask per token (vocab {model.config.vocab_size}, {states} states x {args.mask_repeats}): "
           f"allowed_tokens {full_us:.0f} us median, llguidance fill alone {raw_us:.0f} us")
     config = EngineConfig(CacheConfig(num_blocks=128, block_size=16),
-                          SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=8, max_model_len=256), None)
-    engine = LLMEngine(model, config, KVCachePool.allocate(kv_spec_for(model, config)), tokenizer.eos_token_ids,
-                       grammars=compiler)
+                          SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=8, max_model_len=256),
+                          None)
+    engine = LLMEngine(model, config, KVCachePool.allocate(kv_spec_for(model, config)),
+                       tokenizer.eos_token_ids, grammars=compiler)
     prompt = tokenizer.encode(PROMPT)
     schema = GrammarSpec("json_schema", json.dumps(SCHEMA))
     results: dict[tuple[int, str], list[float]] = {}

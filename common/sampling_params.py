@@ -32,9 +32,11 @@ class GrammarSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in GRAMMAR_KINDS:
-            raise SamplingParamsError(f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)} (got {self.kind!r})")
+            raise SamplingParamsError(
+                f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)} (got {self.kind!r})")
         if not isinstance(self.text, str) or len(self.text) > MAX_GRAMMAR_CHARS:
-            raise SamplingParamsError(f"grammar text must be a string of at most {MAX_GRAMMAR_CHARS} characters")
+            raise SamplingParamsError(
+                f"grammar text must be a string of at most {MAX_GRAMMAR_CHARS} characters")
         if self.kind == "json_object" and self.text:
             raise SamplingParamsError("grammar text must be empty for kind json_object")
         if self.kind in ("json_schema", "choice"):
@@ -45,7 +47,8 @@ class GrammarSpec:
             ok = (isinstance(value, dict | bool) if self.kind == "json_schema" else
                   isinstance(value, list) and bool(value) and all(isinstance(c, str) for c in value))
             if not ok:
-                shape = "a JSON schema (an object)" if self.kind == "json_schema" else "a non-empty list of strings"
+                shape = ("a JSON schema (an object)" if self.kind == "json_schema"
+                         else "a non-empty list of strings")
                 raise SamplingParamsError(f"grammar text of kind {self.kind} must be {shape}")
         elif self.kind in ("regex", "lark") and not self.text:
             raise SamplingParamsError(f"grammar text of kind {self.kind} must not be empty")
@@ -93,7 +96,8 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("logit_bias", all(t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias),
              f"must map token ids to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
-            ("grammar", self.grammar is None or isinstance(self.grammar, GrammarSpec), "must be a GrammarSpec"),
+            ("grammar", self.grammar is None or isinstance(self.grammar, GrammarSpec),
+             "must be a GrammarSpec"),
         ]
         for name, ok, why in checks:
             if not ok:

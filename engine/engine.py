@@ -135,12 +135,14 @@ class LLMEngine:
         progressed, self._progressed = self._progressed, []
         return progressed
 
-    def _new_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
+    def _new_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                     params: SamplingParams) -> Request:
         """A request with its seed resolved and its grammar compiled (AdmissionError if it cannot be)."""
         grammar = None
         if params.grammar is not None:
             if self.grammars is None:
-                raise AdmissionError(f"request {request_id!r}: this engine has no grammar support (no tokenizer)")
+                raise AdmissionError(
+                    f"request {request_id!r}: this engine has no grammar support (no tokenizer)")
             try:
                 grammar = self.grammars.matcher(params.grammar)
             except GrammarError as exc:

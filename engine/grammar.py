@@ -59,13 +59,16 @@ class GrammarMatcher:
                 self.advance(drafts[j])
         rows[valid + 1:] = rows[valid]
         if valid and not self._matcher.rollback(valid):
-            raise GrammarError(f"grammar matcher could not roll back {valid} drafts: {self._matcher.get_error()}")
+            raise GrammarError(
+                f"grammar matcher could not roll back {valid} drafts: {self._matcher.get_error()}")
         return rows
 
     def _mask_row(self) -> np.ndarray:
         fill_next_token_bitmask(self._matcher, self._bitmask)
-        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
-        return bits[:self.vocab_size].astype(bool)
+        # one bit per token, token i at bit i % 32 of word i // 32 (little-endian words): unpacked
+        # little-endian, bit i lands at index i; viewing the 0/1 bytes as bool needs no copy
+        bits = np.unpackbits(self._bitmask.view(np.uint8), count=self.vocab_size, bitorder="little")
+        return bits.view(bool)
 
 
 class GrammarCompiler:
@@ -76,7 +79,8 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
 
     @classmethod
-    def for_model(cls, model_dir: str | Path, eos_token_ids: Sequence[int], vocab_size: int) -> GrammarCompiler:
+    def for_model(cls, model_dir: str | Path, eos_token_ids: Sequence[int],
+                  vocab_size: int) -> GrammarCompiler:
         text = (Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8")
         tokenizer = grammar_tokenizer(text, eos_token_ids, vocab_size)
         return cls(tokenizer, vocab_size)

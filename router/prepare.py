@@ -32,7 +32,8 @@ from pdserve.rpc import node_pb2
 from pdserve.rpc.convert import sampling_to_proto
 
 MAX_CHOICES = 128  # prompts x n of one request: each is its own node request
-_CHECKED_GRAMMARS_KEPT = 512  # grammars llguidance accepted, remembered so a repeated schema is not recompiled
+# grammars llguidance accepted, remembered so that a repeated schema is not compiled again
+_CHECKED_GRAMMARS_KEPT = 512
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ class Preparer:
         if req.guided_regex is not None:
             sources.append(("guided_regex", self._spec("guided_regex", "regex", req.guided_regex)))
         if req.guided_choice is not None:
-            sources.append(("guided_choice", self._spec("guided_choice", "choice", json.dumps(req.guided_choice))))
+            choices = json.dumps(req.guided_choice)
+            sources.append(("guided_choice", self._spec("guided_choice", "choice", choices)))
         if req.guided_grammar is not None:
             sources.append(("guided_grammar", self._spec("guided_grammar", "lark", req.guided_grammar)))
         return sources
@@ -283,7 +285,8 @@ class Preparer:
             return spec
         with self._grammar_lock:
             if self._grammar_tokenizer is None:
-                self._grammar_tokenizer = grammar_tokenizer(self.tokenizer.to_json(), self.tokenizer.eos_token_ids)
+                self._grammar_tokenizer = grammar_tokenizer(self.tokenizer.to_json(),
+                                                            self.tokenizer.eos_token_ids)
         try:
             compile_grammar(spec, self._grammar_tokenizer)
         except GrammarError as e:
@@ -318,8 +321,8 @@ class Preparer:
             return tools, parser.forced_grammar(functions)
         named = [f for f in functions if f["name"] == choice.function.name]
         if not named:
-            raise APIError(400, f"tool_choice: no tool named {choice.function.name!r} in tools", "tool_choice",
-                           "invalid_value")
+            raise APIError(400, f"tool_choice: no tool named {choice.function.name!r} in tools",
+                           "tool_choice", "invalid_value")
         return tools, parser.forced_grammar(named)
 
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:

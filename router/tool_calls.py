@@ -73,7 +73,7 @@ def call_schema(function: dict[str, Any]) -> dict[str, Any]:
 
 
 class HermesToolParser(ToolCallParser):
-    """``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` (Hermes, Qwen2.5, the demo model)."""
+    """Hermes, Qwen2.5, the demo model: ``<tool_call>\\n{"name": .., "arguments": {..}}\\n</tool_call>``."""
 
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -136,5 +136,6 @@ def make_tool_call_parser(name: str | None) -> ToolCallParser | None:
     if name is None:
         return None
     if name not in TOOL_CALL_PARSERS:
-        raise ValueError(f"tool_call_parser must be one of {', '.join(sorted(TOOL_CALL_PARSERS))} (got {name!r})")
+        names = ", ".join(sorted(TOOL_CALL_PARSERS))
+        raise ValueError(f"tool_call_parser must be one of {names} (got {name!r})")
     return TOOL_CALL_PARSERS[name]()

@@ -15,7 +15,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         frequency_penalty=params.frequency_penalty, stop_token_ids=list(params.stop_token_ids),
         stop=list(params.stop), ignore_eos=params.ignore_eos, logprobs=params.logprobs,
         prompt_logprobs=params.prompt_logprobs, logit_bias=dict(params.logit_bias),
-        grammar=None if params.grammar is None else pb.Grammar(kind=params.grammar.kind, text=params.grammar.text),
+        grammar=(None if params.grammar is None
+                 else pb.Grammar(kind=params.grammar.kind, text=params.grammar.text)),
     )
 
 

@@ -72,7 +72,8 @@ STRUCTURED_VALUES = {
     "guided_grammar": st.one_of(st.sampled_from(['start: "a"+', "start: undefined", "x", 'start: %json {}']),
                                 st.text(max_size=12)),
     "response_format": st.one_of(
-        st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "json_schema"}, {"type": "xml"}]),
+        st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "json_schema"},
+                         {"type": "xml"}]),
         st.builds(lambda s, strict: {"type": "json_schema", "json_schema": {"name": "x", "schema": s,
                                                                             "strict": strict}},
                   schemas, st.booleans())),

@@ -75,8 +75,9 @@ def test_parse_with_a_pydantic_model_returns_a_valid_object(client: openai.OpenA
 
 
 def test_json_object_output_parses(client: openai.OpenAI) -> None:
-    out = client.chat.completions.create(model=MODEL, messages=_user("Give me a JSON object."), max_tokens=120,
-                                         temperature=0, response_format={"type": "json_object"})
+    out = client.chat.completions.create(model=MODEL, messages=_user("Give me a JSON object."),
+                                         max_tokens=120, temperature=0,
+                                         response_format={"type": "json_object"})
     assert out.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(out.choices[0].message.content), dict)
 
@@ -84,8 +85,9 @@ def test_json_object_output_parses(client: openai.OpenAI) -> None:
 def test_guided_choice_returns_one_of_the_choices(client: openai.OpenAI) -> None:
     choices = ["True", "False", "None"]
     for seed in range(3):
-        out = client.chat.completions.create(model=MODEL, messages=_user("x is"), max_tokens=10, temperature=1.0,
-                                             seed=seed, extra_body={"guided_choice": choices})
+        out = client.chat.completions.create(model=MODEL, messages=_user("x is"), max_tokens=10,
+                                             temperature=1.0, seed=seed,
+                                             extra_body={"guided_choice": choices})
         assert out.choices[0].message.content in choices
 
 
@@ -133,7 +135,8 @@ def test_named_tool_choice_returns_a_call_of_that_tool(client: openai.OpenAI, st
             id=c["id"], type="function", function={"name": c["name"], "arguments": c["arguments"]})
             for c in calls_by_index.values()]
     assert finish == "tool_calls" and len(calls) == 1
-    assert calls[0].function.name == "get_weather" and set(json.loads(calls[0].function.arguments)) == {"city"}
+    assert calls[0].function.name == "get_weather"
+    assert set(json.loads(calls[0].function.arguments)) == {"city"}
 
 
 def test_a_tool_result_continues_the_conversation(client: openai.OpenAI) -> None:
@@ -151,7 +154,8 @@ def mixed_engine() -> LLMEngine:
     """One engine doing both phases, in this process: the reference a PD cluster must equal."""
     model = load_model(default_model_dir(), "float32")
     config = EngineConfig(CacheConfig(num_blocks=64, block_size=16),
-                          SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=4, max_model_len=512), None)
+                          SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=4, max_model_len=512),
+                          None)
     tokenizer = Tokenizer.from_dir(default_model_dir())
     return LLMEngine(model, config, KVCachePool.allocate(kv_spec_for(model, config)), tokenizer.eos_token_ids,
                      grammars=GrammarCompiler.for_model(default_model_dir(), tokenizer.eos_token_ids,
@@ -167,7 +171,8 @@ def test_pd_output_equals_the_mixed_engine_for_greedy_grammar_requests(
     served = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
                                        extra_body={field: value})
     tokenizer = Tokenizer.from_dir(default_model_dir())
-    spec = (GrammarSpec("json_schema", json.dumps(value)) if field == "guided_json" else GrammarSpec("regex", value))
+    spec = (GrammarSpec("json_schema", json.dumps(value)) if field == "guided_json"
+            else GrammarSpec("regex", value))
     request_id = f"ref-{field}-{id(client)}"
     mixed_engine.add_request(request_id, tokenizer.encode(prompt),
                              SamplingParams(max_tokens=40, temperature=0.0, seed=0, grammar=spec))

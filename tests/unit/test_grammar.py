@@ -68,7 +68,7 @@ def test_allowed_tokens_of_draft_rows_are_the_states_after_the_drafts(compiler: 
     assert 0 < rows[0].sum() < VOCAB
 
 
-def test_a_complete_choice_finishes_and_allows_only_the_end(compiler: GrammarCompiler, tokenizer: Tokenizer) -> None:
+def test_a_complete_choice_finishes_the_matcher(compiler: GrammarCompiler, tokenizer: Tokenizer) -> None:
     matcher = compiler.matcher(GrammarSpec("choice", json.dumps(["yes", "no"])))
     for t in tokenizer.encode("yes"):
         matcher.advance(t)
@@ -117,7 +117,8 @@ def test_verification_rejects_a_draft_outside_its_row_mask() -> None:
         params = SamplingParams(temperature=temperature, seed=3, grammar=GrammarSpec("regex", "a"))
         rows = [SamplingRow(params, 3, np.zeros(1, np.int64), np.asarray([3] * j, np.int64), (), masks[j])
                 for j in range(3)]
-        verified = verify_drafts(paddle.to_tensor(logits), SamplingBatch.from_rows(rows, 16), [(3, 3)], [None])
+        batch = SamplingBatch.from_rows(rows, 16)
+        verified = verify_drafts(paddle.to_tensor(logits), batch, [(3, 3)], [None])
         assert verified.num_accepted_drafts == [1] and verified.token_ids[0][0] == 3
         assert verified.token_ids[0][1] != 3
 
@@ -144,7 +145,8 @@ def _chat(**kw: object) -> ChatCompletionRequest:
                                                                  "strict": True}}}, "json_schema"),
     ({"response_format": {"type": "text"}}, None),
 ])
-def test_structured_output_fields_become_the_requests_grammar(preparer: Preparer, body: dict, kind: str | None) -> None:
+def test_structured_output_fields_become_the_requests_grammar(preparer: Preparer, body: dict,
+                                                              kind: str | None) -> None:
     (p,) = preparer.chat(_chat(**body)).choices
     assert (p.sampling.grammar.kind if p.sampling.grammar else None) == kind
     assert (p.to_proto().sampling.grammar.kind if kind else not p.to_proto().sampling.HasField("grammar"))
@@ -199,17 +201,21 @@ def test_earlier_tool_calls_and_results_reach_the_template(preparer: Preparer) -
     (p,) = preparer.chat(ChatCompletionRequest.model_validate({"tools": TOOLS, "messages": [
         {"role": "user", "content": "weather?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"id": "c1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "rain"}]})).choices
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in p.prompt_text
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert call in p.prompt_text
     assert "<|im_start|>tool\nrain<|im_end|>" in p.prompt_text
 
 
 def test_hermes_parser_keeps_malformed_calls_as_content_and_streams_only_safe_text() -> None:
     parser = HermesToolParser()
-    text = 'Sure. <tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>{bad</tool_call>'
+    text = ('Sure. <tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+            '<tool_call>{bad</tool_call>')
     parsed = parser.parse(text)
-    assert [c.name for c in parsed.tool_calls] == ["f"] and parsed.content == "Sure. \n<tool_call>{bad</tool_call>"
+    assert [c.name for c in parsed.tool_calls] == ["f"]
+    assert parsed.content == "Sure. \n<tool_call>{bad</tool_call>"
     assert len({c.id for c in parser.parse(text).tool_calls + parsed.tool_calls}) == 2  # fresh ids
     assert parser.parse("no calls here").tool_calls == ()
     assert parser.content_prefix_len("hello <tool_c") == len("hello ")

@@ -25,9 +25,9 @@ from pdserve.models.loader import default_model_dir
 from pdserve.models.tokenizer import Tokenizer
 
 MAX_TOKENS = 40
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                           "size": {"type": "integer"},
-                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+SCHEMA = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 12}, "size": {"type": "integer"},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
           "required": ["name", "size", "tags"], "additionalProperties": False}
 REGEX = r"def [a-z_]{1,12}\((self|x|a, b)\):"
 CHOICES = ["return None", "raise ValueError", "pass"]
@@ -41,7 +41,8 @@ CASES = {
 METHODS = {
     "mtp": '{"method": "mtp", "num_speculative_tokens": 3}',
     "ngram": '{"method": "ngram", "num_speculative_tokens": 3, "max_ngram_size": 3, "min_ngram_size": 1}',
-    "hybrid": '{"method": "mtp", "num_speculative_tokens": 4, "num_model_steps": 1, "mtp_strategy": "with_ngram"}',
+    "hybrid": '{"method": "mtp", "num_speculative_tokens": 4, "num_model_steps": 1, '
+              '"mtp_strategy": "with_ngram"}',
 }
 
 
@@ -53,7 +54,8 @@ def tokenizer() -> Tokenizer:
 def make_engine(model: LlamaForCausalLM, spec: str | None, max_num_seqs: int = 8) -> LLMEngine:
     speculative = None if spec is None else SpeculativeConfig.from_json(spec)
     config = EngineConfig(CacheConfig(num_blocks=160, block_size=16),
-                          SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=max_num_seqs, max_model_len=256),
+                          SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=max_num_seqs,
+                                          max_model_len=256),
                           speculative)
     pool = KVCachePool.allocate(kv_spec_for(model, config))
     grammars = GrammarCompiler.for_model(default_model_dir(), [0], model.config.vocab_size)
@@ -65,7 +67,10 @@ def params(case: str, temperature: float = 0.0, seed: int = 7) -> SamplingParams
                           grammar=CASES[case][1])
 
 
-def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[RequestOutput]]:
+Requests = dict[str, tuple[list[int], SamplingParams]]
+
+
+def run(engine: LLMEngine, requests: Requests) -> dict[str, list[RequestOutput]]:
     for request_id, (ids, p) in requests.items():
         engine.add_request(request_id, ids, p)
     outputs: dict[str, list[RequestOutput]] = {}
@@ -97,8 +102,9 @@ def check_output(case: str, text: str) -> None:
         assert re.fullmatch(r"[0-9]{1,3} \+ [0-9]{1,3}", text), text
 
 
-def requests_for(tokenizer: Tokenizer, temperature: float = 0.0) -> dict[str, tuple[list[int], SamplingParams]]:
-    return {case: (tokenizer.encode(prompt), params(case, temperature)) for case, (prompt, _) in CASES.items()}
+def requests_for(tokenizer: Tokenizer, temperature: float = 0.0) -> Requests:
+    return {case: (tokenizer.encode(prompt), params(case, temperature))
+            for case, (prompt, _) in CASES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +134,8 @@ def test_sampled_outputs_follow_the_grammar(model: LlamaForCausalLM, tokenizer: 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_greedy_speculative_equals_plain_decoding_with_grammars(
-        model: LlamaForCausalLM, tokenizer: Tokenizer, baseline: dict[str, list[RequestOutput]], method: str) -> None:
+        model: LlamaForCausalLM, tokenizer: Tokenizer, baseline: dict[str, list[RequestOutput]],
+        method: str) -> None:
     outputs = run(make_engine(model, METHODS[method]), requests_for(tokenizer))
     assert sum(o.num_accepted_drafts for outs in outputs.values() for o in outs) > 0  # drafts were accepted
     for case, expected in baseline.items():
@@ -153,7 +160,8 @@ def test_prefill_and_decode_phases_equal_the_single_phase_run(
         assert first is not None and first.status is RequestStatus.FINISHED_PREFILLED
         decode = engine.reserve(f"d-{case}", ids, p, num_extra_tokens=5)
         num_blocks = -(-len(ids) // pool.spec.block_size)
-        pool.array[:, :, decode.block_table[:num_blocks]] = pool.array[:, :, prefilled.block_table[:num_blocks]]
+        src, dst = prefilled.block_table[:num_blocks], decode.block_table[:num_blocks]
+        pool.array[:, :, dst] = pool.array[:, :, src]
         engine.release(f"p-{case}")
         outs = [engine.on_remote_kv(f"d-{case}", first.tokens, first.draft_token_ids)]
         for _ in range(MAX_TOKENS + 2):
@@ -163,7 +171,8 @@ def test_prefill_and_decode_phases_equal_the_single_phase_run(
         assert tokens(outs) == tokens(baseline[case]), case
 
 
-def test_a_first_token_outside_the_grammar_fails_the_decode_side(model: LlamaForCausalLM, tokenizer: Tokenizer) -> None:
+def test_a_first_token_outside_the_grammar_fails_the_decode_side(model: LlamaForCausalLM,
+                                                                  tokenizer: Tokenizer) -> None:
     engine = make_engine(model, None)
     ids = tokenizer.encode("x = ")
     p = params("choice")
@@ -174,7 +183,8 @@ def test_a_first_token_outside_the_grammar_fails_the_decode_side(model: LlamaFor
     assert not out.tokens.token_ids and not engine.has_unfinished()
 
 
-def test_a_grammar_llguidance_refuses_is_an_admission_error(model: LlamaForCausalLM, tokenizer: Tokenizer) -> None:
+def test_a_grammar_llguidance_refuses_is_an_admission_error(model: LlamaForCausalLM,
+                                                            tokenizer: Tokenizer) -> None:
     engine = make_engine(model, None)
     with pytest.raises(AdmissionError, match="regex"):
         engine.add_request("bad", tokenizer.encode("x"), SamplingParams(grammar=GrammarSpec("regex", "a(b")))
