@@ -7,7 +7,7 @@ import itertools
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class Prepared:
     first_of_prompt: bool = True  # usage counts each prompt once, not once per choice
     # chat with tools (tool_choice auto, required or named): the output is parsed into tool calls
     tool_parser: ToolCallParser | None = None
+    max_tool_calls: int | None = None  # parallel_tool_calls false: 1
 
     @property
     def token_budget(self) -> int:
@@ -230,9 +231,11 @@ class Preparer:
         top = (req.top_logprobs or 0) if req.logprobs else None
         request_id = _next_request_id()
         parser = self.tool_call_parser if tools else None
+        max_calls = 1 if req.parallel_tool_calls is False else None
         return PreparedBatch(request_id, tuple(
-            self._build(req, token_ids, text, max_tokens, top, False, False,
-                        _choice_id(request_id, j, req.n), j, j, grammar=grammar, tool_parser=parser)
+            replace(self._build(req, token_ids, text, max_tokens, top, False, False,
+                                _choice_id(request_id, j, req.n), j, j, grammar=grammar),
+                    tool_parser=parser, max_tool_calls=max_calls)
             for j in range(req.n)), n=req.n, best_of=req.n)
 
     # ---- structured output and tools
@@ -431,8 +434,7 @@ class Preparer:
 
     def _build(self, req: _SamplingFields, token_ids: list[int], text: str, max_tokens: int | None,
                top_logprobs: int | None, echo: bool, prompt_only: bool, request_id: str, index: int,
-               choice: int, rank: bool = False, grammar: GrammarSpec | None = None,
-               tool_parser: ToolCallParser | None = None) -> Prepared:
+               choice: int, rank: bool = False, grammar: GrammarSpec | None = None) -> Prepared:
         """``rank``: a best_of candidate, whose tokens' logprobs the node must report for the ranking
         even when the client asked for none (the response then shows none)."""
         budget = self._context_budget(len(token_ids), max_tokens)
@@ -456,4 +458,4 @@ class Preparer:
             raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from e
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         return Prepared(request_id, token_ids, text, sampling, req.stream, include_usage, echo, top_logprobs,
-                        prompt_only, index, first_of_prompt=choice == 0, tool_parser=tool_parser)
+                        prompt_only, index, first_of_prompt=choice == 0)

@@ -102,7 +102,8 @@ class _ChoiceFormatter:
         self._timer = timer
         self._text_offset = len(prepared.prompt_text) if prepared.echo else 0
         self.acc = _Accumulated()
-        self._tool_stream = None if prepared.tool_parser is None else _ToolCallStream(prepared.tool_parser)
+        self._tool_stream = (None if prepared.tool_parser is None
+                             else _ToolCallStream(prepared.tool_parser, prepared.max_tool_calls))
 
     # ---- pieces
     def _token_text(self, token_id: int) -> str:
@@ -174,7 +175,7 @@ class _ChoiceFormatter:
         else:
             choice["message"] = {"role": "assistant", "content": text}
             if self._p.tool_parser is not None:
-                parsed = self._p.tool_parser.parse(text)
+                parsed = self._p.tool_parser.parse(text, self._p.max_tool_calls)
                 if parsed.tool_calls:
                     choice["message"] = {"role": "assistant", "content": parsed.content or None,
                                          "tool_calls": _tool_calls_json(parsed)}
@@ -250,8 +251,9 @@ class _ToolCallStream:
     calls, parsed from the whole output, as ``tool_calls`` deltas (each call's id, name and
     arguments in one delta, index-numbered as OpenAI's) in the last event."""
 
-    def __init__(self, parser: ToolCallParser) -> None:
+    def __init__(self, parser: ToolCallParser, max_calls: int | None) -> None:
         self._parser = parser
+        self._max_calls = max_calls
         self._text = ""
         self._sent = 0
 
@@ -264,7 +266,7 @@ class _ToolCallStream:
             delta["content"] = self._text[self._sent:safe] if safe > self._sent else ""
             self._sent = max(self._sent, safe)
         else:
-            parsed = self._parser.parse(self._text)
+            parsed = self._parser.parse(self._text, self._max_calls)
             if parsed.tool_calls:
                 delta["tool_calls"] = _tool_calls_json(parsed, with_index=True)
                 finish_reason = _tool_finish_reason(finish_reason)

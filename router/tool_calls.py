@@ -57,8 +57,9 @@ class ToolCallParser(ABC):
         """The grammar of one call to one of ``functions`` (OpenAI function definitions)."""
 
     @abstractmethod
-    def parse(self, text: str) -> ParsedOutput:
-        """The calls in a complete output, and the text around them."""
+    def parse(self, text: str, max_calls: int | None = None) -> ParsedOutput:
+        """The calls in a complete output (the first ``max_calls`` of them; later ones stay text), and the
+        text around them."""
 
     @abstractmethod
     def content_prefix_len(self, text: str) -> int:
@@ -86,11 +87,13 @@ class HermesToolParser(ToolCallParser):
         lark = f'start: "{self.OPEN}\\n" call "\\n{self.CLOSE}"\ncall: %json {json.dumps(schema)}\n'
         return GrammarSpec("lark", lark)
 
-    def parse(self, text: str) -> ParsedOutput:
+    def parse(self, text: str, max_calls: int | None = None) -> ParsedOutput:
         calls: list[ParsedToolCall] = []
         content: list[str] = []
         position = 0
         for match in self._CALL.finditer(text):
+            if max_calls is not None and len(calls) >= max_calls:
+                break
             call = _json_call(match.group(1))
             if call is None:
                 continue  # not a well-formed call: it stays in the content

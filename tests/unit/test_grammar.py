@@ -182,6 +182,8 @@ def test_tools_without_a_parser_are_refused(tokenizer: Tokenizer) -> None:
 def test_tools_are_rendered_and_forced_calls_get_a_grammar(preparer: Preparer, tokenizer: Tokenizer) -> None:
     (auto,) = preparer.chat(_chat(tools=TOOLS)).choices
     assert '"get_weather"' in auto.prompt_text and auto.sampling.grammar is None and auto.tool_parser
+    (single,) = preparer.chat(_chat(tools=TOOLS, parallel_tool_calls=False)).choices
+    assert single.max_tool_calls == 1 and auto.max_tool_calls is None
     (none,) = preparer.chat(_chat(tools=TOOLS, tool_choice="none")).choices
     assert "get_weather" not in none.prompt_text and none.tool_parser is None
     (named,) = preparer.chat(_chat(tools=TOOLS, tool_choice={"type": "function",
@@ -218,6 +220,10 @@ def test_hermes_parser_keeps_malformed_calls_as_content_and_streams_only_safe_te
     assert parsed.content == "Sure. \n<tool_call>{bad</tool_call>"
     assert len({c.id for c in parser.parse(text).tool_calls + parsed.tool_calls}) == 2  # fresh ids
     assert parser.parse("no calls here").tool_calls == ()
+    two = text.replace("{bad", '{"name": "g", "arguments": {}}')
+    assert [c.name for c in parser.parse(two).tool_calls] == ["f", "g"]
+    first_only = parser.parse(two, max_calls=1)  # parallel_tool_calls false
+    assert [c.name for c in first_only.tool_calls] == ["f"] and '"g"' in first_only.content
     assert parser.content_prefix_len("hello <tool_c") == len("hello ")
     assert parser.content_prefix_len("hello <tool_call>{") == len("hello ")
     assert parser.content_prefix_len("a < b") == len("a < b")
