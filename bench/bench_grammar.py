@@ -6,7 +6,7 @@ Run: ``OMP_NUM_THREADS=1 python bench/bench_grammar.py`` (a script, not a test).
 - mask: `GrammarMatcher.allowed_tokens()` (llguidance's bitmask for the state, unpacked to the
   `[vocab]` bool row sampling takes) at every state along a JSON document the schema accepts; the
   raw llguidance fill alone is reported beside it.
-- decode: B requests (~40-token prompts, greedy, max_tokens 64) are prefilled, then decode steps are
+- decode: B requests (a 15-token prompt, greedy, max_tokens 64) are prefilled, then decode steps are
   timed until every request finished; tokens/s = tokens emitted by those steps / their time. Plain
   requests ignore EOS; JSON requests stop when their document is complete.
 """

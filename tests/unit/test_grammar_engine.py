@@ -132,6 +132,18 @@ def test_sampled_outputs_follow_the_grammar(model: LlamaForCausalLM, tokenizer: 
             check_output(request_id.rsplit("-", 1)[0], tokenizer.decode(tokens(outs)))
 
 
+def test_sampled_speculative_outputs_follow_the_grammar(model: LlamaForCausalLM,
+                                                        tokenizer: Tokenizer) -> None:
+    """Rejection sampling against the masked distribution: every emitted token obeys the grammar."""
+    engine = make_engine(model, METHODS["hybrid"])
+    requests = {f"{case}-{seed}": (tokenizer.encode(prompt), params(case, temperature=0.8, seed=seed))
+                for case, (prompt, _) in CASES.items() if case != "json_object" for seed in range(2)}
+    outputs = run(engine, requests)
+    for request_id, outs in outputs.items():
+        if outs[-1].status is RequestStatus.FINISHED_STOPPED:
+            check_output(request_id.rsplit("-", 1)[0], tokenizer.decode(tokens(outs)))
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_greedy_speculative_equals_plain_decoding_with_grammars(
         model: LlamaForCausalLM, tokenizer: Tokenizer, baseline: dict[str, list[RequestOutput]],
