@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from pdserve.common.kv_cache import KVCachePool
 from pdserve.engine.engine import LLMEngine, kv_spec_for
@@ -246,7 +247,10 @@ def build_engine(config: EngineProcessConfig) -> tuple[LLMEngine, KVCachePool]:
     model = load_model(config.model_dir, config.dtype)
     spec = kv_spec_for(model, config.engine)
     pool = KVCachePool.create_shared(spec) if config.shared_kv_pool else KVCachePool.allocate(spec)
-    grammars = GrammarCompiler.for_model(config.model_dir, config.eos_token_ids, model.config.vocab_size)
+    # Structured output needs the model's tokenizer.json; a checkpoint without one serves no grammars
+    # (such requests are rejected with the reason).
+    grammars = (GrammarCompiler.for_model(config.model_dir, config.eos_token_ids, model.config.vocab_size)
+                if (Path(config.model_dir) / "tokenizer.json").is_file() else None)
     return LLMEngine(model, config.engine, pool, config.eos_token_ids, grammars=grammars), pool
 
 
