@@ -40,7 +40,13 @@ from pdserve.router.errors import (
     validation_error,
     validation_error_handler,
 )
-from pdserve.router.http_util import ClientGone, GateMiddleware, SSEResponse, unless_disconnected
+from pdserve.router.http_util import (
+    ClientGone,
+    GateMiddleware,
+    SSEResponse,
+    content_length,
+    unless_disconnected,
+)
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.nodes import NodePool
 from pdserve.router.policies import build_policy
@@ -71,6 +77,8 @@ class RouterState:
     metrics: RouterMetrics
     prepare_pool: ThreadPoolExecutor  # validation + tokenization of large bodies, off the event loop
     draining: bool = False  # shutting down: new requests get 503, in-flight ones finish
+    preparing: int = 0  # large bodies on (or waiting for) the prepare pool
+    preparing_huge: int = 0  # of which over HUGE_BODY_BYTES
 
 
 def build_state(config: RouterConfig, registry: Registry, tokenizer: Tokenizer | None = None,
@@ -85,7 +93,7 @@ def build_state(config: RouterConfig, registry: Registry, tokenizer: Tokenizer |
     admission = Admission(config.admission, lambda: cluster_capacity(pool, config.policy.block_size, shared))
     return RouterState(config, registry, pool, Preparer(tokenizer, config.model_name, max_len), admission,
                        Dispatcher(pool, config.retry, metrics, config.admission.retry_after_s), metrics,
-                       ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare"))
+                       ThreadPoolExecutor(max_workers=PREPARE_WORKERS, thread_name_prefix="prepare"))
 
 
 async def _prepend(first: node_pb2.GenerateChunk, rest: AsyncIterator[node_pb2.GenerateChunk]
@@ -225,6 +233,9 @@ async def _serve(state: RouterState, batch: PreparedBatch, chat: bool, request: 
 
 
 PREPARE_INLINE_BYTES = 16 << 10  # larger bodies are parsed, validated and tokenized on a worker thread
+PREPARE_WORKERS = 2
+MAX_PREPARING = 2 * PREPARE_WORKERS  # large bodies beyond this many in preparation get 429 at once
+HUGE_BODY_BYTES = 1 << 20  # one such body is prepared at a time; the next gets 429 before it is read
 
 
 def _parse_and_prepare(model: type[CompletionRequest | ChatCompletionRequest],
@@ -243,8 +254,28 @@ async def _prepare(state: RouterState, model: type[CompletionRequest | ChatCompl
     never stalls the streams the loop is relaying."""
     if len(body) <= PREPARE_INLINE_BYTES:
         return _parse_and_prepare(model, prepare, body)
-    return await asyncio.get_running_loop().run_in_executor(state.prepare_pool, _parse_and_prepare,
-                                                            model, prepare, body)
+    if state.preparing >= MAX_PREPARING:  # a flood of large bodies queues neither CPU nor memory
+        raise APIError(429, f"{state.preparing} large requests are being prepared; retry later", None,
+                       "overloaded", state.config.admission.retry_after_s)
+    huge = len(body) > HUGE_BODY_BYTES
+    state.preparing += 1
+    state.preparing_huge += huge
+    try:
+        return await asyncio.get_running_loop().run_in_executor(state.prepare_pool, _parse_and_prepare,
+                                                                model, prepare, body)
+    finally:
+        state.preparing -= 1
+        state.preparing_huge -= huge
+
+
+def _huge_body_refusal(state: RouterState, scope: Scope) -> APIError | None:
+    """Parsing a body of megabytes holds the GIL for milliseconds: they go one at a time, and one
+    that arrives meanwhile is refused from its Content-Length, unread."""
+    length = content_length(scope)
+    if length is not None and length > HUGE_BODY_BYTES and state.preparing_huge:
+        return APIError(429, "another request of over 1 MiB is being prepared; retry later", None,
+                        "overloaded", state.config.admission.retry_after_s)
+    return None
 
 
 class HotPaths:
@@ -265,7 +296,7 @@ class HotPaths:
             await self.app(scope, receive, send)
             return
         model, prepare, chat = route
-        refusal = at_the_door(self.state)
+        refusal = at_the_door(self.state) or _huge_body_refusal(self.state, scope)
         if refusal is not None:
             await refusal.response()(scope, receive, send)
             return
