@@ -71,9 +71,11 @@ class HostLauncher(Cluster):
         spec, host = self.cluster_spec, self.host
         try:
             if host.router is not None:
-                self._start_member(Member("router", router_argv(spec, host, self.secret)), wait_ready=False)
+                self._start_member(Member("router", router_argv(spec, host, self.secret), "router"),
+                                   wait_ready=False)
                 self._wait_http(f"http://{host.address}:{host.router.port}/health", want_ok=False)
-            nodes = [Member(node.node_id, node_argv(spec, host, node, self.secret)) for node in host.nodes]
+            nodes = [Member(node.node_id, node_argv(spec, host, node, self.secret), node.role)
+                     for node in host.nodes]
             for member in nodes:
                 self._start_member(member, wait_ready=False)
             for member in nodes:
@@ -82,7 +84,7 @@ class HostLauncher(Cluster):
             self.stop(self.cluster_spec.drain_timeout_s)
             raise
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         print(f"[pdserve host {self.host.name}] {text}", file=self._out, flush=True)
 
 
