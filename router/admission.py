@@ -1,8 +1,8 @@
 """Admission: what the cluster can hold, as its nodes report it, bounds what the router lets in.
 
-A request (``Demand``) needs one slot per node request it fans out to (its choices), its token budget
-(prompt + max_tokens per choice) and the KV its decode node reserves before the first token (prompt +
-1 per choice). It runs when all three fit under the limits below; else it waits in FIFO order while
+A request (``Demand``) needs one slot per node request it fans out to (its choices) and its token
+budget (prompt + max_tokens per choice), which is also the KV it may come to hold. It runs when both
+fit under the limits below; else it waits in FIFO order while
 the queue has room; else it is refused at once (429, no node asked). A wait longer than
 ``queue_timeout_s`` is refused too. FIFO: a large request at the head is not starved by small ones.
 
@@ -10,13 +10,14 @@ Limits, recomputed at every decision from the node pool (``ClusterCapacity``):
 - slots: the sum of ``capacity`` (max_num_seqs) over the usable decode and mixed nodes, less what
   other routers run there when the registry is shared (a node's reported running + waiting beyond
   this router's own requests on it), capped by ``max_inflight_requests``;
-- KV tokens: the sum of the usable decode/mixed nodes' KV (total blocks x block size, from Stats),
-  once reported; a request whose KV alone exceeds the largest node's is refused (413); a request
-  alone in flight runs whenever some slot exists (the nodes judge it then);
+- KV tokens: the sum of the usable decode/mixed nodes' KV (total blocks x block size, from Stats)
+  times ``kv_overcommit``, once reported; a request whose KV alone exceeds the largest node's is
+  refused (413); a request alone in flight runs whenever some slot exists (the nodes judge it then);
 - tokens: ``max_inflight_tokens`` (a static ceiling on prompt + max_tokens in flight);
 - queue: ``min(max_queued_requests, queue_per_slot x slots)`` requests may wait.
-Growth during decoding is the engine's to manage (it preempts); what admission keeps out is the
-reservation a node cannot make.
+At ``kv_overcommit`` 1 (the default) the admitted requests fit the nodes' KV even when every one
+runs to max_tokens, so no engine preempts (a preempted stream stalls while it is recomputed); above 1
+the engines' preemption absorbs what the overcommit bets on early stops.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class ClusterCapacity:
 UNBOUNDED = ClusterCapacity(slots=1 << 30, kv_tokens=None, largest_node_kv_tokens=None)
 
 
-def cluster_capacity(pool: NodePool, block_size: int, shared: bool) -> ClusterCapacity:
+def cluster_capacity(pool: NodePool, block_size: int, shared: bool,
+                     kv_overcommit: float = 1.0) -> ClusterCapacity:
     """The capacity of ``pool``'s usable decode and mixed nodes (decode nodes only while a prefill
     node can feed them), as their heartbeats and Stats last reported it. ``shared``: other routers
     may send to the same nodes (a Redis registry, several workers), so their load counts against it;
@@ -78,7 +80,8 @@ def cluster_capacity(pool: NodePool, block_size: int, shared: bool) -> ClusterCa
         blocks = pool.total_blocks(node.node_id)
         if blocks:
             kv.append(blocks * block_size)
-    return ClusterCapacity(slots, sum(kv) if kv else None, max(kv) if kv else None)
+    total = int(sum(kv) * kv_overcommit) if kv else None
+    return ClusterCapacity(slots, total, max(kv) if kv else None)
 
 
 class Admission:
@@ -138,8 +141,8 @@ class Admission:
                            f"(max_inflight_tokens)", "max_tokens")
         largest = capacity.largest_node_kv_tokens
         if largest is not None and demand.kv_tokens > largest:
-            raise TooLarge(f"the prompt needs {demand.kv_tokens} KV tokens; the largest node holds "
-                           f"{largest}", "prompt")
+            raise TooLarge(f"the request may hold {demand.kv_tokens} KV tokens (prompt + max_tokens); the "
+                           f"largest node holds {largest}", "max_tokens")
 
     async def acquire(self, demand: Demand) -> None:
         capacity = self._capacity()

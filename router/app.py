@@ -90,7 +90,8 @@ def build_state(config: RouterConfig, registry: Registry, tokenizer: Tokenizer |
     pool = NodePool(registry, config.model_name, config.health,
                     build_policy(config.policy.prefill, config.policy, policy_seed),
                     build_policy(config.policy.decode, config.policy, policy_seed), metrics)
-    admission = Admission(config.admission, lambda: cluster_capacity(pool, config.policy.block_size, shared))
+    admission = Admission(config.admission, lambda: cluster_capacity(
+        pool, config.policy.block_size, shared, config.admission.kv_overcommit))
     return RouterState(config, registry, pool, Preparer(tokenizer, config.model_name, max_len), admission,
                        Dispatcher(pool, config.retry, metrics, config.admission.retry_after_s), metrics,
                        ThreadPoolExecutor(max_workers=PREPARE_WORKERS, thread_name_prefix="prepare"))
@@ -105,10 +106,9 @@ async def _prepend(first: node_pb2.GenerateChunk, rest: AsyncIterator[node_pb2.G
 
 
 def demand_of(batch: PreparedBatch) -> Demand:
-    """What admission charges a request: a slot per choice, its token budget, and the KV its decode
-    node reserves before the first token (prompt + the first token, per choice)."""
-    return Demand(slots=len(batch.choices), tokens=batch.token_budget,
-                  kv_tokens=sum(len(p.prompt_token_ids) + 1 for p in batch.choices))
+    """What admission charges a request: a slot per choice, and its token budget (prompt + max_tokens
+    per choice) both against the static ceiling and as the KV it may come to hold on its node."""
+    return Demand(slots=len(batch.choices), tokens=batch.token_budget, kv_tokens=batch.token_budget)
 
 
 class _Held:
@@ -450,5 +450,6 @@ def _add_registry_routes(app: FastAPI, state: RouterState) -> None:
                            "grpc_address": n.grpc_address, "load": n.load, "capacity": n.capacity,
                            "draining": n.draining, "ejected": state.pool.is_ejected(n.node_id),
                            "router_inflight": state.pool.inflight(n.node_id),
-                           "router_load": state.pool.load(n)}
+                           "router_load": state.pool.load(n),
+                           "total_blocks": state.pool.total_blocks(n.node_id)}
                           for n in state.registry.snapshot()]}

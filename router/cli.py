@@ -36,6 +36,8 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--queue-per-slot", type=float, default=1.0,
                    help="the queue holds at most this many requests per slot of the cluster")
     p.add_argument("--max-inflight-tokens", type=int, default=1 << 20)
+    p.add_argument("--kv-overcommit", type=float, default=1.0,
+                   help="admit prompt + max_tokens up to this many times the nodes' KV (>1: preemption)")
     p.add_argument("--retry-attempts", type=int, default=3)
     p.add_argument("--health-interval", type=float, default=2.0)
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -52,7 +54,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         api_keys=tuple(args.api_key),
         admission=AdmissionConfig(max_inflight_requests=args.max_inflight_requests,
                                   max_queued_requests=args.max_queued_requests,
-                                  queue_per_slot=args.queue_per_slot,
+                                  queue_per_slot=args.queue_per_slot, kv_overcommit=args.kv_overcommit,
                                   max_inflight_tokens=args.max_inflight_tokens),
         retry=RetryConfig(attempts=args.retry_attempts),
         health=HealthConfig(interval_s=args.health_interval),

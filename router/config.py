@@ -37,6 +37,7 @@ class AdmissionConfig:
     queue_timeout_s: float = 30.0  # a queued request that waits longer gets a 429
     retry_after_s: int = 1  # the Retry-After header of 429 / 503 answers
     keepalive_s: float = 2.0  # a stream waiting for admission or its first token gets ": keepalive"
+    kv_overcommit: float = 1.0  # admitted prompt + max_tokens may reach this many times the nodes' KV
 
     def __post_init__(self) -> None:
         _check([
@@ -44,6 +45,7 @@ class AdmissionConfig:
             ("max_queued_requests", self.max_queued_requests >= 0, "must be >= 0"),
             ("queue_per_slot", self.queue_per_slot >= 0, "must be >= 0"),
             ("keepalive_s", 0 < self.keepalive_s <= 5, "must be in (0, 5]"),
+            ("kv_overcommit", self.kv_overcommit > 0, "must be > 0"),
             ("max_inflight_tokens", self.max_inflight_tokens >= 1, "must be >= 1"),
             ("queue_timeout_s", self.queue_timeout_s > 0, "must be > 0"),
             ("retry_after_s", self.retry_after_s >= 0, "must be >= 0"),

@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import selectors
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +31,7 @@ from pdserve.router.server import BackgroundRouter
 from pdserve.rpc.registry import NodeInfo, redis_put
 from pdserve.tests.integration.test_router_redis import RedisProcess
 from pdserve.tests.support.cluster import free_port
+from pdserve.tests.support.http_burst import burst
 from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router
 
 MODEL = "pdserve-demo"
@@ -53,51 +51,6 @@ def _wait_until(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-u
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.02)
-
-
-def _burst(url: str, count: int, body: dict[str, object]) -> list[dict[str, object]]:
-    """``count`` streamed requests at once over raw sockets (connected first, each request sent in one
-    write): per request its status, time to its first byte, the longest silence, keepalives, the end.
-    A raw client keeps the measurement the router's: an HTTP client library's own CPU time per request
-    would queue the later requests behind the earlier ones in this process."""
-    host, port = url.removeprefix("http://").split(":")
-    payload = json.dumps(body).encode()
-    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
-    socks = [socket.create_connection((host, int(port))) for _ in range(count)]
-    selector = selectors.DefaultSelector()
-    state: dict[socket.socket, dict[str, object]] = {}
-    for sock in socks:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for sock in socks:
-        sock.sendall(request)
-        now = time.monotonic()
-        state[sock] = {"sent": now, "last": now, "data": b"", "max_silence_s": 0.0}
-        selector.register(sock, selectors.EVENT_READ)
-    open_socks = len(socks)
-    deadline = time.monotonic() + 60
-    while open_socks and time.monotonic() < deadline:
-        for key, _ in selector.select(timeout=1):
-            sock, entry = key.fileobj, state[key.fileobj]
-            chunk = sock.recv(65536)
-            now = time.monotonic()
-            entry.setdefault("answered_s", now - entry["sent"])
-            entry["max_silence_s"] = max(entry["max_silence_s"], now - entry["last"])
-            entry["last"] = now
-            entry["data"] += chunk
-            if not chunk:
-                selector.unregister(sock)
-                sock.close()
-                open_socks -= 1
-    results = []
-    for entry in state.values():
-        data: bytes = entry["data"]
-        head = data.split(b"\r\n\r\n", 1)[0].decode()
-        headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
-        results.append({"status": int(head.split()[1]), "answered_s": entry["answered_s"],
-                        "max_silence_s": entry["max_silence_s"], "keepalives": data.count(b": keepalive"),
-                        "done": b"data: [DONE]" in data, "retry_after": headers.get("retry-after")})
-    return results
 
 
 @contextlib.contextmanager
@@ -127,7 +80,7 @@ def test_a_burst_beyond_the_cluster_capacity_gets_fast_429s_and_live_streams() -
     with StubNodeServer("a", behavior=slow) as a, _router_process(*flags) as url:
         register_with_router(url, a.info(capacity=4))
         _wait_until(lambda: httpx.get(url + "/health", timeout=5).status_code == 200)
-        results = _burst(url, 40, {**BODY, "stream": True})
+        results = burst(url, 40, {**BODY, "stream": True})
         refused = [x for x in results if x["status"] == 429]
         served = [x for x in results if x["status"] == 200]
         assert len(served) == 8 and len(refused) == 32, [x["status"] for x in results]
@@ -190,14 +143,14 @@ async def _redis_put(url: str, info: NodeInfo) -> None:
 
 
 def test_kv_capacity_bounds_prompts_in_flight() -> None:
-    # 4 blocks of 16 tokens: a prompt needing more than the node's 64 KV tokens is refused (413)
+    # 4 blocks of 16 tokens: a request that may hold more than the node's 64 KV tokens is refused (413)
     kv = StubBehavior(tokens=4, total_blocks=4)
     with StubNodeServer("a", behavior=kv) as a, BackgroundRouter(_config(AdmissionConfig())) as r:
         register_with_router(r.url, a.info(capacity=4))
         _wait_until(lambda: r.state.pool.total_blocks("a") == 4)
         long_prompt = {**BODY, "prompt": list(range(100, 180))}  # 80 token ids
         too_big = httpx.post(r.url + "/v1/completions", json=long_prompt, timeout=10)
-        assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "prompt"
+        assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "max_tokens"
         assert "KV tokens" in too_big.json()["error"]["message"] and a.counters.calls == 0
         assert httpx.post(r.url + "/v1/completions", json=BODY, timeout=10).status_code == 200
 
