@@ -1,14 +1,17 @@
-"""`pdserve up` keeps its cluster serving and stops it gracefully (real processes): a node killed with
-kill -9 is restarted and serves again; SIGTERM under load lets every in-flight stream finish, answers
-new requests 503 meanwhile, and leaves no process, KV pool or record queue behind."""
+"""`pdserve up` keeps its cluster serving and stops it gracefully (real processes): 200 concurrent
+streams on 1P1D are admitted or refused fast, a node killed with kill -9 is restarted and serves
+again, SIGTERM under load lets every in-flight stream finish, answers new requests 503 meanwhile, and
+leaves no process, KV pool or record queue behind; a crash-looping child is given up."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import signal
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +19,8 @@ from pathlib import Path
 import httpx
 
 from pdserve.common.leftovers import POOL_PREFIX, QUEUE_MARKER_PREFIX, pid_alive
-from pdserve.tests.support.cluster import pdserve_up
+from pdserve.deploy.cluster import Cluster, ClusterSpec, Member, Supervisor, describe_exit
+from pdserve.tests.support.cluster import free_port, pdserve_up
 from pdserve.tests.support.http_burst import burst
 
 SHM = Path("/dev/shm")
@@ -163,3 +167,31 @@ def test_up_restarts_a_killed_node_and_drains_in_flight_streams_on_sigterm() -> 
     assert re.search(r"decode-0 exited \(signal SIGKILL\) after [\d.]+ s; removed 1 KV pool\(s\) and 1 "
                      r"record queue\(s\)", log), log[-3000:]
     assert "restarting decode-0" in log and "decode-0 is serving again (restart 1)" in log
+
+
+def test_a_crash_looping_child_is_restarted_with_backoff_then_given_up() -> None:
+    spec = ClusterSpec(port=free_port(), restart_backoff_s=0.2, restart_max_backoff_s=0.4,
+                       restart_reset_s=30.0, max_rapid_restarts=3)
+    out = io.StringIO()
+    cluster = Cluster(spec, out=out)
+    crashing = Member("decode-0", [sys.executable, "-c", "import sys; sys.exit(3)"], "decode")
+    steady = Member("prefill-0", [sys.executable, "-c", "import time; time.sleep(60)"], "prefill")
+    for member in (crashing, steady):
+        cluster._spawn(member)
+        cluster.members.append(member)
+    supervisor = Supervisor(cluster, spec)
+    try:
+        deadline = time.monotonic() + 20
+        while not crashing.given_up:
+            assert time.monotonic() < deadline, out.getvalue()
+            assert supervisor.check(time.monotonic()) is None  # a node given up does not stop the cluster
+            time.sleep(0.05)
+        assert crashing.restarts == 3 and steady.process.poll() is None and steady.restarts == 0
+        log = out.getvalue()
+        assert log.count("decode-0 exited (code 3)") == 4
+        assert [float(d) for d in re.findall(r"decode-0 restarts in ([\d.]+) s", log)] == [0.2, 0.4, 0.4]
+        assert "decode-0 is crash-looping (4 exits, none up 30 s); giving it up" in log
+    finally:
+        cluster.stop(timeout_s=5)
+    assert steady.process.poll() is not None
+    assert Supervisor.backoff_s(supervisor, 1) == 0.2 and describe_exit(-9) == "signal SIGKILL"
