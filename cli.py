@@ -85,6 +85,8 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", action="append", default=None, help="required API key (repeatable)")
     up.add_argument("--threads-per-node", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None, help="KV blocks per node")
+    up.add_argument("--drain-timeout", type=float, default=None,
+                    help="SIGTERM: seconds in-flight requests get to finish (default 30)")
     up.set_defaults(handler=_up)
     add_router_parser(sub)
     add_deploy_parsers(sub)
@@ -100,6 +102,7 @@ def _up(args: argparse.Namespace) -> int:
         "speculative_config": args.speculative_config, "registry": args.registry,
         "tool_call_parser": args.tool_call_parser, "api_keys": tuple(args.api_key) if args.api_key else None,
         "threads_per_node": args.threads_per_node, "num_blocks": args.num_blocks,
+        "drain_timeout_s": args.drain_timeout,
         "log_level": args.log_level,
     }
     if args.config is not None:
@@ -129,6 +132,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-lease", type=float, default=10.0, help="KV reservation lease, seconds")
     group.add_argument("--prefill-fallback", default="fail", choices=["fail", "local"],
                        help="decode node when its prefill peer fails: fail the request or prefill here")
+    group.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="SIGTERM: seconds in-flight requests get to finish before the node exits")
 
 
 def _node_config(args: argparse.Namespace):
@@ -147,7 +152,7 @@ def _node_config(args: argparse.Namespace):
         eos_token_ids=Tokenizer.from_dir(model_dir).eos_token_ids, registry_url=args.registry,
         registry_api_key=args.registry_api_key,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
-        prefill_fallback=args.prefill_fallback,
+        prefill_fallback=args.prefill_fallback, drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
     )
 
