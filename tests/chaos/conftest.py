@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import platform
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,13 +16,22 @@ import pytest
 from pdserve.tests.chaos.fabric import dead_owner_leftovers
 from pdserve.tests.chaos.load import ChaosTable, Row
 
-TABLE_PATH = Path(__file__).resolve().parents[2] / "bench_out" / "chaos_table.md"
+OUT_DIR = Path(__file__).resolve().parents[2] / "bench_out"
+TABLE_PATH = OUT_DIR / "chaos_table.md"
+LOG_DIR = OUT_DIR / "chaos_logs"  # every process's log of the last run, kept for reading after failures
 _TABLE = ChaosTable()
 
 
 @pytest.fixture(scope="session")
 def chaos_table() -> ChaosTable:
     return _TABLE
+
+
+@pytest.fixture(scope="session")
+def chaos_log_dir() -> Path:
+    shutil.rmtree(LOG_DIR, ignore_errors=True)
+    LOG_DIR.mkdir(parents=True)
+    return LOG_DIR
 
 
 @contextlib.contextmanager
@@ -35,6 +46,7 @@ def scenario_row(table: ChaosTable, scenario: str, bound: str) -> Iterator[Row]:
     finally:
         row.leaked = len(dead_owner_leftovers())
         table.rows.append(row)
+        print(f"\nchaos row: {table.markdown_row(row)}", flush=True)
 
 
 @pytest.fixture()
@@ -46,7 +58,7 @@ def report(chaos_table: ChaosTable):
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not _TABLE.rows:
         return
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"Chaos suite, {stamp}, {platform.node()} ({_cpus()} CPUs)\n\n{_TABLE.markdown()}\n")
     terminalreporter.write_sep("=", "chaos table")
     terminalreporter.write_line(text)
@@ -56,5 +68,4 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def _cpus() -> int:
-    import os
     return len(os.sched_getaffinity(0))

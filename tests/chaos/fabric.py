@@ -59,8 +59,10 @@ class RedisProcess:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", self.address, "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # protected mode refuses clients from other addresses (the nodes' namespaces) without a password
+            [REDIS_SERVER, "--port", str(self.port), "--bind", self.address, "--protected-mode", "no",
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not wait_until(self._pong, 10.0, 0.05):
             raise RuntimeError("redis-server did not start")
 
@@ -86,8 +88,9 @@ class RouterProcess:
         argv = [sys.executable, "-m", "pdserve.cli", "router", "--host", address, "--port", str(self.port),
                 "--registry", registry, *flags]
         with log_path.open("w") as log:
+            env = dict(os.environ, OMP_NUM_THREADS="1")
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                            stdin=subprocess.DEVNULL, env=env)
 
     @property
     def url(self) -> str:
@@ -214,7 +217,8 @@ class ChaosCluster:
         out_match = f"ip daddr {self.net.addresses[b]}"
         sample = "" if loss_percent >= 100 else f"numgen random mod 100 < {loss_percent} "
         ruleset = (f"table inet {table} {{\n"
-                   f"  chain input {{ type filter hook input priority 0; policy accept; {match} {sample}drop; }}\n"
+                   f"  chain input {{ type filter hook input priority 0; policy accept; "
+                   f"{match} {sample}drop; }}\n"
                    f"  chain output {{ type filter hook output priority 0; policy accept; "
                    f"{out_match} {sample}drop; }}\n}}\n")
         self._nft(a, ["-f", "-"], ruleset)

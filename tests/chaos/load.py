@@ -9,6 +9,7 @@ fault (not from the request's start) and recovery from the moment the fault ende
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import threading
 import time
@@ -21,6 +22,8 @@ HUNG_S = 30.0  # a request without an outcome this long is hung (the client give
 MODEL = "pdserve-demo"
 # Statuses a client may retry by contract: 429 (come back later), 503 (the cluster could not serve it now).
 RETRYABLE_STATUSES = frozenset({429, 503})
+for _name in ("httpx", "httpx2"):  # one INFO line per request (openai's client) would drown the table
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 @dataclass
@@ -68,6 +71,10 @@ class Load:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+    def stop_sending(self) -> None:
+        """No new requests from now on; those in flight go on."""
+        self._stop.set()
 
     def stop(self) -> list[Outcome]:
         """Stop sending; wait for the requests in flight (each bounded by hung_s)."""
@@ -165,13 +172,15 @@ class ChaosTable:
               "| leaked | figure | verdict |")
 
     def markdown(self) -> str:
-        lines = [self.HEADER, "|" + "---|" * 11]
-        for r in self.rows:
-            errors = "-" if r.error_p50_s is None else f"{r.error_p50_s:.2f} / {r.error_max_s:.2f}"
-            recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.2f}"
-            lines.append(f"| {r.scenario} | {r.bound} | {r.sent} | {r.ok} | {r.failed} | {r.hung} | {errors} "
-                         f"| {recovery} | {r.leaked} | {r.figure} | {r.verdict} |")
-        return "\n".join(lines)
+        return "\n".join([self.HEADER, "|" + "---|" * 11, *map(self.markdown_row, self.rows)])
+
+    @staticmethod
+    def markdown_row(r: Row) -> str:
+        errors = "-" if r.error_p50_s is None else f"{r.error_p50_s:.2f} / {r.error_max_s:.2f}"
+        recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.2f}"
+        cells = (r.scenario, r.bound, r.sent, r.ok, r.failed, r.hung, errors, recovery, r.leaked, r.figure,
+                 r.verdict)
+        return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
 
 def median(values: Iterable[float]) -> float:
