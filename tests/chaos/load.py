@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import openai
 
-HUNG_S = 30.0  # a request without an outcome this long is hung (the client gives up on it)
+HUNG_S = 30.0  # a request silent this long (no headers, no chunk, no end) is hung: the client gives up
+LONGEST_S = 180.0  # and one that streams but has not ended after this long
 MODEL = "pdserve-demo"
 # Statuses a client may retry by contract: 429 (come back later), 503 (the cluster could not serve it now).
 RETRYABLE_STATUSES = frozenset({429, 503})
@@ -32,7 +33,7 @@ class Outcome:
 
     started: float
     ended: float = 0.0
-    kind: str = "hung"  # ok | failed | hung
+    kind: str = "hung"  # ok | failed | hung (silent for hung_s, or not ended after LONGEST_S)
     status: int = 0  # HTTP status (or the error event's code); 0 when the connection failed
     error: str = ""
     first_token: float | None = None
@@ -77,10 +78,10 @@ class Load:
         self._stop.set()
 
     def stop(self) -> list[Outcome]:
-        """Stop sending; wait for the requests in flight (each bounded by hung_s)."""
+        """Stop sending; wait for the requests in flight (each bounded by LONGEST_S)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=self.hung_s + 15.0)
+            self._thread.join(timeout=LONGEST_S + 15.0)
         return self.outcomes
 
     def wait_for(self, count: int, timeout_s: float) -> bool:
@@ -106,10 +107,10 @@ class Load:
 async def one_request(client: openai.AsyncOpenAI, shape: RequestShape, hung_s: float = HUNG_S) -> Outcome:
     outcome = Outcome(started=time.monotonic())
     try:
-        await asyncio.wait_for(_stream(client, shape, outcome), hung_s)
+        await asyncio.wait_for(_stream(client, shape, outcome, hung_s), LONGEST_S)
         outcome.kind = "ok"
     except TimeoutError:
-        outcome.kind, outcome.error = "hung", f"no outcome within {hung_s} s"
+        outcome.kind, outcome.error = "hung", f"silent for {hung_s} s or not done after {LONGEST_S} s"
     except openai.APIStatusError as exc:
         outcome.kind, outcome.status, outcome.error = "failed", exc.status_code, str(exc)[:300]
     except openai.APIError as exc:  # an error event inside the stream, or the connection failing
@@ -120,11 +121,17 @@ async def one_request(client: openai.AsyncOpenAI, shape: RequestShape, hung_s: f
     return outcome
 
 
-async def _stream(client: openai.AsyncOpenAI, shape: RequestShape, outcome: Outcome) -> None:
-    stream = await client.completions.create(model=MODEL, prompt=shape.prompt, max_tokens=shape.max_tokens,
-                                             temperature=shape.temperature, stream=True)
+async def _stream(client: openai.AsyncOpenAI, shape: RequestShape, outcome: Outcome, hung_s: float) -> None:
+    create = client.completions.create(model=MODEL, prompt=shape.prompt, max_tokens=shape.max_tokens,
+                                       temperature=shape.temperature, stream=True)
+    stream = await asyncio.wait_for(create, hung_s)
     last = time.monotonic()  # admitted: the response headers arrived
-    async for chunk in stream:
+    chunks = aiter(stream)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), hung_s)
+        except StopAsyncIteration:
+            break
         now = time.monotonic()
         outcome.max_gap_s = max(outcome.max_gap_s, now - last)
         last = now

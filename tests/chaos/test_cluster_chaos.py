@@ -290,13 +290,15 @@ def test_redis_killed_and_restarted(cluster: ChaosCluster, report) -> None:
         cluster.redis.kill()
         killed = time.monotonic()
         time.sleep(5.0)
-        cluster.redis.start()
+        cluster.redis.start()  # empty: it kept nothing on disk
         restarted = time.monotonic()
+        time.sleep(3.0)
         back = cluster.router.wait_usable(len(PREFILL), len(DECODE), 30.0)
-        row.recovery_s = time.monotonic() - restarted
         time.sleep(2.0)
         outcomes = load.stop()
         row.count(outcomes, fault_at=killed)
+        # serving again: from the restart to the end of the last failed request (0 when none failed)
+        row.recovery_s = max([0.0] + [o.ended - restarted for o in outcomes if o.kind == "failed"])
         assert back, f"the router sees {cluster.router.usable_nodes()} after Redis came back"
         assert row.failed == row.hung == 0, [o.error for o in outcomes if o.kind != "ok"][:3]
         assert slowest(outcomes) <= SLOW_S, f"slowest request {slowest(outcomes):.1f} s"
@@ -342,7 +344,8 @@ def test_kill9_decode_node(cluster: ChaosCluster, report) -> None:
         row.recovery_s = recovery(outcomes, killed)
         failed = [o for o in outcomes if o.kind == "failed"]
         row.figure = f"{streaming:.0f} on decode-1 at the kill"
-        assert row.hung == 0
+        assert row.hung == 0, [f"started {o.started - killed:+.1f} s from the kill, first token "
+                               f"{'yes' if o.first_token else 'no'}" for o in outcomes if o.kind == "hung"]
         assert len(failed) <= streaming, f"{len(failed)} failed, {streaming:.0f} were on the killed node"
         assert all(o.started < killed for o in failed), "a request sent after the kill failed"
         assert row.error_max_s is None or row.error_max_s < 2.0, f"an error {row.error_max_s:.1f} s after"
@@ -350,7 +353,7 @@ def test_kill9_decode_node(cluster: ChaosCluster, report) -> None:
 
 def test_overload_200_concurrent_on_1p1d(cluster: ChaosCluster, report) -> None:
     assert cluster.router.wait_usable(1, 1, 10.0)
-    shape = RequestShape(PROMPT, max_tokens=64)
+    shape = RequestShape(PROMPT, max_tokens=32)
     with report("200 concurrent on 1P1D", "excess: 429 < 50 ms; no admitted stream silent > 5 s") as row:
         with ThreadPoolExecutor(1) as pool:
             outcomes = pool.submit(burst, cluster.router.url, 200, shape).result()
