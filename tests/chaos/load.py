@@ -186,7 +186,7 @@ class ChaosTable:
         errors = "-" if r.error_p50_s is None else f"{r.error_p50_s:.2f} / {r.error_max_s:.2f}"
         recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.2f}"
         cells = (r.scenario, r.bound, r.sent, r.ok, r.failed, r.hung, errors, recovery, r.leaked, r.figure,
-                 r.verdict)
+                 r.verdict[:120])
         return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
 
