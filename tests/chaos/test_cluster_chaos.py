@@ -170,7 +170,18 @@ def test_forged_and_replayed_tasks_write_nothing(cluster: ChaosCluster, report) 
     context = zmq.Context()
     sock = context.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, 2000)  # a data plane that refuses the handshake never takes a message
     sock.connect(prefill.info["data"])
+    refused = 0
+
+    def send(frame: bytes) -> None:
+        nonlocal refused
+        try:
+            if refused:  # the connection is refused once and for all: do not wait 2 s per task
+                raise zmq.Again
+            sock.send(frame)
+        except zmq.Again:
+            refused += 1
     with report("forged + replayed PrefillTask", "0 bytes written, outputs identical") as row:
         try:
             reference = generate(decode, rid("ref"), ids, params, prefill=prefill).token_ids
@@ -178,13 +189,13 @@ def test_forged_and_replayed_tasks_write_nothing(cluster: ChaosCluster, report) 
             digest = _pool_digest(decode)
             # Forged: a fresh request id, blocks all over the pool.
             for first in range(0, NUM_BLOCKS - 16, 64):
-                sock.send(_forged_task(decode, rid("forged"), hostile, first))
+                send(_forged_task(decode, rid("forged"), hostile, first))
             time.sleep(3.0)
             unchanged = _pool_digest(decode) == digest
             # Replayed: a task for a request the decode node is really waiting on, sent just before its own.
             request_ids = [rid("victim") for _ in range(4)]
             for request_id in request_ids:
-                sock.send(_forged_task(decode, request_id, hostile))
+                send(_forged_task(decode, request_id, hostile))
             with ThreadPoolExecutor(4) as pool:
                 futures = [pool.submit(generate, decode, request_id, ids, params, prefill, 30.0)
                            for request_id in request_ids]
@@ -197,7 +208,8 @@ def test_forged_and_replayed_tasks_write_nothing(cluster: ChaosCluster, report) 
             identical = sum(out == reference for out in outputs)
             row.sent, row.ok = len(outputs), sum(isinstance(o, list) for o in outputs)
             row.failed = row.sent - row.ok
-            row.figure = f"pool unchanged: {'yes' if unchanged else 'NO'}; outputs identical {identical}/4"
+            row.figure = (f"pool unchanged: {'yes' if unchanged else 'NO'}; outputs identical {identical}/4; "
+                          f"{refused} tasks refused at the connection")
             assert unchanged, "a forged task wrote into the decode node's pool"
             assert identical == len(outputs), f"outputs differ from the reference: {outputs}"
         finally:
