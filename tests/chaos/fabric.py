@@ -28,8 +28,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import sysv_ipc
-
 from pdserve.common.leftovers import POOL_PREFIX, QUEUE_MARKER_PREFIX, SHM_DIR, pid_alive
 from pdserve.tests.integration.netns import HostNetwork
 from pdserve.tests.support.cluster import Node, NodeSpec, start_nodes, stop_nodes, wait_until
@@ -104,7 +102,7 @@ class RouterProcess:
         except urllib.error.HTTPError as exc:
             text = exc.read().decode(errors="replace")
             counts = re.search(r"usable nodes (\{[^}]*\})", text)
-            return eval_counts(counts.group(1)) if counts else {}
+            return parse_counts(counts.group(1)) if counts else {}
         except OSError:
             return {}
 
@@ -128,8 +126,8 @@ class RouterProcess:
                 self.process.wait()
 
 
-def eval_counts(text: str) -> dict[str, int]:
-    """{'prefill': 1, 'decode': 2} as the router prints it, read without eval."""
+def parse_counts(text: str) -> dict[str, int]:
+    """The usable-node counts in the router's 503 text, e.g. {'prefill': 1, 'decode': 2}."""
     return {k: int(v) for k, v in re.findall(r"'(\w+)': (\d+)", text)}
 
 
@@ -262,13 +260,6 @@ def dead_owner_leftovers() -> list[str]:
         if match and not pid_alive(int(match[1])):
             found.append(path.name)
     return sorted(found)
-
-
-def remove_queue_of(marker: str) -> None:
-    """Last-resort cleanup of one leaked queue (its marker names the key)."""
-    key = int(marker.rsplit("-", 1)[1])
-    with contextlib.suppress(sysv_ipc.ExistentialError):
-        sysv_ipc.MessageQueue(key).remove()
 
 
 def shm_used_bytes() -> int:
