@@ -112,6 +112,13 @@ class RouterProcess:
             return counts.get("prefill", 0) >= prefill and counts.get("decode", 0) >= decode
         return wait_until(enough, timeout_s, 0.2)
 
+    def inflight(self, node_id: str) -> float:
+        """Requests the router has on a node now (its pdserve_router_node_inflight gauge)."""
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=5.0).read().decode()
+        series = rf'^pdserve_router_node_inflight\{{[^}}]*node_id="{node_id}"[^}}]*\}} (\S+)$'
+        found = re.search(series, text, re.M)
+        return float(found.group(1)) if found else 0.0
+
     def ejections(self) -> list[str]:
         """Node ids the router took out of rotation, in order (one per ejection)."""
         return re.findall(r"node (\S+) ejected", self.log_path.read_text(errors="replace"))
@@ -282,3 +289,23 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return [p for p in found if pid_alive(p)]
+
+
+def shm_mapped_bytes(nodes: list[Node]) -> int:
+    """Shared memory these nodes' processes map from /dev/shm (deleted files included)."""
+    total = 0
+    for node in nodes:
+        for pid in {node.process.pid, node.engine_pid, *descendants(node.process.pid)}:
+            try:
+                maps = Path(f"/proc/{pid}/maps").read_text()
+            except OSError:
+                continue
+            for line in maps.splitlines():
+                if "/dev/shm/" in line:
+                    start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                    total += end - start
+    return total
+
+
+def node_gone(node: Node) -> bool:
+    return not (pid_alive(node.process.pid) or pid_alive(node.engine_pid))

@@ -141,6 +141,29 @@ async def _stream(client: openai.AsyncOpenAI, shape: RequestShape, outcome: Outc
     outcome.max_gap_s = max(outcome.max_gap_s, time.monotonic() - last)
 
 
+def burst(url: str, count: int, shape: RequestShape) -> list[Outcome]:
+    """`count` requests at once, each sent once."""
+    async def run() -> list[Outcome]:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="chaos", max_retries=0, timeout=60.0)
+        async with client:
+            return list(await asyncio.gather(*(one_request(client, shape) for _ in range(count))))
+    return asyncio.run(run())
+
+
+def slowest(outcomes: list[Outcome]) -> float:
+    return max((o.latency_s for o in outcomes), default=0.0)
+
+
+def recovery(outcomes: list[Outcome], since: float) -> float | None:
+    """From `since` to the end of the first request started after it that succeeded."""
+    ends = [o.ended for o in outcomes if o.started >= since and o.kind == "ok"]
+    return min(ends) - since if ends else None
+
+
+def non_retryable(outcomes: list[Outcome]) -> list[str]:
+    return [f"{o.status} {o.error[:120]}" for o in outcomes if o.kind == "failed" and not o.retryable]
+
+
 # -- the row each scenario reports ----------------------------------------------------------------------
 
 @dataclass

@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,8 +27,23 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.engine import kv_spec_for_model
 from pdserve.models.config import ModelConfig
 from pdserve.models.loader import default_model_dir
-from pdserve.tests.chaos.fabric import ChaosCluster, dead_owner_leftovers, descendants, shm_used_bytes
-from pdserve.tests.chaos.load import Load, Outcome, RequestShape, median
+from pdserve.tests.chaos.fabric import (
+    ChaosCluster,
+    dead_owner_leftovers,
+    node_gone,
+    shm_mapped_bytes,
+    shm_used_bytes,
+)
+from pdserve.tests.chaos.load import (
+    Load,
+    Outcome,
+    RequestShape,
+    burst,
+    median,
+    non_retryable,
+    recovery,
+    slowest,
+)
 from pdserve.tests.support.cluster import Node, generate, sampling, tokenizer, wait_until
 from pdserve.transfer.messages import KVTarget, PrefillTask, WireCodec
 from pdserve.transfer.transport import local_host_id
@@ -86,20 +99,6 @@ def run_load(cluster: ChaosCluster, warm_ok: int = STREAMS, streams: int = STREA
     return load
 
 
-def slowest(outcomes: list[Outcome]) -> float:
-    return max((o.latency_s for o in outcomes), default=0.0)
-
-
-def recovery(outcomes: list[Outcome], since: float) -> float | None:
-    """From `since` to the end of the first request started after it that succeeded."""
-    ends = [o.ended for o in outcomes if o.started >= since and o.kind == "ok"]
-    return min(ends) - since if ends else None
-
-
-def non_retryable(outcomes: list[Outcome]) -> list[str]:
-    return [f"{o.status} {o.error[:120]}" for o in outcomes if o.kind == "failed" and not o.retryable]
-
-
 def pair_serves(decode: Node, prefill: Node, timeout_s: float = 5.0) -> bool:
     try:
         result = generate(decode, rid("probe"), tokenizer().encode(PROMPT), sampling(2), prefill=prefill,
@@ -116,13 +115,6 @@ def time_to_serve(decode: Node, prefill: Node, since: float, limit_s: float) -> 
             return time.monotonic() - since
         time.sleep(0.2)
     return None
-
-
-def router_inflight(cluster: ChaosCluster, node_id: str) -> float:
-    text = urllib.request.urlopen(cluster.router.url + "/metrics", timeout=5.0).read().decode()
-    series = rf'^pdserve_router_node_inflight\{{[^}}]*node_id="{node_id}"[^}}]*\}} (\S+)$'
-    found = re.search(series, text, re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 def decode_ejections(cluster: ChaosCluster, before: int) -> list[str]:
@@ -350,11 +342,7 @@ def test_kill9_prefill_node(cluster: ChaosCluster, report) -> None:
         assert row.failed == row.hung == 0, [o.error for o in outcomes if o.kind != "ok"][:3]
         assert ejected == [], f"decode nodes ejected: {ejected}"
         assert slowest(outcomes) <= SLOW_S, f"slowest request {slowest(outcomes):.1f} s"
-        assert wait_until(lambda: not pid_alive_any(prefill), 10.0), "the killed node's engine lingers"
-
-
-def pid_alive_any(node: Node) -> bool:
-    return pid_alive(node.process.pid) or pid_alive(node.engine_pid)
+        assert wait_until(lambda: node_gone(prefill), 10.0), "the killed node's engine lingers"
 
 
 def test_kill9_decode_node(cluster: ChaosCluster, report) -> None:
@@ -362,8 +350,8 @@ def test_kill9_decode_node(cluster: ChaosCluster, report) -> None:
     bound = "only its streams fail, each < 2 s; none hangs"
     with report("kill -9 decode-1 (of 2), 16 streams", bound) as row:
         load = run_load(cluster)
-        wait_until(lambda: router_inflight(cluster, "decode-1") > 0, 5.0)
-        streaming = router_inflight(cluster, "decode-1")
+        wait_until(lambda: cluster.router.inflight("decode-1") > 0, 5.0)
+        streaming = cluster.router.inflight("decode-1")
         decode.expect_clean_exit = False
         killed = cluster.kill9(decode.process.pid)
         time.sleep(6.0)
@@ -397,38 +385,7 @@ def test_overload_200_concurrent_on_1p1d(cluster: ChaosCluster, report) -> None:
         assert silent <= 5.0, f"an admitted stream was silent {silent:.1f} s"
 
 
-def burst(url: str, count: int, shape: RequestShape) -> list[Outcome]:
-    """`count` requests at once, each sent once."""
-    import asyncio
-
-    import openai
-
-    from pdserve.tests.chaos.load import one_request
-
-    async def run() -> list[Outcome]:
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="chaos", max_retries=0, timeout=60.0)
-        async with client:
-            return list(await asyncio.gather(*(one_request(client, shape) for _ in range(count))))
-    return asyncio.run(run())
-
-
 # -- rolling restarts, drain ------------------------------------------------------------------------------
-
-def cluster_shm_bytes(nodes: list[Node]) -> int:
-    """Shared memory these nodes' processes map from /dev/shm (deleted files included)."""
-    total = 0
-    for node in nodes:
-        for pid in {node.process.pid, node.engine_pid, *descendants(node.process.pid)}:
-            try:
-                maps = Path(f"/proc/{pid}/maps").read_text()
-            except OSError:
-                continue
-            for line in maps.splitlines():
-                if "/dev/shm/" in line:
-                    start, end = (int(x, 16) for x in line.split()[0].split("-"))
-                    total += end - start
-    return total
-
 
 def test_rolling_restarts_of_a_decode_node(cluster: ChaosCluster, report) -> None:
     # prefill-1 comes back with the default transport, which takes the same-host path (shm) to decode
@@ -437,7 +394,7 @@ def test_rolling_restarts_of_a_decode_node(cluster: ChaosCluster, report) -> Non
     with report("10 rolling restarts of decode-1", "shm back to start +-5%") as row:
         prefill, outcomes = cluster.nodes["prefill-1"], []
         assert pair_serves(cluster.nodes["decode-1"], prefill, 30.0)
-        start_host, start_ours = shm_used_bytes(), cluster_shm_bytes(list(cluster.nodes.values()))
+        start_host, start_ours = shm_used_bytes(), shm_mapped_bytes(list(cluster.nodes.values()))
         restart_times = []
         for _ in range(10):
             began = time.monotonic()
@@ -446,7 +403,7 @@ def test_rolling_restarts_of_a_decode_node(cluster: ChaosCluster, report) -> Non
             restart_times.append(time.monotonic() - began)
             ok = pair_serves(cluster.nodes["decode-1"], prefill, 30.0)
             outcomes.append(Outcome(began, time.monotonic(), "ok" if ok else "failed"))
-        end_host, end_ours = shm_used_bytes(), cluster_shm_bytes(list(cluster.nodes.values()))
+        end_host, end_ours = shm_used_bytes(), shm_mapped_bytes(list(cluster.nodes.values()))
         row.count(outcomes)
         growth = (end_ours - start_ours) / start_ours
         row.figure = (f"cluster shm {start_ours / 2**20:.0f} -> {end_ours / 2**20:.0f} MiB ({growth:+.1%}); "
@@ -472,14 +429,14 @@ def test_kill9_prefill_engine_alone(cluster: ChaosCluster, report) -> None:
         assert row.failed == row.hung == 0, [o.error for o in outcomes if o.kind != "ok"][:3]
         assert ejected == [], f"decode nodes ejected: {ejected}"
         assert slowest(outcomes) <= SLOW_S, f"slowest request {slowest(outcomes):.1f} s"
-        assert wait_until(lambda: not pid_alive_any(prefill), 15.0), "the engineless node server lingers"
+        assert wait_until(lambda: node_gone(prefill), 15.0), "the engineless node server lingers"
 
 
 def test_sigterm_decode_node_under_load_drains(cluster: ChaosCluster, report) -> None:
     decode = cluster.nodes["decode-1"]
     with report("SIGTERM decode-1 under load", "100% in-flight complete, exit 0, no leftovers") as row:
         load = run_load(cluster)
-        wait_until(lambda: router_inflight(cluster, "decode-1") > 0, 5.0)
+        wait_until(lambda: cluster.router.inflight("decode-1") > 0, 5.0)
         pids = [decode.process.pid, decode.engine_pid]
         leftovers_before = set(dead_owner_leftovers())
         signalled = time.monotonic()
