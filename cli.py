@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pdserve.common.secret import add_cluster_secret_flags, secret_from_args
 from pdserve.deploy.cli import add_deploy_parsers
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.spec_config import SpeculativeConfig
@@ -68,6 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
         node = sub.add_parser(role, help=helptext)
         _add_node_flags(node)
         _add_engine_flags(node)
+        add_cluster_secret_flags(node)
         node.set_defaults(handler=_run_node, role=role)
 
     up = sub.add_parser("up", help="a local cluster: router + prefill/decode/mixed nodes")
@@ -84,6 +86,10 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", action="append", default=None, help="required API key (repeatable)")
     up.add_argument("--threads-per-node", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None, help="KV blocks per node")
+    up.add_argument("--cluster-secret-file", default=None,
+                    help="the cluster secret (mode 0600); default: a fresh one in the run directory")
+    up.add_argument("--insecure", action="store_true", default=None,
+                    help="run the cluster without a secret: internal traffic NOT authenticated")
     up.set_defaults(handler=_up)
     add_router_parser(sub)
     add_deploy_parsers(sub)
@@ -99,7 +105,8 @@ def _up(args: argparse.Namespace) -> int:
         "speculative_config": args.speculative_config, "registry": args.registry,
         "api_keys": tuple(args.api_key) if args.api_key else None,
         "threads_per_node": args.threads_per_node, "num_blocks": args.num_blocks,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "cluster_secret_file": args.cluster_secret_file,
+        "insecure": args.insecure,
     }
     if args.config is not None:
         spec = ClusterSpec.from_yaml(args.config, **overrides)
@@ -147,7 +154,7 @@ def _node_config(args: argparse.Namespace):
         registry_api_key=args.registry_api_key,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
         prefill_fallback=args.prefill_fallback,
-        log_level=args.log_level,
+        log_level=args.log_level, cluster_secret=secret_from_args(args), insecure=args.insecure,
     )
 
 
