@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pdserve.common.secret import add_cluster_secret_flags, secret_from_args
 from pdserve.router.config import (
     POLICY_NAMES,
     AdmissionConfig,
@@ -38,6 +39,7 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--health-interval", type=float, default=2.0)
     p.add_argument("--workers", type=int, default=1,
                    help="router processes sharing the port (admission limits are per worker)")
+    add_cluster_secret_flags(p)
     p.set_defaults(handler=_run)
 
 
@@ -55,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         policy=PolicyConfig(prefill=args.prefill_policy, decode=args.decode_policy,
                             block_size=args.block_size),
         log_level=args.log_level, workers=args.workers,
+        cluster_secret=secret_from_args(args), insecure=args.insecure,
     )
 
 

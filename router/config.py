@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pdserve.models
+from pdserve.common.secret import ClusterSecret, require_secret_or_insecure
+from pdserve.rpc.registry import RegistryAuth
 
 POLICY_NAMES = ("round_robin", "random", "power_of_two", "prefix_aware")
 ROUTED_ROLES = ("prefill", "decode")  # the decode policy also picks among mixed nodes
@@ -134,6 +136,9 @@ class RouterConfig:
     # processes serving the port (SO_REUSEPORT), each with its own event loop, node channels and
     # admission limits; with the embedded registry they share one view through files on /dev/shm
     workers: int = 1
+    # signs node RPC calls and authenticates registry entries; None only with insecure=True
+    cluster_secret: ClusterSecret | None = field(default=None, repr=False)
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         _check([
@@ -146,3 +151,8 @@ class RouterConfig:
         ], self)
         if not all(isinstance(k, str) and k for k in self.api_keys):
             raise RouterConfigError("api_keys must be non-empty strings")  # never echo a key
+        require_secret_or_insecure(self.cluster_secret, self.insecure, "the router")
+
+    def registry_auth(self) -> RegistryAuth:
+        """A fresh one per registry (it carries that registry's rejection counter)."""
+        return RegistryAuth(self.cluster_secret, max_age_s=self.registry.heartbeat_ttl_s)
