@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -24,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from pdserve.common.leftovers import remove_leftovers
+from pdserve.common.secret import ClusterSecret
 
 READY_PREFIX = "PDSERVE_READY "
 PR_SET_PDEATHSIG = 1
@@ -49,8 +52,12 @@ class ClusterSpec:
     num_blocks: int = 1024
     startup_timeout_s: float = 180.0
     log_level: str = "WARNING"
+    cluster_secret_file: str | None = None  # None: a fresh secret in the run directory
+    insecure: bool = False  # no cluster secret at all: internal traffic unauthenticated
 
     def __post_init__(self) -> None:
+        if self.insecure and self.cluster_secret_file is not None:
+            raise ValueError("cluster_secret_file and insecure are mutually exclusive")
         for name in ("prefill", "decode", "mixed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
@@ -103,6 +110,20 @@ class Cluster:
         self.spec = spec
         self.members: list[Member] = []
         self._out = out
+        self._run_dir: Path | None = None  # holds a generated secret; removed on stop
+
+    def secret_flags(self) -> list[str]:
+        """How children find the cluster secret: a file path, never the secret itself."""
+        s = self.spec
+        if s.insecure:
+            return ["--insecure"]
+        if s.cluster_secret_file is not None:
+            return ["--cluster-secret-file", s.cluster_secret_file]
+        if self._run_dir is None:
+            self._run_dir = Path(tempfile.mkdtemp(prefix="pdserve-up-"))  # mode 0700
+            ClusterSecret.generate().write(self._run_dir / "cluster.secret")
+            self._say(f"generated a cluster secret in {self._run_dir / 'cluster.secret'}")
+        return ["--cluster-secret-file", str(self._run_dir / "cluster.secret")]
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -113,7 +134,7 @@ class Cluster:
         argv += ["--model", s.model] if s.model else []
         for key in s.api_keys:
             argv += ["--api-key", key]
-        return argv
+        return argv + self.secret_flags()
 
     def node_argv(self, role: str, index: int) -> list[str]:
         s = self.spec
@@ -125,7 +146,7 @@ class Cluster:
         argv += ["--speculative-config", s.speculative_config] if s.speculative_config else []
         if s.api_keys and s.registry == "embedded":
             argv += ["--registry-api-key", s.api_keys[0]]
-        return argv
+        return argv + self.secret_flags()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -213,6 +234,9 @@ class Cluster:
                     member.process.kill()
                     member.process.wait()
         self.members = []
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None
 
     def _say(self, text: str) -> None:
         print(f"[pdserve up] {text}", file=self._out, flush=True)
