@@ -26,7 +26,7 @@ from pdserve.router.policies import (
     build_policy,
 )
 from pdserve.router.registry import EmbeddedRegistry
-from pdserve.rpc.registry import NodeInfo, NodeInfoError, decode_node, encode_node
+from pdserve.rpc.registry import NodeInfo, NodeInfoError, RegistryAuth, decode_node, encode_node
 
 
 def _nodes(n: int, role: str = "prefill") -> list[NodeInfo]:
@@ -119,14 +119,14 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(RouterConfigError, match="^decode"):
         PolicyConfig(decode="fastest")
     with pytest.raises(RouterConfigError, match="^port"):
-        RouterConfig(port=70000)
+        RouterConfig(port=70000, insecure=True)
 
 
 def test_api_keys_never_show_in_repr_or_errors() -> None:
-    config = RouterConfig(api_keys=("sk-secret-1",))
+    config = RouterConfig(api_keys=("sk-secret-1",), insecure=True)
     assert "sk-secret-1" not in repr(config)
     with pytest.raises(RouterConfigError) as info:
-        RouterConfig(api_keys=("sk-secret-2", ""))
+        RouterConfig(api_keys=("sk-secret-2", ""), insecure=True)
     assert "sk-secret-2" not in str(info.value)
 
 
@@ -152,7 +152,7 @@ def test_node_info_round_trips_and_rejects_bad_fields() -> None:
 
 def test_embedded_registry_expires_entries_not_renewed() -> None:
     async def scenario() -> None:
-        registry = EmbeddedRegistry(ttl_s=0.3)
+        registry = EmbeddedRegistry(ttl_s=0.3, auth=RegistryAuth(None))
         a, b = _nodes(2)
         await registry.upsert(a)
         await registry.upsert(b)
