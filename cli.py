@@ -127,6 +127,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
                        help="router URL (http://...) or redis://... to register with")
     group.add_argument("--registry-api-key", default=None,
                        help="API key for registering with a router that requires one")
+    group.add_argument("--registry-api-key-is-cluster-secret", action="store_true",
+                       help="register with the cluster secret as the router's API key")
     group.add_argument("--speculative-config", default=None, help="JSON, FastDeploy's format")
     group.add_argument("--transport", default="auto", choices=["auto", "shm", "zmq"],
                        help="prefill node: how KV reaches the decode node (auto: shm on the same host)")
@@ -145,16 +147,22 @@ def _node_config(args: argparse.Namespace):
     from pdserve.node.server import NodeConfig
 
     model_dir = args.model or default_model_dir()
+    secret = secret_from_args(args)
+    registry_api_key = args.registry_api_key
+    if args.registry_api_key_is_cluster_secret:
+        if secret is None:
+            raise ValueError("--registry-api-key-is-cluster-secret needs a cluster secret")
+        registry_api_key = secret.value.decode()
     return NodeConfig(
         role=args.role, node_id=args.node_id or f"{args.role}-{os.getpid()}", model_dir=str(model_dir),
         engine=_engine_config(args), model_name=args.model_name, host=args.host, grpc_port=args.port,
         data_port=args.data_port, metrics_port=args.metrics_port, omp_num_threads=args.threads,
         dtype=args.dtype,
         eos_token_ids=Tokenizer.from_dir(model_dir).eos_token_ids, registry_url=args.registry,
-        registry_api_key=args.registry_api_key,
+        registry_api_key=registry_api_key,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
         prefill_fallback=args.prefill_fallback,
-        log_level=args.log_level, cluster_secret=secret_from_args(args), insecure=args.insecure,
+        log_level=args.log_level, cluster_secret=secret, insecure=args.insecure,
     )
 
 

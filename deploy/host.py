@@ -34,7 +34,7 @@ def router_argv(spec: ClusterFile, host: HostSpec, secret: str | None) -> list[s
             "--host", host.address, "--port", str(host.router.port), "--model-name", spec.model_name,
             "--registry", spec.registry]
     argv += ["--model", spec.model] if spec.model else []
-    argv += ["--api-key", secret] if secret else []
+    argv += ["--api-key-is-cluster-secret"] if secret else []
     return argv + secret_flags(spec)
 
 
@@ -58,7 +58,7 @@ def node_argv(spec: ClusterFile, host: HostSpec, node: NodeSpec, secret: str | N
     argv += ["--model", spec.model] if spec.model else []
     argv += ["--speculative-config", spec.speculative_config] if spec.speculative_config else []
     if secret and spec.registry == "embedded":
-        argv += ["--registry-api-key", secret]
+        argv += ["--registry-api-key-is-cluster-secret"]
     argv += secret_flags(spec)
     # Placement wraps the command; env and taskset exec it, so the launcher's pid is the node's.
     if node.cpus is not None:

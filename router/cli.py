@@ -27,6 +27,8 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--model-name", default="pdserve-demo", help="the model id clients ask for")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--api-key", action="append", default=[], help="required API key (repeatable)")
+    p.add_argument("--api-key-is-cluster-secret", action="store_true",
+                   help="also take the cluster secret as an API key (keeps it off the command line)")
     p.add_argument("--registry", default="embedded", help="'embedded' or redis://host:port/db")
     p.add_argument("--heartbeat-ttl", type=float, default=10.0, help="seconds a node entry lives unrenewed")
     p.add_argument("--prefill-policy", default="prefix_aware", choices=POLICY_NAMES)
@@ -44,10 +46,16 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    secret = secret_from_args(args)
+    api_keys = tuple(args.api_key)
+    if args.api_key_is_cluster_secret:
+        if secret is None:
+            raise ValueError("--api-key-is-cluster-secret needs a cluster secret")
+        api_keys += (secret.value.decode(),)
     return RouterConfig(
         host=args.host, port=args.port, model_name=args.model_name,
         model_dir=args.model or default_model_dir(), max_model_len=args.max_model_len,
-        api_keys=tuple(args.api_key),
+        api_keys=api_keys,
         admission=AdmissionConfig(max_inflight_requests=args.max_inflight_requests,
                                   max_queued_requests=args.max_queued_requests,
                                   max_inflight_tokens=args.max_inflight_tokens),
@@ -57,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         policy=PolicyConfig(prefill=args.prefill_policy, decode=args.decode_policy,
                             block_size=args.block_size),
         log_level=args.log_level, workers=args.workers,
-        cluster_secret=secret_from_args(args), insecure=args.insecure,
+        cluster_secret=secret, insecure=args.insecure,
     )
 
 

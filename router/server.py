@@ -59,7 +59,6 @@ def _uvicorn_config(config: RouterConfig, registry: Registry, **kwargs: object) 
 
 def run_router(config: RouterConfig) -> int:
     """Serve until SIGINT/SIGTERM. Prints the URL (stdout, one line) once every worker listens."""
-    logging.basicConfig(level=config.log_level.upper())
     if config.cluster_secret is None:
         warn_insecure("the router")
     if config.workers > 1:

@@ -119,20 +119,22 @@ def test_the_secret_comes_from_its_source(tmp_path: Path, monkeypatch: pytest.Mo
 def test_argv_follows_the_spec() -> None:
     spec = _parse(BASE)
     router = router_argv(spec, spec.host("r"), "key")
-    assert router[router.index("--host") + 1] == "10.0.0.1" and router[router.index("--api-key") + 1] == "key"
+    assert router[router.index("--host") + 1] == "10.0.0.1" and "--api-key-is-cluster-secret" in router
+    assert "key" not in router  # the secret's value never reaches a command line
     prefill = node_argv(spec, spec.host("p"), spec.host("p").nodes[0], "key")
     assert prefill[:4] == ["env", "CUDA_VISIBLE_DEVICES=0,1", "taskset", "--cpu-list"] and prefill[4] == "0-1"
     assert prefill[prefill.index("--registry") + 1] == "http://10.0.0.1:8000"
-    assert prefill[prefill.index("--registry-api-key") + 1] == "key"
+    assert "--registry-api-key-is-cluster-secret" in prefill and "key" not in prefill
     assert prefill[prefill.index("--transport") + 1] == "zmq"
     assert prefill[prefill.index("--node-id") + 1] == "t-p-prefill-0"
     decode = node_argv(spec, spec.host("d"), spec.host("d").nodes[0], None)
     assert decode[0].endswith("python") or "python" in Path(decode[0]).name
-    assert decode[decode.index("--threads") + 1] == "2" and "--registry-api-key" not in decode
+    assert decode[decode.index("--threads") + 1] == "2"
+    assert "--registry-api-key-is-cluster-secret" not in decode
     redis = _parse({**BASE, "registry": "redis://10.0.0.9:6379/0"})
     argv = node_argv(redis, redis.host("d"), redis.host("d").nodes[0], "key")
     assert argv[argv.index("--registry") + 1] == "redis://10.0.0.9:6379/0"
-    assert "--registry-api-key" not in argv
+    assert "--registry-api-key-is-cluster-secret" not in argv
 
 
 def test_taskset_accepts_the_cpu_list() -> None:

@@ -81,7 +81,7 @@ def test_nodes_have_probes_requests_and_a_grace_period(rendered: tuple[str, list
         assert gpus == (1 if overlay == "gpu" else None)
     router = _by(objects, "Deployment", "pdserve-router")["spec"]["template"]["spec"]["containers"][0]
     assert router["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert '--api-key "$CLUSTER_SECRET"' in router["args"][0]
+    assert "--api-key-is-cluster-secret" in router["args"][0]
     assert "--cluster-secret-env CLUSTER_SECRET" in router["args"][0]
     secret_env = next(e for e in router["env"] if e["name"] == "CLUSTER_SECRET")
     assert secret_env["valueFrom"]["secretKeyRef"]["name"] == "pdserve-cluster-secret"
