@@ -6,8 +6,9 @@ to a real prefill node's task port by a peer that holds the CURVE key, as a comp
 member would: each is refused and counted, the decode node's pool is byte for byte unchanged, and
 concurrent greedy requests through the pair return exactly what they return without the noise. A
 genuine task replayed to the prefill node is refused too and writes nothing into the pool it names
-(a same-host pool, which the prefill node would write in place). Node RPCs without the cluster
-credential are refused; a node without a secret does not start.
+(a same-host pool, which the prefill node would write in place). A peer without the secret gets no
+CURVE handshake on either node's data port. Node RPCs without the cluster credential are refused; a
+node without a secret does not start.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ from pdserve.tests.support.cluster import (
 )
 from pdserve.tests.support.secret import TEST_SECRET
 from pdserve.transfer.auth import MessageSigner
-from pdserve.transfer.channel import Outbox
+from pdserve.transfer.channel import Outbox, TransferError
 from pdserve.transfer.config import CurveKeys, TransferConfig
 from pdserve.transfer.endpoint import KVEndpoint
-from pdserve.transfer.messages import FirstToken, KVTarget, PrefillTask
+from pdserve.transfer.messages import Abort, FirstToken, KVTarget, PrefillTask
 from pdserve.transfer.receiver import ChunkResult
 from pdserve.transfer.transport import local_host_id
 
@@ -198,6 +199,28 @@ def _first_token(events: queue.Queue[object], timeout_s: float) -> FirstToken:
         if isinstance(event, FirstToken):
             return event
         assert isinstance(event, ChunkResult) and event.accepted, event
+
+
+OTHER_CURVE = CurveKeys.from_cluster_secret(ClusterSecret(b"another-cluster-secret"))
+
+
+@pytest.mark.parametrize("curve", [None, OTHER_CURVE], ids=["plain_tcp", "other_secret"])
+def test_a_peer_without_the_secret_cannot_reach_either_node(nodes: dict[str, Node], layout: KVCacheSpec,
+                                                             curve: CurveKeys | None) -> None:
+    """Neither the prefill node's task port nor the decode node's KV port completes a handshake."""
+    prefill, decode = nodes["prefill"], nodes["decode"]
+    before = pool_digest(decode)
+    target = KVTarget(decode.info["data"], local_host_id(), layout, shm_name=decode.pool_name)
+    for address, message in [(prefill.info["data"], task_at(target, "stranger-0", (0, 1))),
+                             (decode.info["data"], Abort("stranger-0", "from a stranger"))]:
+        outbox = Outbox(address, TransferConfig(curve=curve, send_timeout_s=0.5))
+        try:
+            with pytest.raises(TransferError, match="refused the handshake"):
+                outbox.send(message)
+        finally:
+            outbox.close()
+    time.sleep(QUIET_S)
+    assert pool_digest(decode) == before
 
 
 def test_node_rpcs_need_the_cluster_credential(nodes: dict[str, Node]) -> None:
