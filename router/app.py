@@ -308,5 +308,6 @@ def _add_registry_routes(app: FastAPI, state: RouterState) -> None:
                            "grpc_address": n.grpc_address, "load": n.load, "capacity": n.capacity,
                            "draining": n.draining, "ejected": state.pool.is_ejected(n.node_id),
                            "router_inflight": state.pool.inflight(n.node_id),
-                           "router_load": state.pool.load(n)}
+                           "router_load": state.pool.load(n),
+                           "unreachable_prefill_node_ids": state.pool.unreachable_prefills(n.node_id)}
                           for n in state.registry.snapshot()]}

@@ -26,6 +26,8 @@ class RouterMetrics:
                                    ["node_id", "role"], registry=self.registry)
         self.retries = Counter("pdserve_router_retries", "Tries that failed before the first token",
                                registry=self.registry)
+        self.failures = Counter("pdserve_router_failures", "Failed tries and streams by cause",
+                                ["cause"], registry=self.registry)
         self.ejections = Counter("pdserve_router_node_ejections", "Nodes taken out of rotation",
                                  registry=self.registry)
 

@@ -20,6 +20,12 @@ from pdserve.rpc.registry import NodeInfo
 
 log = logging.getLogger(__name__)
 
+# How long a pair whose decode node could not reach its prefill node stays out of routes after that
+# failure. The decode node's own report (NodeStats.unreachable_prefill_node_ids, polled with each
+# health check) keeps it out for as long as the peer stays unreachable; this covers the time until
+# that report arrives, and is short so a healed pair serves again within seconds.
+BROKEN_PAIR_HOLD_S = 2.0
+
 
 class NoRoute(RuntimeError):
     """No usable decode/mixed node (or no prefill node for a decode node) right now."""
@@ -44,6 +50,8 @@ class _NodeState:
     # with a shared (Redis) registry, heartbeats may be older than what the node says now.
     stats_load: float | None = None
     stats_at: float = 0.0
+    # decode node: the prefill nodes it reported unreachable in its last Stats
+    unreachable_prefills: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -65,6 +73,8 @@ class NodePool:
         self._states: dict[str, _NodeState] = {}
         self._channels: dict[str, _Channel] = {}
         self._task: asyncio.Task[None] | None = None
+        self._broken_pairs: dict[tuple[str, str], float] = {}  # (decode, prefill) -> avoided until, monotonic
+        self._suspect_checks: set[asyncio.Task[None]] = set()
 
     # ---- views
     def _state(self, node_id: str) -> _NodeState:
@@ -94,19 +104,52 @@ class NodePool:
     def inflight(self, node_id: str) -> int:
         return self._state(node_id).inflight
 
+    def unreachable_prefills(self, node_id: str) -> list[str]:
+        """The prefill nodes a decode node last reported it cannot reach."""
+        return sorted(self._state(node_id).unreachable_prefills)
+
+    def pair_usable(self, decode_id: str, prefill_id: str) -> bool:
+        """False while the decode node cannot reach the prefill node (its report, or a recent failure)."""
+        if prefill_id in self._state(decode_id).unreachable_prefills:
+            return False
+        until = self._broken_pairs.get((decode_id, prefill_id))
+        if until is None:
+            return True
+        if time.monotonic() >= until:
+            del self._broken_pairs[(decode_id, prefill_id)]
+            return True
+        return False
+
+    def mark_pair_broken(self, decode_id: str, prefill_id: str) -> None:
+        """The decode node could not reach the prefill node: routes avoid the pair for a while."""
+        if (decode_id, prefill_id) not in self._broken_pairs:
+            log.warning("pair %s <- %s avoided: the decode node cannot reach the prefill node",
+                        decode_id, prefill_id)
+        self._broken_pairs[(decode_id, prefill_id)] = time.monotonic() + BROKEN_PAIR_HOLD_S
+
     # ---- routing
-    def pick(self, prompt_token_ids: Sequence[int], exclude: Iterable[str] = ()) -> Route:
+    def pick(self, prompt_token_ids: Sequence[int], exclude: Iterable[str] = (),
+             decode_id: str | None = None) -> Route:
+        """A route avoiding `exclude` and broken pairs; with `decode_id`, that decode node when it is
+        still usable and some other prefill node can feed it (a retry after its peer failed)."""
         excluded = set(exclude)
         ctx = RouteContext(prompt_token_ids, self.load)
         prefills = [n for n in self.usable("prefill") if n.node_id not in excluded]
+
+        def feeders(decode: NodeInfo) -> list[NodeInfo]:
+            return [p for p in prefills if self.pair_usable(decode.node_id, p.node_id)]
+
+        if decode_id is not None:
+            for decode in self.usable("decode"):
+                if decode.node_id == decode_id and (candidates := feeders(decode)):
+                    return Route(decode, self._prefill_policy.choose(candidates, ctx))
         # a decode node is only a candidate while some prefill node can feed it
         heads = [n for n in self.usable("mixed") if n.node_id not in excluded]
-        if prefills:
-            heads += [n for n in self.usable("decode") if n.node_id not in excluded]
+        heads += [n for n in self.usable("decode") if n.node_id not in excluded and feeders(n)]
         if not heads:
             raise NoRoute("no usable mixed node or prefill/decode pair")
         decode = self._decode_policy.choose(sorted(heads, key=lambda n: n.node_id), ctx)
-        prefill = self._prefill_policy.choose(prefills, ctx) if decode.role == "decode" else None
+        prefill = self._prefill_policy.choose(feeders(decode), ctx) if decode.role == "decode" else None
         return Route(decode, prefill)
 
     def begin(self, route: Route) -> None:
@@ -128,6 +171,16 @@ class NodePool:
         state.ejected = True
         state.failures = max(state.failures, self._health.eject_after)
 
+    def suspect(self, node_id: str) -> None:
+        """A request saw the node fail: check its health now rather than at the next pass, so a dead
+        node leaves rotation at once and a live one (the failure was the request's) stays."""
+        node = next((n for n in self._registry.snapshot() if n.node_id == node_id), None)
+        if node is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._check(node, at_once=True))
+        self._suspect_checks.add(task)
+        task.add_done_callback(self._suspect_checks.discard)
+
     # ---- gRPC
     def _channel(self, address: str) -> _Channel:
         entry = self._channels.get(address)
@@ -146,9 +199,10 @@ class NodePool:
         self._task = asyncio.create_task(self._health_loop(), name="node-health")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self._suspect_checks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for entry in self._channels.values():
             await entry.channel.close()
         self._channels.clear()
@@ -158,7 +212,8 @@ class NodePool:
         await asyncio.gather(*(self._check(n) for n in nodes))
         await self._forget_absent({n.node_id for n in nodes}, {n.grpc_address for n in nodes})
 
-    async def _check(self, node: NodeInfo) -> None:
+    async def _check(self, node: NodeInfo, at_once: bool = False) -> None:
+        """One health check; `at_once` (a suspect) ejects on the first failed check."""
         state = self._state(node.node_id)
         try:
             reply = await self._channel(node.grpc_address).health.Check(
@@ -173,7 +228,7 @@ class NodePool:
             await self._refresh_load(node, state)
             return
         state.failures += 1
-        if state.failures >= self._health.eject_after and not state.ejected:
+        if (at_once or state.failures >= self._health.eject_after) and not state.ejected:
             self.eject(node.node_id, f"{state.failures} failed health checks")
 
     async def _refresh_load(self, node: NodeInfo, state: _NodeState) -> None:
@@ -185,6 +240,11 @@ class NodePool:
             state.stats_load = None
             return
         state.stats_load, state.stats_at = float(stats.running + stats.waiting), time.time()
+        unreachable = frozenset(stats.unreachable_prefill_node_ids)
+        if unreachable != state.unreachable_prefills:
+            log.info("decode node %s reports unreachable prefill nodes: %s", node.node_id,
+                     sorted(unreachable) or "none")
+        state.unreachable_prefills = unreachable
 
     async def _forget_absent(self, live_ids: set[str], live_addresses: set[str]) -> None:
         for node_id in [i for i, s in self._states.items() if i not in live_ids and s.inflight == 0]:

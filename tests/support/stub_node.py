@@ -47,10 +47,15 @@ class StubBehavior:
     first_token_delay_s: float = 0.0
     fail_first_calls: int = 0  # this many Generate calls abort with UNAVAILABLE before any chunk
     error_first_chunk: bool = False  # every call answers with a finish_reason "error" chunk
+    error_calls: int = 0  # this many Generate calls (the first ones) answer with an error chunk
+    error_cause: int = 0  # the FailureCause on error chunks; a prefill peer cause names the request's peer
     fail_after_chunks: int | None = None  # abort with INTERNAL after this many chunks
     hang: bool = False  # never answer
     speculate: bool = True  # report speculate_metrics on the last chunk
     reported_waiting: int = 0  # what Stats says is queued (load the router reads only from Stats)
+    # prefill peers this (decode) stub cannot reach: Stats reports them, and a Generate naming one
+    # answers a CAUSE_PREFILL_PEER_UNREACHABLE error chunk
+    unreachable_prefills: tuple[str, ...] = ()
 
 
 @dataclass
@@ -94,8 +99,14 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
                       context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.GenerateChunk]:
         if b.hang:
             await asyncio.Event().wait()
-        if b.error_first_chunk:
-            yield node_pb2.GenerateChunk(finish_reason="error", error="injected node error")
+        cause = b.error_cause if b.error_first_chunk or self.counters.calls <= b.error_calls else None
+        if request.prefill.node_id and request.prefill.node_id in b.unreachable_prefills:
+            cause = node_pb2.CAUSE_PREFILL_PEER_UNREACHABLE
+        if cause is not None:
+            peer_causes = (node_pb2.CAUSE_PREFILL_PEER_FAILED, node_pb2.CAUSE_PREFILL_PEER_UNREACHABLE)
+            blamed = request.prefill.node_id if cause in peer_causes else ""
+            yield node_pb2.GenerateChunk(finish_reason="error", error="injected node error",
+                                         cause=cause, failed_node_id=blamed)
             return
         await asyncio.sleep(b.first_token_delay_s)
         prompt = list(request.prompt_token_ids)
@@ -142,7 +153,8 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
                     context: grpc.aio.ServicerContext) -> node_pb2.NodeStats:
         return node_pb2.NodeStats(node_id=self.node_id, role=self.role, running=self.running,
                                   waiting=self.behavior.reported_waiting, draining=self.draining,
-                                  model=self.model)
+                                  model=self.model,
+                                  unreachable_prefill_node_ids=list(self.behavior.unreachable_prefills))
 
     async def Drain(self, request: node_pb2.DrainRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> node_pb2.DrainResponse:
@@ -207,6 +219,9 @@ class StubNodeServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving (a node killed); idempotent."""
+        if self._loop.is_closed():
+            return
         if self._server is not None:
             self._call(self._server.stop(grace=None))
         self._loop.call_soon_threadsafe(self._loop.stop)
