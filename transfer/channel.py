@@ -179,8 +179,9 @@ class Outbox:
                 raise TransferError(f"peer {self.address} is down (connection lost or refused, "
                                     "or it refused the handshake)")
             if time.monotonic() >= deadline:
-                raise TransferError(f"peer {self.address} did not take a message in time ("
-                                    f"{self._send_timeout_s} s: unreachable, stalled, or refused the handshake)")
+                raise TransferError(f"peer {self.address} did not take a message in time "
+                                    f"({self._send_timeout_s} s): unreachable, stalled, or refused "
+                                    "the handshake")
             self._socket.poll(SEND_POLL_MS, zmq.POLLOUT)
 
     def close(self) -> None:
