@@ -1,0 +1,109 @@
+"""Blame and liveness with real nodes behind the router: kill -9 of one of two prefill nodes while it
+prefills. Its decode peer notices the lost connection at once and fails the waiting requests with
+CAUSE_PREFILL_PEER_UNREACHABLE; the router retries them on the same decode node with the other
+prefill node, health-checks the blamed prefill node (dead: ejected) and never ejects the decode node.
+Every request succeeds, none takes over 10 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdserve.router.config import HealthConfig, PolicyConfig, RetryConfig, RouterConfig
+from pdserve.router.server import BackgroundRouter
+from pdserve.tests.support.cluster import Node, NodeSpec, start_nodes, stop_nodes, wait_until
+
+MODEL = "pdserve-demo"
+CONCURRENT = 12
+REQUEST_BOUND_S = 10.0
+TEXT = ("def main(argv):\n    parser = argparse.ArgumentParser()\n    for name in sorted(os.listdir(path)):\n"
+        "        if name.endswith('.py'):\n            print(name)\n    return 0\n\nclass Stack:\n")
+
+
+def _router_config() -> RouterConfig:
+    return RouterConfig(port=0, model_name=MODEL,
+                        health=HealthConfig(interval_s=0.5, timeout_s=2.0, eject_after=2),
+                        retry=RetryConfig(attempts=3, backoff_s=0.05, first_chunk_timeout_s=60.0),
+                        policy=PolicyConfig(prefill="round_robin"))
+
+
+class PDCluster:
+    def __init__(self, router: BackgroundRouter, nodes: dict[str, Node]) -> None:
+        self.router = router
+        self.nodes = nodes
+
+    def view(self) -> dict[str, dict]:
+        nodes = httpx.get(self.router.url + "/internal/v1/nodes", timeout=5).json()["nodes"]
+        return {n["node_id"]: n for n in nodes}
+
+    def complete(self, prompt: str, max_tokens: int) -> tuple[int, float, str]:
+        started = time.monotonic()
+        response = httpx.post(self.router.url + "/v1/completions", timeout=60,
+                              json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens})
+        return response.status_code, time.monotonic() - started, response.text
+
+    def metrics(self) -> str:
+        return httpx.get(self.router.url + "/metrics", timeout=5).text
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[PDCluster]:
+    with BackgroundRouter(_router_config()) as router:
+        common = ("--registry", router.url, "--transport", "zmq")
+        specs = [NodeSpec("p1", "prefill", (*common, "--max-num-batched-tokens", "64")),
+                 NodeSpec("p2", "prefill", (*common, "--max-num-batched-tokens", "64")),
+                 NodeSpec("d1", "decode", common)]
+        nodes = start_nodes(specs, tmp_path)
+        try:
+            cluster = PDCluster(router, nodes)
+            assert wait_until(lambda: len(cluster.view()) == 3, 30.0), cluster.view()
+            yield cluster
+        finally:
+            stop_nodes(nodes.values())
+
+
+def _kill(node: Node) -> None:
+    """kill -9 of the node: its server and its engine process."""
+    node.expect_clean_exit = False
+    for pid in (node.process.pid, node.engine_pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_kill_of_a_prefill_node_is_retried_on_the_other_and_never_blames_the_decode_node(
+        cluster: PDCluster) -> None:
+    for i in range(2):  # round robin: the decode node has a connection to each prefill node
+        status, _, body = cluster.complete(f"warm {i}", 4)
+        assert status == 200, body
+    p1, d1 = cluster.nodes["p1"], cluster.nodes["d1"]
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        futures = [pool.submit(cluster.complete, f"{i} {TEXT * 6}", 16) for i in range(CONCURRENT)]
+        assert wait_until(lambda: (s := p1.stats()).running + s.waiting > 0, 20.0), "p1 never got work"
+        killed = time.monotonic()
+        _kill(p1)
+        assert wait_until(lambda: "p1" in d1.stats().unreachable_prefill_node_ids, 5.0)
+        detected_s = time.monotonic() - killed
+        results = [f.result() for f in futures]
+    failed = [(status, body) for status, _, body in results if status != 200]
+    assert not failed, failed
+    slowest = max(latency for _, latency, _ in results)
+    assert slowest < REQUEST_BOUND_S, f"slowest request {slowest:.1f} s"
+    view = cluster.view()
+    assert view["d1"]["ejected"] is False
+    assert view["p1"]["ejected"] is True  # the router's immediate check of the blamed node found it dead
+    metrics = cluster.metrics()
+    assert 'pdserve_router_failures_total{cause="prefill_peer_unreachable"}' in metrics  # the path ran
+    assert "decode_node" not in "".join(line for line in metrics.splitlines() if "failures_total{" in line)
+    assert wait_until(d1.all_blocks_free, 5.0), d1.stats()
+    print(f"\nkill -9 of p1: decode node reported it unreachable {detected_s:.3f} s after the kill; "
+          f"{len(results)} requests all ok, slowest {slowest:.2f} s")
