@@ -71,7 +71,7 @@ class DecodeNodeServer(NodeServer):
     def node_stats(self) -> pb.NodeStats:
         stats = super().node_stats()
         if self.remote is not None:
-            stats.unreachable_prefill_node_ids.extend(self.remote.unreachable_peer_ids())
+            stats.unreachable_peer_node_ids.extend(self.remote.unreachable_peer_ids())
         return stats
 
     async def Generate(self, request: pb.GenerateRequest,

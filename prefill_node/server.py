@@ -8,7 +8,9 @@ other requests), and a dead peer delays only its own requests.
 
 Liveness: our connection to each decode peer runs heartbeats (transfer/channel.py). When it goes down
 (the decode node was killed, or is cut off), every job for that peer is aborted at once and its
-blocks freed: nobody is left to take its KV.
+blocks freed (nobody is left to take its KV), and the peer is listed in NodeStats'
+unreachable_peer_node_ids until the connection is back, so the router avoids the pair. A task from
+a peer whose connection is down (it was just healed) waits for the connection to come back.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pdserve.engine.request import RequestStatus
 from pdserve.node.engine_bridge import EngineGone, RequestHandle
 from pdserve.node.engine_client import EngineError
 from pdserve.node.server import NodeConfig, NodeServer
+from pdserve.rpc import node_pb2 as pb
 from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import InboxDispatcher, Malformed
@@ -79,6 +82,8 @@ class PrefillNodeServer(NodeServer):
         self._peers = PeerSenders(self.transfer, self._from_watch_thread)
         self._host_id = local_host_id()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._decode_ids: dict[str, str] = {}  # data address -> node id of the decode peers we served
+        self._unreachable: set[str] = set()  # data addresses of decode peers whose connection is down
 
     # -- data plane ------------------------------------------------------------------------------------
 
@@ -108,10 +113,18 @@ class PrefillNodeServer(NodeServer):
         except RuntimeError:  # the loop is closed: the node is shutting down
             pass
 
+    def node_stats(self) -> pb.NodeStats:
+        stats = super().node_stats()
+        stats.unreachable_peer_node_ids.extend(sorted(self._decode_ids.get(a, a) for a in self._unreachable))
+        return stats
+
     def _on_liveness(self, address: str, up: bool) -> None:
         if up:
-            log.info("decode peer %s is reachable", address)
+            if address in self._unreachable:
+                log.info("decode peer %s is reachable again", address)
+            self._unreachable.discard(address)
             return
+        self._unreachable.add(address)
         jobs = [j for j in self.jobs.values() if j.task.kv_target.address == address and not j.aborted]
         log.warning("decode peer %s is unreachable (data-plane connection down); aborting %d jobs",
                     address, len(jobs))
@@ -147,6 +160,8 @@ class PrefillNodeServer(NodeServer):
             return
         job = PrefillJob(task, received_at=now, deadline=now + task.lease_ms / 1000)
         self.jobs[task.request_id] = job
+        self._decode_ids[task.kv_target.address] = task.decode_node_id
+        self._peers.heard_from(task.kv_target.address)
         job.runner = self._loop.create_task(self._run(job))
 
     # -- one request -----------------------------------------------------------------------------------
@@ -261,6 +276,8 @@ class PrefillNodeServer(NodeServer):
             for address in self._peers.retire_stale():
                 log.info("decode peer %s's KV pool is gone; unmapped it", address)
             for address in self._peers.retire_down(PEER_FORGET_S):
+                self._unreachable.discard(address)
+                self._decode_ids.pop(address, None)
                 log.info("decode peer %s was down for %.0f s; closed its connection", address, PEER_FORGET_S)
 
     async def _expire_leases(self) -> None:

@@ -21,9 +21,9 @@ from pdserve.rpc.registry import NodeInfo
 log = logging.getLogger(__name__)
 
 # How long a pair whose decode node could not reach its prefill node stays out of routes after that
-# failure. The decode node's own report (NodeStats.unreachable_prefill_node_ids, polled with each
-# health check) keeps it out for as long as the peer stays unreachable; this covers the time until
-# that report arrives, and is short so a healed pair serves again within seconds.
+# failure. The nodes' own reports (NodeStats.unreachable_peer_node_ids, polled with each health
+# check) keep it out for as long as either cannot reach the other; this covers the time until those
+# reports arrive, and is short so a healed pair serves again within seconds.
 BROKEN_PAIR_HOLD_S = 2.0
 
 
@@ -50,8 +50,8 @@ class _NodeState:
     # with a shared (Redis) registry, heartbeats may be older than what the node says now.
     stats_load: float | None = None
     stats_at: float = 0.0
-    # decode node: the prefill nodes it reported unreachable in its last Stats
-    unreachable_prefills: frozenset[str] = frozenset()
+    # the data-plane peers the node reported unreachable in its last Stats
+    unreachable_peers: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -104,13 +104,14 @@ class NodePool:
     def inflight(self, node_id: str) -> int:
         return self._state(node_id).inflight
 
-    def unreachable_prefills(self, node_id: str) -> list[str]:
-        """The prefill nodes a decode node last reported it cannot reach."""
-        return sorted(self._state(node_id).unreachable_prefills)
+    def unreachable_peers(self, node_id: str) -> list[str]:
+        """The data-plane peers the node last reported it cannot reach."""
+        return sorted(self._state(node_id).unreachable_peers)
 
     def pair_usable(self, decode_id: str, prefill_id: str) -> bool:
-        """False while the decode node cannot reach the prefill node (its report, or a recent failure)."""
-        if prefill_id in self._state(decode_id).unreachable_prefills:
+        """False while either node reports it cannot reach the other, or shortly after a failure said so."""
+        if prefill_id in self._state(decode_id).unreachable_peers or \
+                decode_id in self._state(prefill_id).unreachable_peers:
             return False
         until = self._broken_pairs.get((decode_id, prefill_id))
         if until is None:
@@ -240,11 +241,11 @@ class NodePool:
             state.stats_load = None
             return
         state.stats_load, state.stats_at = float(stats.running + stats.waiting), time.time()
-        unreachable = frozenset(stats.unreachable_prefill_node_ids)
-        if unreachable != state.unreachable_prefills:
-            log.info("decode node %s reports unreachable prefill nodes: %s", node.node_id,
+        unreachable = frozenset(stats.unreachable_peer_node_ids)
+        if unreachable != state.unreachable_peers:
+            log.info("node %s reports unreachable peers: %s", node.node_id,
                      sorted(unreachable) or "none")
-        state.unreachable_prefills = unreachable
+        state.unreachable_peers = unreachable
 
     async def _forget_absent(self, live_ids: set[str], live_addresses: set[str]) -> None:
         for node_id in [i for i, s in self._states.items() if i not in live_ids and s.inflight == 0]:

@@ -12,7 +12,9 @@ Liveness: every connection runs ZMTP heartbeats (a PING each `heartbeat_interval
 `ConnectionWatch` thread: a peer that is killed (TCP reset: at once) or cut off (heartbeat timeout)
 is reported down within `heartbeat_timeout_s`, and up again when libzmq's own reconnect (every
 `RECONNECT_IVL_MS`, each attempt bounded by the heartbeat timeout) completes a handshake. Sends to a
-peer known down fail at once instead of waiting for the send timeout.
+peer known down fail at once instead of waiting for the send timeout, unless the peer was heard
+from (by other means: a task it sent) within that time: then its connection is coming back, and
+the send waits for it.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ class Outbox:
         # peer that is down or refused us fails instead of piling up silently.
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
         self._send_timeout_s = config.send_timeout_s
+        self.heard_from_at = float("-inf")  # monotonic time the peer was last known alive by other means
         self._socket.setsockopt(zmq.SNDHWM, config.send_hwm)
         self._socket.setsockopt(zmq.LINGER, int(config.send_timeout_s * 1000))
         set_heartbeats(self._socket, config)
@@ -167,7 +170,8 @@ class Outbox:
         """Queue one message; with `track`, the returned tracker is done once libzmq let go of `payload`.
 
         Waits while the peer cannot take it (not connected yet, or its queue full) up to the send
-        timeout, and no longer once the peer is known down; raises TransferError then."""
+        timeout, and no longer once the peer is known down (unless heard from within that time);
+        raises TransferError then."""
         parts: list[bytes | np.ndarray] = [self._codec.encode(message), *payload]
         deadline = time.monotonic() + self._send_timeout_s
         while True:
@@ -175,7 +179,7 @@ class Outbox:
                 return self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False, track=track)
             except zmq.Again:
                 pass
-            if self.watch.down:
+            if self.watch.down and time.monotonic() - self.heard_from_at > self._send_timeout_s:
                 raise TransferError(f"peer {self.address} is down (connection lost or refused, "
                                     "or it refused the handshake)")
             if time.monotonic() >= deadline:

@@ -48,8 +48,8 @@ class TransferConfig:
     # Liveness of each connection (ZMTP heartbeats): a PING every heartbeat_interval_s; no traffic
     # from the peer for heartbeat_timeout_s closes the connection (the peer is reported down), and a
     # connect attempt that gets no answer is given up and retried after the same time.
-    heartbeat_interval_s: float = 0.5
-    heartbeat_timeout_s: float = 1.5
+    heartbeat_interval_s: float = 0.25
+    heartbeat_timeout_s: float = 1.25
     send_hwm: int = 1000  # messages queued per peer before sends block (backpressure)
     curve_server: CurveServerKeys | None = None
     curve_client: CurveClientKeys | None = None

@@ -45,6 +45,7 @@ class Peer:
         self._config = config
         self._on_liveness = on_liveness
         self._outbox: Outbox | None = None
+        self.heard_from_at = float("-inf")
         self._kv_senders: dict[str, KVSender] = {}
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd-peer")
 
@@ -54,7 +55,15 @@ class Peer:
             callback = self._on_liveness
             self._outbox = Outbox(self.address, self._config,
                                   None if callback is None else lambda up: callback(self.address, up))
+            self._outbox.heard_from_at = self.heard_from_at
         return self._outbox
+
+    def heard_from(self) -> None:
+        """The peer is alive (it just sent us something): sends wait for its connection to come back
+        rather than fail at once (callable from any thread)."""
+        self.heard_from_at = time.monotonic()
+        if self._outbox is not None:
+            self._outbox.heard_from_at = self.heard_from_at
 
     @property
     def down(self) -> bool:
@@ -121,6 +130,13 @@ class PeerSenders:
         if peer is None:
             peer = self._peers[address] = Peer(address, self._config, self._on_liveness)
         return await asyncio.get_running_loop().run_in_executor(peer.thread, work, peer)
+
+    def heard_from(self, address: str) -> None:
+        """`address`'s peer sent us something just now (see Peer.heard_from)."""
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = self._peers[address] = Peer(address, self._config, self._on_liveness)
+        peer.heard_from()
 
     def is_down(self, address: str) -> bool:
         peer = self._peers.get(address)

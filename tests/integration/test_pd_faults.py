@@ -91,7 +91,7 @@ def test_kill_of_a_prefill_node_is_retried_on_the_other_and_never_blames_the_dec
         assert wait_until(lambda: (s := p1.stats()).running + s.waiting > 0, 20.0), "p1 never got work"
         killed = time.monotonic()
         _kill(p1)
-        assert wait_until(lambda: "p1" in d1.stats().unreachable_prefill_node_ids, 5.0)
+        assert wait_until(lambda: "p1" in d1.stats().unreachable_peer_node_ids, 5.0)
         detected_s = time.monotonic() - killed
         results = [f.result() for f in futures]
     failed = [(status, body) for status, _, body in results if status != 200]

@@ -175,4 +175,4 @@ def test_unreachable_prefill_report_in_stats_steers_routes_away_from_the_pair(
 
 
 def _reported(cluster: Cluster, node_id: str) -> list[str]:
-    return cluster.view(node_id)["unreachable_prefill_node_ids"]  # type: ignore[return-value]
+    return cluster.view(node_id)["unreachable_peer_node_ids"]  # type: ignore[return-value]

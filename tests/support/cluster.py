@@ -50,6 +50,7 @@ class NodeSpec:
     name: str  # the test's handle for the node (also its --node-id)
     role: str
     flags: tuple[str, ...] = ()
+    netns: str | None = None  # run inside this network namespace (`ip netns exec` keeps the pid)
 
 
 @dataclass
@@ -161,10 +162,12 @@ def start_nodes(specs: Iterable[NodeSpec], log_dir: Path) -> dict[str, Node]:
         for spec in specs:
             log_path = log_dir / f"{spec.name}.log"
             with log_path.open("w") as log:
+                argv = [sys.executable, "-m", "pdserve.cli", spec.role, "--threads", "1",
+                        "--node-id", spec.name, *spec.flags]
+                if spec.netns is not None:
+                    argv = ["ip", "netns", "exec", spec.netns, *argv]
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "pdserve.cli", spec.role, "--threads", "1", "--node-id", spec.name,
-                     *spec.flags],
-                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
+                    argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
             nodes[spec.name] = Node(spec, process, log_path)
         _await_ready(list(nodes.values()))
     except BaseException:

@@ -154,7 +154,7 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
         return node_pb2.NodeStats(node_id=self.node_id, role=self.role, running=self.running,
                                   waiting=self.behavior.reported_waiting, draining=self.draining,
                                   model=self.model,
-                                  unreachable_prefill_node_ids=list(self.behavior.unreachable_prefills))
+                                  unreachable_peer_node_ids=list(self.behavior.unreachable_prefills))
 
     async def Drain(self, request: node_pb2.DrainRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> node_pb2.DrainResponse:
