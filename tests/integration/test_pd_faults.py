@@ -1,8 +1,9 @@
-"""Blame and liveness with real nodes behind the router: kill -9 of one of two prefill nodes while it
+"""Blame and liveness with real nodes: kill -9 of one of two prefill nodes (behind the router) while it
 prefills. Its decode peer notices the lost connection at once and fails the waiting requests with
 CAUSE_PREFILL_PEER_UNREACHABLE; the router retries them on the same decode node with the other
 prefill node, health-checks the blamed prefill node (dead: ejected) and never ejects the decode node.
-Every request succeeds, none takes over 10 s.
+Every request succeeds, none takes over 10 s. And kill -9 of a decode node while its prefill peer
+works for it: the prefill node aborts those jobs and frees their blocks within 5 s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import pytest
 
 from pdserve.router.config import HealthConfig, PolicyConfig, RetryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
-from pdserve.tests.support.cluster import Node, NodeSpec, start_nodes, stop_nodes, wait_until
+from pdserve.tests.support.cluster import (
+    Node,
+    NodeSpec,
+    generate,
+    sampling,
+    start_nodes,
+    stop_nodes,
+    tokenizer,
+    wait_until,
+)
 
 MODEL = "pdserve-demo"
 CONCURRENT = 12
@@ -107,3 +117,37 @@ def test_kill_of_a_prefill_node_is_retried_on_the_other_and_never_blames_the_dec
     assert wait_until(d1.all_blocks_free, 5.0), d1.stats()
     print(f"\nkill -9 of p1: decode node reported it unreachable {detected_s:.3f} s after the kill; "
           f"{len(results)} requests all ok, slowest {slowest:.2f} s")
+
+
+def _idle(node: Node) -> bool:
+    stats = node.stats()
+    return stats.free_blocks == stats.total_blocks and stats.running + stats.waiting == 0
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[dict[str, Node]]:
+    """One prefill and one decode node, KV over ZMQ, no router: the test drives the decode node."""
+    specs = [NodeSpec("p1", "prefill", ("--transport", "zmq", "--max-num-batched-tokens", "32")),
+             NodeSpec("d1", "decode", ())]
+    nodes = start_nodes(specs, tmp_path)
+    try:
+        yield nodes
+    finally:
+        stop_nodes(nodes.values())
+
+
+def test_kill_of_a_decode_node_aborts_its_prefill_jobs_and_frees_their_blocks(pair: dict[str, Node]) -> None:
+    p1, d1 = pair["p1"], pair["d1"]
+    prompt = tokenizer().encode(TEXT * 6)
+    assert generate(d1, "warm", prompt[:8], sampling(2), prefill=p1).finish_reason in ("stop", "length")
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        for i in range(CONCURRENT):  # the calls fail when d1 dies: only the prefill side matters here
+            pool.submit(generate, d1, f"doomed-{i}", [3 + i, *prompt], sampling(4), p1, 30.0)
+        assert wait_until(lambda: p1.stats().free_blocks < p1.stats().total_blocks, 20.0), "p1 never got work"
+        killed = time.monotonic()
+        _kill(d1)
+        # p1's connection to d1 goes down: every job for it is aborted and its blocks freed
+        assert wait_until(lambda: _idle(p1), 5.0), p1.stats()
+        freed_s = time.monotonic() - killed
+        assert wait_until(lambda: "d1" in p1.stats().unreachable_peer_node_ids, 2.0)
+    print(f"\nkill -9 of d1: its prefill peer aborted its jobs and freed their blocks {freed_s:.3f} s after")
