@@ -18,12 +18,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pdserve.common.leftovers import pid_alive
+from pdserve.common.leftovers import remove_leftovers as remove_dead_leftovers
 from pdserve.router.config import HealthConfig, PolicyConfig, RetryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
 from pdserve.tests.support.cluster import (
     Node,
     NodeSpec,
     generate,
+    leftovers,
     sampling,
     start_nodes,
     stop_nodes,
@@ -32,7 +35,7 @@ from pdserve.tests.support.cluster import (
 )
 
 MODEL = "pdserve-demo"
-CONCURRENT = 12
+CONCURRENT = 8
 REQUEST_BOUND_S = 10.0
 TEXT = ("def main(argv):\n    parser = argparse.ArgumentParser()\n    for name in sorted(os.listdir(path)):\n"
         "        if name.endswith('.py'):\n            print(name)\n    return 0\n\nclass Stack:\n")
@@ -77,7 +80,7 @@ def cluster(tmp_path: Path) -> Iterator[PDCluster]:
             assert wait_until(lambda: len(cluster.view()) == 3, 30.0), cluster.view()
             yield cluster
         finally:
-            stop_nodes(nodes.values())
+            _stop(nodes)
 
 
 def _kill(node: Node) -> None:
@@ -90,6 +93,21 @@ def _kill(node: Node) -> None:
             pass
 
 
+def _stop(nodes: dict[str, Node]) -> None:
+    for node in nodes.values():
+        if not node.expect_clean_exit:  # killed (also by a test that then failed)
+            _clean_after_kill(node)
+    stop_nodes(nodes.values())
+
+
+def _clean_after_kill(node: Node) -> None:
+    """What a node starting on this host (or `pdserve up`) does about a killed node's pool and queue."""
+    node.process.wait(timeout=10)
+    assert wait_until(lambda: not pid_alive(node.engine_pid), 10.0)
+    remove_dead_leftovers()
+    assert not leftovers(node), leftovers(node)
+
+
 def test_kill_of_a_prefill_node_is_retried_on_the_other_and_never_blames_the_decode_node(
         cluster: PDCluster) -> None:
     for i in range(2):  # round robin: the decode node has a connection to each prefill node
@@ -97,7 +115,7 @@ def test_kill_of_a_prefill_node_is_retried_on_the_other_and_never_blames_the_dec
         assert status == 200, body
     p1, d1 = cluster.nodes["p1"], cluster.nodes["d1"]
     with ThreadPoolExecutor(CONCURRENT) as pool:
-        futures = [pool.submit(cluster.complete, f"{i} {TEXT * 6}", 16) for i in range(CONCURRENT)]
+        futures = [pool.submit(cluster.complete, f"{i} {TEXT * 3}", 16) for i in range(CONCURRENT)]
         assert wait_until(lambda: (s := p1.stats()).running + s.waiting > 0, 20.0), "p1 never got work"
         killed = time.monotonic()
         _kill(p1)
@@ -115,6 +133,7 @@ def test_kill_of_a_prefill_node_is_retried_on_the_other_and_never_blames_the_dec
     assert 'pdserve_router_failures_total{cause="prefill_peer_unreachable"}' in metrics  # the path ran
     assert "decode_node" not in "".join(line for line in metrics.splitlines() if "failures_total{" in line)
     assert wait_until(d1.all_blocks_free, 5.0), d1.stats()
+    _clean_after_kill(p1)
     print(f"\nkill -9 of p1: decode node reported it unreachable {detected_s:.3f} s after the kill; "
           f"{len(results)} requests all ok, slowest {slowest:.2f} s")
 
@@ -133,7 +152,7 @@ def pair(tmp_path: Path) -> Iterator[dict[str, Node]]:
     try:
         yield nodes
     finally:
-        stop_nodes(nodes.values())
+        _stop(nodes)
 
 
 def test_kill_of_a_decode_node_aborts_its_prefill_jobs_and_frees_their_blocks(pair: dict[str, Node]) -> None:
@@ -150,4 +169,5 @@ def test_kill_of_a_decode_node_aborts_its_prefill_jobs_and_frees_their_blocks(pa
         assert wait_until(lambda: _idle(p1), 5.0), p1.stats()
         freed_s = time.monotonic() - killed
         assert wait_until(lambda: "d1" in p1.stats().unreachable_peer_node_ids, 2.0)
+    _clean_after_kill(d1)
     print(f"\nkill -9 of d1: its prefill peer aborted its jobs and freed their blocks {freed_s:.3f} s after")
