@@ -160,4 +160,6 @@ def test_partition_between_prefill_and_decode_fails_fast_routes_around_and_heals
     assert hosts.router and d1.all_blocks_free()
     print(f"\npartition d1<->p1 over {CYCLES} cycles (median): detected {statistics.median(detect):.2f} s, "
           f"in-flight failed {statistics.median(fail):.2f} s, pair serving after heal "
-          f"{statistics.median(recover):.2f} s; routed requests all ok, slowest {slowest:.2f} s")
+          f"{statistics.median(recover):.2f} s; routed requests all ok, slowest {slowest:.2f} s\n"
+          f"  detected {[round(x, 2) for x in detect]}, failed {[round(x, 2) for x in fail]}, "
+          f"recovered {[round(x, 2) for x in recover]}")
