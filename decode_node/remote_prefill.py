@@ -13,7 +13,7 @@ a same-host copy already under way writes into our pool whatever we do.
 Liveness: our connection to each prefill peer runs heartbeats (transfer/channel.py). When it goes
 down (P killed, or cut off), every request waiting on that peer fails at once with
 CAUSE_PREFILL_PEER_UNREACHABLE (the router retries it with another prefill node), and the peer is
-listed in `unreachable_peer_ids` (NodeStats) until the connection is back.
+listed in `unreachable_peer_addresses` (NodeStats) until the connection is back.
 """
 
 from __future__ import annotations
@@ -90,7 +90,6 @@ class RemotePrefill:
         self._pending: dict[str, PendingPrefill] = {}
         # one sender thread per prefill peer; liveness events from their connection watches
         self._peers = PeerSenders(self.transfer, self._from_watch_thread)
-        self._peer_ids: dict[str, str] = {}  # data address -> node id of the prefill peers we sent to
         self._unreachable: set[str] = set()  # data addresses of peers whose connection is down
         # Our own reservation lease: renewed every kv_lease_s / 3 while we wait, and long enough to
         # outlast one send blocked on a slow peer, so only a request nobody tends any more expires.
@@ -119,10 +118,9 @@ class RemotePrefill:
     # -- one request -----------------------------------------------------------------------------------
 
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, peer_address: str,
-                      num_extra_tokens: int, peer_node_id: str = "") -> tuple[RequestHandle, FirstToken]:
+                      num_extra_tokens: int) -> tuple[RequestHandle, FirstToken]:
         """Reserve blocks, have the peer fill them; returns the engine handle (now decoding) and the
         peer's first token. Raises RemotePrefillError; on any failure our blocks are freed."""
-        self._peer_ids[peer_address] = peer_node_id or peer_address
         handle = self.bridge.reserve(request_id, prompt, params, num_extra_tokens)
         pending = PendingPrefill(self._loop.create_future(), peer_address=peer_address)
         self._pending[request_id] = pending
@@ -247,16 +245,15 @@ class RemotePrefill:
                     f"prefill node {address} became unreachable while {request_id} waited for it",
                     pb.CAUSE_PREFILL_PEER_UNREACHABLE))
 
-    def unreachable_peer_ids(self) -> list[str]:
-        """Node ids of the prefill peers our data plane cannot reach now."""
-        return sorted(self._peer_ids.get(a, a) for a in self._unreachable)
+    def unreachable_peer_addresses(self) -> list[str]:
+        """Data addresses of the prefill peers our data plane cannot reach now."""
+        return sorted(self._unreachable)
 
     async def _sweep_expired(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             for address in self._peers.retire_down(PEER_FORGET_S):
                 self._unreachable.discard(address)
-                self._peer_ids.pop(address, None)
             for request_id in fail_expired(self.endpoint.reservations, self._pending):
                 self.metrics.kv_failures.labels(reason="lease_expired").inc()
                 log.warning("KV reservation of %r expired; failing the request", request_id)

@@ -71,7 +71,7 @@ class DecodeNodeServer(NodeServer):
     def node_stats(self) -> pb.NodeStats:
         stats = super().node_stats()
         if self.remote is not None:
-            stats.unreachable_peer_node_ids.extend(self.remote.unreachable_peer_ids())
+            stats.unreachable_peer_addresses.extend(self.remote.unreachable_peer_addresses())
         return stats
 
     async def Generate(self, request: pb.GenerateRequest,
@@ -145,8 +145,8 @@ class DecodeNodeServer(NodeServer):
         """The engine handle (now decoding) and the peer's first token; None when the peer failed and
         this node falls back to prefilling locally; otherwise raises GenerateFailed."""
         try:
-            return await self.remote.prefill(request.request_id, prompt, params, request.prefill.data_address,
-                                             self._extra_tokens, request.prefill.node_id)
+            return await self.remote.prefill(request.request_id, prompt, params,
+                                             request.prefill.data_address, self._extra_tokens)
         except RemotePrefillError as exc:
             peer_failed = exc.cause in _PEER_CAUSES
             if self.config.prefill_fallback != "local" or not peer_failed:

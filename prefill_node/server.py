@@ -9,7 +9,7 @@ other requests), and a dead peer delays only its own requests.
 Liveness: our connection to each decode peer runs heartbeats (transfer/channel.py). When it goes down
 (the decode node was killed, or is cut off), every job for that peer is aborted at once and its
 blocks freed (nobody is left to take its KV), and the peer is listed in NodeStats'
-unreachable_peer_node_ids until the connection is back, so the router avoids the pair. A task from
+unreachable_peer_addresses until the connection is back, so the router avoids the pair. A task from
 a peer whose connection is down (it was just healed) waits for the connection to come back.
 """
 
@@ -82,7 +82,6 @@ class PrefillNodeServer(NodeServer):
         self._peers = PeerSenders(self.transfer, self._from_watch_thread)
         self._host_id = local_host_id()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._decode_ids: dict[str, str] = {}  # data address -> node id of the decode peers we served
         self._unreachable: set[str] = set()  # data addresses of decode peers whose connection is down
 
     # -- data plane ------------------------------------------------------------------------------------
@@ -115,7 +114,7 @@ class PrefillNodeServer(NodeServer):
 
     def node_stats(self) -> pb.NodeStats:
         stats = super().node_stats()
-        stats.unreachable_peer_node_ids.extend(sorted(self._decode_ids.get(a, a) for a in self._unreachable))
+        stats.unreachable_peer_addresses.extend(sorted(self._unreachable))
         return stats
 
     def _on_liveness(self, address: str, up: bool) -> None:
@@ -160,7 +159,6 @@ class PrefillNodeServer(NodeServer):
             return
         job = PrefillJob(task, received_at=now, deadline=now + task.lease_ms / 1000)
         self.jobs[task.request_id] = job
-        self._decode_ids[task.kv_target.address] = task.decode_node_id
         self._peers.heard_from(task.kv_target.address)
         job.runner = self._loop.create_task(self._run(job))
 
@@ -277,7 +275,6 @@ class PrefillNodeServer(NodeServer):
                 log.info("decode peer %s's KV pool is gone; unmapped it", address)
             for address in self._peers.retire_down(PEER_FORGET_S):
                 self._unreachable.discard(address)
-                self._decode_ids.pop(address, None)
                 log.info("decode peer %s was down for %.0f s; closed its connection", address, PEER_FORGET_S)
 
     async def _expire_leases(self) -> None:

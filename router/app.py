@@ -309,5 +309,5 @@ def _add_registry_routes(app: FastAPI, state: RouterState) -> None:
                            "draining": n.draining, "ejected": state.pool.is_ejected(n.node_id),
                            "router_inflight": state.pool.inflight(n.node_id),
                            "router_load": state.pool.load(n),
-                           "unreachable_peer_node_ids": state.pool.unreachable_peers(n.node_id)}
+                           "unreachable_peer_addresses": state.pool.unreachable_peers(n.node_id)}
                           for n in state.registry.snapshot()]}

@@ -21,7 +21,7 @@ from pdserve.rpc.registry import NodeInfo
 log = logging.getLogger(__name__)
 
 # How long a pair whose decode node could not reach its prefill node stays out of routes after that
-# failure. The nodes' own reports (NodeStats.unreachable_peer_node_ids, polled with each health
+# failure. The nodes' own reports (NodeStats.unreachable_peer_addresses, polled with each health
 # check) keep it out for as long as either cannot reach the other; this covers the time until those
 # reports arrive, and is short so a healed pair serves again within seconds.
 BROKEN_PAIR_HOLD_S = 2.0
@@ -50,7 +50,7 @@ class _NodeState:
     # with a shared (Redis) registry, heartbeats may be older than what the node says now.
     stats_load: float | None = None
     stats_at: float = 0.0
-    # the data-plane peers the node reported unreachable in its last Stats
+    # the data addresses of the peers the node reported unreachable in its last Stats
     unreachable_peers: frozenset[str] = frozenset()
 
 
@@ -105,19 +105,20 @@ class NodePool:
         return self._state(node_id).inflight
 
     def unreachable_peers(self, node_id: str) -> list[str]:
-        """The data-plane peers the node last reported it cannot reach."""
+        """The data addresses of the peers the node last reported it cannot reach."""
         return sorted(self._state(node_id).unreachable_peers)
 
-    def pair_usable(self, decode_id: str, prefill_id: str) -> bool:
+    def pair_usable(self, decode: NodeInfo, prefill: NodeInfo) -> bool:
         """False while either node reports it cannot reach the other, or shortly after a failure said so."""
-        if prefill_id in self._state(decode_id).unreachable_peers or \
-                decode_id in self._state(prefill_id).unreachable_peers:
+        if prefill.data_address in self._state(decode.node_id).unreachable_peers or \
+                decode.data_address in self._state(prefill.node_id).unreachable_peers:
             return False
-        until = self._broken_pairs.get((decode_id, prefill_id))
+        key = (decode.node_id, prefill.node_id)
+        until = self._broken_pairs.get(key)
         if until is None:
             return True
         if time.monotonic() >= until:
-            del self._broken_pairs[(decode_id, prefill_id)]
+            del self._broken_pairs[key]
             return True
         return False
 
@@ -138,7 +139,7 @@ class NodePool:
         prefills = [n for n in self.usable("prefill") if n.node_id not in excluded]
 
         def feeders(decode: NodeInfo) -> list[NodeInfo]:
-            return [p for p in prefills if self.pair_usable(decode.node_id, p.node_id)]
+            return [p for p in prefills if self.pair_usable(decode, p)]
 
         if decode_id is not None:
             for decode in self.usable("decode"):
@@ -241,7 +242,7 @@ class NodePool:
             state.stats_load = None
             return
         state.stats_load, state.stats_at = float(stats.running + stats.waiting), time.time()
-        unreachable = frozenset(stats.unreachable_peer_node_ids)
+        unreachable = frozenset(stats.unreachable_peer_addresses)
         if unreachable != state.unreachable_peers:
             log.info("node %s reports unreachable peers: %s", node.node_id,
                      sorted(unreachable) or "none")

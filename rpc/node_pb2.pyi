@@ -176,7 +176,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("node_id", "role", "running", "waiting", "free_blocks", "total_blocks", "kv_usage", "draining", "model", "unreachable_peer_node_ids")
+    __slots__ = ("node_id", "role", "running", "waiting", "free_blocks", "total_blocks", "kv_usage", "draining", "model", "unreachable_peer_addresses")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -186,7 +186,7 @@ class NodeStats(_message.Message):
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    UNREACHABLE_PEER_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_PEER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     running: int
@@ -196,8 +196,8 @@ class NodeStats(_message.Message):
     kv_usage: float
     draining: bool
     model: str
-    unreachable_peer_node_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., draining: _Optional[bool] = ..., model: _Optional[str] = ..., unreachable_peer_node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    unreachable_peer_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., draining: _Optional[bool] = ..., model: _Optional[str] = ..., unreachable_peer_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()

@@ -119,7 +119,7 @@ def test_kill_of_a_prefill_node_is_retried_on_the_other_and_never_blames_the_dec
         assert wait_until(lambda: (s := p1.stats()).running + s.waiting > 0, 20.0), "p1 never got work"
         killed = time.monotonic()
         _kill(p1)
-        assert wait_until(lambda: "p1" in d1.stats().unreachable_peer_node_ids, 5.0)
+        assert wait_until(lambda: p1.info["data"] in d1.stats().unreachable_peer_addresses, 5.0)
         detected_s = time.monotonic() - killed
         results = [f.result() for f in futures]
     failed = [(status, body) for status, _, body in results if status != 200]
@@ -168,6 +168,6 @@ def test_kill_of_a_decode_node_aborts_its_prefill_jobs_and_frees_their_blocks(pa
         # p1's connection to d1 goes down: every job for it is aborted and its blocks freed
         assert wait_until(lambda: _idle(p1), 5.0), p1.stats()
         freed_s = time.monotonic() - killed
-        assert wait_until(lambda: "d1" in p1.stats().unreachable_peer_node_ids, 2.0)
+        assert wait_until(lambda: d1.info["data"] in p1.stats().unreachable_peer_addresses, 2.0)
     _clean_after_kill(d1)
     print(f"\nkill -9 of d1: its prefill peer aborted its jobs and freed their blocks {freed_s:.3f} s after")

@@ -80,7 +80,7 @@ class Hosts:
         return response.status_code, time.monotonic() - started, response.text
 
     def unreachable(self, node: str) -> list[str]:
-        return list(self.nodes[node].stats().unreachable_peer_node_ids)
+        return list(self.nodes[node].stats().unreachable_peer_addresses)
 
     def view(self) -> list[dict]:
         return httpx.get(self.router.url + "/internal/v1/nodes", timeout=5).json()["nodes"]
@@ -132,8 +132,8 @@ def test_partition_between_prefill_and_decode_fails_fast_routes_around_and_heals
             assert finish == "error" and cause == pb.CAUSE_PREFILL_PEER_UNREACHABLE, (finish, cause)
             assert fail_s < FAIL_BOUND_S, f"in-flight request failed after {fail_s:.1f} s"
             fail.append(fail_s)
-            assert wait_until(lambda: "p1" in hosts.unreachable("d1") and "d1" in hosts.unreachable("p1"),
-                              DETECT_BOUND_S + 1.0)
+            assert wait_until(lambda: p1.info["data"] in hosts.unreachable("d1")
+                              and d1.info["data"] in hosts.unreachable("p1"), DETECT_BOUND_S + 1.0)
             detect.append(time.monotonic() - cut_at)
             with ThreadPoolExecutor(4) as pool:  # the router routes around the cut pair
                 results = list(pool.map(hosts.complete, [f"cycle {cycle} request {i}" for i in range(8)]))
@@ -151,7 +151,7 @@ def test_partition_between_prefill_and_decode_fails_fast_routes_around_and_heals
             recover.append(time.monotonic() - healed_at)
             assert wait_until(lambda: not hosts.unreachable("d1") and not hosts.unreachable("p1"),
                               RECOVER_BOUND_S)
-            assert wait_until(lambda: not any(n["unreachable_peer_node_ids"] for n in hosts.view()), 2.0)
+            assert wait_until(lambda: not any(n["unreachable_peer_addresses"] for n in hosts.view()), 2.0)
     finally:
         partition.heal()
     assert slowest < REQUEST_BOUND_S, f"slowest routed request {slowest:.1f} s"

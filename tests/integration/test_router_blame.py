@@ -43,6 +43,10 @@ class Cluster:
         for node in (*self.prefill.values(), *self.decode.values()):
             register_with_router(self.router.url, node.info())
 
+    def address(self, node_id: str) -> str:
+        """The node's data address as registered."""
+        return self.prefill[node_id].info().data_address
+
     def view(self, node_id: str) -> dict[str, object]:
         nodes = httpx.get(self.router.url + "/internal/v1/nodes").json()["nodes"]
         return next(n for n in nodes if n["node_id"] == node_id)
@@ -97,7 +101,7 @@ def test_prefill_peer_failure_retries_same_decode_node_with_the_other_prefill_no
 def test_dead_prefill_peer_is_ejected_and_the_decode_node_is_not(cluster: Cluster) -> None:
     cluster.prefill["p1"].stop()  # killed: the decode nodes cannot reach it, its health check fails
     for node in cluster.decode.values():
-        node.behavior.unreachable_prefills = ("p1",)
+        node.behavior.unreachable_prefills = (cluster.address("p1"),)
     for _ in range(4):
         assert cluster.post().status_code == 200
     failed = [r for _, r in cluster.requests() if r.prefill.node_id == "p1"]
@@ -158,9 +162,10 @@ def test_decode_node_failure_with_failing_health_ejects_only_that_node(cluster: 
 def test_unreachable_prefill_report_in_stats_steers_routes_away_from_the_pair(
         polled_cluster: Cluster) -> None:
     cluster = polled_cluster
-    cluster.decode["d1"].behavior.unreachable_prefills = ("p1",)
-    cluster.decode["d2"].behavior.unreachable_prefills = ("p2",)
-    _wait_until(lambda: _reported(cluster, "d1") == ["p1"] and _reported(cluster, "d2") == ["p2"])
+    p1, p2 = cluster.address("p1"), cluster.address("p2")
+    cluster.decode["d1"].behavior.unreachable_prefills = (p1,)
+    cluster.decode["d2"].behavior.unreachable_prefills = (p2,)
+    _wait_until(lambda: _reported(cluster, "d1") == [p1] and _reported(cluster, "d2") == [p2])
     for _ in range(6):
         assert cluster.post().status_code == 200
     pairs = {(d, r.prefill.node_id) for d, r in cluster.requests()}
@@ -175,4 +180,4 @@ def test_unreachable_prefill_report_in_stats_steers_routes_away_from_the_pair(
 
 
 def _reported(cluster: Cluster, node_id: str) -> list[str]:
-    return cluster.view(node_id)["unreachable_peer_node_ids"]  # type: ignore[return-value]
+    return cluster.view(node_id)["unreachable_peer_addresses"]  # type: ignore[return-value]

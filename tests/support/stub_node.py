@@ -53,8 +53,8 @@ class StubBehavior:
     hang: bool = False  # never answer
     speculate: bool = True  # report speculate_metrics on the last chunk
     reported_waiting: int = 0  # what Stats says is queued (load the router reads only from Stats)
-    # prefill peers this (decode) stub cannot reach: Stats reports them, and a Generate naming one
-    # answers a CAUSE_PREFILL_PEER_UNREACHABLE error chunk
+    # data addresses of the prefill peers this (decode) stub cannot reach: Stats reports them, and a
+    # Generate naming one answers a CAUSE_PREFILL_PEER_UNREACHABLE error chunk
     unreachable_prefills: tuple[str, ...] = ()
 
 
@@ -100,7 +100,7 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
         if b.hang:
             await asyncio.Event().wait()
         cause = b.error_cause if b.error_first_chunk or self.counters.calls <= b.error_calls else None
-        if request.prefill.node_id and request.prefill.node_id in b.unreachable_prefills:
+        if request.prefill.data_address and request.prefill.data_address in b.unreachable_prefills:
             cause = node_pb2.CAUSE_PREFILL_PEER_UNREACHABLE
         if cause is not None:
             peer_causes = (node_pb2.CAUSE_PREFILL_PEER_FAILED, node_pb2.CAUSE_PREFILL_PEER_UNREACHABLE)
@@ -154,7 +154,7 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
         return node_pb2.NodeStats(node_id=self.node_id, role=self.role, running=self.running,
                                   waiting=self.behavior.reported_waiting, draining=self.draining,
                                   model=self.model,
-                                  unreachable_peer_node_ids=list(self.behavior.unreachable_prefills))
+                                  unreachable_peer_addresses=list(self.behavior.unreachable_prefills))
 
     async def Drain(self, request: node_pb2.DrainRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> node_pb2.DrainResponse:
@@ -190,7 +190,8 @@ class StubNodeServer:
     def info(self, capacity: int = 8, load: float = 0.0, draining: bool = False) -> NodeInfo:
         s = self.servicer
         return NodeInfo(node_id=s.node_id, role=s.role, model=s.model, grpc_address=self.address,
-                        data_address=f"{self._host}:1", capacity=capacity, load=load, draining=draining)
+                        data_address=f"tcp://{self._host}:{self.port}", capacity=capacity, load=load,
+                        draining=draining)  # a stand-in data address, distinct per stub
 
     def _call(self, coro: object, timeout_s: float = 10.0) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)  # type: ignore[arg-type]
