@@ -30,6 +30,8 @@ from pdserve.rpc import node_pb2
 
 log = logging.getLogger(__name__)
 
+PAIR_CHECK_S = 0.25  # how often a try waiting for its first chunk checks that its pair can still talk
+
 
 class StreamFailed(RuntimeError):
     """The request failed after its first chunk was relayed."""
@@ -141,10 +143,39 @@ class Dispatcher:
             chunk = await call.read()
         return None if chunk is grpc.aio.EOF else chunk
 
+    async def _first_read(self, call: grpc.aio.UnaryStreamCall,
+                          route: Route) -> node_pb2.GenerateChunk | None:
+        """The first chunk; gives up (TimeoutError) after first_chunk_timeout_s, and early (_TryFailed)
+        when the route's pair is reported unable to reach each other: a prefill node that cannot reach
+        its decode node is seen by the prefill node alone, and its report is the only sign of it."""
+        if route.prefill is None:
+            return await self._read(call, self._retry.first_chunk_timeout_s)
+        # a task of its own: cancelling a grpc.aio read would cancel the call
+        read = asyncio.ensure_future(call.read())
+        deadline = asyncio.get_running_loop().time() + self._retry.first_chunk_timeout_s
+        try:
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                done, _ = await asyncio.wait({read}, timeout=min(PAIR_CHECK_S, max(left, 0.0)))
+                if done:
+                    chunk = read.result()
+                    return None if chunk is grpc.aio.EOF else chunk
+                if not self._pool.pair_usable(route.decode, route.prefill):
+                    message = "the decode and prefill nodes report they cannot reach each other"
+                    raise _TryFailed(Failure(node_pb2.CAUSE_PREFILL_PEER_UNREACHABLE, route.prefill.node_id,
+                                             message))
+                if left <= 0:
+                    raise TimeoutError
+        finally:
+            if not read.done():
+                call.cancel()  # ends the read; the caller's cleanup cancels it too
+                read.cancel()
+                await asyncio.gather(read, return_exceptions=True)
+
     async def _first_chunk(self, call: grpc.aio.UnaryStreamCall, route: Route) -> node_pb2.GenerateChunk:
         decode_id = route.decode.node_id
         try:
-            chunk = await self._read(call, self._retry.first_chunk_timeout_s)
+            chunk = await self._first_read(call, route)
         except TimeoutError:
             message = f"no first chunk within {self._retry.first_chunk_timeout_s} s"
             raise _TryFailed(Failure(node_pb2.CAUSE_DEADLINE, decode_id, message)) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 import httpx
@@ -101,7 +102,7 @@ def test_prefill_peer_failure_retries_same_decode_node_with_the_other_prefill_no
 def test_dead_prefill_peer_is_ejected_and_the_decode_node_is_not(cluster: Cluster) -> None:
     cluster.prefill["p1"].stop()  # killed: the decode nodes cannot reach it, its health check fails
     for node in cluster.decode.values():
-        node.behavior.unreachable_prefills = (cluster.address("p1"),)
+        node.behavior.unreachable_peers = (cluster.address("p1"),)
     for _ in range(4):
         assert cluster.post().status_code == 200
     failed = [r for _, r in cluster.requests() if r.prefill.node_id == "p1"]
@@ -163,16 +164,16 @@ def test_unreachable_prefill_report_in_stats_steers_routes_away_from_the_pair(
         polled_cluster: Cluster) -> None:
     cluster = polled_cluster
     p1, p2 = cluster.address("p1"), cluster.address("p2")
-    cluster.decode["d1"].behavior.unreachable_prefills = (p1,)
-    cluster.decode["d2"].behavior.unreachable_prefills = (p2,)
+    cluster.decode["d1"].behavior.unreachable_peers = (p1,)
+    cluster.decode["d2"].behavior.unreachable_peers = (p2,)
     _wait_until(lambda: _reported(cluster, "d1") == [p1] and _reported(cluster, "d2") == [p2])
     for _ in range(6):
         assert cluster.post().status_code == 200
     pairs = {(d, r.prefill.node_id) for d, r in cluster.requests()}
     assert pairs == {("d1", "p2"), ("d2", "p1")}  # no try was made on a pair reported unreachable
     # healed: the reports are empty again and the pairs return
-    cluster.decode["d1"].behavior.unreachable_prefills = ()
-    cluster.decode["d2"].behavior.unreachable_prefills = ()
+    cluster.decode["d1"].behavior.unreachable_peers = ()
+    cluster.decode["d2"].behavior.unreachable_peers = ()
     _wait_until(lambda: _reported(cluster, "d1") == [] and _reported(cluster, "d2") == [])
     for _ in range(8):
         assert cluster.post().status_code == 200
@@ -181,3 +182,30 @@ def test_unreachable_prefill_report_in_stats_steers_routes_away_from_the_pair(
 
 def _reported(cluster: Cluster, node_id: str) -> list[str]:
     return cluster.view(node_id)["unreachable_peer_addresses"]  # type: ignore[return-value]
+
+
+def test_try_on_a_pair_reported_broken_by_the_prefill_node_is_cancelled_and_retried(
+        polled_cluster: Cluster) -> None:
+    """Only the prefill node sees that it cannot reach the decode node (a one-way failure): the
+    router cancels the try waiting on that pair and retries it with another prefill node."""
+    cluster = polled_cluster
+    cluster.decode["d2"].set_serving(False)  # one decode node, so the pairs are (d1, p1) and (d1, p2)
+    _wait_until(lambda: cluster.view("d2")["ejected"] is True)
+    d1 = cluster.decode["d1"]
+    d1_address = d1.info().data_address
+    d1.behavior.stall_with_prefills = (cluster.address("p1"),)
+    cluster.prefill["p2"].behavior.unreachable_peers = (d1_address,)  # first route: (d1, p1)
+    _wait_until(lambda: _reported(cluster, "p2") == [d1_address])
+    with ThreadPoolExecutor(1) as pool:
+        response = pool.submit(cluster.post)
+        _wait_until(lambda: d1.counters.calls == 1)
+        assert cluster.requests()[0][1].prefill.node_id == "p1"
+        cluster.prefill["p2"].behavior.unreachable_peers = ()
+        cluster.prefill["p1"].behavior.unreachable_peers = (d1_address,)  # p1 now says it cannot reach d1
+        reported = time.monotonic()
+        assert response.result().status_code == 200
+    retried_s = time.monotonic() - reported
+    (_, first), (_, retry) = cluster.requests()
+    assert (first.prefill.node_id, retry.prefill.node_id) == ("p1", "p2")
+    assert d1.counters.cancelled == 1  # the stalled try was cancelled on the node
+    assert retried_s < 2.0, f"retried {retried_s:.2f} s after the report"

@@ -53,9 +53,12 @@ class StubBehavior:
     hang: bool = False  # never answer
     speculate: bool = True  # report speculate_metrics on the last chunk
     reported_waiting: int = 0  # what Stats says is queued (load the router reads only from Stats)
-    # data addresses of the prefill peers this (decode) stub cannot reach: Stats reports them, and a
-    # Generate naming one answers a CAUSE_PREFILL_PEER_UNREACHABLE error chunk
-    unreachable_prefills: tuple[str, ...] = ()
+    # data addresses of the peers this stub cannot reach: Stats reports them, and (a decode stub) a
+    # Generate naming one as its prefill node answers a CAUSE_PREFILL_PEER_UNREACHABLE error chunk
+    unreachable_peers: tuple[str, ...] = ()
+    # a decode stub: a Generate naming one of these prefill data addresses never answers (its prefill
+    # peer cannot reach it, and nobody tells it)
+    stall_with_prefills: tuple[str, ...] = ()
 
 
 @dataclass
@@ -97,10 +100,10 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
 
     async def _chunks(self, request: node_pb2.GenerateRequest, b: StubBehavior,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.GenerateChunk]:
-        if b.hang:
+        if b.hang or request.prefill.data_address in b.stall_with_prefills:
             await asyncio.Event().wait()
         cause = b.error_cause if b.error_first_chunk or self.counters.calls <= b.error_calls else None
-        if request.prefill.data_address and request.prefill.data_address in b.unreachable_prefills:
+        if request.prefill.data_address and request.prefill.data_address in b.unreachable_peers:
             cause = node_pb2.CAUSE_PREFILL_PEER_UNREACHABLE
         if cause is not None:
             peer_causes = (node_pb2.CAUSE_PREFILL_PEER_FAILED, node_pb2.CAUSE_PREFILL_PEER_UNREACHABLE)
@@ -154,7 +157,7 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
         return node_pb2.NodeStats(node_id=self.node_id, role=self.role, running=self.running,
                                   waiting=self.behavior.reported_waiting, draining=self.draining,
                                   model=self.model,
-                                  unreachable_peer_addresses=list(self.behavior.unreachable_prefills))
+                                  unreachable_peer_addresses=list(self.behavior.unreachable_peers))
 
     async def Drain(self, request: node_pb2.DrainRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> node_pb2.DrainResponse:
