@@ -45,6 +45,9 @@ from pdserve.tests.chaos.load import (
     slowest,
 )
 from pdserve.tests.support.cluster import Node, generate, sampling, tokenizer, wait_until
+from pdserve.tests.support.secret import TEST_SECRET, secret_flags
+from pdserve.transfer.channel import Outbox
+from pdserve.transfer.config import CurveKeys, TransferConfig
 from pdserve.transfer.messages import KVTarget, PrefillTask, WireCodec
 from pdserve.transfer.transport import local_host_id
 
@@ -53,10 +56,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0,
 
 PREFILL, DECODE = ["prefill-0", "prefill-1"], ["decode-0", "decode-1"]
 NUM_BLOCKS = 512
-# Flags every node gets. Authentication (issue #14 item 3) adds its cluster-secret flag here and in
-# ROUTER_FLAGS: one line each.
-NODE_FLAGS: tuple[str, ...] = ("--num-blocks", str(NUM_BLOCKS))
-ROUTER_FLAGS: tuple[str, ...] = ()
+NODE_FLAGS: tuple[str, ...] = ("--num-blocks", str(NUM_BLOCKS))  # start_nodes adds the cluster secret
+ROUTER_FLAGS: tuple[str, ...] = secret_flags()
 STREAMS = 16
 PROMPT = ("def fibonacci(n):\n    if n < 2:\n        return n\n"
           "    return fibonacci(n - 1) + fibonacci(n - 2)\n\nclass Stack:\n")
@@ -142,16 +143,16 @@ def _pool_digest(node: Node) -> str:
     return hashlib.sha256(Path("/dev/shm", node.pool_name).read_bytes()).hexdigest()
 
 
-def _forged_task(decode: Node, request_id: str, prompt_ids: list[int], first_block: int = 0) -> bytes:
+def _forged_task(decode: Node, request_id: str, prompt_ids: list[int], first_block: int = 0) -> PrefillTask:
     """A schema-valid PrefillTask aimed at `decode`'s pool, built only from what the registry publishes."""
     layout = kv_spec_for_model(ModelConfig.from_dir(default_model_dir()), NUM_BLOCKS, 16)
     needed = -(-len(prompt_ids) // layout.block_size) + 1
     target = KVTarget(address=decode.info["data"], host_id=local_host_id(), layout=layout,
                       shm_name=decode.pool_name)
-    return WireCodec().encode(PrefillTask(
+    return PrefillTask(
         request_id=request_id, prompt_token_ids=tuple(prompt_ids), sampling=SamplingParams(max_tokens=4),
         block_ids=tuple(range(first_block, first_block + needed)), decode_node_id=decode.name,
-        kv_target=target, lease_ms=10_000))
+        kv_target=target, lease_ms=10_000)
 
 
 def test_forged_and_replayed_tasks_write_nothing(cluster: ChaosCluster, report) -> None:
@@ -159,21 +160,25 @@ def test_forged_and_replayed_tasks_write_nothing(cluster: ChaosCluster, report) 
     ids = tokenizer().encode(PROMPT)
     hostile = tokenizer().encode("import os\nos.system('rm -rf /')\n" * 4)
     params = sampling(16)
+    # Two attackers: a stranger on the network (CURVE refuses its handshake), and a peer that holds the
+    # data plane's CURVE key but not the signing key path (every task it sends is unsigned or forged).
     context = zmq.Context()
-    sock = context.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDTIMEO, 2000)  # a data plane that refuses the handshake never takes a message
-    sock.connect(prefill.info["data"])
+    stranger = context.socket(zmq.PUSH)
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.setsockopt(zmq.SNDTIMEO, 2000)  # a data plane that refuses the handshake never takes a message
+    stranger.connect(prefill.info["data"])
+    insider = Outbox(prefill.info["data"], TransferConfig(curve=CurveKeys.from_cluster_secret(TEST_SECRET)))
     refused = 0
 
-    def send(frame: bytes) -> None:
+    def send(task: PrefillTask) -> None:
         nonlocal refused
         try:
             if refused:  # the connection is refused once and for all: do not wait 2 s per task
                 raise zmq.Again
-            sock.send(frame)
+            stranger.send(WireCodec().encode(task))
         except zmq.Again:
             refused += 1
+        insider.send(task)
     with report("forged + replayed PrefillTask", "0 bytes written, outputs identical") as row:
         try:
             reference = generate(decode, rid("ref"), ids, params, prefill=prefill).token_ids
@@ -201,11 +206,12 @@ def test_forged_and_replayed_tasks_write_nothing(cluster: ChaosCluster, report) 
             row.sent, row.ok = len(outputs), sum(isinstance(o, list) for o in outputs)
             row.failed = row.sent - row.ok
             row.figure = (f"pool unchanged: {'yes' if unchanged else 'NO'}; outputs identical {identical}/4; "
-                          f"{refused} tasks refused at the connection")
+                          f"{refused} stranger tasks refused at the handshake, every insider task unsigned")
             assert unchanged, "a forged task wrote into the decode node's pool"
             assert identical == len(outputs), f"outputs differ from the reference: {outputs}"
         finally:
-            sock.close()
+            insider.close()
+            stranger.close()
             context.term()
 
 
