@@ -43,6 +43,7 @@ from pdserve.node.engine_client import EngineClient, EngineClientConfig, EngineE
 from pdserve.node.engine_stream import EngineExited, RecordReader
 from pdserve.node.offline import generate
 from pdserve.tests.support.cluster import queue_exists, wait_until
+from pdserve.tests.support.secret import secret_flags
 
 ENGINE = EngineConfig(
     cache=CacheConfig(num_blocks=128, block_size=16),
@@ -228,7 +229,7 @@ def test_a_rejected_request_gets_a_clear_error_while_others_continue(shared_clie
 
 @pytest.mark.parametrize("command", ["mixed", "generate"])
 def test_a_dtype_the_cpu_cannot_compute_in_is_refused_at_start_naming_the_flag(command: str) -> None:
-    args = ["--prompt", "x"] if command == "generate" else ["--port", "0"]
+    args = ["--prompt", "x"] if command == "generate" else ["--port", "0", *secret_flags()]
     done = subprocess.run([sys.executable, "-m", "pdserve.cli", command, "--dtype", "bfloat16",
                            "--threads", "1", "--num-blocks", "16", *args],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ))

@@ -212,12 +212,13 @@ def test_bad_sampling_params_are_invalid_argument(nodes: dict[str, Node], prompt
 def test_a_grammar_the_engine_cannot_compile_is_rejected(nodes: dict[str, Node],
                                                          prompts: dict[str, list[int]]) -> None:
     """The engine's typed rejection (the router refuses such grammars before they get here): the decode
-    node's reservation fails with INVALID_ARGUMENT, a mixed node ends the stream with an error chunk."""
+    node's reservation fails with a BAD_REQUEST error chunk (the router answers 400, no retry), a mixed
+    node ends the stream with an error chunk."""
     bad = sampling(8, grammar=pb.Grammar(kind="regex", text="a(b"))
-    with pytest.raises(grpc.RpcError) as err:
-        generate(nodes["decode"], rid("bad-grammar"), prompts["short"], bad, prefill=nodes["prefill_shm"],
-                 timeout_s=10.0)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regex" in err.value.details()
+    decode = generate(nodes["decode"], rid("bad-grammar"), prompts["short"], bad,
+                      prefill=nodes["prefill_shm"], timeout_s=10.0)
+    assert decode.finish_reason == "error" and not decode.token_ids
+    assert decode.chunks[-1].cause == pb.CAUSE_BAD_REQUEST and "regex" in decode.chunks[-1].error
     mixed = generate(nodes["mixed"], rid("bad-grammar"), prompts["short"], bad, timeout_s=10.0)
     assert mixed.finish_reason == "error" and "regex" in mixed.chunks[-1].error and not mixed.token_ids
     for node in (nodes["decode"], nodes["mixed"]):

@@ -33,6 +33,7 @@ from pdserve.tests.support.cluster import (
     tokenizer,
     wait_until,
 )
+from pdserve.tests.support.secret import TEST_SECRET
 
 MODEL = "pdserve-demo"
 CONCURRENT = 8
@@ -42,7 +43,7 @@ TEXT = ("def main(argv):\n    parser = argparse.ArgumentParser()\n    for name i
 
 
 def _router_config() -> RouterConfig:
-    return RouterConfig(port=0, model_name=MODEL,
+    return RouterConfig(port=0, model_name=MODEL, cluster_secret=TEST_SECRET,
                         health=HealthConfig(interval_s=0.5, timeout_s=2.0, eject_after=2),
                         retry=RetryConfig(attempts=3, backoff_s=0.05, first_chunk_timeout_s=60.0),
                         policy=PolicyConfig(prefill="round_robin"))

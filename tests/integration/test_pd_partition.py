@@ -37,6 +37,7 @@ from pdserve.tests.support.cluster import (
     stop_nodes,
     wait_until,
 )
+from pdserve.tests.support.secret import TEST_SECRET
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
 
@@ -92,7 +93,7 @@ def hosts(tmp_path: Path) -> Iterator[Hosts]:
         pytest.fail("nftables is missing: deploy/setup.sh --test installs it")
     net = HostNetwork.create(["p1", "p2", "d1"])
     try:
-        config = RouterConfig(host=net.prefix + "254", port=0, model_name=MODEL,
+        config = RouterConfig(host=net.prefix + "254", port=0, model_name=MODEL, cluster_secret=TEST_SECRET,
                               health=HealthConfig(interval_s=0.5, timeout_s=2.0, eject_after=2),
                               retry=RetryConfig(attempts=3, backoff_s=0.05, first_chunk_timeout_s=60.0),
                               policy=PolicyConfig(prefill="round_robin"))

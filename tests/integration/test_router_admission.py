@@ -32,6 +32,7 @@ from pdserve.rpc.registry import NodeInfo, redis_put
 from pdserve.tests.integration.test_router_redis import RedisProcess
 from pdserve.tests.support.cluster import free_port
 from pdserve.tests.support.http_burst import burst
+from pdserve.tests.support.secret import TEST_SECRET, secret_flags
 from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router
 
 MODEL = "pdserve-demo"
@@ -39,7 +40,7 @@ BODY = {"model": MODEL, "prompt": "def f(", "max_tokens": 8}
 
 
 def _config(admission: AdmissionConfig) -> RouterConfig:
-    return RouterConfig(port=0, model_name=MODEL, admission=admission,
+    return RouterConfig(port=0, model_name=MODEL, admission=admission, cluster_secret=TEST_SECRET,
                         health=HealthConfig(interval_s=0.1, timeout_s=2.0, eject_after=1),
                         retry=RetryConfig(attempts=3, backoff_s=0.01, first_chunk_timeout_s=20.0,
                                           chunk_timeout_s=20.0),
@@ -58,7 +59,8 @@ def _router_process(*flags: str) -> Iterator[str]:
     """`pdserve router` in a process of its own, so the burst's clients (this process) do not share
     its CPU time slices."""
     port = free_port()
-    router = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "router", "--port", str(port), *flags],
+    router = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "router", "--port", str(port),
+                               *secret_flags(), *flags],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert "listening on" in router.stdout.readline()

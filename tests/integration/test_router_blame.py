@@ -14,6 +14,7 @@ import pytest
 from pdserve.router.config import HealthConfig, PolicyConfig, RetryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
 from pdserve.rpc import node_pb2 as pb
+from pdserve.tests.support.secret import TEST_SECRET
 from pdserve.tests.support.stub_node import StubNodeServer, register_with_router
 
 MODEL = "pdserve-demo"
@@ -21,7 +22,7 @@ BODY = {"model": MODEL, "prompt": "def f(", "max_tokens": 4}
 
 
 def _config(health_interval_s: float) -> RouterConfig:
-    return RouterConfig(port=0, model_name=MODEL,
+    return RouterConfig(port=0, model_name=MODEL, cluster_secret=TEST_SECRET,
                         health=HealthConfig(interval_s=health_interval_s, timeout_s=2.0, eject_after=2),
                         retry=RetryConfig(attempts=3, backoff_s=0.01, first_chunk_timeout_s=5.0),
                         policy=PolicyConfig(decode="round_robin", prefill="round_robin"))

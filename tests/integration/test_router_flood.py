@@ -14,6 +14,7 @@ import time
 import httpx
 
 from pdserve.tests.support.cluster import free_port
+from pdserve.tests.support.secret import secret_flags
 
 MODEL = "pdserve-demo"
 MAX_BODY = 4 << 20
@@ -64,7 +65,7 @@ def test_a_4mb_prompt_flood_leaves_other_clients_ttft_within_1_5x() -> None:
     url = f"http://127.0.0.1:{port}"
     processes = []
     try:
-        router = _start([sys.executable, "-m", "pdserve.cli", "router", "--port", str(port),
+        router = _start([sys.executable, "-m", "pdserve.cli", "router", "--port", str(port), *secret_flags(),
                          "--health-interval", "0.5"])
         processes.append(router)
         assert "listening on" in router.stdout.readline()
