@@ -24,7 +24,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=64)
     group.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step")
     group.add_argument("--max-model-len", type=int, default=2048)
-    group.add_argument("--threads", type=int, default=2, help="OMP threads of the engine process")
+    group.add_argument("--threads", type=int, default=2,
+                       help="OMP threads of each engine process (each rank under tensor parallelism)")
+    group.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="engine rank processes sharing the model by heads (mixed nodes and generate)")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -142,7 +145,7 @@ def _node_config(args: argparse.Namespace):
         role=args.role, node_id=args.node_id or f"{args.role}-{os.getpid()}", model_dir=str(model_dir),
         engine=_engine_config(args), model_name=args.model_name, host=args.host, grpc_port=args.port,
         data_port=args.data_port, metrics_port=args.metrics_port, omp_num_threads=args.threads,
-        dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
         eos_token_ids=Tokenizer.from_dir(model_dir).eos_token_ids, registry_url=args.registry,
         registry_api_key=args.registry_api_key,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
@@ -180,7 +183,8 @@ def _generate(args: argparse.Namespace) -> int:
     )
     config = EngineClientConfig(model_dir=str(model_dir), engine=engine_config,
                                 eos_token_ids=tokenizer.eos_token_ids, dtype=args.dtype,
-                                omp_num_threads=args.threads, log_level=args.log_level)
+                                omp_num_threads=args.threads, log_level=args.log_level,
+                                tensor_parallel_size=args.tensor_parallel_size)
     with EngineClient(config) as client:
         results = generate(client, tokenizer, args.prompt, params, speculative=engine_config.speculative)
     for result in results:

@@ -6,6 +6,10 @@ everything the engine reports (ready, stats, rejections, KV reserved, prefill pr
 a fatal failure) leaves in order as records on the one SysV record stream (engine/protocol.py). The
 loop ends on a Shutdown task, on stdin closing (the node server is gone), or when the stream's reader
 is gone; in every case the KV pool and the stream writer are released.
+
+With tensor parallelism the node starts one such process per rank (``config.ranks``): each loads its
+shard, and rank 0 alone reads tasks and writes records, sharing each turn's tasks with the others
+(engine/ranks.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from pdserve.common.kv_cache import KVCachePool
 from pdserve.engine.engine import LLMEngine, kv_spec_for
@@ -29,6 +34,7 @@ from pdserve.engine.protocol import (
     EngineFailed,
     EngineProcessConfig,
     EngineReady,
+    EngineRecord,
     EngineStats,
     EngineTask,
     GenerateTask,
@@ -46,8 +52,10 @@ from pdserve.engine.protocol import (
     decode_config,
     decode_task,
 )
+from pdserve.engine.ranks import FollowerInbox, LeaderInbox, NoRecords
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.scheduler import AdmissionError, CapacityError
+from pdserve.models.tensor_parallel import TensorParallel, join_ranks
 
 log = logging.getLogger("pdserve.engine")
 
@@ -115,10 +123,18 @@ class TaskInbox:
         return items
 
 
+class Inbox(Protocol):
+    def take(self, wait_s: float) -> list[EngineTask | ProtocolError]: ...
+
+
+class RecordSink(Protocol):
+    def send(self, record: EngineRecord) -> None: ...
+
+
 class EngineLoop:
     """Ties the engine to its channels: take tasks, step, emit. No socket work happens here."""
 
-    def __init__(self, engine: LLMEngine, inbox: TaskInbox, records: RecordWriter):
+    def __init__(self, engine: LLMEngine, inbox: Inbox, records: RecordSink):
         self.engine = engine
         self.inbox = inbox
         self.records = records
@@ -238,11 +254,11 @@ def check_dtype_runs_here(dtype: str) -> None:
                                     f"{dtype} matmul); use --dtype float32, or a GPU build of Paddle")
 
 
-def build_engine(config: EngineProcessConfig) -> tuple[LLMEngine, KVCachePool]:
+def build_engine(config: EngineProcessConfig, tp: TensorParallel) -> tuple[LLMEngine, KVCachePool]:
     from pdserve.models.loader import load_model  # imported here: paddle is heavy and only the child needs it
 
     check_dtype_runs_here(config.dtype)
-    model = load_model(config.model_dir, config.dtype)
+    model = load_model(config.model_dir, config.dtype, tp=tp)
     spec = kv_spec_for(model, config.engine)
     pool = KVCachePool.create_shared(spec) if config.shared_kv_pool else KVCachePool.allocate(spec)
     return LLMEngine(model, config.engine, pool, config.eos_token_ids), pool
@@ -258,11 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_malloc()
     pool = None
-    records = RecordWriter(config.records)  # first: a failure to load the model is reported on it
+    placement = config.ranks
+    tp = TensorParallel() if placement is None else TensorParallel(placement.rank, placement.size)
+    # First: a failure to load the model is reported on it. Only rank 0 writes the stream.
+    records: RecordWriter | NoRecords = RecordWriter(config.records) if tp.rank == 0 else NoRecords()
     try:
-        engine, pool = build_engine(config)
+        if placement is not None:
+            join_ranks(tp, placement.rendezvous_port)
+        engine, pool = build_engine(config, tp)
         records.send(EngineReady(pid=os.getpid(), kv_spec=pool.spec, kv_pool_name=pool.shm_name))
-        EngineLoop(engine, TaskInbox(tasks), records).run()
+        EngineLoop(engine, _inbox(tasks, tp, engine), records).run()
     except ReaderGoneError:
         log.warning("the record stream's reader is gone; engine stopping")
     except UnsupportedDtypeError as exc:  # a configuration the node reports; no traceback to read
@@ -278,6 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _inbox(fd: int, tp: TensorParallel, engine: LLMEngine) -> Inbox:
+    """Rank 0 (or the only rank) reads the task pipe; under tensor parallelism it shares each turn's
+    tasks with the other ranks, which take them from it instead of a pipe."""
+    def state() -> tuple[int, int]:
+        return engine.steps, engine.block_manager.num_free_blocks
+
+    if tp.size == 1:
+        return TaskInbox(fd)
+    return LeaderInbox(TaskInbox(fd), state) if tp.rank == 0 else FollowerInbox(state)
+
+
 def _claim_stdin() -> int:
     """Take stdin (a private duplicate of it) for task frames, and point fd 1 at stderr so nothing
     printed by a library lands on a pipe the node server reads."""
@@ -286,7 +318,7 @@ def _claim_stdin() -> int:
     return os.dup(sys.stdin.fileno())
 
 
-def _try_send(records: RecordWriter, record: EngineFailed) -> None:
+def _try_send(records: RecordSink, record: EngineFailed) -> None:
     try:
         records.send(record)
     except (ReaderGoneError, ProtocolError):

@@ -68,6 +68,23 @@ class StreamAddress:
 
 
 @dataclass(frozen=True)
+class RankPlacement:
+    """One engine rank among the node's tensor-parallel ranks: rank 0 reads the tasks, broadcasts
+    them to the others and alone writes the record stream; all ranks meet at rank 0's rendezvous
+    port on the loopback interface."""
+
+    rank: int
+    size: int
+    rendezvous_port: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank must be in [0, {self.size}) (got {self.rank})")
+        if not 0 < self.rendezvous_port <= 65535:
+            raise ValueError(f"rendezvous_port must be in [1, 65535] (got {self.rendezvous_port})")
+
+
+@dataclass(frozen=True)
 class EngineProcessConfig:
     model_dir: str
     engine: EngineConfig
@@ -76,6 +93,7 @@ class EngineProcessConfig:
     shared_kv_pool: bool = False  # put the KV pool in /dev/shm so a same-host peer can write into it
     eos_token_ids: tuple[int, ...] = ()
     log_level: str = "WARNING"
+    ranks: RankPlacement | None = None  # None: one engine process, no collectives
 
 
 def encode_config(config: EngineProcessConfig) -> str:

@@ -21,10 +21,12 @@ included). ``size == 1`` is the plain model: no slicing and no collective call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import paddle
+from typing import TYPE_CHECKING
 
 from pdserve.models.config import ModelConfig
+
+if TYPE_CHECKING:  # the node server checks shardability without loading Paddle
+    import paddle
 
 
 class ShardingError(ValueError):
@@ -47,7 +49,9 @@ class TensorParallel:
     def all_reduce(self, x: paddle.Tensor) -> paddle.Tensor:
         """Sum ``x`` over the ranks in place (Paddle's collective, default group); one rank: a no-op."""
         if self.size > 1:
-            paddle.distributed.all_reduce(x)
+            from paddle import distributed
+
+            distributed.all_reduce(x)
         return x
 
 
@@ -104,6 +108,8 @@ def join_ranks(tp: TensorParallel, master_port: int, master_host: str = "127.0.0
     interface (``GLOO_SOCKET_IFNAME``), as all ranks of a node run on one host."""
     import os
 
+    from paddle import distributed
+
     if tp.size == 1:
         return
     endpoint = f"{master_host}:{master_port}"
@@ -112,4 +118,4 @@ def join_ranks(tp: TensorParallel, master_port: int, master_host: str = "127.0.0
         PADDLE_MASTER=endpoint, PADDLE_TRAINER_ENDPOINTS=",".join([endpoint] * tp.size),
         PADDLE_CURRENT_ENDPOINT=endpoint, GLOO_SOCKET_IFNAME="lo",
     )
-    paddle.distributed.init_parallel_env()
+    distributed.init_parallel_env()

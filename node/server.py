@@ -46,7 +46,8 @@ class NodeConfig:
     grpc_port: int = 0
     data_port: int = 0  # KV data plane: decode nodes receive KV here, prefill nodes take tasks here
     metrics_port: int | None = None  # Prometheus; None = no metrics endpoint
-    omp_num_threads: int = 1
+    omp_num_threads: int = 1  # per engine rank
+    tensor_parallel_size: int = 1  # engine rank processes (mixed nodes only, for now)
     dtype: str = "float32"  # the model's dtype in the engine (an engine that cannot run it refuses to start)
     eos_token_ids: tuple[int, ...] = ()
     registry_url: str | None = None  # the router (http://...) or redis://...; None = not registered
@@ -75,6 +76,9 @@ class NodeConfig:
             raise ValueError("prefill_timeout_s and kv_lease_s must be > 0")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0 (got {self.heartbeat_interval_s})")
+        if self.tensor_parallel_size > 1 and self.role is not Role.MIXED:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs a mixed node: "
+                             f"{self.role.value} nodes exchange KV with peers and run one engine rank")
 
     def transfer_config(self) -> TransferConfig:
         """The KV data plane binds the node's interface, on data_port."""
@@ -84,7 +88,7 @@ class NodeConfig:
         return EngineClientConfig(
             model_dir=self.model_dir, engine=self.engine, eos_token_ids=self.eos_token_ids, dtype=self.dtype,
             shared_kv_pool=self.role is not Role.MIXED, omp_num_threads=self.omp_num_threads,
-            log_level=self.log_level,
+            log_level=self.log_level, tensor_parallel_size=self.tensor_parallel_size,
         )
 
 
