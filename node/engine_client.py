@@ -41,6 +41,7 @@ from pdserve.engine.protocol import (
     RemoteKVReadyTask,
     ReserveTask,
     ShutdownTask,
+    StreamAddress,
     encode_config,
     encode_task,
     write_frame,
@@ -177,6 +178,13 @@ class EngineClient:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    @property
+    def records_address(self) -> StreamAddress:
+        """The record stream's queue (the engine's rank 0 is its only writer)."""
+        if self._records is None:
+            raise EngineError("engine client is not started")
+        return self._records.address
 
     @property
     def rank_pids(self) -> list[int]:

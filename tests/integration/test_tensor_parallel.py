@@ -57,3 +57,88 @@ def test_more_ranks_than_kv_heads_replicate_them(reference: dict[str, np.ndarray
     sharded = _run_ranks(8, tmp_path / "logits.npz", timeout_s=280.0)  # 8 ranks share the demo's 4 KV heads
     assert int(sharded["kv_heads"]) == 1
     _assert_same_logits(sharded, reference)
+
+
+# -- engine ranks: rank 0 decides and emits ------------------------------------------------------------
+
+PROMPTS = [
+    "The cat", "Once upon a time", "def main():", "import numpy as np", "Hello, world", "The quick brown fox",
+    "In the beginning", "class Node:", "for i in range(10):", "A B C D A B C", "The weather today",
+    "return self", "1, 2, 3, 4,", "Dear Sir,", "if __name__ ==", "The meaning of life is",
+]
+SPECULATIVE = {
+    "plain": None,
+    "mtp": '{"method": "mtp", "num_speculative_tokens": 1}',
+    "ngram": '{"method": "ngram", "num_speculative_tokens": 3, "max_ngram_size": 3, "min_ngram_size": 1}',
+    "hybrid": '{"method": "mtp", "num_speculative_tokens": 3, "num_model_steps": 1, '
+              '"mtp_strategy": "with_ngram", "max_ngram_size": 3, "min_ngram_size": 1}',
+}
+
+
+def _client(size: int, speculative: str | None = None, num_blocks: int = 256):
+    from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdserve.engine.spec_config import SpeculativeConfig
+    from pdserve.models.loader import default_model_dir
+    from pdserve.models.tokenizer import Tokenizer
+    from pdserve.node.engine_client import EngineClient, EngineClientConfig
+
+    model_dir = default_model_dir()
+    engine = EngineConfig(
+        cache=CacheConfig(num_blocks=num_blocks, block_size=16),
+        scheduler=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=32, max_model_len=1024),
+        speculative=None if speculative is None else SpeculativeConfig.from_json(speculative),
+    )
+    tokenizer = Tokenizer.from_dir(model_dir)
+    config = EngineClientConfig(model_dir=str(model_dir), engine=engine,
+                                eos_token_ids=tokenizer.eos_token_ids, omp_num_threads=1,
+                                tensor_parallel_size=size)
+    return EngineClient(config), tokenizer, engine
+
+
+def _generate(size: int, speculative: str | None) -> list:
+    from pdserve.common.sampling_params import SamplingParams
+    from pdserve.node.offline import generate
+
+    client, tokenizer, engine = _client(size, speculative)
+    with client:
+        params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=2)
+        return generate(client, tokenizer, PROMPTS, params, speculative=engine.speculative)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(SPECULATIVE))
+def test_greedy_outputs_of_two_ranks_equal_one(method: str) -> None:
+    one, two = _generate(1, SPECULATIVE[method]), _generate(2, SPECULATIVE[method])
+    for a, b in zip(one, two, strict=True):
+        assert b.error is None and b.finish_reason == a.finish_reason
+        assert b.token_ids == a.token_ids, a.prompt
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4, rtol=0)
+        for top_a, top_b in zip(a.top_logprobs, b.top_logprobs, strict=True):
+            assert [t for t, _ in top_a] == [t for t, _ in top_b]
+            np.testing.assert_allclose([lp for _, lp in top_b], [lp for _, lp in top_a], atol=1e-4, rtol=0)
+    if method != "plain":  # the drafts were used, and accepted alike on both
+        assert [r.speculate_metrics for r in two] == [r.speculate_metrics for r in one]
+
+
+def test_only_rank_0_writes_the_record_stream() -> None:
+    """Every record the reader takes was sent by rank 0: the queue's last sender is checked after each
+    one (a second writer would also break the stream's sequence numbers, which the reader checks)."""
+    import sysv_ipc
+
+    from pdserve.common.sampling_params import SamplingParams
+    from pdserve.engine.protocol import StepOutputs
+
+    client, tokenizer, _ = _client(2, SPECULATIVE["mtp"])
+    with client:
+        rank0, rank1 = client.rank_pids
+        queue = sysv_ipc.MessageQueue(client.records_address.key)
+        senders = {queue.last_send_pid}
+        for i, prompt in enumerate(PROMPTS[:8]):
+            client.generate(f"r{i}", tokenizer.encode(prompt), SamplingParams(max_tokens=24, ignore_eos=True))
+        unfinished = {f"r{i}" for i in range(8)}
+        while unfinished:
+            record = client.receive()
+            senders.add(queue.last_send_pid)
+            if isinstance(record, StepOutputs):
+                unfinished -= {o.request_id for o in record.outputs if o.finished}
+        assert senders == {rank0}, f"rank 1 is pid {rank1}"
