@@ -105,7 +105,11 @@ def join_ranks(tp: TensorParallel, master_port: int, master_host: str = "127.0.0
     through a TCP store that rank 0 serves on ``master_host:master_port``. Blocks until every rank
     has joined. Paddle reads its launch parameters from the environment only, so they are set here,
     in this process, from the arguments; the ranks' pair connections stay on the loopback
-    interface (``GLOO_SOCKET_IFNAME``), as all ranks of a node run on one host."""
+    interface (``GLOO_SOCKET_IFNAME``), as all ranks of a node run on one host.
+
+    ``PADDLE_DISTRI_BACKEND=gloo`` is what makes Paddle 3.3's ``init_parallel_env`` build the global
+    process group on a CPU build: left at ``auto`` it initialises a gloo context but no group, and the
+    first collective fails with "The global group is not initialized"."""
     import os
 
     from paddle import distributed

@@ -142,3 +142,81 @@ def test_only_rank_0_writes_the_record_stream() -> None:
             if isinstance(record, StepOutputs):
                 unfinished -= {o.request_id for o in record.outputs if o.finished}
         assert senders == {rank0}, f"rank 1 is pid {rank1}"
+
+
+# -- a rank that dies takes its node down -------------------------------------------------------------
+
+
+def _rank_pids(node_server_pid: int) -> dict[int, int]:
+    """rank -> pid of the node server's engine rank processes (from their command lines)."""
+    from pdserve.engine.protocol import decode_config
+
+    ranks = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != node_server_pid:
+                continue
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if b"pdserve.engine.process" in argv:
+            config = decode_config(argv[argv.index(b"pdserve.engine.process") + 1].decode())
+            ranks[config.ranks.rank] = int(proc.name)
+    return ranks
+
+
+def test_killing_rank_1_under_load_takes_the_node_out_of_routing(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    import httpx
+
+    from pdserve.common.leftovers import pid_alive
+    from pdserve.router.config import HealthConfig, RetryConfig, RouterConfig
+    from pdserve.router.server import BackgroundRouter
+    from pdserve.tests.support.cluster import NodeSpec, queue_exists, start_nodes, stop_nodes, wait_until
+
+    config = RouterConfig(port=0, model_name="pdserve-demo",
+                          health=HealthConfig(interval_s=0.2, timeout_s=2.0, eject_after=1),
+                          retry=RetryConfig(attempts=1, backoff_s=0.01, first_chunk_timeout_s=30.0))
+    with BackgroundRouter(config) as router:
+        flags = ("--tensor-parallel-size", "2", "--registry", router.url)
+        nodes = start_nodes([NodeSpec("tp2", "mixed", flags)], tmp_path)
+        node = nodes["tp2"]
+        node.expect_clean_exit = False  # it stops itself after losing a rank
+        try:
+            ranks = _rank_pids(node.process.pid)
+            assert sorted(ranks) == [0, 1] and ranks[0] == node.engine_pid
+
+            def routable() -> bool:
+                listed = httpx.get(router.url + "/internal/v1/nodes").json()["nodes"]
+                return any(n["node_id"] == "tp2" and not n["ejected"] for n in listed)
+
+            assert wait_until(routable, 30)
+            statuses: list[int] = []
+
+            def request() -> None:
+                body = {"model": "pdserve-demo", "prompt": "Once upon a time", "max_tokens": 200,
+                        "ignore_eos": True}
+                statuses.append(httpx.post(router.url + "/v1/completions", json=body, timeout=60).status_code)
+
+            clients = [threading.Thread(target=request) for _ in range(4)]
+            for client in clients:
+                client.start()
+            assert wait_until(lambda: node.stats().running > 0, 30)
+            os.kill(ranks[1], 9)
+            killed_at = time.monotonic()
+            assert wait_until(lambda: not routable(), 2.0), "still routable 2 s after rank 1 died"
+            out_after_s = time.monotonic() - killed_at
+            for client in clients:
+                client.join(timeout=30)
+                assert not client.is_alive(), "a request hung after its node lost a rank"
+            assert statuses and all(s >= 500 for s in statuses), statuses  # failed, none silently cut short
+            assert node.process.wait(timeout=20) is not None
+            assert wait_until(lambda: not any(pid_alive(p) for p in ranks.values()), 5.0)
+            assert not queue_exists(node.queue_key)
+            print(f"node out of routing {out_after_s:.2f} s after kill -9 of rank 1")
+        finally:
+            stop_nodes(nodes.values(), check=False)
