@@ -93,6 +93,8 @@ class EngineClient:
         self._process: subprocess.Popen[bytes] | None = None  # rank 0: tasks go to its stdin
         self._ranks: list[subprocess.Popen[bytes]] = []  # every rank, rank 0 first
         self._closing = False
+        self._exit_lock = threading.Lock()
+        self._first_returncode: int | None = None
         self._write_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -157,6 +159,8 @@ class EngineClient:
         rank that exits while the others run has broken their collective), and the reader learns of
         the exit once every rank is gone."""
         returncode = process.wait()
+        with self._exit_lock:  # the first rank to exit says why the engine ended
+            self._first_returncode = returncode if self._first_returncode is None else self._first_returncode
         if not self._closing:
             for other in ranks:
                 if other is not process and other.poll() is None:
@@ -166,7 +170,7 @@ class EngineClient:
         if process is ranks[0]:
             for other in ranks[1:]:
                 other.wait()
-            records.notify_exit(returncode)
+            records.notify_exit(self._first_returncode)
 
     def _kill_all(self) -> None:
         for process in self._ranks:
