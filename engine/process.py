@@ -52,7 +52,7 @@ from pdserve.engine.protocol import (
     decode_config,
     decode_task,
 )
-from pdserve.engine.ranks import FollowerInbox, LeaderInbox, NoRecords
+from pdserve.engine.ranks import FollowerInbox, LeaderInbox, NoRecords, engine_state
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.scheduler import AdmissionError, CapacityError
 from pdserve.models.tensor_parallel import TensorParallel, join_ranks
@@ -302,11 +302,12 @@ def main(argv: list[str] | None = None) -> int:
 def _inbox(fd: int, tp: TensorParallel, engine: LLMEngine) -> Inbox:
     """Rank 0 (or the only rank) reads the task pipe; under tensor parallelism it shares each turn's
     tasks with the other ranks, which take them from it instead of a pipe."""
-    def state() -> tuple[int, int]:
-        return engine.steps, engine.block_manager.num_free_blocks
-
     if tp.size == 1:
         return TaskInbox(fd)
+
+    def state() -> tuple[int, int, int]:
+        return engine_state(engine)
+
     return LeaderInbox(TaskInbox(fd), state) if tp.rank == 0 else FollowerInbox(state)
 
 

@@ -10,8 +10,10 @@ the same bits on every rank, and rank 0 fixes each request's seed before the bro
 step's inputs are decided once, by rank 0, and only rank 0 writes records: the other ranks' loops
 report to `NoRecords`, which drops everything.
 
-The header also carries rank 0's step count and free blocks: a rank whose engine state differs has
-diverged, and stops the node instead of running collectives that no longer match.
+The header also carries rank 0's engine state (`engine_state`: its step count, free blocks and a
+checksum of its running requests' latest tokens): a rank whose own state differs has diverged, and
+stops the node instead of running collectives that no longer match or emitting tokens rank 0 did not
+sample.
 
 An idle rank 0 broadcasts an empty turn at least every IDLE_WAIT_S, so the other ranks never wait in
 a collective longer than that (gloo's own timeout is 30 s); a rank that dies breaks the collective
@@ -21,6 +23,7 @@ the others are in, and they exit (the node server then stops the rest, node/engi
 from __future__ import annotations
 
 import secrets
+import zlib
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -29,6 +32,7 @@ import numpy as np
 import paddle
 from paddle import distributed
 
+from pdserve.engine.engine import LLMEngine
 from pdserve.engine.protocol import (
     FRAME_LENGTH,
     EngineRecord,
@@ -38,7 +42,18 @@ from pdserve.engine.protocol import (
     encode_task,
 )
 
-EngineState = Callable[[], tuple[int, int]]  # (steps taken, free KV blocks): equal on every rank
+EngineState = Callable[[], tuple[int, int, int]]  # see engine_state: equal on every rank
+STATE_FIELDS = 3
+
+
+def engine_state(engine: LLMEngine) -> tuple[int, int, int]:
+    """(steps taken, free KV blocks, checksum of each running request's latest token): what every
+    rank must agree on at the start of a turn. A token sampled differently on two ranks shows in
+    the checksum at the next turn."""
+    running = engine.scheduler.running
+    latest = np.asarray([r.output_token_ids[-1] if r.output_token_ids else -1 for r in running],
+                        dtype=np.int64)
+    return engine.steps, engine.block_manager.num_free_blocks, zlib.crc32(latest.tobytes())
 
 
 class RankDivergedError(RuntimeError):
@@ -54,7 +69,7 @@ def _with_seed(task: EngineTask) -> EngineTask:
 
 
 def _broadcast_turn(header: np.ndarray, payload: bytes | None) -> tuple[np.ndarray, bytes]:
-    """Broadcast rank 0's [payload length, steps, free blocks] header, then its payload when there is one."""
+    """Broadcast rank 0's [payload length, *engine state] header, then its payload when there is one."""
     header_tensor = paddle.to_tensor(header)
     distributed.broadcast(header_tensor, src=0)
     header = header_tensor.numpy()
@@ -81,8 +96,7 @@ class LeaderInbox:
                  for item in self._inbox.take(wait_s)]
         tasks = [item for item in items if not isinstance(item, ProtocolError)]  # bad frames stay here
         payload = b"".join(FRAME_LENGTH.pack(len(frame)) + frame for frame in map(encode_task, tasks))
-        steps, free_blocks = self._state()
-        _broadcast_turn(np.asarray([len(payload), steps, free_blocks], dtype=np.int64), payload)
+        _broadcast_turn(np.asarray([len(payload), *self._state()], dtype=np.int64), payload)
         return items
 
 
@@ -93,11 +107,11 @@ class FollowerInbox:
         self._state = state
 
     def take(self, wait_s: float) -> list[EngineTask | ProtocolError]:
-        header, payload = _broadcast_turn(np.zeros(3, dtype=np.int64), None)
+        header, payload = _broadcast_turn(np.zeros(1 + STATE_FIELDS, dtype=np.int64), None)
         mine = self._state()
-        if (int(header[1]), int(header[2])) != mine:
-            raise RankDivergedError(f"rank 0 is at (steps, free blocks) {tuple(header[1:].tolist())}, "
-                                    f"this rank at {mine}")
+        if tuple(header[1:].tolist()) != mine:
+            raise RankDivergedError(f"rank 0 is at (steps, free blocks, token checksum) "
+                                    f"{tuple(header[1:].tolist())}, this rank at {mine}")
         tasks: list[EngineTask | ProtocolError] = []
         offset = 0
         while offset < len(payload):

@@ -120,6 +120,22 @@ def test_greedy_outputs_of_two_ranks_equal_one(method: str) -> None:
         assert [r.speculate_metrics for r in two] == [r.speculate_metrics for r in one]
 
 
+def test_sampled_requests_draw_the_same_tokens_on_every_rank() -> None:
+    """Unseeded sampled requests with the hybrid proposer: rank 0 fixes each seed before the broadcast,
+    so every rank draws the same tokens; a rank that drew another would fail its state check at the
+    next turn, and the engine with it."""
+    from pdserve.common.sampling_params import SamplingParams
+    from pdserve.node.offline import generate
+
+    client, tokenizer, engine = _client(2, SPECULATIVE["hybrid"])
+    with client:
+        params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, ignore_eos=True)
+        results = generate(client, tokenizer, PROMPTS[:8], params, speculative=engine.speculative)
+        assert client.alive()
+    assert [(r.error, r.finish_reason, len(r.token_ids)) for r in results] == [(None, "length", 24)] * 8
+    assert len({tuple(r.token_ids) for r in results}) > 1  # really sampled
+
+
 def test_only_rank_0_writes_the_record_stream() -> None:
     """Every record the reader takes was sent by rank 0: the queue's last sender is checked after each
     one (a second writer would also break the stream's sequence numbers, which the reader checks)."""
