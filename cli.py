@@ -87,6 +87,10 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", action="append", default=None, help="required API key (repeatable)")
     up.add_argument("--threads-per-node", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None, help="KV blocks per node")
+    up.add_argument("--tensor-parallel-size", type=int, default=None,
+                    help="engine ranks per node (default 1); prefill/decode nodes need 1 for now")
+    up.add_argument("--prefill-tensor-parallel-size", type=int, default=None, help="overrides it for prefill")
+    up.add_argument("--decode-tensor-parallel-size", type=int, default=None, help="overrides it for decode")
     up.set_defaults(handler=_up)
     add_router_parser(sub)
     add_deploy_parsers(sub)
@@ -102,6 +106,9 @@ def _up(args: argparse.Namespace) -> int:
         "speculative_config": args.speculative_config, "registry": args.registry,
         "api_keys": tuple(args.api_key) if args.api_key else None,
         "threads_per_node": args.threads_per_node, "num_blocks": args.num_blocks,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "prefill_tensor_parallel_size": args.prefill_tensor_parallel_size,
+        "decode_tensor_parallel_size": args.decode_tensor_parallel_size,
         "log_level": args.log_level,
     }
     if args.config is not None:

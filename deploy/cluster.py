@@ -45,7 +45,10 @@ class ClusterSpec:
     speculative_config: str | None = None  # FastDeploy JSON, given to every node
     registry: str = "embedded"  # or redis://host:port/db
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    threads_per_node: int = 1
+    threads_per_node: int = 1  # OMP threads of each engine process (each rank's, with tensor parallelism)
+    tensor_parallel_size: int = 1  # engine ranks per node, unless a role overrides it
+    prefill_tensor_parallel_size: int | None = None
+    decode_tensor_parallel_size: int | None = None
     num_blocks: int = 1024
     startup_timeout_s: float = 180.0
     log_level: str = "WARNING"
@@ -62,6 +65,18 @@ class ClusterSpec:
             raise ValueError(f"registry must be 'embedded' or a redis:// URL (got {self.registry!r})")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in [1, 65535] (got {self.port})")
+        for role, count in (("prefill", self.prefill), ("decode", self.decode), ("mixed", self.mixed)):
+            size = self.tensor_parallel_size_of(role)
+            if size < 1:
+                raise ValueError(f"{role} tensor parallel size must be >= 1 (got {size})")
+            if count and size > 1 and role != "mixed":
+                raise ValueError(f"{role} nodes run one engine rank (tensor parallelism needs a mixed node "
+                                 f"for now); set --{role}-tensor-parallel-size 1 or use --mixed")
+
+    def tensor_parallel_size_of(self, role: str) -> int:
+        override = {"prefill": self.prefill_tensor_parallel_size,
+                    "decode": self.decode_tensor_parallel_size}.get(role)
+        return self.tensor_parallel_size if override is None else override
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: object) -> ClusterSpec:
@@ -121,6 +136,8 @@ class Cluster:
                 "--node-id", f"{role}-{index}", "--host", s.host, "--model-name", s.model_name,
                 "--registry", s.registry_target, "--threads", str(s.threads_per_node),
                 "--num-blocks", str(s.num_blocks)]
+        if s.tensor_parallel_size_of(role) > 1:
+            argv += ["--tensor-parallel-size", str(s.tensor_parallel_size_of(role))]
         argv += ["--model", s.model] if s.model else []
         argv += ["--speculative-config", s.speculative_config] if s.speculative_config else []
         if s.api_keys and s.registry == "embedded":

@@ -236,3 +236,25 @@ def test_killing_rank_1_under_load_takes_the_node_out_of_routing(tmp_path: Path)
             print(f"node out of routing {out_after_s:.2f} s after kill -9 of rank 1")
         finally:
             stop_nodes(nodes.values(), check=False)
+
+
+def test_pdserve_up_serves_a_tensor_parallel_mixed_node_like_one_engine() -> None:
+    from openai import OpenAI
+
+    from pdserve.tests.support.cluster import offline_reference, pdserve_up
+
+    prompts, max_tokens = PROMPTS[:4], 16
+    reference = offline_reference(prompts, max_tokens)
+    flags = ("--prefill", "0", "--decode", "0", "--mixed", "1", "--tensor-parallel-size", "2",
+             "--threads-per-node", "1", "--num-blocks", "256")
+    with pdserve_up(*flags) as (_proc, url):
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        for prompt in prompts:
+            response = client.completions.create(model="pdserve-demo", prompt=prompt, max_tokens=max_tokens,
+                                                 temperature=0, logprobs=2)
+            choice = response.choices[0]
+            assert choice.text == reference[prompt]["text"]
+            assert choice.logprobs.token_logprobs == pytest.approx(reference[prompt]["logprobs"], abs=1e-4)
+    port = url.rsplit(":", 1)[1]
+    leftover = subprocess.run(["pgrep", "-f", f"--registry http://127.0.0.1:{port}"], capture_output=True)
+    assert leftover.stdout == b"", "pdserve up left node processes behind"

@@ -82,3 +82,18 @@ def test_prefill_and_decode_nodes_refuse_tensor_parallelism() -> None:
                tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         EngineClientConfig(model_dir=str(default_model_dir()), engine=engine, tensor_parallel_size=0)
+
+
+def test_pdserve_up_gives_each_role_its_size_and_refuses_tp_on_pd_roles() -> None:
+    from pdserve.deploy.cluster import Cluster, ClusterSpec
+
+    spec = ClusterSpec(prefill=0, decode=0, mixed=1, tensor_parallel_size=2)
+    assert Cluster(spec).node_argv("mixed", 0)[-2:] == ["--tensor-parallel-size", "2"]
+    assert "--tensor-parallel-size" not in Cluster(ClusterSpec()).node_argv("decode", 0)
+    with pytest.raises(ValueError, match="decode nodes run one engine rank"):
+        ClusterSpec(prefill=1, decode=1, decode_tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="prefill nodes run one engine rank"):
+        ClusterSpec(prefill=1, decode=1, mixed=1, tensor_parallel_size=2)
+    spec = ClusterSpec(prefill=1, decode=1, mixed=1, tensor_parallel_size=2, prefill_tensor_parallel_size=1,
+                       decode_tensor_parallel_size=1)
+    assert spec.tensor_parallel_size_of("mixed") == 2 and spec.tensor_parallel_size_of("decode") == 1
