@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pdserve.common.kv_cache import kv_head_range
 from pdserve.models.config import ModelConfig
 
 if TYPE_CHECKING:  # the node server checks shardability without loading Paddle
@@ -71,17 +72,11 @@ def attention_shard(config: ModelConfig, tp: TensorParallel) -> AttentionShard:
     if heads % n:
         raise ShardingError(f"{heads} attention heads do not split over {n} ranks")
     local_heads = heads // n
-    if n <= kv_heads:
-        if kv_heads % n:
-            raise ShardingError(f"{kv_heads} KV heads do not split over {n} ranks")
-        local_kv = kv_heads // n
-        kv_start = tp.rank * local_kv
-    else:
-        if n % kv_heads:
-            raise ShardingError(f"{n} ranks do not share {kv_heads} KV heads evenly")
-        local_kv = 1
-        kv_start = tp.rank // (n // kv_heads)  # n / kv_heads consecutive ranks replicate one KV head
-    return AttentionShard(local_heads, local_kv, tp.rank * local_heads, kv_start)
+    try:
+        kv_start, kv_stop = kv_head_range(kv_heads, tp.rank, n)
+    except ValueError as exc:
+        raise ShardingError(str(exc)) from exc
+    return AttentionShard(local_heads, kv_stop - kv_start, tp.rank * local_heads, kv_start)
 
 
 def intermediate_shard(config: ModelConfig, tp: TensorParallel) -> tuple[int, int]:
