@@ -65,13 +65,10 @@ class ClusterSpec:
             raise ValueError(f"registry must be 'embedded' or a redis:// URL (got {self.registry!r})")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in [1, 65535] (got {self.port})")
-        for role, count in (("prefill", self.prefill), ("decode", self.decode), ("mixed", self.mixed)):
-            size = self.tensor_parallel_size_of(role)
-            if size < 1:
-                raise ValueError(f"{role} tensor parallel size must be >= 1 (got {size})")
-            if count and size > 1 and role != "mixed":
-                raise ValueError(f"{role} nodes run one engine rank (tensor parallelism needs a mixed node "
-                                 f"for now); set --{role}-tensor-parallel-size 1 or use --mixed")
+        for role in ("prefill", "decode", "mixed"):
+            if self.tensor_parallel_size_of(role) < 1:
+                raise ValueError(f"{role} tensor parallel size must be >= 1 "
+                                 f"(got {self.tensor_parallel_size_of(role)})")
 
     def tensor_parallel_size_of(self, role: str) -> int:
         override = {"prefill": self.prefill_tensor_parallel_size,

@@ -52,7 +52,7 @@ from pdserve.engine.protocol import (
     decode_config,
     decode_task,
 )
-from pdserve.engine.ranks import FollowerInbox, LeaderInbox, NoRecords, engine_state
+from pdserve.engine.ranks import FollowerInbox, LeaderInbox, NoRecords, engine_state, share_pool_names
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.scheduler import AdmissionError, CapacityError
 from pdserve.models.tensor_parallel import TensorParallel, join_ranks
@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         if placement is not None:
             join_ranks(tp, placement.rendezvous_port)
         engine, pool = build_engine(config, tp)
-        records.send(EngineReady(pid=os.getpid(), kv_spec=pool.spec, kv_pool_name=pool.shm_name))
+        names = [pool.shm_name] if placement is None else share_pool_names(pool.shm_name, tp.size)
+        records.send(EngineReady(pid=os.getpid(), kv_spec=pool.spec, kv_pool_name=pool.shm_name,
+                                 rank_kv_pool_names=[name for name in names[1:] if name is not None]))
         EngineLoop(engine, _inbox(tasks, tp, engine), records).run()
     except ReaderGoneError:
         log.warning("the record stream's reader is gone; engine stopping")

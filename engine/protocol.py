@@ -212,6 +212,9 @@ class EngineReady(msgspec.Struct, tag="ready", frozen=True):
     pid: int
     kv_spec: KVCacheSpec  # the pool's geometry, derived once from the model (node servers and peers use it)
     kv_pool_name: str | None  # the shared-memory pool a same-host peer may attach to
+    # With tensor parallelism: the shared pools of ranks 1..N-1 (kv_spec is each rank's geometry, its
+    # num_kv_heads that rank's share; models/tensor_parallel.py says which heads).
+    rank_kv_pool_names: list[str] = []
 
 
 class RequestRejected(msgspec.Struct, tag="rejected", frozen=True):

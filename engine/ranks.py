@@ -122,6 +122,27 @@ class FollowerInbox:
         return tasks
 
 
+POOL_NAME_BYTES = 255
+
+
+def share_pool_names(name: str | None, size: int) -> list[str | None]:
+    """Every rank's KV pool name (None for a private pool), rank 0 first: an all-gather, so it also
+    returns only once every rank has its pool."""
+    raw = (name or "").encode()
+    if len(raw) > POOL_NAME_BYTES:
+        raise ValueError(f"KV pool name {name!r} is longer than {POOL_NAME_BYTES} bytes")
+    mine = np.zeros(POOL_NAME_BYTES + 1, dtype=np.uint8)
+    mine[0] = len(raw)
+    mine[1:1 + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    gathered: list[paddle.Tensor] = []
+    distributed.all_gather(gathered, paddle.to_tensor(mine))
+    names = []
+    for tensor in gathered[:size]:
+        data = tensor.numpy()
+        names.append(bytes(data[1:1 + int(data[0])]).decode() or None)
+    return names
+
+
 class NoRecords:
     """The record sink of ranks other than 0: they compute what rank 0 reports, and report nothing."""
 

@@ -76,9 +76,6 @@ class EngineClientConfig:
             raise ValueError(f"omp_num_threads must be >= 1 (got {self.omp_num_threads})")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1 (got {self.tensor_parallel_size})")
-        if self.tensor_parallel_size > 1 and self.shared_kv_pool:
-            raise ValueError("tensor parallelism runs on mixed nodes and `pdserve generate` only; prefill "
-                             "and decode nodes (a KV pool shared with peers) need tensor_parallel_size 1")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be > 0 (got {self.startup_timeout_s})")
         if self.dtype not in DTYPES:
@@ -215,9 +212,10 @@ class EngineClient:
     def _remove_orphaned_kv_pool(self) -> None:
         """An engine that died (kill -9) could not remove its shared KV pool; its file is ours to remove
         now that the process is gone (a peer that still maps it keeps its mapping)."""
-        name = self.ready.kv_pool_name if self.ready else None
-        if name:
-            (SHM_DIR / name).unlink(missing_ok=True)
+        names = [self.ready.kv_pool_name, *self.ready.rank_kv_pool_names] if self.ready else []
+        for name in names:
+            if name:
+                (SHM_DIR / name).unlink(missing_ok=True)
 
     def __enter__(self) -> EngineClient:
         self.start()

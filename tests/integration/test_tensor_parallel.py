@@ -258,3 +258,51 @@ def test_pdserve_up_serves_a_tensor_parallel_mixed_node_like_one_engine() -> Non
     port = url.rsplit(":", 1)[1]
     leftover = subprocess.run(["pgrep", "-f", f"--registry http://127.0.0.1:{port}"], capture_output=True)
     assert leftover.stdout == b"", "pdserve up left node processes behind"
+
+
+# -- PD between nodes of different TP sizes ----------------------------------------------------------
+
+PD_BUDGET = ("--max-num-batched-tokens", "64")  # a 200-token prompt is prefilled and shipped in 4 chunks
+
+
+@pytest.fixture(scope="module", params=["shm", "zmq"])
+def tp_nodes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    from pdserve.tests.support.cluster import NodeSpec, start_nodes, stop_nodes
+
+    transport = ("--transport", request.param)
+    tp2 = ("--tensor-parallel-size", "2")
+    specs = [
+        NodeSpec("mixed", "mixed", PD_BUDGET),
+        NodeSpec("p1", "prefill", (*PD_BUDGET, *transport)),
+        NodeSpec("p2", "prefill", (*PD_BUDGET, *transport, *tp2)),
+        NodeSpec("d1", "decode", ()),
+        NodeSpec("d2", "decode", tp2),
+    ]
+    nodes = start_nodes(specs, tmp_path_factory.mktemp(f"tp_pd_{request.param}"))
+    follower_pids = [pid for name in ("p2", "d2") for rank, pid in _rank_pids(nodes[name].process.pid).items()
+                     if rank > 0]
+    assert len(follower_pids) == 2, "p2 and d2 should each run a second engine rank"
+    yield nodes
+    stop_nodes(nodes.values())
+    leftover = [p.name for pid in follower_pids for p in Path("/dev/shm").glob(f"pdserve-kv-{pid}-*")]
+    assert not leftover, f"rank pools left behind: {leftover}"
+
+
+@pytest.mark.parametrize(("prefill", "decode"), [("p2", "d1"), ("p1", "d2"), ("p2", "d2")])
+def test_pd_across_tp_sizes_equals_a_tp1_mixed_node(tp_nodes, prefill: str, decode: str) -> None:
+    from pdserve.tests.support.cluster import generate, sampling, tokenizer, wait_until
+
+    tok = tokenizer()
+    text = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n" * 8
+    prompts = {"short": tok.encode("def fibonacci(n):"), "long": tok.encode(text)[:200]}
+    params = sampling(max_tokens=16, logprobs=2)
+    for name, ids in prompts.items():
+        ref = generate(tp_nodes["mixed"], f"mixed-{prefill}-{decode}-{name}", ids, params)
+        pd = generate(tp_nodes[decode], f"pd-{prefill}-{decode}-{name}", ids, params,
+                      prefill=tp_nodes[prefill])
+        assert pd.token_ids == ref.token_ids, name
+        assert pd.finish_reason == ref.finish_reason
+        np.testing.assert_allclose(pd.tokens.logprobs, ref.tokens.logprobs, atol=1e-4, rtol=0)
+        assert pd.tokens.head(1).top_ids == ref.tokens.head(1).top_ids
+    for node in (tp_nodes[prefill], tp_nodes[decode]):
+        assert wait_until(node.all_blocks_free, 10), f"{node.name} holds blocks after its requests"
