@@ -27,7 +27,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, default=2,
                        help="OMP threads of each engine process (each rank under tensor parallelism)")
     group.add_argument("--tensor-parallel-size", type=int, default=1,
-                       help="engine rank processes sharing the model by heads (mixed nodes and generate)")
+                       help="engine rank processes sharing the model by attention heads")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -88,7 +88,7 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads-per-node", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None, help="KV blocks per node")
     up.add_argument("--tensor-parallel-size", type=int, default=None,
-                    help="engine ranks per node (default 1); prefill/decode nodes need 1 for now")
+                    help="engine ranks per node (default 1)")
     up.add_argument("--prefill-tensor-parallel-size", type=int, default=None, help="overrides it for prefill")
     up.add_argument("--decode-tensor-parallel-size", type=int, default=None, help="overrides it for decode")
     up.set_defaults(handler=_up)

@@ -70,30 +70,27 @@ def test_the_client_refuses_an_unshardable_size_before_starting_a_process() -> N
     assert client.rank_pids == []
 
 
-def test_prefill_and_decode_nodes_refuse_tensor_parallelism() -> None:
+def test_every_role_takes_a_tensor_parallel_size_and_zero_is_refused() -> None:
     from pdserve.node.server import NodeConfig
 
     engine = EngineConfig(cache=CacheConfig(8))
-    for role in ("prefill", "decode"):
-        with pytest.raises(ValueError, match="needs a mixed node"):
-            NodeConfig(role=role, node_id="n", model_dir=str(default_model_dir()), engine=engine,
-                       tensor_parallel_size=2)
-    NodeConfig(role="mixed", node_id="n", model_dir=str(default_model_dir()), engine=engine,
-               tensor_parallel_size=2)
+    for role in ("prefill", "decode", "mixed"):
+        NodeConfig(role=role, node_id="n", model_dir=str(default_model_dir()), engine=engine,
+                   tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        NodeConfig(role="decode", node_id="n", model_dir=str(default_model_dir()), engine=engine,
+                   tensor_parallel_size=0)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         EngineClientConfig(model_dir=str(default_model_dir()), engine=engine, tensor_parallel_size=0)
 
 
-def test_pdserve_up_gives_each_role_its_size_and_refuses_tp_on_pd_roles() -> None:
+def test_pdserve_up_gives_each_role_its_size() -> None:
     from pdserve.deploy.cluster import Cluster, ClusterSpec
 
-    spec = ClusterSpec(prefill=0, decode=0, mixed=1, tensor_parallel_size=2)
+    spec = ClusterSpec(prefill=1, decode=1, mixed=1, tensor_parallel_size=2, decode_tensor_parallel_size=1)
     assert Cluster(spec).node_argv("mixed", 0)[-2:] == ["--tensor-parallel-size", "2"]
-    assert "--tensor-parallel-size" not in Cluster(ClusterSpec()).node_argv("decode", 0)
-    with pytest.raises(ValueError, match="decode nodes run one engine rank"):
-        ClusterSpec(prefill=1, decode=1, decode_tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="prefill nodes run one engine rank"):
-        ClusterSpec(prefill=1, decode=1, mixed=1, tensor_parallel_size=2)
-    spec = ClusterSpec(prefill=1, decode=1, mixed=1, tensor_parallel_size=2, prefill_tensor_parallel_size=1,
-                       decode_tensor_parallel_size=1)
-    assert spec.tensor_parallel_size_of("mixed") == 2 and spec.tensor_parallel_size_of("decode") == 1
+    assert Cluster(spec).node_argv("prefill", 0)[-2:] == ["--tensor-parallel-size", "2"]
+    assert "--tensor-parallel-size" not in Cluster(spec).node_argv("decode", 0)
+    assert "--tensor-parallel-size" not in Cluster(ClusterSpec()).node_argv("prefill", 0)
+    with pytest.raises(ValueError, match="prefill tensor parallel size must be >= 1"):
+        ClusterSpec(prefill_tensor_parallel_size=0)
