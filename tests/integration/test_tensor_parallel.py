@@ -238,18 +238,19 @@ def test_killing_rank_1_under_load_takes_the_node_out_of_routing(tmp_path: Path)
             stop_nodes(nodes.values(), check=False)
 
 
-def test_pdserve_up_serves_a_tensor_parallel_mixed_node_like_one_engine() -> None:
+def test_pdserve_up_with_per_role_tp_sizes_serves_like_one_engine() -> None:
+    """A TP=2 mixed node and a (prefill TP=2, decode TP=1) pair behind one router."""
     from openai import OpenAI
 
     from pdserve.tests.support.cluster import offline_reference, pdserve_up
 
     prompts, max_tokens = PROMPTS[:4], 16
     reference = offline_reference(prompts, max_tokens)
-    flags = ("--prefill", "0", "--decode", "0", "--mixed", "1", "--tensor-parallel-size", "2",
-             "--threads-per-node", "1", "--num-blocks", "256")
+    flags = ("--prefill", "1", "--decode", "1", "--mixed", "1", "--tensor-parallel-size", "2",
+             "--decode-tensor-parallel-size", "1", "--threads-per-node", "1", "--num-blocks", "256")
     with pdserve_up(*flags) as (_proc, url):
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        for prompt in prompts:
+        for prompt in prompts * 2:  # the router spreads them over the mixed node and the PD pair
             response = client.completions.create(model="pdserve-demo", prompt=prompt, max_tokens=max_tokens,
                                                  temperature=0, logprobs=2)
             choice = response.choices[0]
