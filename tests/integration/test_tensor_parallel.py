@@ -272,12 +272,15 @@ def tp_nodes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
     transport = ("--transport", request.param)
     tp2 = ("--tensor-parallel-size", "2")
+    # Hybrid drafting everywhere: the prefill node's MTP drafts travel with its first token, and the
+    # decode node's first step verifies them, whatever either side's TP size.
+    spec = ("--speculative-config", SPECULATIVE["hybrid"])
     specs = [
-        NodeSpec("mixed", "mixed", PD_BUDGET),
-        NodeSpec("p1", "prefill", (*PD_BUDGET, *transport)),
-        NodeSpec("p2", "prefill", (*PD_BUDGET, *transport, *tp2)),
-        NodeSpec("d1", "decode", ()),
-        NodeSpec("d2", "decode", tp2),
+        NodeSpec("mixed", "mixed", (*PD_BUDGET, *spec)),
+        NodeSpec("p1", "prefill", (*PD_BUDGET, *transport, *spec)),
+        NodeSpec("p2", "prefill", (*PD_BUDGET, *transport, *tp2, *spec)),
+        NodeSpec("d1", "decode", spec),
+        NodeSpec("d2", "decode", (*tp2, *spec)),
     ]
     nodes = start_nodes(specs, tmp_path_factory.mktemp(f"tp_pd_{request.param}"))
     follower_pids = [pid for name in ("p2", "d2") for rank, pid in _rank_pids(nodes[name].process.pid).items()
