@@ -83,6 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default=None, help="HF model directory (default: the bundled demo)")
     up.add_argument("--model-name", default=None)
     up.add_argument("--speculative-config", default=None, help="JSON, FastDeploy's format")
+    up.add_argument("--tool-call-parser", default=None, help="the router's tool-call parser (e.g. hermes)")
     up.add_argument("--registry", default=None, help="'embedded' (default) or redis://host:port")
     up.add_argument("--api-key", action="append", default=None, help="required API key (repeatable)")
     up.add_argument("--threads-per-node", type=int, default=None)
@@ -104,7 +105,7 @@ def _up(args: argparse.Namespace) -> int:
         "host": args.host, "port": args.port, "prefill": args.prefill, "decode": args.decode,
         "mixed": args.mixed, "model": args.model, "model_name": args.model_name,
         "speculative_config": args.speculative_config, "registry": args.registry,
-        "api_keys": tuple(args.api_key) if args.api_key else None,
+        "tool_call_parser": args.tool_call_parser, "api_keys": tuple(args.api_key) if args.api_key else None,
         "threads_per_node": args.threads_per_node, "num_blocks": args.num_blocks,
         "tensor_parallel_size": args.tensor_parallel_size,
         "prefill_tensor_parallel_size": args.prefill_tensor_parallel_size,

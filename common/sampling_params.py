@@ -2,14 +2,56 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 MAX_TOP_LOGPROBS = 20
+MAX_GRAMMAR_CHARS = 1 << 20  # a grammar's text; a schema past a megabyte is a mistake, not a request
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token in practice, +100 all but forces it
 
 
 class SamplingParamsError(ValueError):
     """A sampling parameter is out of range; the message names the field."""
+
+
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """The language a request's output must belong to (structured output), as the client gave it.
+
+    ``text`` by kind: json_schema — the schema as JSON; json_object — "" (any JSON object);
+    regex — the pattern; choice — a JSON list of the allowed strings; lark — a Lark grammar
+    (llguidance's dialect). llguidance compiles it (common/grammar.py) on the router, which refuses
+    what it cannot compile, and again in the engine.
+    """
+
+    kind: str
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise SamplingParamsError(
+                f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)} (got {self.kind!r})")
+        if not isinstance(self.text, str) or len(self.text) > MAX_GRAMMAR_CHARS:
+            raise SamplingParamsError(
+                f"grammar text must be a string of at most {MAX_GRAMMAR_CHARS} characters")
+        if self.kind == "json_object" and self.text:
+            raise SamplingParamsError("grammar text must be empty for kind json_object")
+        if self.kind in ("json_schema", "choice"):
+            try:
+                value = json.loads(self.text)
+            except ValueError as exc:
+                raise SamplingParamsError(f"grammar text of kind {self.kind} must be JSON ({exc})") from None
+            ok = (isinstance(value, dict | bool) if self.kind == "json_schema" else
+                  isinstance(value, list) and bool(value) and all(isinstance(c, str) for c in value))
+            if not ok:
+                shape = ("a JSON schema (an object)" if self.kind == "json_schema"
+                         else "a non-empty list of strings")
+                raise SamplingParamsError(f"grammar text of kind {self.kind} must be {shape}")
+        elif self.kind in ("regex", "lark") and not self.text:
+            raise SamplingParamsError(f"grammar text of kind {self.kind} must not be empty")
 
 
 @dataclass(frozen=True)
@@ -31,6 +73,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # (token id, bias) pairs, ids ascending: added to the token's logit after penalties (OpenAI's logit_bias)
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Output constrained to a language: a token mask in sampling, the request stops when it is complete
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -52,6 +96,8 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("logit_bias", all(t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias),
              f"must map token ids to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
+            ("grammar", self.grammar is None or isinstance(self.grammar, GrammarSpec),
+             "must be a GrammarSpec"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -43,6 +43,7 @@ class ClusterSpec:
     model: str | None = None  # None: the bundled demo model
     model_name: str = "pdserve-demo"
     speculative_config: str | None = None  # FastDeploy JSON, given to every node
+    tool_call_parser: str | None = None  # the router's --tool-call-parser (None: tools are refused)
     registry: str = "embedded"  # or redis://host:port/db
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     threads_per_node: int = 1  # OMP threads of each engine process (each rank's, with tensor parallelism)
@@ -123,6 +124,7 @@ class Cluster:
         argv = [sys.executable, "-m", "pdserve.cli", "--log-level", s.log_level, "router", "--host", s.host,
                 "--port", str(s.port), "--model-name", s.model_name, "--registry", s.registry]
         argv += ["--model", s.model] if s.model else []
+        argv += ["--tool-call-parser", s.tool_call_parser] if s.tool_call_parser else []
         for key in s.api_keys:
             argv += ["--api-key", key]
         return argv

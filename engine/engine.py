@@ -18,6 +18,7 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.tokens import NO_TOKENS, SampledTokens
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.grammar import GrammarCompiler, GrammarError
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.protocol import EngineStats, RequestOutput
 from pdserve.engine.request import Request, RequestStatus
@@ -47,7 +48,8 @@ def kv_spec_for(model: LlamaForCausalLM, config: EngineConfig) -> KVCacheSpec:
 
 class LLMEngine:
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, kv_pool: KVCachePool,
-                 eos_token_ids: Sequence[int], spec_registry: CollectorRegistry | None = None) -> None:
+                 eos_token_ids: Sequence[int], spec_registry: CollectorRegistry | None = None,
+                 grammars: GrammarCompiler | None = None) -> None:
         if kv_pool.spec != kv_spec_for(model, config):
             raise ValueError(f"KV pool {kv_pool.spec} does not match the model and config")
         self.config = config
@@ -55,6 +57,8 @@ class LLMEngine:
         self.block_manager = BlockManager(config.cache.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, config.num_speculative_tokens)
         self.runner = ModelRunner(model, kv_pool)
+        # Compiles requests' grammars (structured output); None: an engine without a tokenizer refuses them.
+        self.grammars = grammars
         # Speculative decoding's draft side; its counters go to the registry given (a private one if none).
         self.spec = None if config.speculative is None else SpecDecoder.build(
             config.speculative, model, kv_pool, self.block_manager, config.scheduler.max_model_len,
@@ -74,7 +78,7 @@ class LLMEngine:
         if prompt_token_ids and not 0 <= min(prompt_token_ids) <= max(prompt_token_ids) < vocab_size:
             # Checked here: an out-of-range id would fail the embedding mid-step, taking the whole batch down.
             raise AdmissionError(f"request {request_id!r}: prompt token ids must be in [0, {vocab_size})")
-        request = Request(request_id, prompt_token_ids, self._seeded(params), self.eos_token_ids)
+        request = self._new_request(request_id, prompt_token_ids, params)
         self.scheduler.add(request)
         return request
 
@@ -94,7 +98,7 @@ class LLMEngine:
                 num_extra_tokens: int) -> Request:
         """Reserve blocks for a request whose prompt KV a prefill node will write (raises
         AdmissionError / CapacityError). The blocks are `request.block_table`."""
-        request = Request(request_id, prompt_token_ids, self._seeded(params), self.eos_token_ids)
+        request = self._new_request(request_id, prompt_token_ids, params)
         self.scheduler.reserve_for_remote_kv(request, num_extra_tokens)
         return request
 
@@ -106,7 +110,8 @@ class LLMEngine:
         if update is None:
             return None
         r = update.request
-        return RequestOutput(r.request_id, r.status, first, error=r.error or "")
+        return RequestOutput(r.request_id, r.status, first if update.new_token_ids else NO_TOKENS,
+                             error=r.error or "")
 
     # -- PD: the prefill side --------------------------------------------------------------------------
 
@@ -114,7 +119,7 @@ class LLMEngine:
                             params: SamplingParams) -> Request:
         """Prefill the prompt and sample the first token (with logprobs), then hold the blocks for the
         transfer agent until `release`."""
-        request = Request(request_id, prompt_token_ids, self._seeded(params), self.eos_token_ids)
+        request = self._new_request(request_id, prompt_token_ids, params)
         request.prefill_only = True
         self.scheduler.add(request)
         return request
@@ -132,6 +137,20 @@ class LLMEngine:
         KV out chunk by chunk while prefill continues)."""
         progressed, self._progressed = self._progressed, []
         return progressed
+
+    def _new_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                     params: SamplingParams) -> Request:
+        """A request with its seed resolved and its grammar compiled (AdmissionError if it cannot be)."""
+        grammar = None
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise AdmissionError(
+                    f"request {request_id!r}: this engine has no grammar support (no tokenizer)")
+            try:
+                grammar = self.grammars.matcher(params.grammar)
+            except GrammarError as exc:
+                raise AdmissionError(f"request {request_id!r}: {exc}") from None
+        return Request(request_id, prompt_token_ids, self._seeded(params), self.eos_token_ids, grammar)
 
     def _seeded(self, params: SamplingParams) -> SamplingParams:
         return params if params.seed is not None else replace(params, seed=secrets.randbits(63))

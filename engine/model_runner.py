@@ -162,7 +162,7 @@ def _drafts_of(chunk: ScheduledChunk) -> tuple[int, ...]:
 
 def _sampling_rows(request: Request, drafts: Sequence[int]) -> list[SamplingRow]:
     """One row per logits row of the request: row j sees the outputs plus drafts 0 .. j-1, so its
-    penalties, min_tokens and generation index are those of the token it decides."""
+    penalties, min_tokens, generation index and grammar mask are those of the token it decides."""
     params = request.sampling_params
     if params.seed is None:
         raise ValueError(f"request {request.request_id!r} reached the runner without a resolved seed")
@@ -170,8 +170,12 @@ def _sampling_rows(request: Request, drafts: Sequence[int]) -> list[SamplingRow]
     outputs = np.asarray([*request.output_token_ids, *drafts], dtype=np.int64)
     num_outputs = request.num_output_tokens
     eos = tuple(sorted(request.eos_token_ids))
+    # Row j's grammar mask is the state after the outputs and drafts 0 .. j-1: verification is then
+    # lossless with respect to the masked distribution.
+    allowed = None if request.grammar is None else request.grammar.allowed_tokens(drafts)
     return [SamplingRow(params=params, seed=params.seed, prompt_token_ids=prompt,
-                        output_token_ids=outputs[:num_outputs + j], eos_token_ids=eos)
+                        output_token_ids=outputs[:num_outputs + j], eos_token_ids=eos,
+                        allowed_tokens=None if allowed is None else allowed[j])
             for j in range(len(drafts) + 1)]
 
 

@@ -22,10 +22,12 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from pdserve.common.kv_cache import KVCachePool
 from pdserve.engine.engine import LLMEngine, kv_spec_for
+from pdserve.engine.grammar import GrammarCompiler
 from pdserve.engine.output_stream import ReaderGoneError, RecordWriter
 from pdserve.engine.protocol import (
     FRAME_LENGTH,
@@ -261,7 +263,11 @@ def build_engine(config: EngineProcessConfig, tp: TensorParallel) -> tuple[LLMEn
     model = load_model(config.model_dir, config.dtype, tp=tp)
     spec = kv_spec_for(model, config.engine)
     pool = KVCachePool.create_shared(spec) if config.shared_kv_pool else KVCachePool.allocate(spec)
-    return LLMEngine(model, config.engine, pool, config.eos_token_ids), pool
+    # Structured output needs the model's tokenizer.json; a checkpoint without one serves no grammars
+    # (such requests are rejected with the reason).
+    grammars = (GrammarCompiler.for_model(config.model_dir, config.eos_token_ids, model.config.vocab_size)
+                if (Path(config.model_dir) / "tokenizer.json").is_file() else None)
+    return LLMEngine(model, config.engine, pool, config.eos_token_ids, grammars=grammars), pool
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pdserve.common.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pdserve.engine.grammar import GrammarMatcher
 
 
 class RequestStatus(enum.IntEnum):
@@ -20,7 +24,7 @@ class RequestStatus(enum.IntEnum):
     WAITING_FOR_KV = 1  # decode side: blocks reserved, KV arriving from a prefill peer
     RUNNING = 2
     PREEMPTED = 3  # blocks taken back; waits (at the front of the queue) to be recomputed
-    FINISHED_STOPPED = 4  # a stop token (eos or stop_token_ids)
+    FINISHED_STOPPED = 4  # a stop token (eos or stop_token_ids), or the grammar's output is complete
     FINISHED_LENGTH = 5  # max_tokens or max_model_len
     FINISHED_ABORTED = 6
     FINISHED_ERROR = 7  # rejected or failed; `Request.error` says why
@@ -50,7 +54,7 @@ class Request:
     """A generation request inside one engine. Transitions only through the named methods below."""
 
     def __init__(self, request_id: str, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
-                 eos_token_ids: Sequence[int] = ()) -> None:
+                 eos_token_ids: Sequence[int] = (), grammar: GrammarMatcher | None = None) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
         self.request_id = request_id
@@ -66,6 +70,8 @@ class Request:
         self.error: str | None = None
         # Prefill node: stop after the first token and hand the KV over instead of decoding on.
         self.prefill_only = False
+        # The grammar state of the output (sampling_params.grammar compiled), advanced with every token.
+        self.grammar = grammar
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
@@ -117,21 +123,30 @@ class Request:
     def append_token(self, token_id: int) -> None:
         if self.status is not RequestStatus.RUNNING:
             raise RequestStateError(f"{self!r}: append_token needs RUNNING")
+        if self.grammar is not None:
+            self.grammar.advance(token_id)
         self.output_token_ids.append(token_id)
 
     def set_draft_tokens(self, draft_token_ids: Sequence[int]) -> None:
+        """Drafts to verify next step, cut at the first one the grammar (if any) refuses."""
+        if self.grammar is not None:
+            draft_token_ids = draft_token_ids[:self.grammar.valid_prefix(draft_token_ids)]
         self.draft_token_ids = list(draft_token_ids)
 
     def stop_status(self, max_model_len: int) -> RequestStatus | None:
         """The FINISHED_* status the last appended token calls for, or None to keep going.
 
         A stop token ends the request unless min_tokens has not been reached; eos counts as a stop
-        token unless ignore_eos. Stop *strings* are matched on text by the node server, not here.
+        token unless ignore_eos. A grammar that is complete ends the request whatever min_tokens says
+        (nothing but an end of sequence could follow). Stop *strings* are matched on text by the node
+        server, not here.
         """
         params = self.sampling_params
         num_output = len(self.output_token_ids)
         if num_output == 0:
             return None
+        if self.grammar is not None and self.grammar.is_finished:
+            return RequestStatus.FINISHED_STOPPED
         last = self.output_token_ids[-1]
         if num_output > params.min_tokens and (
                 last in params.stop_token_ids or (not params.ignore_eos and last in self.eos_token_ids)):

@@ -171,13 +171,20 @@ class Scheduler:
             return None
         request.num_computed_tokens = request.num_prompt_tokens
         request.start_running()
+        if request.grammar is not None and not request.grammar.accepts(first_token_id):
+            # The peer's first token is checked like a local one would have been masked.
+            request.finish(RequestStatus.FINISHED_ERROR,
+                           f"the prefill peer's first token {first_token_id} violates the request's grammar")
+            self._release(request)
+            return RequestUpdate(request=request, new_token_ids=(), num_draft_tokens=0,
+                                 num_accepted_draft_tokens=0)
         request.append_token(first_token_id)
         stop = request.stop_status(self.config.max_model_len)
         if stop is not None:
             request.finish(stop)
             self._release(request)
         else:
-            request.draft_token_ids = list(draft_token_ids[: self.num_speculative_tokens])
+            request.set_draft_tokens(draft_token_ids[: self.num_speculative_tokens])
             self.running.append(request)
         return RequestUpdate(request=request, new_token_ids=(first_token_id,), num_draft_tokens=0,
                              num_accepted_draft_tokens=0)

@@ -2,7 +2,8 @@
 
 Processing order (vLLM's; logprobs are taken from the RAW logits by the caller, FastDeploy's default):
 
-    raw logits -> penalties -> logit bias -> min_tokens suppression   = processed logits (greedy: argmax)
+    raw logits -> penalties -> logit bias -> grammar mask -> min_tokens suppression
+                                                                    = processed logits (greedy: argmax)
                -> temperature -> top-k -> top-p -> min-p     = the filtered distribution
                -> inverse-CDF draw with the row's own uniform
 
@@ -65,7 +66,8 @@ class SamplingRow:
 
     ``seed`` is the resolved seed (``params.seed`` or the one the engine drew at admission);
     ``eos_token_ids`` are the model's end-of-sequence ids, suppressed with the stop ids until
-    ``min_tokens`` outputs exist (unless ``ignore_eos``).
+    ``min_tokens`` outputs exist (unless ``ignore_eos``); ``allowed_tokens`` (``[vocab]`` bool, from
+    the request's grammar; None: every token) masks the rest to -inf before temperature, top-k and top-p.
     """
 
     params: SamplingParams
@@ -73,6 +75,7 @@ class SamplingRow:
     prompt_token_ids: np.ndarray  # [prompt_len] int64
     output_token_ids: np.ndarray  # [num_output_tokens] int64; its length is the generation index
     eos_token_ids: tuple[int, ...] = ()
+    allowed_tokens: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < _MAX_SEED:
@@ -87,11 +90,18 @@ class SamplingRow:
         return len(self.output_token_ids)
 
     def suppressed_token_ids(self) -> tuple[int, ...]:
-        """Ids that may not be sampled yet because fewer than ``min_tokens`` outputs exist."""
+        """Ids that may not be sampled yet because fewer than ``min_tokens`` outputs exist. None when a
+        grammar allows nothing else (its output is complete): the grammar wins over min_tokens."""
         if self.generation_index >= self.params.min_tokens:
             return ()
         eos = () if self.params.ignore_eos else self.eos_token_ids
-        return tuple(sorted(set(self.params.stop_token_ids) | set(eos)))
+        suppressed = tuple(sorted(set(self.params.stop_token_ids) | set(eos)))
+        if self.allowed_tokens is not None and suppressed:
+            others = self.allowed_tokens.copy()
+            others[[t for t in suppressed if t < len(others)]] = False
+            if not others.any():
+                return ()
+        return suppressed
 
 
 def _array(values: Sequence[float | int], dtype: type) -> np.ndarray:
@@ -116,6 +126,9 @@ class SamplingBatch:
     output_token_ids: tuple[np.ndarray, ...] = field(repr=False)
     suppressed_token_ids: tuple[tuple[int, ...], ...] = ()
     logit_bias: tuple[tuple[tuple[int, float], ...], ...] = ()  # per row: (token id, bias) pairs
+    # [B, V] bool, False = masked to -inf (the rows' grammars; rows without one allow every token);
+    # None when no row has a grammar
+    allowed_tokens: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         batch = len(self.seeds)
@@ -124,6 +137,8 @@ class SamplingBatch:
                  self.prompt_token_ids, self.output_token_ids, self.suppressed_token_ids]
         if self.logit_bias:
             sized.append(self.logit_bias)
+        if self.allowed_tokens is not None:
+            sized.append(self.allowed_tokens)
         if any(len(values) != batch for values in sized):
             raise ValueError("every per-row field of SamplingBatch must have one entry per row")
         if self.vocab_size < 1:
@@ -155,6 +170,7 @@ class SamplingBatch:
             # () when no row has a bias, the common case: process_logits then skips the step
             logit_bias=(tuple(tuple((t, b) for t, b in p.logit_bias if t < vocab_size) for p in params)
                         if any(p.logit_bias for p in params) else ()),
+            allowed_tokens=_allowed_tokens(rows, vocab_size),
         )
 
     @property
@@ -166,14 +182,27 @@ class SamplingBatch:
         return self.temperature == 0.0
 
 
+def _allowed_tokens(rows: Sequence[SamplingRow], vocab_size: int) -> np.ndarray | None:
+    if all(row.allowed_tokens is None for row in rows):
+        return None
+    allowed = np.ones((len(rows), vocab_size), dtype=bool)
+    for i, row in enumerate(rows):
+        if row.allowed_tokens is not None:
+            if row.allowed_tokens.shape != (vocab_size,) or row.allowed_tokens.dtype != np.bool_:
+                raise ValueError(f"row {i}: allowed_tokens must be a [{vocab_size}] bool array")
+            allowed[i] = row.allowed_tokens
+    return allowed
+
+
 def is_plain_greedy(params: SamplingParams, generation_index: int, eos_token_ids: Collection[int]) -> bool:
     """Whether the token at ``generation_index`` is simply the argmax of the raw logits.
 
     True for a greedy request without penalties whose row suppresses nothing (min_tokens reached, or
     no stop/eos id to suppress): ``process_logits`` would return its logits unchanged, so callers may
-    skip building a ``SamplingBatch``. A later index of the same request is then plain greedy too.
+    skip building a ``SamplingBatch``. Never for a request with a grammar (its mask changes the
+    argmax). A later index of the same request is then plain greedy too.
     """
-    if not params.greedy or params.has_penalties:
+    if not params.greedy or params.has_penalties or params.grammar is not None:
         return False
     if generation_index >= params.min_tokens:
         return True
@@ -187,13 +216,21 @@ def batch_uniforms(batch: SamplingBatch, stream: int = RngStream.SAMPLE) -> np.n
 
 
 def process_logits(logits: paddle.Tensor, batch: SamplingBatch) -> paddle.Tensor:
-    """Penalties, the logit bias, then min_tokens suppression: the logits greedy rows take the argmax of."""
+    """Penalties, the logit bias, the grammar mask, then min_tokens suppression: the logits greedy rows
+    take the argmax of."""
     _check_logits(logits, batch)
     logits = apply_penalties(logits, batch.prompt_token_ids, batch.output_token_ids,
                              batch.repetition_penalty, batch.presence_penalty, batch.frequency_penalty)
     if batch.logit_bias:
         logits = add_logit_bias(logits, batch.logit_bias)
+    if batch.allowed_tokens is not None:
+        logits = mask_tokens(logits, batch.allowed_tokens)
     return suppress_tokens(logits, batch.suppressed_token_ids)
+
+
+def mask_tokens(logits: paddle.Tensor, allowed: np.ndarray) -> paddle.Tensor:
+    """``logits`` with every token ``allowed`` ([B, V] bool) does not hold set to -inf; a new tensor."""
+    return paddle.where(paddle.to_tensor(allowed), logits, paddle.full_like(logits, float("-inf")))
 
 
 def add_logit_bias(logits: paddle.Tensor, logit_bias: Sequence[Sequence[tuple[int, float]]]) -> paddle.Tensor:

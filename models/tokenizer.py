@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -178,6 +179,16 @@ class Tokenizer:
         for name in ("config.json", "generation_config.json"):
             ids += _config_token_ids(_read_json(model_dir / name).get("eos_token_id"))
         return tuple(dict.fromkeys(ids))  # unique, in order of appearance
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (what llguidance builds its token masks from)."""
+        return self._backend.to_str()
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template reads the ``tools`` variable (renders tool definitions)."""
+        return self._compiled_template is not None and "tools" in jinja2.meta.find_undeclared_variables(
+            self._compiled_template.environment.parse(self.chat_template or ""))
 
     @property
     def vocab_size(self) -> int:

@@ -53,6 +53,7 @@ from pdserve.router.protocol import (
 )
 from pdserve.router.registry import Registry
 from pdserve.router.responses import ResponseBuilder, gather_or_cancel
+from pdserve.router.tool_calls import make_tool_call_parser
 from pdserve.rpc import node_pb2
 from pdserve.rpc.registry import HEARTBEAT_PATH, NODES_PATH, NodeInfoError, decode_node
 
@@ -80,7 +81,8 @@ def build_state(config: RouterConfig, registry: Registry, tokenizer: Tokenizer |
     pool = NodePool(registry, config.model_name, config.health,
                     build_policy(config.policy.prefill, config.policy, policy_seed),
                     build_policy(config.policy.decode, config.policy, policy_seed), metrics)
-    return RouterState(config, registry, pool, Preparer(tokenizer, config.model_name, max_len),
+    return RouterState(config, registry, pool, Preparer(tokenizer, config.model_name, max_len,
+                                                               make_tool_call_parser(config.tool_call_parser)),
                        Admission(config.admission), Dispatcher(pool, config.retry, metrics,
                                                                config.admission.retry_after_s), metrics,
                        ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare"))

@@ -16,6 +16,7 @@ from pdserve.router.config import (
     RouterConfig,
     default_model_dir,
 )
+from pdserve.router.tool_calls import TOOL_CALL_PARSERS
 
 
 def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -36,6 +37,8 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--max-inflight-tokens", type=int, default=1 << 20)
     p.add_argument("--retry-attempts", type=int, default=3)
     p.add_argument("--health-interval", type=float, default=2.0)
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
+                   help="how the model writes tool calls (vLLM's flag); without it tools are refused")
     p.add_argument("--workers", type=int, default=1,
                    help="router processes sharing the port (admission limits are per worker)")
     p.set_defaults(handler=_run)
@@ -54,7 +57,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         registry=RegistryConfig(backend=args.registry, heartbeat_ttl_s=args.heartbeat_ttl),
         policy=PolicyConfig(prefill=args.prefill_policy, decode=args.decode_policy,
                             block_size=args.block_size),
-        log_level=args.log_level, workers=args.workers,
+        log_level=args.log_level, workers=args.workers, tool_call_parser=args.tool_call_parser,
     )
 
 

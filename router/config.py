@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pdserve.models
+from pdserve.router.tool_calls import TOOL_CALL_PARSERS
 
 POLICY_NAMES = ("round_robin", "random", "power_of_two", "prefix_aware")
 ROUTED_ROLES = ("prefill", "decode")  # the decode policy also picks among mixed nodes
@@ -131,6 +132,8 @@ class RouterConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     log_level: str = "warning"
+    # how tool calls are written in this model's output (router/tool_calls.py); None: tools are refused
+    tool_call_parser: str | None = None
     # processes serving the port (SO_REUSEPORT), each with its own event loop, node channels and
     # admission limits; with the embedded registry they share one view through files on /dev/shm
     workers: int = 1
@@ -143,6 +146,8 @@ class RouterConfig:
             ("model_dir", Path(self.model_dir).is_dir(), "must be an existing directory"),
             ("max_model_len", self.max_model_len is None or self.max_model_len >= 2, "must be >= 2"),
             ("max_body_bytes", self.max_body_bytes >= 1024, "must be >= 1024"),
+            ("tool_call_parser", self.tool_call_parser is None or self.tool_call_parser in TOOL_CALL_PARSERS,
+             f"must be one of {', '.join(sorted(TOOL_CALL_PARSERS))}"),
         ], self)
         if not all(isinstance(k, str) and k for k in self.api_keys):
             raise RouterConfigError("api_keys must be non-empty strings")  # never echo a key

@@ -6,13 +6,15 @@ import hashlib
 import itertools
 import json
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from pdserve.common.sampling_params import SamplingParams, SamplingParamsError
+from pdserve.common.grammar import GrammarError, compile_grammar, grammar_tokenizer
+from pdserve.common.sampling_params import GrammarSpec, SamplingParams, SamplingParamsError
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.errors import APIError
 from pdserve.router.protocol import (
@@ -25,10 +27,13 @@ from pdserve.router.protocol import (
     _SamplingFields,
     unsupported_fields,
 )
+from pdserve.router.tool_calls import ToolCallParser
 from pdserve.rpc import node_pb2
 from pdserve.rpc.convert import sampling_to_proto
 
 MAX_CHOICES = 128  # prompts x n of one request: each is its own node request
+# grammars llguidance accepted, remembered so that a repeated schema is not compiled again
+_CHECKED_GRAMMARS_KEPT = 512
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ class Prepared:
     prompt_only: bool = False
     index: int = 0  # the choice's index in the response: prompt i, choice j -> i * n + j
     first_of_prompt: bool = True  # usage counts each prompt once, not once per choice
+    # chat with tools (tool_choice auto, required or named): the output is parsed into tool calls
+    tool_parser: ToolCallParser | None = None
+    max_tool_calls: int | None = None  # parallel_tool_calls false: 1
 
     @property
     def token_budget(self) -> int:
@@ -114,6 +122,27 @@ def _check_content_parts(messages: list[ChatMessage]) -> None:
                                "invalid_value")
 
 
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it (HF's convention: a tool call's arguments as an object)."""
+    rendered: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name:
+        rendered["name"] = message.name
+    if message.tool_call_id is not None:
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        rendered["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+            "name": call.function.name, "arguments": _arguments_object(call.function.arguments)}}
+            for call in message.tool_calls]
+    return rendered
+
+
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
 _ID_PREFIX = os.urandom(8).hex()  # unique per router process: ids never collide across routers
 _ID_COUNTER = itertools.count()
 
@@ -129,10 +158,15 @@ def _choice_id(request_id: str, index: int, count: int) -> str:
 
 
 class Preparer:
-    def __init__(self, tokenizer: Tokenizer, model_name: str, max_model_len: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, model_name: str, max_model_len: int,
+                 tool_call_parser: ToolCallParser | None = None) -> None:
         self.tokenizer = tokenizer
         self._model_name = model_name
         self.max_model_len = max_model_len
+        self.tool_call_parser = tool_call_parser
+        self._grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built on first use
+        self._checked_grammars: dict[GrammarSpec, None] = {}
+        self._grammar_lock = threading.Lock()  # prepare runs on the loop and on the prepare pool's threads
 
     def completion(self, req: CompletionRequest) -> PreparedBatch:
         self._check_common(req)
@@ -150,6 +184,7 @@ class Preparer:
         if prompt_only and not req.echo:
             raise APIError(400, "max_tokens=0 needs echo=true (it returns the prompt and its logprobs only)",
                            "max_tokens", "invalid_value")
+        grammar = self._grammar(self._guided(req))
         request_id = _next_request_id()
         choices = []
         for i, (token_ids, text) in enumerate(prompts):
@@ -158,7 +193,7 @@ class Preparer:
                 choices.append(self._build(
                     req, token_ids, text, 1 if prompt_only else max_tokens, req.logprobs, req.echo,
                     prompt_only, _choice_id(request_id, index, len(prompts) * best_of), index, j,
-                    rank=best_of > req.n))
+                    rank=best_of > req.n, grammar=grammar))
         return PreparedBatch(request_id, tuple(choices), n=req.n, best_of=best_of)
 
     def _completion_prompts(self, prompt: str | list[int] | list[str] | list[list[int]]
@@ -185,15 +220,113 @@ class Preparer:
         self._check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
-        text = self._render_chat(req.messages, req.add_generation_prompt)
+        tools, forced_call = self._tools(req)
+        sources = self._guided(req) + self._response_format(req)
+        if forced_call is not None:
+            sources.append(("tool_choice", forced_call))
+        grammar = self._grammar(sources)
+        text = self._render_chat(req.messages, req.add_generation_prompt, tools)
         token_ids, text = self._truncate(req, self.tokenizer.encode(text, add_special_tokens=False), text)
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         request_id = _next_request_id()
+        parser = self.tool_call_parser if tools else None
+        max_calls = 1 if req.parallel_tool_calls is False else None
         return PreparedBatch(request_id, tuple(
-            self._build(req, token_ids, text, max_tokens, top, False, False,
-                        _choice_id(request_id, j, req.n), j, j)
+            replace(self._build(req, token_ids, text, max_tokens, top, False, False,
+                                _choice_id(request_id, j, req.n), j, j, grammar=grammar),
+                    tool_parser=parser, max_tool_calls=max_calls)
             for j in range(req.n)), n=req.n, best_of=req.n)
+
+    # ---- structured output and tools
+    def _guided(self, req: _SamplingFields) -> list[tuple[str, GrammarSpec]]:
+        """vLLM's guided_* fields, each as (field, grammar)."""
+        sources: list[tuple[str, GrammarSpec]] = []
+        if req.guided_json is not None:
+            schema = req.guided_json if isinstance(req.guided_json, str) else json.dumps(req.guided_json)
+            sources.append(("guided_json", self._spec("guided_json", "json_schema", schema)))
+        if req.guided_regex is not None:
+            sources.append(("guided_regex", self._spec("guided_regex", "regex", req.guided_regex)))
+        if req.guided_choice is not None:
+            choices = json.dumps(req.guided_choice)
+            sources.append(("guided_choice", self._spec("guided_choice", "choice", choices)))
+        if req.guided_grammar is not None:
+            sources.append(("guided_grammar", self._spec("guided_grammar", "lark", req.guided_grammar)))
+        return sources
+
+    def _response_format(self, req: ChatCompletionRequest) -> list[tuple[str, GrammarSpec]]:
+        fmt = req.response_format
+        if fmt is None or fmt.type == "text":
+            return []
+        if fmt.type == "json_object":
+            return [("response_format", GrammarSpec("json_object"))]
+        if fmt.json_schema is None:
+            raise APIError(400, "response_format: type json_schema needs a json_schema object",
+                           "response_format", "invalid_value")
+        schema = fmt.json_schema.schema_
+        if schema is None:
+            return [("response_format", GrammarSpec("json_object"))]
+        return [("response_format", self._spec("response_format", "json_schema", json.dumps(schema)))]
+
+    @staticmethod
+    def _spec(field: str, kind: str, text: str) -> GrammarSpec:
+        try:
+            return GrammarSpec(kind, text)
+        except SamplingParamsError as e:
+            raise APIError(400, f"{field}: {e}", field, "invalid_value") from e
+
+    def _grammar(self, sources: list[tuple[str, GrammarSpec]]) -> GrammarSpec | None:
+        """The one grammar asked for, checked by llguidance (a 400 naming the field if it cannot compile)."""
+        if not sources:
+            return None
+        if len(sources) > 1:
+            names = ", ".join(name for name, _ in sources)
+            raise APIError(400, f"only one structured-output constraint may be given (got {names})",
+                           sources[1][0], "invalid_value")
+        field, spec = sources[0]
+        if spec in self._checked_grammars:
+            return spec
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                self._grammar_tokenizer = grammar_tokenizer(self.tokenizer.to_json(),
+                                                            self.tokenizer.eos_token_ids)
+        try:
+            compile_grammar(spec, self._grammar_tokenizer)
+        except GrammarError as e:
+            raise APIError(400, f"{field}: {e}", field, "invalid_value") from e
+        with self._grammar_lock:
+            if len(self._checked_grammars) >= _CHECKED_GRAMMARS_KEPT:
+                self._checked_grammars.pop(next(iter(self._checked_grammars)))
+            self._checked_grammars[spec] = None
+        return spec
+
+    def _tools(self, req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], GrammarSpec | None]:
+        """(the tools to render, the grammar of a forced call) for tool_choice; ([], None) without tools."""
+        choice = req.tool_choice
+        if not req.tools:
+            if choice not in (None, "none"):
+                raise APIError(400, "tool_choice needs tools", "tool_choice", "invalid_value")
+            return [], None
+        parser = self.tool_call_parser
+        if parser is None:
+            raise APIError(400, "tools: this model has no tool-call parser configured (start the router with "
+                                "--tool-call-parser)", "tools", "unsupported_parameter")
+        if not self.tokenizer.renders_tools:
+            raise APIError(400, "tools: this model's chat template does not render tools", "tools",
+                           "unsupported_parameter")
+        if choice == "none":
+            return [], None  # no call may be made, so no tool is shown to the model
+        functions = [tool.function.model_dump(exclude_none=True) for tool in req.tools]
+        tools = [{"type": "function", "function": f} for f in functions]
+        if choice is None or choice == "auto":
+            return tools, None
+        if choice == "required":
+            return tools, parser.forced_grammar(functions)
+        named = [f for f in functions if f["name"] == choice.function.name]
+        if not named:
+            raise APIError(400, f"tool_choice: no tool named {choice.function.name!r} in tools",
+                           "tool_choice", "invalid_value")
+        return tools, parser.forced_grammar(named)
 
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         """vLLM's /tokenize answer: ``count``, ``max_model_len``, ``tokens``, ``token_strs``."""
@@ -236,12 +369,13 @@ class Preparer:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{self._model_name!r}", "model", "model_not_found")
 
-    def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                     tools: list[dict[str, Any]] | None = None) -> str:
         _check_content_parts(messages)
-        rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in messages]
+        rendered = [_template_message(m) for m in messages]
         try:
-            return self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                                      tools=tools or None)
         except jinja2.TemplateError as e:  # the model's template refused these messages
             raise APIError(422, f"the chat template rejected the messages: {e}", "messages",
                            "chat_template_error") from e
@@ -300,7 +434,7 @@ class Preparer:
 
     def _build(self, req: _SamplingFields, token_ids: list[int], text: str, max_tokens: int | None,
                top_logprobs: int | None, echo: bool, prompt_only: bool, request_id: str, index: int,
-               choice: int, rank: bool = False) -> Prepared:
+               choice: int, rank: bool = False, grammar: GrammarSpec | None = None) -> Prepared:
         """``rank``: a best_of candidate, whose tokens' logprobs the node must report for the ranking
         even when the client asked for none (the response then shows none)."""
         budget = self._context_budget(len(token_ids), max_tokens)
@@ -318,6 +452,7 @@ class Preparer:
                 logit_bias=self._logit_bias(req.logit_bias),
                 # completions' echo + logprobs: the echoed prompt tokens get theirs too (OpenAI's API)
                 prompt_logprobs=top_logprobs if echo else None,
+                grammar=grammar,
             )
         except SamplingParamsError as e:  # the message starts with the field's name
             raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from e

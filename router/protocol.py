@@ -8,13 +8,15 @@ value is a 400 naming the field; cross-field rules (context length, n) are check
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_GUIDED_CHOICES = 1024
+MAX_TOOLS = 128
 UINT32_MAX = 2**32 - 1
 
 
@@ -58,6 +60,15 @@ def unsupported_fields(req: _Body) -> list[str]:
     options = getattr(req, "stream_options", None)
     if options is not None:
         names += [f"stream_options.{name}" for name in options.set_extra_fields()]
+    response_format = getattr(req, "response_format", None)
+    if response_format is not None:
+        names += [f"response_format.{name}" for name in response_format.set_extra_fields()]
+        if response_format.json_schema is not None:
+            names += [f"response_format.json_schema.{name}"
+                      for name in response_format.json_schema.set_extra_fields()]
+    for i, tool in enumerate(getattr(req, "tools", None) or ()):
+        names += [f"tools[{i}].{name}" for name in tool.set_extra_fields()]
+        names += [f"tools[{i}].function.{name}" for name in tool.function.set_extra_fields()]
     for i, message in enumerate(getattr(req, "messages", None) or ()):
         names += [f"messages[{i}].{name}" for name in message.set_extra_fields()]
         if isinstance(message.content, list):
@@ -93,6 +104,14 @@ class _SamplingFields(_Body):
                                                            "-1: the model's context")
     logit_bias: dict[BiasKey, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS_ENTRIES,
                                                    description="token id (a string) -> bias in [-100, 100]")
+    # vLLM's structured-output extensions: at most one of them (or response_format, or a forced tool call)
+    guided_json: dict[str, Any] | Text | None = Field(
+        default=None, description="extension: output is JSON valid against this schema (a dict or its text)")
+    guided_regex: Text | None = Field(default=None, min_length=1, description="extension: output matches it")
+    guided_choice: list[Text] | None = Field(default=None, min_length=1, max_length=MAX_GUIDED_CHOICES,
+                                             description="extension: output is exactly one of these")
+    guided_grammar: Text | None = Field(default=None, min_length=1,
+                                        description="extension: a Lark grammar (llguidance's dialect)")
 
 
 class CompletionRequest(_SamplingFields):
@@ -113,10 +132,25 @@ class ContentPart(_Body):
     text: Text | None = None
 
 
+class FunctionCall(_Body):
+    name: Text = Field(max_length=256)
+    arguments: Text = Field(description="the arguments as a JSON object's text")
+
+
+class ToolCall(_Body):
+    """A tool call of an earlier assistant message, sent back in the conversation."""
+
+    id: Text = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = Field(default=None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(default=None, description="assistant messages")
+    tool_call_id: Text | None = Field(default=None, max_length=256, description="tool messages")
 
     def text(self) -> str:
         if self.content is None:
@@ -126,8 +160,47 @@ class ChatMessage(_Body):
         return "".join(part.text or "" for part in self.content)
 
 
+class JsonSchemaFormat(_Body):
+    name: Text = Field(min_length=1, max_length=256)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema",
+                                           description="absent: any JSON object")
+    strict: bool | None = Field(default=None, description="the output always follows the schema")
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(_Body):
+    name: Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="a JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: Text = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call")
     max_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     logprobs: bool = False

@@ -25,6 +25,7 @@ from pdserve.router.dispatch import StreamFailed
 from pdserve.router.errors import APIError, error_body
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.prepare import Prepared, PreparedBatch
+from pdserve.router.tool_calls import ParsedOutput, ToolCallParser
 from pdserve.rpc import node_pb2
 from pdserve.rpc.convert import tokens_from_proto
 
@@ -101,6 +102,8 @@ class _ChoiceFormatter:
         self._timer = timer
         self._text_offset = len(prepared.prompt_text) if prepared.echo else 0
         self.acc = _Accumulated()
+        self._tool_stream = (None if prepared.tool_parser is None
+                             else _ToolCallStream(prepared.tool_parser, prepared.max_tool_calls))
 
     # ---- pieces
     def _token_text(self, token_id: int) -> str:
@@ -171,6 +174,12 @@ class _ChoiceFormatter:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:
             choice["message"] = {"role": "assistant", "content": text}
+            if self._p.tool_parser is not None:
+                parsed = self._p.tool_parser.parse(text, self._p.max_tool_calls)
+                if parsed.tool_calls:
+                    choice["message"] = {"role": "assistant", "content": parsed.content or None,
+                                         "tool_calls": _tool_calls_json(parsed)}
+                    finish_reason = _tool_finish_reason(finish_reason)
         choice["logprobs"] = logprobs
         choice["finish_reason"] = finish_reason
         return choice
@@ -212,7 +221,11 @@ class _ChoiceFormatter:
                 echoed = self._logprobs(NO_TOKENS, self._p.prompt_token_ids, self.acc.prompt_logprobs)
                 yield self._choice(self._p.prompt_text, echoed, None)
             logprobs = self._logprobs(self.acc.tokens[-1])
-            choice = self._choice(chunk.text, logprobs, chunk.finish_reason or None, first=first)
+            if self._tool_stream is not None:
+                choice = self._tool_stream.choice(self._p.index, chunk.text, logprobs,
+                                                  chunk.finish_reason or None, first)
+            else:
+                choice = self._choice(chunk.text, logprobs, chunk.finish_reason or None, first=first)
             first = False
             if chunk.HasField("speculate_metrics"):
                 choice["speculate_metrics"] = speculate_metrics_json(chunk.speculate_metrics)
@@ -220,6 +233,46 @@ class _ChoiceFormatter:
         self._timer.done()
         if self._p.prompt_only:
             yield self.final_choice(streaming=True)
+
+
+def _tool_calls_json(parsed: ParsedOutput, with_index: bool = False) -> list[dict[str, Any]]:
+    return [{**({"index": i} if with_index else {}), "id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}
+            for i, call in enumerate(parsed.tool_calls)]
+
+
+def _tool_finish_reason(finish_reason: str | None) -> str | None:
+    # OpenAI ends a turn that called tools with "tool_calls"; a cut-off output stays "length"
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+class _ToolCallStream:
+    """Streamed chat with tools: content deltas for the text that cannot be part of a call; the
+    calls, parsed from the whole output, as ``tool_calls`` deltas (each call's id, name and
+    arguments in one delta, index-numbered as OpenAI's) in the last event."""
+
+    def __init__(self, parser: ToolCallParser, max_calls: int | None) -> None:
+        self._parser = parser
+        self._max_calls = max_calls
+        self._text = ""
+        self._sent = 0
+
+    def choice(self, index: int, text: str, logprobs: Any, finish_reason: str | None,
+               first: bool) -> dict[str, Any]:
+        self._text += text
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if finish_reason is None:
+            safe = self._parser.content_prefix_len(self._text)
+            delta["content"] = self._text[self._sent:safe] if safe > self._sent else ""
+            self._sent = max(self._sent, safe)
+        else:
+            parsed = self._parser.parse(self._text, self._max_calls)
+            if parsed.tool_calls:
+                delta["tool_calls"] = _tool_calls_json(parsed, with_index=True)
+                finish_reason = _tool_finish_reason(finish_reason)
+            else:
+                delta["content"] = self._text[self._sent:]
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 class ResponseBuilder:

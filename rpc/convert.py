@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.sampling_params import GrammarSpec, SamplingParams
 from pdserve.common.tokens import SampledTokens
 from pdserve.rpc import node_pb2 as pb
 
@@ -15,6 +15,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         frequency_penalty=params.frequency_penalty, stop_token_ids=list(params.stop_token_ids),
         stop=list(params.stop), ignore_eos=params.ignore_eos, logprobs=params.logprobs,
         prompt_logprobs=params.prompt_logprobs, logit_bias=dict(params.logit_bias),
+        grammar=(None if params.grammar is None
+                 else pb.Grammar(kind=params.grammar.kind, text=params.grammar.text)),
     )
 
 
@@ -30,6 +32,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         logit_bias=tuple(sorted(msg.logit_bias.items())),
+        grammar=GrammarSpec(msg.grammar.kind, msg.grammar.text) if msg.HasField("grammar") else None,
     )
 
 

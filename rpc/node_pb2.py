@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\x0fpdserve.node.v1\"\xed\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x02\x88\x01\x01\x12\x42\n\nlogit_bias\x18\x10 \x03(\x0b\x32..pdserve.node.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"L\n\rPrefillTarget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x03 \x01(\t\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.pdserve.node.v1.SamplingParams\x12\x34\n\x07prefill\x18\x04 \x01(\x0b\x32\x1e.pdserve.node.v1.PrefillTargetH\x00\x88\x01\x01\x12\x14\n\x0cmerge_chunks\x18\x05 \x01(\x08\x42\n\n\x08_prefill\"y\n\rSampledTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0f\n\x07top_ids\x18\x05 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xba\x01\n\x10SpeculateMetrics\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x01 \x01(\r\x12\x17\n\x0frejected_tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x61\x63\x63\x65pt_ratio\x18\x03 \x01(\x02\x12\x1d\n\x15\x61verage_accept_length\x18\x04 \x01(\x02\x12 \n\x18\x61\x63\x63\x65pted_tokens_per_head\x18\x05 \x03(\r\x12\x1d\n\x15\x61\x63\x63\x65pt_ratio_per_head\x18\x06 \x03(\x02\"D\n\nTimingInfo\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\"\xbe\x02\n\rGenerateChunk\x12.\n\x06tokens\x18\x01 \x01(\x0b\x32\x1e.pdserve.node.v1.SampledTokens\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.pdserve.node.v1.Usage\x12<\n\x11speculate_metrics\x18\x06 \x01(\x0b\x32!.pdserve.node.v1.SpeculateMetrics\x12+\n\x06timing\x18\x07 \x01(\x0b\x32\x1b.pdserve.node.v1.TimingInfo\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x37\n\x0fprompt_logprobs\x18\t \x01(\x0b\x32\x1e.pdserve.node.v1.SampledTokens\"\x0e\n\x0cStatsRequest\"\xaa\x01\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x02\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\"\x0e\n\x0c\x44rainRequest\"3\n\rDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x10\n\x08inflight\x18\x02 \x01(\r2\xe2\x01\n\x04Node\x12N\n\x08Generate\x12 .pdserve.node.v1.GenerateRequest\x1a\x1e.pdserve.node.v1.GenerateChunk0\x01\x12\x42\n\x05Stats\x12\x1d.pdserve.node.v1.StatsRequest\x1a\x1a.pdserve.node.v1.NodeStats\x12\x46\n\x05\x44rain\x12\x1d.pdserve.node.v1.DrainRequest\x1a\x1e.pdserve.node.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\x0fpdserve.node.v1\"\xa9\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x02\x88\x01\x01\x12\x42\n\nlogit_bias\x18\x10 \x03(\x0b\x32..pdserve.node.v1.SamplingParams.LogitBiasEntry\x12.\n\x07grammar\x18\x14 \x01(\x0b\x32\x18.pdserve.node.v1.GrammarH\x03\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\n\n\x08_grammar\"%\n\x07Grammar\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"L\n\rPrefillTarget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x03 \x01(\t\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.pdserve.node.v1.SamplingParams\x12\x34\n\x07prefill\x18\x04 \x01(\x0b\x32\x1e.pdserve.node.v1.PrefillTargetH\x00\x88\x01\x01\x12\x14\n\x0cmerge_chunks\x18\x05 \x01(\x08\x42\n\n\x08_prefill\"y\n\rSampledTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0f\n\x07top_ids\x18\x05 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xba\x01\n\x10SpeculateMetrics\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x01 \x01(\r\x12\x17\n\x0frejected_tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x61\x63\x63\x65pt_ratio\x18\x03 \x01(\x02\x12\x1d\n\x15\x61verage_accept_length\x18\x04 \x01(\x02\x12 \n\x18\x61\x63\x63\x65pted_tokens_per_head\x18\x05 \x03(\r\x12\x1d\n\x15\x61\x63\x63\x65pt_ratio_per_head\x18\x06 \x03(\x02\"D\n\nTimingInfo\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\"\xbe\x02\n\rGenerateChunk\x12.\n\x06tokens\x18\x01 \x01(\x0b\x32\x1e.pdserve.node.v1.SampledTokens\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.pdserve.node.v1.Usage\x12<\n\x11speculate_metrics\x18\x06 \x01(\x0b\x32!.pdserve.node.v1.SpeculateMetrics\x12+\n\x06timing\x18\x07 \x01(\x0b\x32\x1b.pdserve.node.v1.TimingInfo\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x37\n\x0fprompt_logprobs\x18\t \x01(\x0b\x32\x1e.pdserve.node.v1.SampledTokens\"\x0e\n\x0cStatsRequest\"\xaa\x01\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x02\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\"\x0e\n\x0c\x44rainRequest\"3\n\rDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x10\n\x08inflight\x18\x02 \x01(\r2\xe2\x01\n\x04Node\x12N\n\x08Generate\x12 .pdserve.node.v1.GenerateRequest\x1a\x1e.pdserve.node.v1.GenerateChunk0\x01\x12\x42\n\x05Stats\x12\x1d.pdserve.node.v1.StatsRequest\x1a\x1a.pdserve.node.v1.NodeStats\x12\x46\n\x05\x44rain\x12\x1d.pdserve.node.v1.DrainRequest\x1a\x1e.pdserve.node.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=32
-  _globals['_SAMPLINGPARAMS']._serialized_end=525
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=435
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=483
-  _globals['_PREFILLTARGET']._serialized_start=527
-  _globals['_PREFILLTARGET']._serialized_end=603
-  _globals['_GENERATEREQUEST']._serialized_start=606
-  _globals['_GENERATEREQUEST']._serialized_end=808
-  _globals['_SAMPLEDTOKENS']._serialized_start=810
-  _globals['_SAMPLEDTOKENS']._serialized_end=931
-  _globals['_USAGE']._serialized_start=933
-  _globals['_USAGE']._serialized_end=990
-  _globals['_SPECULATEMETRICS']._serialized_start=993
-  _globals['_SPECULATEMETRICS']._serialized_end=1179
-  _globals['_TIMINGINFO']._serialized_start=1181
-  _globals['_TIMINGINFO']._serialized_end=1249
-  _globals['_GENERATECHUNK']._serialized_start=1252
-  _globals['_GENERATECHUNK']._serialized_end=1570
-  _globals['_STATSREQUEST']._serialized_start=1572
-  _globals['_STATSREQUEST']._serialized_end=1586
-  _globals['_NODESTATS']._serialized_start=1589
-  _globals['_NODESTATS']._serialized_end=1759
-  _globals['_DRAINREQUEST']._serialized_start=1761
-  _globals['_DRAINREQUEST']._serialized_end=1775
-  _globals['_DRAINRESPONSE']._serialized_start=1777
-  _globals['_DRAINRESPONSE']._serialized_end=1828
-  _globals['_NODE']._serialized_start=1831
-  _globals['_NODE']._serialized_end=2057
+  _globals['_SAMPLINGPARAMS']._serialized_end=585
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=483
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=531
+  _globals['_GRAMMAR']._serialized_start=587
+  _globals['_GRAMMAR']._serialized_end=624
+  _globals['_PREFILLTARGET']._serialized_start=626
+  _globals['_PREFILLTARGET']._serialized_end=702
+  _globals['_GENERATEREQUEST']._serialized_start=705
+  _globals['_GENERATEREQUEST']._serialized_end=907
+  _globals['_SAMPLEDTOKENS']._serialized_start=909
+  _globals['_SAMPLEDTOKENS']._serialized_end=1030
+  _globals['_USAGE']._serialized_start=1032
+  _globals['_USAGE']._serialized_end=1089
+  _globals['_SPECULATEMETRICS']._serialized_start=1092
+  _globals['_SPECULATEMETRICS']._serialized_end=1278
+  _globals['_TIMINGINFO']._serialized_start=1280
+  _globals['_TIMINGINFO']._serialized_end=1348
+  _globals['_GENERATECHUNK']._serialized_start=1351
+  _globals['_GENERATECHUNK']._serialized_end=1669
+  _globals['_STATSREQUEST']._serialized_start=1671
+  _globals['_STATSREQUEST']._serialized_end=1685
+  _globals['_NODESTATS']._serialized_start=1688
+  _globals['_NODESTATS']._serialized_end=1858
+  _globals['_DRAINREQUEST']._serialized_start=1860
+  _globals['_DRAINREQUEST']._serialized_end=1874
+  _globals['_DRAINRESPONSE']._serialized_start=1876
+  _globals['_DRAINRESPONSE']._serialized_end=1927
+  _globals['_NODE']._serialized_start=1930
+  _globals['_NODE']._serialized_end=2156
 # @@protoc_insertion_point(module_scope)

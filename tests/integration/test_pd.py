@@ -95,8 +95,12 @@ def test_pd_greedy_and_seeded_equal_mixed(nodes: dict[str, Node], prompts: dict[
     prefill, decode, mixed = nodes[prefill_name], nodes["decode"], nodes["mixed"]
     greedy = sampling(16, logprobs=5)
     seeded = sampling(16, temperature=0.8, seed=1234, logprobs=5)
+    # structured output: P's first token is sampled under the grammar, D checks it and decodes on
+    grammar = pb.Grammar(kind="regex", text=r"(return|print)\([a-z_]{1,10}(, [0-9]{1,3})?\)")
+    constrained = (sampling(16, logprobs=5, grammar=grammar),
+                   sampling(16, temperature=0.8, seed=1234, logprobs=5, grammar=grammar))
     for name, ids in prompts.items():
-        for params in (greedy, seeded):
+        for params in (greedy, seeded, *constrained):
             pd = generate(decode, rid(f"pd-{name}"), ids, params, prefill=prefill)
             ref = generate(mixed, rid(f"mixed-{name}"), ids, params)
             assert pd.token_ids == ref.token_ids, (name, params.temperature)
@@ -189,7 +193,8 @@ def test_abort_mid_decode_frees_blocks(nodes: dict[str, Node], prompts: dict[str
     sampling(8, temperature=-1.0),
     sampling(8, logprobs=21),
     sampling(8, min_tokens=9),
-], ids=["max_tokens", "top_p", "temperature", "logprobs", "min_tokens"])
+    sampling(8, grammar=pb.Grammar(kind="yaml", text="a: 1")),
+], ids=["max_tokens", "top_p", "temperature", "logprobs", "min_tokens", "grammar_kind"])
 @pytest.mark.parametrize("node_name", ["decode", "mixed"])
 def test_bad_sampling_params_are_invalid_argument(nodes: dict[str, Node], prompts: dict[str, list[int]],
                                                   bad: pb.SamplingParams, node_name: str) -> None:
@@ -201,6 +206,21 @@ def test_bad_sampling_params_are_invalid_argument(nodes: dict[str, Node], prompt
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     time.sleep(3 * STATS_MIN_INTERVAL_S)  # long enough for an allocation to show in the stats
     assert node.all_blocks_free(), node.stats()
+
+
+def test_a_grammar_the_engine_cannot_compile_is_rejected(nodes: dict[str, Node],
+                                                         prompts: dict[str, list[int]]) -> None:
+    """The engine's typed rejection (the router refuses such grammars before they get here): the decode
+    node's reservation fails with INVALID_ARGUMENT, a mixed node ends the stream with an error chunk."""
+    bad = sampling(8, grammar=pb.Grammar(kind="regex", text="a(b"))
+    with pytest.raises(grpc.RpcError) as err:
+        generate(nodes["decode"], rid("bad-grammar"), prompts["short"], bad, prefill=nodes["prefill_shm"],
+                 timeout_s=10.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regex" in err.value.details()
+    mixed = generate(nodes["mixed"], rid("bad-grammar"), prompts["short"], bad, timeout_s=10.0)
+    assert mixed.finish_reason == "error" and "regex" in mixed.chunks[-1].error and not mixed.token_ids
+    for node in (nodes["decode"], nodes["mixed"]):
+        assert wait_until(node.all_blocks_free, 2.0), node.stats()
 
 
 @pytest.mark.parametrize("prompt", [[1, 2, 8192], [2**31], []], ids=["vocab_size", "huge", "empty"])

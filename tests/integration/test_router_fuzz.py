@@ -29,7 +29,9 @@ VALID = {
 }
 # the fields this fuzz must reach (it fails if the schema stops declaring them)
 NEW_FIELDS = {"/v1/completions": {"n", "best_of", "logit_bias", "max_completion_tokens", "prompt"},
-              "/v1/chat/completions": {"n", "logit_bias", "max_completion_tokens"},
+              "/v1/chat/completions": {"n", "logit_bias", "max_completion_tokens", "response_format", "tools",
+                                       "tool_choice", "parallel_tool_calls", "guided_json", "guided_regex",
+                                       "guided_choice", "guided_grammar"},
               "/tokenize": {"prompt", "messages", "add_special_tokens", "return_token_strs"},
               "/detokenize": {"tokens"}}
 FUZZ_SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
@@ -54,6 +56,37 @@ FIELD_VALUES = {
                                  max_size=4)),
     "tokens": st.lists(st.integers(min_value=-1, max_value=2**33), max_size=6),
 }
+# structured output and tools: schemas, patterns and grammars llguidance accepts or refuses
+schemas = st.one_of(
+    st.sampled_from([{"type": "object"}, {"type": "string", "maxLength": 3}, {"type": "no-such-type"},
+                     {"enum": []}, {"$ref": "#/missing"}, {"type": "integer", "minimum": 5, "maximum": 1},
+                     {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "number"}}}},
+                     {"anyOf": [{"type": "null"}, {"const": 1}]}, {"pattern": "(", "type": "string"}]),
+    st.dictionaries(st.sampled_from(["type", "properties", "items", "enum", "required", "x"]), json_scalars,
+                    max_size=3))
+STRUCTURED_VALUES = {
+    "guided_json": st.one_of(schemas, schemas.map(json.dumps), st.text(max_size=12)),
+    "guided_regex": st.one_of(st.sampled_from(["[0-9]+", "a(b", "(?P<x>a)", "\\", "a{2,1}", "^$", ".*"]),
+                              st.text(max_size=10)),
+    "guided_choice": st.lists(st.text(max_size=6), max_size=4),
+    "guided_grammar": st.one_of(st.sampled_from(['start: "a"+', "start: undefined", "x", 'start: %json {}']),
+                                st.text(max_size=12)),
+    "response_format": st.one_of(
+        st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "json_schema"},
+                         {"type": "xml"}]),
+        st.builds(lambda s, strict: {"type": "json_schema", "json_schema": {"name": "x", "schema": s,
+                                                                            "strict": strict}},
+                  schemas, st.booleans())),
+    "tools": st.lists(st.builds(lambda name, params: {"type": "function",
+                                                      "function": {"name": name, "parameters": params}},
+                                st.sampled_from(["f", "get_weather", "", "bad name", "x" * 70]), schemas),
+                      max_size=3),
+    "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required", "any"]),
+                             st.builds(lambda n: {"type": "function", "function": {"name": n}},
+                                       st.sampled_from(["f", "get_weather", "missing"]))),
+    "parallel_tool_calls": st.booleans(),
+}
+FIELD_VALUES.update(STRUCTURED_VALUES)
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=12)
 
@@ -65,7 +98,7 @@ def router() -> Iterator[tuple[BackgroundRouter, dict[str, list[str]]]]:
     # capacity", which is not what the fuzz looks for.
     config = RouterConfig(port=0, model_name=MODEL, health=HealthConfig(interval_s=1.0, timeout_s=5.0,
                                                                         eject_after=100),
-                          registry=RegistryConfig(heartbeat_ttl_s=3600.0))
+                          registry=RegistryConfig(heartbeat_ttl_s=3600.0), tool_call_parser="hermes")
     with StubNodeServer("fuzz-0", behavior=StubBehavior(tokens=2)) as node, BackgroundRouter(config) as r:
         register_with_router(r.url, node.info(capacity=64))
         schema = httpx.get(r.url + "/openapi.json").json()["components"]["schemas"]
@@ -106,6 +139,21 @@ def test_mutated_valid_requests_never_5xx(router: tuple[BackgroundRouter, dict[s
                                                       json_values, max_size=3))]
     content = json.dumps(body, allow_nan=False).encode()
     _check(_post(r.url + path, content), streaming=body.get("stream") is True)
+
+
+@FUZZ_SETTINGS
+@given(data=st.data())
+def test_structured_output_and_tool_fields_never_5xx(router: tuple[BackgroundRouter, dict[str, list[str]]],
+                                                     data: st.DataObject) -> None:
+    r, _ = router
+    path = data.draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    body: dict[str, Any] = dict(VALID[path])
+    allowed = sorted(STRUCTURED_VALUES) if path.endswith("chat/completions") else [
+        name for name in sorted(STRUCTURED_VALUES) if name.startswith("guided_")]
+    for name in data.draw(st.lists(st.sampled_from(allowed), min_size=1, max_size=3)):
+        body[name] = data.draw(STRUCTURED_VALUES[name])
+    body["stream"] = data.draw(st.booleans())
+    _check(_post(r.url + path, json.dumps(body).encode()), streaming=body["stream"])
 
 
 @FUZZ_SETTINGS

@@ -110,7 +110,7 @@ def test_chat_top_logprobs_needs_logprobs(preparer: Preparer) -> None:
     ({"logit_bias_x": {"5": 1}}, "logit_bias_x"),
     ({"prompt_logprobs": 2}, "prompt_logprobs"),
     ({"suffix": "end"}, "suffix"),
-    ({"guided_regex": "[a-z]+"}, "guided_regex"),
+    ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
     ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
      "stream_options.continuous_usage_stats"),
 ])
@@ -136,7 +136,7 @@ def test_stream_options_without_stream_is_refused(preparer: Preparer) -> None:
     ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
      "messages", "unsupported_content_type"),
     ({"role": "user", "content": [{"type": "text"}]}, "messages", "invalid_value"),
-    ({"role": "assistant", "content": "x", "tool_calls": [{"id": "c1"}]}, "messages[0].tool_calls",
+    ({"role": "assistant", "content": "x", "audio": {"id": "a1"}}, "messages[0].audio",
      "unsupported_parameter"),
 ])
 def test_chat_messages_are_honoured_or_refused(preparer: Preparer, message: dict[str, object], param: str,
