@@ -136,6 +136,27 @@ def test_sampled_requests_draw_the_same_tokens_on_every_rank() -> None:
     assert len({tuple(r.token_ids) for r in results}) > 1  # really sampled
 
 
+def test_grammar_constrained_outputs_of_two_ranks_equal_one() -> None:
+    """Structured output under TP: every rank masks with its own grammar matcher, in step."""
+    import re
+
+    from pdserve.common.sampling_params import GrammarSpec, SamplingParams
+    from pdserve.node.offline import generate
+
+    grammar = GrammarSpec(kind="regex", text=r"[a-z]{2,8}( [a-z]{2,8}){3}")
+    params = [SamplingParams(max_tokens=24, temperature=0.0, grammar=grammar),
+              SamplingParams(max_tokens=24, temperature=0.9, seed=7, grammar=grammar)]
+    outputs = {}
+    for size in (1, 2):
+        client, tokenizer, engine = _client(size, SPECULATIVE["mtp"])
+        with client:
+            outputs[size] = [r for p in params for r in generate(client, tokenizer, PROMPTS[:3], p,
+                                                                  speculative=engine.speculative)]
+    for one, two in zip(outputs[1], outputs[2], strict=True):
+        assert two.error is None and two.token_ids == one.token_ids
+        assert re.fullmatch(r"[a-z]{2,8}( [a-z]{2,8}){3}", two.text), two.text
+
+
 def test_only_rank_0_writes_the_record_stream() -> None:
     """Every record the reader takes was sent by rank 0: the queue's last sender is checked after each
     one (a second writer would also break the stream's sequence numbers, which the reader checks)."""
