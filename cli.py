@@ -92,6 +92,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="engine ranks per node (default 1)")
     up.add_argument("--prefill-tensor-parallel-size", type=int, default=None, help="overrides it for prefill")
     up.add_argument("--decode-tensor-parallel-size", type=int, default=None, help="overrides it for decode")
+    up.add_argument("--drain-timeout", type=float, default=None,
+                    help="SIGTERM: seconds in-flight requests get to finish (default 30)")
     up.set_defaults(handler=_up)
     add_router_parser(sub)
     add_deploy_parsers(sub)
@@ -110,6 +112,7 @@ def _up(args: argparse.Namespace) -> int:
         "tensor_parallel_size": args.tensor_parallel_size,
         "prefill_tensor_parallel_size": args.prefill_tensor_parallel_size,
         "decode_tensor_parallel_size": args.decode_tensor_parallel_size,
+        "drain_timeout_s": args.drain_timeout,
         "log_level": args.log_level,
     }
     if args.config is not None:
@@ -139,6 +142,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-lease", type=float, default=10.0, help="KV reservation lease, seconds")
     group.add_argument("--prefill-fallback", default="fail", choices=["fail", "local"],
                        help="decode node when its prefill peer fails: fail the request or prefill here")
+    group.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="SIGTERM: seconds in-flight requests get to finish before the node exits")
 
 
 def _node_config(args: argparse.Namespace):
@@ -157,7 +162,7 @@ def _node_config(args: argparse.Namespace):
         eos_token_ids=Tokenizer.from_dir(model_dir).eos_token_ids, registry_url=args.registry,
         registry_api_key=args.registry_api_key,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
-        prefill_fallback=args.prefill_fallback,
+        prefill_fallback=args.prefill_fallback, drain_timeout_s=args.drain_timeout,
         log_level=args.log_level,
     )
 

@@ -1,10 +1,10 @@
 """`pdserve host --spec FILE --host NAME`: start one host's part of a cluster spec.
 
 On each host of the spec, one command starts that host's router (where listed) and nodes, every
-socket bound to the host's address, and stops them on SIGTERM or Ctrl-C: nodes first (they deregister
-and free their queues and pools), then the router, each given the spec's drain_timeout_s before
-SIGKILL. Hosts may start in any order: nodes keep retrying registration until the registry answers.
-If any process of the host exits, the launcher stops the others and exits 1, so a supervisor
+socket bound to the host's address, and drains them on SIGTERM or Ctrl-C: the router and decode/mixed
+nodes first, then prefill nodes (Cluster.stop), each draining for the spec's drain_timeout_s and
+SIGKILLed 10 s after that. Hosts may start in any order: nodes keep retrying registration until the
+registry answers. If any process of the host exits, the launcher stops the others and exits 1, so a supervisor
 (systemd, Kubernetes) restarts the host as a whole.
 
 Process handling (start, the ready line, PR_SET_PDEATHSIG, ordered stop) is deploy/cluster.py's.
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pdserve.deploy.cluster import Cluster, ClusterError, Member
 from pdserve.deploy.spec import ClusterFile, HostSpec, NodeSpec
 
+DRAIN_EXIT_MARGIN_S = 10.0  # beyond the processes' own drain timeout, before SIGKILL
+
 
 @dataclass(frozen=True)
 class LaunchSettings:
@@ -32,7 +34,7 @@ class LaunchSettings:
 def router_argv(spec: ClusterFile, host: HostSpec, secret: str | None) -> list[str]:
     argv = [sys.executable, "-m", "pdserve.cli", "--log-level", spec.log_level, "router",
             "--host", host.address, "--port", str(host.router.port), "--model-name", spec.model_name,
-            "--registry", spec.registry]
+            "--registry", spec.registry, "--drain-timeout", str(spec.drain_timeout_s)]
     argv += ["--model", spec.model] if spec.model else []
     argv += ["--api-key", secret] if secret else []
     return argv
@@ -44,7 +46,7 @@ def node_argv(spec: ClusterFile, host: HostSpec, node: NodeSpec, secret: str | N
             "--data-port", str(node.data_port), "--model-name", spec.model_name,
             "--registry", spec.registry_target, "--threads", str(node.threads),
             "--num-blocks", str(node.num_blocks), "--max-num-seqs", str(node.max_num_seqs),
-            "--transport", node.transport]
+            "--transport", node.transport, "--drain-timeout", str(spec.drain_timeout_s)]
     argv += ["--metrics-port", str(node.metrics_port)] if node.metrics_port is not None else []
     argv += ["--model", spec.model] if spec.model else []
     argv += ["--speculative-config", spec.speculative_config] if spec.speculative_config else []
@@ -71,18 +73,20 @@ class HostLauncher(Cluster):
         spec, host = self.cluster_spec, self.host
         try:
             if host.router is not None:
-                self._start_member(Member("router", router_argv(spec, host, self.secret)), wait_ready=False)
+                self._start_member(Member("router", router_argv(spec, host, self.secret), "router"),
+                                   wait_ready=False)
                 self._wait_http(f"http://{host.address}:{host.router.port}/health", want_ok=False)
-            nodes = [Member(node.node_id, node_argv(spec, host, node, self.secret)) for node in host.nodes]
+            nodes = [Member(node.node_id, node_argv(spec, host, node, self.secret), node.role)
+                     for node in host.nodes]
             for member in nodes:
                 self._start_member(member, wait_ready=False)
             for member in nodes:
                 self._wait_ready(member)
         except BaseException:
-            self.stop(self.cluster_spec.drain_timeout_s)
+            self.stop(self.cluster_spec.drain_timeout_s + DRAIN_EXIT_MARGIN_S)
             raise
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         print(f"[pdserve host {self.host.name}] {text}", file=self._out, flush=True)
 
 
@@ -109,6 +113,6 @@ def run_host(spec: ClusterFile, host_name: str) -> int:
                 code = 1
                 break
     finally:
-        launcher.stop(spec.drain_timeout_s)
+        launcher.stop(spec.drain_timeout_s + DRAIN_EXIT_MARGIN_S)
     print(f"pdserve host {host.name}: stopped", file=sys.stderr)
     return code

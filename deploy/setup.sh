@@ -31,10 +31,12 @@ extras=""
 if [ "${1:-}" = "--test" ]; then
     extras="[test]"
     if [ "$(id -u)" = 0 ]; then sudo_cmd=""; else sudo_cmd="sudo"; fi
-    # redis-server: registry tests run a real one; iproute2: the multi-host test's network namespaces
+    # redis-server: registry tests run a real one; iproute2: the multi-host tests' network namespaces;
+    # nftables: the chaos suite's partitions and packet loss (this kernel has no netem)
     missing=""
     command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
     command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+    command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing="$missing nftables"
     if [ -n "$missing" ]; then
         say "installing$missing (apt)"
         quiet $sudo_cmd apt-get update -qq

@@ -6,7 +6,7 @@
     speculative_config: {method: mtp, num_speculative_tokens: 1}   # FastDeploy's JSON, every node
     registry: embedded               # the router's own registry, or redis://ADDRESS:PORT/DB
     secret: {file: /etc/pdserve/secret}   # or {env: VARIABLE}; omitted: no authentication
-    drain_timeout_s: 30              # after SIGTERM, how long a process may take before SIGKILL
+    drain_timeout_s: 30              # after SIGTERM, how long in-flight requests may take to finish
     hosts:
       r1: {address: 10.0.0.1, router: {port: 8000}}
       p1:

@@ -31,6 +31,22 @@ DETOKENIZE_CONTEXT_TOKENS = 5
 MAX_CONTINUATION_TOKENS = 3
 
 
+_LOSSLESS_PROBE = "a  b\t\n\n  c\u00e9 \u4e2d\u6587 \U0001f600 x=1;  # \u0301e"
+
+
+def _lossless(backend: HFTokenizer) -> bool:
+    """Whether the tokenizer keeps every byte of a text (byte-level BPE does; normalizers that fold
+    whitespace or case and pre-tokenizers that drop it do not), judged on a probe text."""
+    ids = backend.encode(_LOSSLESS_PROBE, add_special_tokens=False).ids
+    return backend.decode(ids, skip_special_tokens=False) == _LOSSLESS_PROBE
+
+
+def _max_token_bytes(backend: HFTokenizer) -> int:
+    """An upper bound on the bytes one token decodes to: its vocabulary string's UTF-8 length (a
+    byte-level symbol is one byte of text, a byte-fallback token "<0x41>" one too)."""
+    return max(len(token.encode("utf-8")) for token in backend.get_vocab(with_added_tokens=True))
+
+
 class TokenizerError(ValueError):
     """Tokenizer files are missing or inconsistent; the message names the file or field."""
 
@@ -146,6 +162,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self._compiled_template = None if chat_template is None else compile_chat_template(chat_template)
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self._max_token_bytes = _max_token_bytes(backend) if _lossless(backend) else None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -198,8 +215,17 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the number of tokens ``text`` encodes to, computed without tokenizing it:
+        a lossless tokenizer spends a token per at most its longest token's bytes (0: no bound known)."""
+        if self._max_token_bytes is None:
+            return 0
+        return -(-len(text.encode("utf-8", "surrogatepass")) // self._max_token_bytes)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not): a long text tokenized on a
+        # worker thread then never stalls the thread of an event loop (4 MB of text: 8 s)
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

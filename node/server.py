@@ -36,6 +36,7 @@ from pdserve.transfer.config import TransferConfig
 log = logging.getLogger("pdserve.node")
 
 READY_PREFIX = "PDSERVE_READY "
+DRAIN_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class NodeConfig:
     kv_lease_s: float = 10.0  # reservation lease, renewed while the peer works
     prefill_fallback: str = "fail"  # decode node when its prefill peer fails: "fail" | "local"
     heartbeat_interval_s: float = 1.0
+    drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:
@@ -77,6 +79,8 @@ class NodeConfig:
             raise ValueError(f"prefill_fallback must be 'fail' or 'local' (got {self.prefill_fallback!r})")
         if self.prefill_timeout_s <= 0 or self.kv_lease_s <= 0:
             raise ValueError("prefill_timeout_s and kv_lease_s must be > 0")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0 (got {self.drain_timeout_s})")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0 (got {self.heartbeat_interval_s})")
         if self.tensor_parallel_size < 1:
@@ -155,6 +159,7 @@ class NodeServer(node_pb2_grpc.NodeServicer):
         self.data_address = ""  # set by roles with a KV data plane
         self._heartbeater = None
         self._stop = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
 
     # -- the shared RPCs -------------------------------------------------------------------------------
 
@@ -162,9 +167,35 @@ class NodeServer(node_pb2_grpc.NodeServicer):
         return self.node_stats()
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        await self.stop_admitting()
+        return pb.DrainResponse(draining=True, inflight=self.inflight)
+
+    @property
+    def inflight(self) -> int:
+        """Requests this node still works on; a drain waits for them."""
+        return self.bridge.num_live
+
+    async def stop_admitting(self) -> None:
+        """Draining: health NOT_SERVING and the registry entry marked at once, so routers stop sending
+        before new requests would be refused; requests already here go on."""
+        if self.draining:
+            return
         self.draining = True
         await self._set_health(serving=False)
-        return pb.DrainResponse(draining=True, inflight=self.bridge.num_live)
+        if self._heartbeater is not None:
+            await self._heartbeater.beat_once()
+
+    async def drain(self) -> None:
+        """Stop admitting, then wait until in-flight requests finish (or drain_timeout_s passes)."""
+        await self.stop_admitting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout_s
+        log.warning("node %s draining: %d requests in flight", self.config.node_id, self.inflight)
+        while self.inflight and loop.time() < deadline and not self.bridge.lost.is_set():
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.inflight:
+            log.warning("node %s: drain timeout (%.1f s) with %d requests in flight; they are cut",
+                        self.config.node_id, self.config.drain_timeout_s, self.inflight)
 
     def node_stats(self) -> pb.NodeStats:
         stats = self.bridge.stats
@@ -261,13 +292,26 @@ class NodeServer(node_pb2_grpc.NodeServicer):
     async def stop_data_plane(self) -> None:
         """Roles with a KV data plane close it here."""
 
+    def _on_signal(self) -> None:
+        """The first SIGTERM/SIGINT drains, then stops; a second one stops at once."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_stop())
+        else:
+            self._stop.set()
+
+    async def _drain_then_stop(self) -> None:
+        await self.drain()
+        self._stop.set()
+
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_signal)
         await self.start()
         print(READY_PREFIX + json.dumps(self.ready_info()), flush=True)
         await self._stop.wait()
+        if self._drain_task is not None and not self._drain_task.done():
+            self._drain_task.cancel()
         await self.stop()
 
 

@@ -73,6 +73,11 @@ class PrefillNodeServer(NodeServer):
         self._host_id = local_host_id()
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def inflight(self) -> int:
+        """Prefill jobs (a job outlives its engine request until its KV and first token are sent)."""
+        return max(len(self.jobs), self.bridge.num_live)
+
     # -- data plane ------------------------------------------------------------------------------------
 
     async def start_data_plane(self) -> None:

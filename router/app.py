@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from pdserve.models.tokenizer import Tokenizer
-from pdserve.router.admission import Admission, Overloaded, TooLarge
+from pdserve.router.admission import Admission, Demand, Overloaded, TooLarge, cluster_capacity
 from pdserve.router.config import RouterConfig
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import (
@@ -40,7 +40,13 @@ from pdserve.router.errors import (
     validation_error,
     validation_error_handler,
 )
-from pdserve.router.http_util import ClientGone, GateMiddleware, SSEResponse, unless_disconnected
+from pdserve.router.http_util import (
+    ClientGone,
+    GateMiddleware,
+    SSEResponse,
+    content_length,
+    unless_disconnected,
+)
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.nodes import NodePool
 from pdserve.router.policies import build_policy
@@ -52,7 +58,7 @@ from pdserve.router.protocol import (
     TokenizeRequest,
 )
 from pdserve.router.registry import Registry
-from pdserve.router.responses import ResponseBuilder, gather_or_cancel
+from pdserve.router.responses import DONE_EVENT, ResponseBuilder, gather_or_cancel, sse
 from pdserve.router.tool_calls import make_tool_call_parser
 from pdserve.rpc import node_pb2
 from pdserve.rpc.registry import HEARTBEAT_PATH, NODES_PATH, NodeInfoError, decode_node
@@ -71,6 +77,9 @@ class RouterState:
     dispatcher: Dispatcher
     metrics: RouterMetrics
     prepare_pool: ThreadPoolExecutor  # validation + tokenization of large bodies, off the event loop
+    draining: bool = False  # shutting down: new requests get 503, in-flight ones finish
+    preparing: int = 0  # large bodies on (or waiting for) the prepare pool
+    preparing_huge: int = 0  # of which over HUGE_BODY_BYTES
 
 
 def build_state(config: RouterConfig, registry: Registry, tokenizer: Tokenizer | None = None,
@@ -78,14 +87,16 @@ def build_state(config: RouterConfig, registry: Registry, tokenizer: Tokenizer |
     tokenizer = tokenizer or Tokenizer.from_dir(config.model_dir)
     max_len = config.max_model_len or model_max_len(config.model_dir)
     metrics = RouterMetrics()
+    shared = config.registry.is_redis or config.workers > 1  # other routers send to the same nodes
     pool = NodePool(registry, config.model_name, config.health,
                     build_policy(config.policy.prefill, config.policy, policy_seed),
                     build_policy(config.policy.decode, config.policy, policy_seed), metrics)
-    return RouterState(config, registry, pool, Preparer(tokenizer, config.model_name, max_len,
-                                                               make_tool_call_parser(config.tool_call_parser)),
-                       Admission(config.admission), Dispatcher(pool, config.retry, metrics,
-                                                               config.admission.retry_after_s), metrics,
-                       ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare"))
+    admission = Admission(config.admission, lambda: cluster_capacity(
+        pool, config.policy.block_size, shared, config.admission.kv_overcommit))
+    preparer = Preparer(tokenizer, config.model_name, max_len, make_tool_call_parser(config.tool_call_parser))
+    return RouterState(config, registry, pool, preparer, admission,
+                       Dispatcher(pool, config.retry, metrics, config.admission.retry_after_s), metrics,
+                       ThreadPoolExecutor(max_workers=PREPARE_WORKERS, thread_name_prefix="prepare"))
 
 
 async def _prepend(first: node_pb2.GenerateChunk, rest: AsyncIterator[node_pb2.GenerateChunk]
@@ -96,62 +107,177 @@ async def _prepend(first: node_pb2.GenerateChunk, rest: AsyncIterator[node_pb2.G
             yield chunk
 
 
-async def _serve(state: RouterState, batch: PreparedBatch, chat: bool, request: Request) -> Response:
-    retry_after = state.config.admission.retry_after_s
-    if not state.pool.ready():
-        raise APIError(503, "no usable node: the cluster has no mixed node or prefill/decode pair ready",
-                       None, "no_capacity", retry_after)
+def demand_of(batch: PreparedBatch) -> Demand:
+    """What admission charges a request: a slot per choice, and its token budget (prompt + max_tokens
+    per choice) both against the static ceiling and as the KV it may come to hold on its node."""
+    return Demand(slots=len(batch.choices), tokens=batch.token_budget, kv_tokens=batch.token_budget)
+
+
+class _Held:
+    """What one request holds until its response takes over: its admission slot and node streams."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self.demand: Demand | None = None
+        self.streams: list[AsyncIterator[node_pb2.GenerateChunk]] = []
+
+    async def admit(self, state: RouterState, batch: PreparedBatch) -> None:
+        demand = demand_of(batch)
+        try:
+            await state.admission.acquire(demand)
+        except TooLarge as e:
+            raise APIError(413, str(e), e.param, "too_many_tokens") from e
+        except Overloaded as e:
+            raise APIError(429, f"the cluster is at capacity: {e}", None, "overloaded",
+                           state.config.admission.retry_after_s) from e
+        self.demand = demand
+
+    def release(self) -> None:
+        if self.demand is not None:
+            self._admission.release(self.demand)
+            self.demand = None
+
+    async def close(self) -> None:
+        for stream in self.streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        self.release()
+
+
+async def _open(state: RouterState, batch: PreparedBatch, held: _Held
+                ) -> list[AsyncIterator[node_pb2.GenerateChunk]]:
+    """Admission, the node calls, and every choice's first chunk; the choices' chunk streams."""
+    await held.admit(state, batch)
+    held.streams = [state.dispatcher.generate(p) for p in batch.choices]
+    firsts = await gather_or_cancel([anext(s) for s in held.streams])
+    return [_prepend(f, s) for f, s in zip(firsts, held.streams, strict=True)]
+
+
+async def _collect(state: RouterState, batch: PreparedBatch, builder: ResponseBuilder,
+                   held: _Held) -> dict[str, Any]:
+    await held.admit(state, batch)
+    held.streams = [state.dispatcher.generate(p) for p in batch.choices]
+    return await builder.collect(held.streams)
+
+
+KEEPALIVE_EVENT = b": keepalive\n\n"  # an SSE comment: clients skip it, proxies and clients see a live stream
+
+
+async def _late_events(opening: asyncio.Future[list[AsyncIterator[node_pb2.GenerateChunk]]],
+                       builder: ResponseBuilder, held: _Held, keepalive_s: float) -> AsyncIterator[bytes]:
+    """A stream whose first chunk was not there within ``keepalive_s``: keepalive comments until it is
+    (admission wait and first token alike), then the events; a failure before it is an error event."""
     try:
-        await state.admission.acquire(batch.token_budget)
-    except TooLarge as e:
-        raise APIError(413, str(e), "max_tokens", "too_many_tokens") from e
-    except Overloaded as e:
-        raise APIError(429, f"the router is at capacity: {e}", None, "overloaded", retry_after) from e
-    release_once = _ReleaseOnce(state.admission, batch.token_budget)
+        while not opening.done():
+            yield KEEPALIVE_EVENT  # the first with the headers, keepalive_s after the request came
+            await asyncio.wait({opening}, timeout=keepalive_s)
+        try:
+            sources = opening.result()
+        except APIError as e:
+            yield sse(e.body())
+            yield DONE_EVENT
+            return
+        async for event in builder.events(sources):
+            yield event
+    finally:
+        if not opening.done():
+            opening.cancel()
+        await asyncio.gather(opening, return_exceptions=True)
+        await held.close()
+
+
+def at_the_door(state: RouterState) -> APIError | None:
+    """The refusal every new request would get now (draining, no node, cluster full), before its
+    body is read: shedding costs no parsing or tokenizing."""
+    retry_after = state.config.admission.retry_after_s
+    if state.draining:
+        return APIError(503, "the router is shutting down and takes no new requests", None, "draining",
+                        retry_after)
+    if not state.pool.ready():
+        return APIError(503, "no usable node: the cluster has no mixed node or prefill/decode pair ready",
+                        None, "no_capacity", retry_after)
+    saturated = state.admission.saturated()
+    if saturated is not None:
+        return APIError(429, f"the cluster is at capacity: {saturated}", None, "overloaded", retry_after)
+    return None
+
+
+async def _serve(state: RouterState, batch: PreparedBatch, chat: bool, request: Request) -> Response:
+    refusal = at_the_door(state)
+    if refusal is not None:
+        raise refusal
     builder = ResponseBuilder(batch, chat, state.config.model_name, state.preparer.tokenizer, state.metrics)
-    streams = [state.dispatcher.generate(p) for p in batch.choices]
-    streaming_started = False
+    held = _Held(state.admission)
+    handed_over = False  # the SSE response owns the slot and streams from then on
     try:
         if not batch.stream:
-            body = await unless_disconnected(request.receive, builder.collect(streams))
+            body = await unless_disconnected(request.receive, _collect(state, batch, builder, held))
             return Response(msgspec.json.encode(body), media_type="application/json")
-        # every choice's first chunk before any byte is sent: failures up to here are proper HTTP errors
-        firsts = await unless_disconnected(request.receive, gather_or_cancel([anext(s) for s in streams]))
-        streaming_started = True
-        return SSEResponse(builder.events([_prepend(f, s) for f, s in zip(firsts, streams, strict=True)]),
-                           on_close=release_once)
+        opening = asyncio.ensure_future(_open(state, batch, held))
+        keepalive_s = state.config.admission.keepalive_s
+        try:
+            await unless_disconnected(request.receive, asyncio.wait({opening}, timeout=keepalive_s))
+        except ClientGone:
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+            raise
+        if opening.done():
+            # every first chunk before any byte is sent: failures up to here are proper HTTP errors
+            sources = opening.result()
+            handed_over = True
+            return SSEResponse(builder.events(sources), on_close=held.release)
+        handed_over = True
+        return SSEResponse(_late_events(opening, builder, held, keepalive_s), on_close=held.release)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     finally:
-        if not streaming_started:
-            for stream in streams:
-                await stream.aclose()
-            release_once()
+        if not handed_over:
+            await held.close()
 
 
-class _ReleaseOnce:
-    def __init__(self, admission: Admission, tokens: int) -> None:
-        self._admission = admission
-        self._tokens = tokens
-        self._done = False
-
-    def __call__(self) -> None:
-        if not self._done:
-            self._done = True
-            self._admission.release(self._tokens)
+PREPARE_INLINE_BYTES = 16 << 10  # larger bodies are parsed, validated and tokenized on a worker thread
+PREPARE_WORKERS = 2
+MAX_PREPARING = 2 * PREPARE_WORKERS  # large bodies beyond this many in preparation get 429 at once
+HUGE_BODY_BYTES = 1 << 20  # one such body is prepared at a time; the next gets 429 before it is read
 
 
-PREPARE_INLINE_BYTES = 16 << 10  # larger bodies are validated and tokenized on a worker thread
+def _parse_and_prepare(model: type[CompletionRequest | ChatCompletionRequest],
+                       prepare: Callable[[Any], PreparedBatch], body: bytes) -> PreparedBatch:
+    try:
+        parsed = model.model_validate_json(body)
+    except ValidationError as e:  # FastAPI's error locations start with "body"
+        raise validation_error([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
+    return prepare(parsed)
 
 
-async def _prepare(state: RouterState, prepare: Callable[[Any], PreparedBatch], body: Any,
-                   body_bytes: int) -> PreparedBatch:
-    """Tokenize (and render the chat template) on the loop for small bodies, where a thread hop costs
-    more than the work, and on the prepare pool for large ones, so a long prompt never stalls the
-    streams the loop is relaying."""
-    if body_bytes <= PREPARE_INLINE_BYTES:
-        return prepare(body)
-    return await asyncio.get_running_loop().run_in_executor(state.prepare_pool, prepare, body)
+async def _prepare(state: RouterState, model: type[CompletionRequest | ChatCompletionRequest],
+                   prepare: Callable[[Any], PreparedBatch], body: bytes) -> PreparedBatch:
+    """Parse, validate and tokenize (and render the chat template) on the loop for small bodies, where
+    a thread hop costs more than the work, and on the prepare pool for large ones, so a long prompt
+    never stalls the streams the loop is relaying."""
+    if len(body) <= PREPARE_INLINE_BYTES:
+        return _parse_and_prepare(model, prepare, body)
+    if state.preparing >= MAX_PREPARING:  # a flood of large bodies queues neither CPU nor memory
+        raise APIError(429, f"{state.preparing} large requests are being prepared; retry later", None,
+                       "overloaded", state.config.admission.retry_after_s)
+    huge = len(body) > HUGE_BODY_BYTES
+    state.preparing += 1
+    state.preparing_huge += huge
+    try:
+        return await asyncio.get_running_loop().run_in_executor(state.prepare_pool, _parse_and_prepare,
+                                                                model, prepare, body)
+    finally:
+        state.preparing -= 1
+        state.preparing_huge -= huge
+
+
+def _huge_body_refusal(state: RouterState, scope: Scope) -> APIError | None:
+    """Parsing a body of megabytes holds the GIL for milliseconds: they go one at a time, and one
+    that arrives meanwhile is refused from its Content-Length, unread."""
+    length = content_length(scope)
+    if length is not None and length > HUGE_BODY_BYTES and state.preparing_huge:
+        return APIError(429, "another request of over 1 MiB is being prepared; retry later", None,
+                        "overloaded", state.config.admission.retry_after_s)
+    return None
 
 
 class HotPaths:
@@ -172,14 +298,14 @@ class HotPaths:
             await self.app(scope, receive, send)
             return
         model, prepare, chat = route
+        refusal = at_the_door(self.state) or _huge_body_refusal(self.state, scope)
+        if refusal is not None:
+            await refusal.response()(scope, receive, send)
+            return
         request = Request(scope, receive)
         body = await request.body()
         try:
-            try:
-                parsed = model.model_validate_json(body)
-            except ValidationError as e:  # FastAPI's error locations start with "body"
-                raise validation_error([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
-            batch = await _prepare(self.state, prepare, parsed, len(body))
+            batch = await _prepare(self.state, model, prepare, body)
             response = await _serve(self.state, batch, chat, request)
         except APIError as e:
             response = e.response()
@@ -195,6 +321,14 @@ def create_asgi(config: RouterConfig, registry: Registry, tokenizer: Tokenizer |
                           max_body_bytes=config.max_body_bytes, metrics=state.metrics)
 
 
+async def _wake_admission(state: RouterState) -> None:
+    """Queued requests are admitted on releases, and here when the cluster grew (a node joined or
+    reported more room) with nothing finishing."""
+    while True:
+        await asyncio.sleep(state.config.health.interval_s)
+        state.admission.wake()
+
+
 def create_app(config: RouterConfig, registry: Registry, tokenizer: Tokenizer | None = None,
                policy_seed: int | None = None) -> FastAPI:
     """The FastAPI app, without the gate (``create_asgi`` adds it)."""
@@ -204,9 +338,12 @@ def create_app(config: RouterConfig, registry: Registry, tokenizer: Tokenizer | 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.start()
         await state.pool.start()
+        waker = asyncio.create_task(_wake_admission(state), name="admission-wake")
         try:
             yield
         finally:
+            waker.cancel()
+            await asyncio.gather(waker, return_exceptions=True)
             await state.pool.close()
             await registry.close()
             state.prepare_pool.shutdown(wait=False, cancel_futures=True)
@@ -250,7 +387,8 @@ def _add_openai_routes(app: FastAPI, state: RouterState) -> None:
     # vLLM's tokenizer endpoints, at the root as vLLM serves them (lm-eval's remote tokenizer calls them)
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        return state.preparer.tokenize(body)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(state.prepare_pool, state.preparer.tokenize, body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
@@ -265,6 +403,10 @@ def _add_ops_routes(app: FastAPI, state: RouterState) -> None:
     @app.get("/health")
     async def health() -> Response:
         counts = {role: len(state.pool.usable(role)) for role in ("prefill", "decode", "mixed")}
+        if state.draining:
+            body = error_body(503, "draining: the router is shutting down", None, "draining")
+            return JSONResponse(body, status_code=503,
+                                headers={"Retry-After": str(state.config.admission.retry_after_s)})
         if state.pool.ready():
             return JSONResponse({"status": "ready", "usable_nodes": counts})
         body = error_body(503, f"not ready: usable nodes {counts}", None, "no_capacity")
@@ -310,5 +452,6 @@ def _add_registry_routes(app: FastAPI, state: RouterState) -> None:
                            "grpc_address": n.grpc_address, "load": n.load, "capacity": n.capacity,
                            "draining": n.draining, "ejected": state.pool.is_ejected(n.node_id),
                            "router_inflight": state.pool.inflight(n.node_id),
-                           "router_load": state.pool.load(n)}
+                           "router_load": state.pool.load(n),
+                           "total_blocks": state.pool.total_blocks(n.node_id)}
                           for n in state.registry.snapshot()]}

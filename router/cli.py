@@ -34,11 +34,17 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--block-size", type=int, default=16, help="the nodes' KV block size (prefix hashing)")
     p.add_argument("--max-inflight-requests", type=int, default=256)
     p.add_argument("--max-queued-requests", type=int, default=512)
+    p.add_argument("--queue-per-slot", type=float, default=1.0,
+                   help="the queue holds at most this many requests per slot of the cluster")
     p.add_argument("--max-inflight-tokens", type=int, default=1 << 20)
+    p.add_argument("--kv-overcommit", type=float, default=1.0,
+                   help="admit prompt + max_tokens up to this many times the nodes' KV (>1: preemption)")
     p.add_argument("--retry-attempts", type=int, default=3)
     p.add_argument("--health-interval", type=float, default=2.0)
     p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
                    help="how the model writes tool calls (vLLM's flag); without it tools are refused")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="SIGTERM: seconds in-flight requests get to finish (new ones get 503)")
     p.add_argument("--workers", type=int, default=1,
                    help="router processes sharing the port (admission limits are per worker)")
     p.set_defaults(handler=_run)
@@ -51,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         api_keys=tuple(args.api_key),
         admission=AdmissionConfig(max_inflight_requests=args.max_inflight_requests,
                                   max_queued_requests=args.max_queued_requests,
+                                  queue_per_slot=args.queue_per_slot, kv_overcommit=args.kv_overcommit,
                                   max_inflight_tokens=args.max_inflight_tokens),
         retry=RetryConfig(attempts=args.retry_attempts),
         health=HealthConfig(interval_s=args.health_interval),
@@ -58,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         policy=PolicyConfig(prefill=args.prefill_policy, decode=args.decode_policy,
                             block_size=args.block_size),
         log_level=args.log_level, workers=args.workers, tool_call_parser=args.tool_call_parser,
+        drain_timeout_s=args.drain_timeout,
     )
 
 

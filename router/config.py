@@ -29,16 +29,24 @@ def default_model_dir() -> Path:
 
 @dataclass(frozen=True)
 class AdmissionConfig:
-    max_inflight_requests: int = 256
-    max_queued_requests: int = 512  # waiting for an inflight slot; beyond this: 429 at once
+    """Static ceilings; the cluster's reported capacity lowers them (router/admission.py)."""
+
+    max_inflight_requests: int = 256  # node requests (one per choice) in flight
+    max_queued_requests: int = 512  # waiting for a slot; beyond this (or queue_per_slot): 429 at once
+    queue_per_slot: float = 1.0  # the queue holds at most this many requests per cluster slot
     max_inflight_tokens: int = 1 << 20  # sum of prompt + max_tokens over inflight requests
     queue_timeout_s: float = 30.0  # a queued request that waits longer gets a 429
     retry_after_s: int = 1  # the Retry-After header of 429 / 503 answers
+    keepalive_s: float = 2.0  # a stream waiting for admission or its first token gets ": keepalive"
+    kv_overcommit: float = 1.0  # admitted prompt + max_tokens may reach this many times the nodes' KV
 
     def __post_init__(self) -> None:
         _check([
             ("max_inflight_requests", self.max_inflight_requests >= 1, "must be >= 1"),
             ("max_queued_requests", self.max_queued_requests >= 0, "must be >= 0"),
+            ("queue_per_slot", self.queue_per_slot >= 0, "must be >= 0"),
+            ("keepalive_s", 0 < self.keepalive_s <= 5, "must be in (0, 5]"),
+            ("kv_overcommit", self.kv_overcommit > 0, "must be > 0"),
             ("max_inflight_tokens", self.max_inflight_tokens >= 1, "must be >= 1"),
             ("queue_timeout_s", self.queue_timeout_s > 0, "must be > 0"),
             ("retry_after_s", self.retry_after_s >= 0, "must be >= 0"),
@@ -137,9 +145,12 @@ class RouterConfig:
     # processes serving the port (SO_REUSEPORT), each with its own event loop, node channels and
     # admission limits; with the embedded registry they share one view through files on /dev/shm
     workers: int = 1
+    # SIGTERM: new requests get 503 while in-flight ones finish, for at most this long
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check([
+            ("drain_timeout_s", self.drain_timeout_s >= 0, "must be >= 0"),
             ("port", 0 <= self.port <= 65535, "must be in [0, 65535]"),
             ("workers", 1 <= self.workers <= 64, "must be in [1, 64]"),
             ("model_name", bool(self.model_name), "must be non-empty"),

@@ -45,7 +45,7 @@ def _bearer(scope: Scope) -> str:
     return ""
 
 
-def _content_length(scope: Scope) -> int | None:
+def content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             return int(value) if value.isdigit() else None
@@ -80,7 +80,7 @@ class GateMiddleware:
             await _send_error(send, 401, "a valid API key is required (Authorization: Bearer <key>)",
                               "invalid_api_key", ((b"www-authenticate", b"Bearer"),))
             return
-        length = _content_length(scope)
+        length = content_length(scope)
         if length is not None and length > self._max_body_bytes:
             await _send_error(send, 413, f"the request body is larger than {self._max_body_bytes} bytes",
                               "body_too_large")

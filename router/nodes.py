@@ -44,6 +44,8 @@ class _NodeState:
     # with a shared (Redis) registry, heartbeats may be older than what the node says now.
     stats_load: float | None = None
     stats_at: float = 0.0
+    stats_inflight: int = 0  # this router's requests on the node when its Stats answered
+    total_blocks: int = 0  # KV blocks, from Stats (0: not reported)
 
 
 @dataclass
@@ -79,14 +81,29 @@ class NodePool:
         """At least one mixed node, or one prefill and one decode node, can take a request."""
         return bool(self.usable("mixed")) or (bool(self.usable("prefill")) and bool(self.usable("decode")))
 
-    def load(self, node: NodeInfo) -> float:
-        """Requests on the node per unit of capacity: the newer of its heartbeat's and its Stats' count,
-        plus what this router has sent it since."""
+    def reported_load(self, node: NodeInfo) -> float:
+        """Running + waiting on the node: the newer of its heartbeat's and its Stats' count."""
         state = self._state(node.node_id)
-        reported = node.load
         if state.stats_load is not None and state.stats_at >= node.last_seen:
-            reported = state.stats_load
-        return (reported + state.inflight) / node.capacity
+            return state.stats_load
+        return node.load
+
+    def load(self, node: NodeInfo) -> float:
+        """Requests on the node per unit of capacity: what it reported plus what this router has sent
+        it since."""
+        return (self.reported_load(node) + self._state(node.node_id).inflight) / node.capacity
+
+    def foreign_load(self, node: NodeInfo) -> float:
+        """Requests on the node that are not this router's (other routers sharing the registry): its
+        reported count less this router's requests on it at that time (now, for a heartbeat's)."""
+        state = self._state(node.node_id)
+        if state.stats_load is not None and state.stats_at >= node.last_seen:
+            return max(0.0, state.stats_load - state.stats_inflight)
+        return max(0.0, node.load - state.inflight)
+
+    def total_blocks(self, node_id: str) -> int:
+        """The node's KV blocks as its Stats reported them; 0 before the first report."""
+        return self._state(node_id).total_blocks
 
     def is_ejected(self, node_id: str) -> bool:
         return self._state(node_id).ejected
@@ -177,6 +194,7 @@ class NodePool:
             self.eject(node.node_id, f"{state.failures} failed health checks")
 
     async def _refresh_load(self, node: NodeInfo, state: _NodeState) -> None:
+        inflight = state.inflight
         try:
             stats = await self._channel(node.grpc_address).node.Stats(node_pb2.StatsRequest(),
                                                                       timeout=self._health.timeout_s)
@@ -185,6 +203,9 @@ class NodePool:
             state.stats_load = None
             return
         state.stats_load, state.stats_at = float(stats.running + stats.waiting), time.time()
+        # the larger count of ours: a request sent while the call ran must not look like another router's
+        state.stats_inflight = max(inflight, state.inflight)
+        state.total_blocks = stats.total_blocks
 
     async def _forget_absent(self, live_ids: set[str], live_addresses: set[str]) -> None:
         for node_id in [i for i, s in self._states.items() if i not in live_ids and s.inflight == 0]:

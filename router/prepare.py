@@ -175,7 +175,9 @@ class Preparer:
             raise APIError(400, f"best_of ({best_of}) must be >= n ({req.n})", "best_of", "invalid_value")
         if best_of > req.n and req.stream:  # the best ones are known only at the end (OpenAI's rule too)
             raise APIError(400, "best_of > n cannot be streamed", "best_of", "invalid_value")
-        prompts = [self._truncate(req, ids, text) for ids, text in self._completion_prompts(req.prompt)]
+        truncating = req.truncate_prompt_tokens is not None
+        prompts = [self._truncate(req, ids, text)
+                   for ids, text in self._completion_prompts(req.prompt, truncating)]
         if len(prompts) * best_of > MAX_CHOICES:
             raise APIError(400, f"{len(prompts)} prompts x {best_of} choices is more than {MAX_CHOICES}",
                            "best_of" if req.best_of else "n", "invalid_value")
@@ -196,7 +198,7 @@ class Preparer:
                     rank=best_of > req.n, grammar=grammar))
         return PreparedBatch(request_id, tuple(choices), n=req.n, best_of=best_of)
 
-    def _completion_prompts(self, prompt: str | list[int] | list[str] | list[list[int]]
+    def _completion_prompts(self, prompt: str | list[int] | list[str] | list[list[int]], truncating: bool
                             ) -> list[tuple[list[int], str]]:
         """(token ids, text) per prompt: a string, a token list, or a list of either."""
         batch: list[str] | list[list[int]]
@@ -209,6 +211,7 @@ class Preparer:
         prompts = []
         for item in batch:
             if isinstance(item, str):
+                self._refuse_unfittable(item, truncating, "prompt")
                 prompts.append((self.tokenizer.encode(item), item))
             else:
                 token_ids = list(item)
@@ -226,6 +229,7 @@ class Preparer:
             sources.append(("tool_choice", forced_call))
         grammar = self._grammar(sources)
         text = self._render_chat(req.messages, req.add_generation_prompt, tools)
+        self._refuse_unfittable(text, req.truncate_prompt_tokens is not None, "messages")
         token_ids, text = self._truncate(req, self.tokenizer.encode(text, add_special_tokens=False), text)
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -387,6 +391,15 @@ class Preparer:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options",
                            "invalid_value")
+
+    def _refuse_unfittable(self, text: str, truncating: bool, param: str) -> None:
+        """A text that cannot fit the context however densely it tokenizes is refused untokenized
+        (tokenizing 4 MB of text costs seconds of CPU); one to be truncated is tokenized to keep its tail."""
+        least = self.tokenizer.min_tokens(text)
+        if not truncating and least > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. "
+                                f"However, the prompt has at least {least} tokens. Please reduce the prompt.",
+                           param, "context_length_exceeded")
 
     def _truncate(self, req: _SamplingFields, token_ids: list[int], text: str) -> tuple[list[int], str]:
         """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the model's context)."""

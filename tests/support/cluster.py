@@ -50,6 +50,8 @@ class NodeSpec:
     name: str  # the test's handle for the node (also its --node-id)
     role: str
     flags: tuple[str, ...] = ()
+    # argv that runs the node elsewhere and execs it (`ip netns exec NS`: the pid stays the node's)
+    argv_prefix: tuple[str, ...] = ()
 
 
 @dataclass
@@ -162,7 +164,7 @@ def start_nodes(specs: Iterable[NodeSpec], log_dir: Path) -> dict[str, Node]:
             log_path = log_dir / f"{spec.name}.log"
             with log_path.open("w") as log:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "pdserve.cli", spec.role, "--threads", "1", "--node-id", spec.name,
+                    [*spec.argv_prefix, sys.executable, "-m", "pdserve.cli", spec.role, "--threads", "1", "--node-id", spec.name,
                      *spec.flags],
                     stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
             nodes[spec.name] = Node(spec, process, log_path)

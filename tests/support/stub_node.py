@@ -51,6 +51,7 @@ class StubBehavior:
     hang: bool = False  # never answer
     speculate: bool = True  # report speculate_metrics on the last chunk
     reported_waiting: int = 0  # what Stats says is queued (load the router reads only from Stats)
+    total_blocks: int = 0  # the KV blocks Stats reports (0: none reported)
 
 
 @dataclass
@@ -142,7 +143,8 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
                     context: grpc.aio.ServicerContext) -> node_pb2.NodeStats:
         return node_pb2.NodeStats(node_id=self.node_id, role=self.role, running=self.running,
                                   waiting=self.behavior.reported_waiting, draining=self.draining,
-                                  model=self.model)
+                                  model=self.model, total_blocks=self.behavior.total_blocks,
+                                  free_blocks=self.behavior.total_blocks)
 
     async def Drain(self, request: node_pb2.DrainRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> node_pb2.DrainResponse:
@@ -227,7 +229,7 @@ class StubNodeServer:
 
 
 async def _serve_forever(args: argparse.Namespace) -> None:
-    behavior = StubBehavior(tokens=args.tokens)
+    behavior = StubBehavior(tokens=args.tokens, first_token_delay_s=args.first_token_delay)
     servicer = StubNodeServicer(args.node_id, args.role, args.model, behavior)
     server = grpc.aio.server()
     node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
@@ -259,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="pdserve-demo")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--capacity", type=int, default=256)
+    parser.add_argument("--first-token-delay", type=float, default=0.0, help="seconds before the first chunk")
     parser.add_argument("--register", default=None, help="router URL or redis:// URL to heartbeat to")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--heartbeat-s", type=float, default=1.0)

@@ -1,0 +1,218 @@
+"""Client load for chaos scenarios: N concurrent streams through the router with the official `openai`
+client, one outcome record per request, and the table row each scenario reports.
+
+A stream sends its next request as soon as the last one ends, so the load stays at N while a fault
+lasts. Each record keeps absolute monotonic times, so a scenario measures error latency from its own
+fault (not from the request's start) and recovery from the moment the fault ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import openai
+
+HUNG_S = 30.0  # a request silent this long (no headers, no chunk, no end) is hung: the client gives up
+LONGEST_S = 180.0  # and one that streams but has not ended after this long
+MODEL = "pdserve-demo"
+# Statuses a client may retry by contract: 429 (come back later), 503 (the cluster could not serve it now).
+RETRYABLE_STATUSES = frozenset({429, 503})
+for _name in ("httpx", "httpx2"):  # one INFO line per request (openai's client) would drown the table
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+@dataclass
+class Outcome:
+    """One request: when it started and ended, and how it ended."""
+
+    started: float
+    ended: float = 0.0
+    kind: str = "hung"  # ok | failed | hung (silent for hung_s, or not ended after LONGEST_S)
+    status: int = 0  # HTTP status (or the error event's code); 0 when the connection failed
+    error: str = ""
+    first_token: float | None = None
+    max_gap_s: float = 0.0  # the longest silence of the stream once it was admitted (headers or a chunk)
+    text: str = ""
+
+    @property
+    def latency_s(self) -> float:
+        return self.ended - self.started
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind == "failed" and self.status in RETRYABLE_STATUSES
+
+
+@dataclass
+class RequestShape:
+    prompt: str
+    max_tokens: int = 24
+    temperature: float = 0.0
+
+
+class Load:
+    """`streams` concurrent request loops against `url`, on an event loop of their own thread."""
+
+    def __init__(self, url: str, streams: int, shape: RequestShape, hung_s: float = HUNG_S,
+                 api_key: str = "chaos") -> None:
+        self.url, self.streams, self.shape, self.hung_s, self.api_key = url, streams, shape, hung_s, api_key
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop_sending(self) -> None:
+        """No new requests from now on; those in flight go on."""
+        self._stop.set()
+
+    def stop(self) -> list[Outcome]:
+        """Stop sending; wait for the requests in flight (each bounded by LONGEST_S)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=LONGEST_S + 15.0)
+        return self.outcomes
+
+    def wait_for(self, count: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while sum(o.kind == "ok" for o in self.outcomes) < count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    async def _run(self) -> None:
+        client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key, max_retries=0,
+                                    timeout=self.hung_s + 5.0)
+        async with client:
+            await asyncio.gather(*(self._loop(client) for _ in range(self.streams)))
+
+    async def _loop(self, client: openai.AsyncOpenAI) -> None:
+        while not self._stop.is_set():
+            outcome = await one_request(client, self.shape, self.hung_s)
+            self.outcomes.append(outcome)
+
+
+async def one_request(client: openai.AsyncOpenAI, shape: RequestShape, hung_s: float = HUNG_S) -> Outcome:
+    outcome = Outcome(started=time.monotonic())
+    try:
+        await asyncio.wait_for(_stream(client, shape, outcome, hung_s), LONGEST_S)
+        outcome.kind = "ok"
+    except TimeoutError:
+        outcome.kind, outcome.error = "hung", f"silent for {hung_s} s or not done after {LONGEST_S} s"
+    except openai.APIStatusError as exc:
+        outcome.kind, outcome.status, outcome.error = "failed", exc.status_code, str(exc)[:300]
+    except openai.APIError as exc:  # an error event inside the stream, or the connection failing
+        outcome.kind, outcome.error = "failed", str(exc)[:300]
+        body = exc.body if isinstance(exc.body, dict) else {}
+        outcome.status = int(body.get("code") or 0) if str(body.get("code") or "").isdigit() else 0
+    outcome.ended = time.monotonic()
+    return outcome
+
+
+async def _stream(client: openai.AsyncOpenAI, shape: RequestShape, outcome: Outcome, hung_s: float) -> None:
+    create = client.completions.create(model=MODEL, prompt=shape.prompt, max_tokens=shape.max_tokens,
+                                       temperature=shape.temperature, stream=True)
+    stream = await asyncio.wait_for(create, hung_s)
+    last = time.monotonic()  # admitted: the response headers arrived
+    chunks = aiter(stream)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), hung_s)
+        except StopAsyncIteration:
+            break
+        now = time.monotonic()
+        outcome.max_gap_s = max(outcome.max_gap_s, now - last)
+        last = now
+        if outcome.first_token is None:
+            outcome.first_token = now
+        outcome.text += "".join(choice.text for choice in chunk.choices)
+    outcome.max_gap_s = max(outcome.max_gap_s, time.monotonic() - last)
+
+
+def burst(url: str, count: int, shape: RequestShape) -> list[Outcome]:
+    """`count` requests at once, each sent once."""
+    async def run() -> list[Outcome]:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="chaos", max_retries=0, timeout=60.0)
+        async with client:
+            return list(await asyncio.gather(*(one_request(client, shape) for _ in range(count))))
+    return asyncio.run(run())
+
+
+def slowest(outcomes: list[Outcome]) -> float:
+    return max((o.latency_s for o in outcomes), default=0.0)
+
+
+def recovery(outcomes: list[Outcome], since: float) -> float | None:
+    """From `since` to the end of the first request started after it that succeeded."""
+    ends = [o.ended for o in outcomes if o.started >= since and o.kind == "ok"]
+    return min(ends) - since if ends else None
+
+
+def non_retryable(outcomes: list[Outcome]) -> list[str]:
+    return [f"{o.status} {o.error[:120]}" for o in outcomes if o.kind == "failed" and not o.retryable]
+
+
+# -- the row each scenario reports ----------------------------------------------------------------------
+
+@dataclass
+class Row:
+    scenario: str
+    bound: str
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    hung: int = 0
+    error_p50_s: float | None = None
+    error_max_s: float | None = None
+    recovery_s: float | None = None
+    leaked: int = 0  # /dev/shm pools and SysV queues of dead owners, after the scenario
+    figure: str = ""  # the scenario's own figure (TTFT ratio, shm delta, 429 latency, ...)
+    verdict: str = "pass"  # pass, or FAIL: the first line of the failed bound
+
+    def count(self, outcomes: Iterable[Outcome], fault_at: float | None = None) -> None:
+        """Add outcomes; error latency counts from `fault_at` for requests already running then."""
+        outcomes = list(outcomes)
+        self.sent += len(outcomes)
+        self.ok += sum(o.kind == "ok" for o in outcomes)
+        self.failed += sum(o.kind == "failed" for o in outcomes)
+        self.hung += sum(o.kind == "hung" for o in outcomes)
+        latencies = [o.ended - max(o.started, fault_at or o.started) for o in outcomes if o.kind == "failed"]
+        if latencies:
+            self.error_p50_s = statistics.median(latencies)
+            self.error_max_s = max(latencies)
+
+
+@dataclass
+class ChaosTable:
+    rows: list[Row] = field(default_factory=list)
+
+    HEADER = ("| scenario | bound | sent | ok | failed | hung | error p50 / max (s) | recovery (s) "
+              "| leaked | figure | verdict |")
+
+    def markdown(self) -> str:
+        return "\n".join([self.HEADER, "|" + "---|" * 11, *map(self.markdown_row, self.rows)])
+
+    @staticmethod
+    def markdown_row(r: Row) -> str:
+        errors = "-" if r.error_p50_s is None else f"{r.error_p50_s:.2f} / {r.error_max_s:.2f}"
+        recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.2f}"
+        cells = (r.scenario, r.bound, r.sent, r.ok, r.failed, r.hung, errors, recovery, r.leaked, r.figure,
+                 r.verdict[:120])
+        return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+
+def median(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
