@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pdserve.common.secret import add_cluster_secret_flags, secret_from_args
 from pdserve.deploy.cli import add_deploy_parsers
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.spec_config import SpeculativeConfig
@@ -71,6 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
         node = sub.add_parser(role, help=helptext)
         _add_node_flags(node)
         _add_engine_flags(node)
+        add_cluster_secret_flags(node)
         node.set_defaults(handler=_run_node, role=role)
 
     up = sub.add_parser("up", help="a local cluster: router + prefill/decode/mixed nodes")
@@ -94,6 +96,10 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-tensor-parallel-size", type=int, default=None, help="overrides it for decode")
     up.add_argument("--drain-timeout", type=float, default=None,
                     help="SIGTERM: seconds in-flight requests get to finish (default 30)")
+    up.add_argument("--cluster-secret-file", default=None,
+                    help="the cluster secret (mode 0600); default: a fresh one in the run directory")
+    up.add_argument("--insecure", action="store_true", default=None,
+                    help="run the cluster without a secret: internal traffic NOT authenticated")
     up.set_defaults(handler=_up)
     add_router_parser(sub)
     add_deploy_parsers(sub)
@@ -113,7 +119,8 @@ def _up(args: argparse.Namespace) -> int:
         "prefill_tensor_parallel_size": args.prefill_tensor_parallel_size,
         "decode_tensor_parallel_size": args.decode_tensor_parallel_size,
         "drain_timeout_s": args.drain_timeout,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "cluster_secret_file": args.cluster_secret_file,
+        "insecure": args.insecure,
     }
     if args.config is not None:
         spec = ClusterSpec.from_yaml(args.config, **overrides)
@@ -134,6 +141,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
                        help="router URL (http://...) or redis://... to register with")
     group.add_argument("--registry-api-key", default=None,
                        help="API key for registering with a router that requires one")
+    group.add_argument("--registry-api-key-is-cluster-secret", action="store_true",
+                       help="register with the cluster secret as the router's API key")
     group.add_argument("--speculative-config", default=None, help="JSON, FastDeploy's format")
     group.add_argument("--transport", default="auto", choices=["auto", "shm", "zmq"],
                        help="prefill node: how KV reaches the decode node (auto: shm on the same host)")
@@ -154,16 +163,22 @@ def _node_config(args: argparse.Namespace):
     from pdserve.node.server import NodeConfig
 
     model_dir = args.model or default_model_dir()
+    secret = secret_from_args(args)
+    registry_api_key = args.registry_api_key
+    if args.registry_api_key_is_cluster_secret:
+        if secret is None:
+            raise ValueError("--registry-api-key-is-cluster-secret needs a cluster secret")
+        registry_api_key = secret.value.decode()
     return NodeConfig(
         role=args.role, node_id=args.node_id or f"{args.role}-{os.getpid()}", model_dir=str(model_dir),
         engine=_engine_config(args), model_name=args.model_name, host=args.host, grpc_port=args.port,
         data_port=args.data_port, metrics_port=args.metrics_port, omp_num_threads=args.threads,
         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
         eos_token_ids=Tokenizer.from_dir(model_dir).eos_token_ids, registry_url=args.registry,
-        registry_api_key=args.registry_api_key,
+        registry_api_key=registry_api_key,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
         prefill_fallback=args.prefill_fallback, drain_timeout_s=args.drain_timeout,
-        log_level=args.log_level,
+        log_level=args.log_level, cluster_secret=secret, insecure=args.insecure,
     )
 
 

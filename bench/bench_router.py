@@ -36,6 +36,7 @@ import uvloop
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.config import default_model_dir
 from pdserve.rpc import node_pb2, node_pb2_grpc
+from pdserve.tests.support.secret import secret_flags
 
 MODEL = "pdserve-demo"
 PROMPT = "def fibonacci(n):\n    "
@@ -279,7 +280,8 @@ def main() -> int:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.load_cpu})
     router, router_url = _spawn([sys.executable, "-m", "pdserve.cli", "router", "--port", "0",
-                                 "--health-interval", "5", "--workers", str(args.router_workers)],
+                                 "--health-interval", "5", "--workers", str(args.router_workers),
+                                 *secret_flags()],  # the stub node registers with the test secret
                                 cpu=args.router_cpu)
     node = None
     try:

@@ -19,6 +19,9 @@ repeat, so load from other jobs on this shared machine hits all alike):
 Block ids are either consecutive on both sides (a fresh free list; ZMQ frames are then zero-copy
 views of the pool) or fragmented (random ids on both sides; ZMQ gathers each frame first). The
 copy-strategy table times only the pool-to-pool copy the shm sender does, three ways.
+
+"zmq curve" is the zmq case with CURVE on (keys derived from a cluster secret, as every node runs
+by default): its column over "zmq" is what encryption and authentication cost on the KV path.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.common.secret import ClusterSecret
 from pdserve.transfer.block_copy import COPY_STRATEGIES
 from pdserve.transfer.channel import Outbox
-from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.config import CurveKeys, TransferConfig
 from pdserve.transfer.endpoint import KVEndpoint
 from pdserve.transfer.receiver import ChunkResult
 from pdserve.transfer.transport import KVChunker, KVSender, open_kv_sender
@@ -46,7 +50,9 @@ MIB = 1 << 20
 # 16 layers x (K, V) x 4 KV heads x 16 tokens x 128 head_dim x fp32 = 1 MiB per block.
 SPEC_ARGS = dict(num_layers=16, block_size=16, num_kv_heads=4, head_dim=128)
 OUT_DIR = Path("bench_out")
-RATIOS = {"shm": "memcpy", "shm fragmented": "memcpy", "zmq": "tcp", "zmq fragmented": "tcp"}
+RATIOS = {"shm": "memcpy", "shm fragmented": "memcpy", "zmq": "tcp", "zmq fragmented": "tcp",
+          "zmq curve": "zmq"}
+BENCH_SECRET = ClusterSecret(b"bench-transfer-cluster-secret")
 
 
 class TcpLoopback:
@@ -86,14 +92,14 @@ class TcpLoopback:
 class TransferRig:
     """A prefill pool and a decode endpoint; `transfer` moves one request's KV and times it."""
 
-    def __init__(self, spec: KVCacheSpec) -> None:
+    def __init__(self, spec: KVCacheSpec, curve: CurveKeys | None = None) -> None:
         self.spec = spec
         self.src = KVCachePool.allocate(spec)
         self.src.array[...] = 1.5  # touch every page: untouched pages read as the shared zero page
         self.dst = KVCachePool.create_shared(spec)
         self.dst.array[...] = 0.0
         self.events: queue.Queue[object] = queue.Queue()
-        config = TransferConfig(send_timeout_s=60.0)
+        config = TransferConfig(send_timeout_s=60.0, curve=curve)
         self.endpoint = KVEndpoint(self.dst, config, self.events.put).start()
         self.outbox = Outbox(self.endpoint.address, config)
         self.senders: dict[str, KVSender] = {
@@ -132,7 +138,7 @@ def block_ids(n: int, num_blocks: int, fragmented: bool,
     return [int(x) for x in src], [int(x) for x in dst]
 
 
-def measure_size(rig: TransferRig, tcp: TcpLoopback, nblocks: int, repeats: int,
+def measure_size(rig: TransferRig, curve_rig: TransferRig, tcp: TcpLoopback, nblocks: int, repeats: int,
                  rng: np.random.Generator) -> dict[str, float]:
     """Median GB/s of every case for one request size, the cases interleaved within each repeat, and
     the ratios to the ceilings as medians of per-repeat ratios (each transport runs right after its
@@ -150,6 +156,7 @@ def measure_size(rig: TransferRig, tcp: TcpLoopback, nblocks: int, repeats: int,
         "tcp": lambda: tcp.transfer(copy_src),
         "zmq": lambda: rig.transfer("zmq", *contiguous),
         "zmq fragmented": lambda: rig.transfer("zmq", *fragmented),
+        "zmq curve": lambda: curve_rig.transfer("zmq", *contiguous),
     }
     for name, copy in COPY_STRATEGIES.items():
         cases[f"copy {name} fragmented"] = (
@@ -193,7 +200,7 @@ def write_outputs(rows: list[tuple[int, dict[str, float]]]) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     sizes = [mib for mib, _ in rows]
-    for name in ("memcpy", "shm", "shm fragmented", "tcp", "zmq", "zmq fragmented"):
+    for name in ("memcpy", "shm", "shm fragmented", "tcp", "zmq", "zmq fragmented", "zmq curve"):
         style = "--" if name in ("memcpy", "tcp") else "-"
         ax.plot(sizes, [gbps[name] for _, gbps in rows], style, marker="o", label=name)
     ax.set_xscale("log", base=2)
@@ -215,12 +222,14 @@ def main() -> None:
     assert spec.bytes_per_block == MIB
     rng = np.random.default_rng(0)
     rig, tcp = TransferRig(spec), TcpLoopback(max_blocks * MIB)
+    curve_rig = TransferRig(spec, CurveKeys.from_cluster_secret(BENCH_SECRET))
     rows: list[tuple[int, dict[str, float]]] = []
     try:
         for mib in args.sizes_mib:
-            rows.append((mib, measure_size(rig, tcp, mib, args.repeats or repeats_for(mib), rng)))
+            rows.append((mib, measure_size(rig, curve_rig, tcp, mib, args.repeats or repeats_for(mib), rng)))
     finally:
         rig.close()
+        curve_rig.close()
         tcp.close()
     names = list(rows[0][1])
     print("median GB/s per case; a/b columns: median over repeats of a's throughput / b's, side by side")

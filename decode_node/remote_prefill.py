@@ -24,6 +24,7 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.protocol import KVReserved, RequestRejected
 from pdserve.node.engine_bridge import EngineBridge, EngineGone, RequestHandle
 from pdserve.node.server import NodeConfig, NodeMetrics
+from pdserve.transfer.auth import MessageSigner
 from pdserve.transfer.channel import TransferError
 from pdserve.transfer.endpoint import KVEndpoint, Malformed
 from pdserve.transfer.head_shards import KVRankPools
@@ -74,6 +75,8 @@ class RemotePrefill:
         self._reservation_lease_s = config.kv_lease_s + self.transfer.send_timeout_s
         self._sweeper: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        secret = config.cluster_secret
+        self._signer = MessageSigner(secret) if secret is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -224,6 +227,8 @@ class RemotePrefill:
             log.warning("dropped a malformed data-plane message: %s", event.reason)
 
     async def _send(self, address: str, message: PrefillTask | LeaseRenewal | Abort) -> None:
+        if self._signer is not None:  # signed per send: each carries a fresh nonce and expiry
+            message = self._signer.sign(message)
         await self._peers.send(address, message)
 
 

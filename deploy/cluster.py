@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -34,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from pdserve.common.leftovers import remove_leftovers
+from pdserve.common.secret import ClusterSecret
 
 READY_PREFIX = "PDSERVE_READY "
 PR_SET_PDEATHSIG = 1
@@ -69,8 +72,12 @@ class ClusterSpec:
     restart_reset_s: float = 60.0  # a child up this long is stable again: its failure count resets
     max_rapid_restarts: int = 5  # failures without a stable run before the child is given up
     log_level: str = "WARNING"
+    cluster_secret_file: str | None = None  # None: a fresh secret in the run directory
+    insecure: bool = False  # no cluster secret at all: internal traffic unauthenticated
 
     def __post_init__(self) -> None:
+        if self.insecure and self.cluster_secret_file is not None:
+            raise ValueError("cluster_secret_file and insecure are mutually exclusive")
         for name in ("prefill", "decode", "mixed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
@@ -147,6 +154,20 @@ class Cluster:
         self._out = out
         self._forced = threading.Event()
         self._forced_at = 0.0
+        self._run_dir: Path | None = None  # holds a generated secret; removed on stop
+
+    def secret_flags(self) -> list[str]:
+        """How children find the cluster secret: a file path, never the secret itself."""
+        s = self.spec
+        if s.insecure:
+            return ["--insecure"]
+        if s.cluster_secret_file is not None:
+            return ["--cluster-secret-file", s.cluster_secret_file]
+        if self._run_dir is None:
+            self._run_dir = Path(tempfile.mkdtemp(prefix="pdserve-up-"))  # mode 0700
+            ClusterSecret.generate().write(self._run_dir / "cluster.secret")
+            self._say(f"generated a cluster secret in {self._run_dir / 'cluster.secret'}")
+        return ["--cluster-secret-file", str(self._run_dir / "cluster.secret")]
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -159,7 +180,7 @@ class Cluster:
         argv += ["--drain-timeout", str(s.drain_timeout_s)]
         for key in s.api_keys:
             argv += ["--api-key", key]
-        return argv
+        return argv + self.secret_flags()
 
     def node_argv(self, role: str, index: int) -> list[str]:
         s = self.spec
@@ -173,7 +194,7 @@ class Cluster:
         argv += ["--speculative-config", s.speculative_config] if s.speculative_config else []
         if s.api_keys and s.registry == "embedded":
             argv += ["--registry-api-key", s.api_keys[0]]
-        return argv
+        return argv + self.secret_flags()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -287,6 +308,9 @@ class Cluster:
         if removed.pools or removed.queues:
             self.say(f"removed {len(removed.pools)} KV pool(s) and {len(removed.queues)} record queue(s)")
         self.members = []
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None
 
     def force_stop(self) -> None:
         """A second Ctrl-C / SIGTERM: every child gets a second SIGTERM (they stop at once) and the

@@ -36,8 +36,17 @@ def router_argv(spec: ClusterFile, host: HostSpec, secret: str | None) -> list[s
             "--host", host.address, "--port", str(host.router.port), "--model-name", spec.model_name,
             "--registry", spec.registry, "--drain-timeout", str(spec.drain_timeout_s)]
     argv += ["--model", spec.model] if spec.model else []
-    argv += ["--api-key", secret] if secret else []
-    return argv
+    argv += ["--api-key-is-cluster-secret"] if secret else []
+    return argv + secret_flags(spec)
+
+
+def secret_flags(spec: ClusterFile) -> list[str]:
+    """How a child finds the cluster secret: the spec's file or variable name, never its value."""
+    if spec.secret is None:  # the spec said insecure: true
+        return ["--insecure"]
+    if spec.secret.file is not None:
+        return ["--cluster-secret-file", spec.secret.file]
+    return ["--cluster-secret-env", spec.secret.env or ""]
 
 
 def node_argv(spec: ClusterFile, host: HostSpec, node: NodeSpec, secret: str | None) -> list[str]:
@@ -51,7 +60,8 @@ def node_argv(spec: ClusterFile, host: HostSpec, node: NodeSpec, secret: str | N
     argv += ["--model", spec.model] if spec.model else []
     argv += ["--speculative-config", spec.speculative_config] if spec.speculative_config else []
     if secret and spec.registry == "embedded":
-        argv += ["--registry-api-key", secret]
+        argv += ["--registry-api-key-is-cluster-secret"]
+    argv += secret_flags(spec)
     # Placement wraps the command; env and taskset exec it, so the launcher's pid is the node's.
     if node.cpus is not None:
         argv = ["taskset", "--cpu-list", node.cpus, *argv]

@@ -5,7 +5,7 @@
     model_name: pdserve-demo         # the model id clients ask for
     speculative_config: {method: mtp, num_speculative_tokens: 1}   # FastDeploy's JSON, every node
     registry: embedded               # the router's own registry, or redis://ADDRESS:PORT/DB
-    secret: {file: /etc/pdserve/secret}   # or {env: VARIABLE}; omitted: no authentication
+    secret: {file: /etc/pdserve/secret}   # or {env: VARIABLE}; required unless `insecure: true`
     drain_timeout_s: 30              # after SIGTERM, how long in-flight requests may take to finish
     hosts:
       r1: {address: 10.0.0.1, router: {port: 8000}}
@@ -18,9 +18,10 @@
         nodes:
           - {role: decode, port: 7001, data_port: 7002, metrics_port: 9100, threads: 2}
 
-The secret is what the router requires today: its API key (clients and node registration alike),
-which nodes present when they register with an embedded registry. The file or variable is read when
-a host starts, never written into the spec.
+The secret is the cluster secret every router and node holds (it authenticates the KV data plane,
+prefill tasks, registry entries and node RPCs); the router also takes it as its API key (clients and
+node registration alike). Children get the file's path or the variable's name, never the value. A
+spec without a secret must say `insecure: true`: the cluster then runs unauthenticated.
 
 Every field is checked when the file is read; an error names the field (``hosts.p1.nodes[0].role``).
 """
@@ -108,6 +109,7 @@ class ClusterFile:
     speculative_config: str | None = None  # JSON text, as the node flag takes it
     registry: str = "embedded"
     secret: SecretSource | None = field(default=None, repr=False)
+    insecure: bool = False  # no secret: every process runs with --insecure
     drain_timeout_s: float = 30.0
     startup_timeout_s: float = 180.0
     log_level: str = "WARNING"
@@ -153,7 +155,7 @@ def parse_spec(data: Any, path: Path) -> ClusterFile:
     c = _Checker(path)
     top = c.mapping(data, "", required={"name", "hosts"},
                     optional={"model", "model_name", "speculative_config", "registry", "secret",
-                              "drain_timeout_s", "startup_timeout_s", "log_level"})
+                              "insecure", "drain_timeout_s", "startup_timeout_s", "log_level"})
     name = c.name(top["name"], "name")
     registry = c.string(top.get("registry", "embedded"), "registry")
     if not (registry == "embedded" or registry.startswith(("redis://", "rediss://"))):
@@ -169,6 +171,7 @@ def parse_spec(data: Any, path: Path) -> ClusterFile:
         speculative_config=_parse_speculative(c, top.get("speculative_config")),
         registry=registry,
         secret=_parse_secret(c, top.get("secret")),
+        insecure=_parse_insecure(c, top.get("insecure", False), top.get("secret")),
         drain_timeout_s=c.positive(top.get("drain_timeout_s", 30.0), "drain_timeout_s"),
         startup_timeout_s=c.positive(top.get("startup_timeout_s", 180.0), "startup_timeout_s"),
         log_level=c.choice(top.get("log_level", "WARNING"), "log_level",
@@ -252,6 +255,17 @@ def _parse_speculative(c: _Checker, value: Any) -> str | None:
     except ValueError as exc:
         c.fail("speculative_config", str(exc))
     return text
+
+
+def _parse_insecure(c: _Checker, value: Any, secret: Any) -> bool:
+    if not isinstance(value, bool):
+        c.fail("insecure", f"must be true or false (got {value!r})")
+    if value and secret is not None:
+        c.fail("insecure", "a cluster with a secret cannot be insecure: drop one of them")
+    if not value and secret is None:
+        c.fail("secret", "required: {file: PATH} or {env: VARIABLE} (or `insecure: true` to run the "
+                         "cluster without authentication)")
+    return value
 
 
 def _parse_secret(c: _Checker, value: Any) -> SecretSource | None:

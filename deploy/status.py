@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve.common.secret import ClusterSecret
 from pdserve.deploy.spec import ClusterFile
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc import node_pb2_grpc
+from pdserve.rpc.auth import auth_metadata
 
 TIMEOUT_S = 3.0
 
@@ -43,9 +45,10 @@ def collect(spec: ClusterFile) -> list[Row]:
     rows = [_router_row(host.name, f"{host.address}:{router.port}")
             for host, router in spec.routers]
     registered = _registered_ids(spec.router_url, headers)
+    metadata = auth_metadata(ClusterSecret(secret.encode())) if secret else ()
     for host in spec.hosts:
         for node in host.nodes:
-            health, load = _node_health(f"{host.address}:{node.port}")
+            health, load = _node_health(f"{host.address}:{node.port}", metadata)
             known = "?" if registered is None else ("yes" if node.node_id in registered else "no")
             rows.append(Row(host.name, node.node_id, node.role, f"{host.address}:{node.port}", health,
                             known, load))
@@ -72,13 +75,14 @@ def _registered_ids(router_url: str, headers: dict[str, str]) -> set[str] | None
         return None
 
 
-def _node_health(address: str) -> tuple[str, str]:
+def _node_health(address: str, metadata: tuple[tuple[str, str], ...]) -> tuple[str, str]:
     with grpc.insecure_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                               timeout=TIMEOUT_S)
             health = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            stats = node_pb2_grpc.NodeStub(channel).Stats(pb.StatsRequest(), timeout=TIMEOUT_S)
+            stats = node_pb2_grpc.NodeStub(channel).Stats(pb.StatsRequest(), timeout=TIMEOUT_S,
+                                                           metadata=metadata)
         except grpc.RpcError:
             return "unreachable", "-"
     load = f"run {stats.running} wait {stats.waiting} kv {stats.kv_usage:.0%}"

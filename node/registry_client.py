@@ -1,8 +1,10 @@
 """The node side of the registry: announce this node and keep its entry alive.
 
-A node server builds a ``RegistryClient`` for its cluster's backend and runs a ``Heartbeater``:
+A node server builds a ``RegistryClient`` for its cluster's backend and runs a ``Heartbeater``.
+Every entry it writes is sealed with the cluster secret (``RegistryAuth``), so a router takes it as
+this node's and nobody else's:
 
-    client = registry_client_for("http://127.0.0.1:8000", api_key=None)   # or "redis://host:6379/0"
+    client = registry_client_for("http://127.0.0.1:8000", RegistryAuth(secret))   # or "redis://host:6379/0"
     beater = Heartbeater(client, current_info, interval_s=2.0)
     await beater.start(); ...; await beater.stop()   # stop() deregisters
 """
@@ -22,8 +24,9 @@ from pdserve.rpc.registry import (
     HEARTBEAT_PATH,
     NODES_PATH,
     REDIS_KEY_PREFIX,
+    REMOVAL_HEADER,
     NodeInfo,
-    encode_node,
+    RegistryAuth,
     redis_put,
 )
 
@@ -51,20 +54,24 @@ class RegistryClient(ABC):
 class HttpRegistryClient(RegistryClient):
     """Heartbeats to a router's embedded registry."""
 
-    def __init__(self, router_url: str, api_key: str | None = None, timeout_s: float = 2.0) -> None:
+    def __init__(self, router_url: str, auth: RegistryAuth, api_key: str | None = None,
+                 timeout_s: float = 2.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._auth = auth
         self._http = httpx.AsyncClient(base_url=router_url.rstrip("/"), headers=headers, timeout=timeout_s)
 
     async def heartbeat(self, node: NodeInfo) -> None:
-        await self._send("POST", HEARTBEAT_PATH, content=encode_node(node))
+        await self._send("POST", HEARTBEAT_PATH, content=self._auth.seal(node))
 
     async def deregister(self, node_id: str) -> None:
-        await self._send("DELETE", f"{NODES_PATH}/{node_id}")
+        await self._send("DELETE", f"{NODES_PATH}/{node_id}",
+                         headers={REMOVAL_HEADER: self._auth.removal_token(node_id)})
 
-    async def _send(self, method: str, path: str, content: bytes | None = None) -> None:
+    async def _send(self, method: str, path: str, content: bytes | None = None,
+                    headers: dict[str, str] | None = None) -> None:
         try:
             response = await self._http.request(
-                method, path, content=content, headers={"Content-Type": "application/json"}
+                method, path, content=content, headers={"Content-Type": "application/json", **(headers or {})}
             )
         except httpx.HTTPError as e:
             raise RegistryUnavailable(f"{method} {path}: {e!r}") from e
@@ -78,14 +85,15 @@ class HttpRegistryClient(RegistryClient):
 class RedisRegistryClient(RegistryClient):
     """Writes the entry straight into the shared Redis store (key with a TTL)."""
 
-    def __init__(self, url: str, ttl_s: float = 10.0, timeout_s: float = 1.0) -> None:
+    def __init__(self, url: str, auth: RegistryAuth, ttl_s: float = 10.0, timeout_s: float = 1.0) -> None:
         self._ttl_s = ttl_s
+        self._auth = auth
         self._client = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
                                                socket_connect_timeout=timeout_s)
 
     async def heartbeat(self, node: NodeInfo) -> None:
         try:
-            await redis_put(self._client, node.seen_now(), self._ttl_s)
+            await redis_put(self._client, self._auth, node.seen_now(), self._ttl_s)
         except (RedisError, OSError) as e:
             raise RegistryUnavailable(f"redis heartbeat: {e!r}") from e
 
@@ -99,12 +107,14 @@ class RedisRegistryClient(RegistryClient):
         await self._client.aclose()
 
 
-def registry_client_for(target: str, api_key: str | None = None, ttl_s: float = 10.0) -> RegistryClient:
-    """``redis://...`` -> Redis; ``http(s)://...`` -> the router's embedded registry."""
+def registry_client_for(target: str, auth: RegistryAuth, api_key: str | None = None,
+                        ttl_s: float = 10.0) -> RegistryClient:
+    """``redis://...`` -> Redis (user and password in the URL for an ACL); ``http(s)://...`` -> the
+    router's embedded registry."""
     if target.startswith(("redis://", "rediss://")):
-        return RedisRegistryClient(target, ttl_s)
+        return RedisRegistryClient(target, auth, ttl_s)
     if target.startswith(("http://", "https://")):
-        return HttpRegistryClient(target, api_key)
+        return HttpRegistryClient(target, auth, api_key)
     raise ValueError(f"registry target must be an http(s):// router URL or a redis:// URL (got {target!r})")
 
 

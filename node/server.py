@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from pdserve.common.kv_cache import KVCacheSpec
 from pdserve.common.leftovers import remove_leftovers
+from pdserve.common.secret import ClusterSecret, require_secret_or_insecure, warn_insecure
 from pdserve.common.spec_metrics import SpeculateMetrics
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.protocol import EngineStats
@@ -30,8 +31,9 @@ from pdserve.node.engine_client import EngineClient, EngineClientConfig, EngineE
 from pdserve.node.registry_client import Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc import node_pb2_grpc
-from pdserve.rpc.registry import NodeInfo, Role
-from pdserve.transfer.config import TransferConfig
+from pdserve.rpc.auth import RequireToken
+from pdserve.rpc.registry import NodeInfo, RegistryAuth, Role
+from pdserve.transfer.config import CurveKeys, TransferConfig
 
 log = logging.getLogger("pdserve.node")
 
@@ -63,6 +65,9 @@ class NodeConfig:
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
     log_level: str = "WARNING"
+    # authenticates the data plane (CURVE), signed tasks, registry entries and node RPCs
+    cluster_secret: ClusterSecret | None = field(default=None, repr=False)
+    insecure: bool = False  # run without a cluster secret (explicit, logged loudly)
 
     def __post_init__(self) -> None:
         if self.role not in set(Role):
@@ -85,10 +90,12 @@ class NodeConfig:
             raise ValueError(f"heartbeat_interval_s must be > 0 (got {self.heartbeat_interval_s})")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1 (got {self.tensor_parallel_size})")
+        require_secret_or_insecure(self.cluster_secret, self.insecure, f"node {self.node_id}")
 
     def transfer_config(self) -> TransferConfig:
         """The KV data plane binds the node's interface, on data_port."""
-        return TransferConfig(transport=self.transport, bind_host=self.host, port=self.data_port)
+        curve = CurveKeys.from_cluster_secret(self.cluster_secret) if self.cluster_secret else None
+        return TransferConfig(transport=self.transport, bind_host=self.host, port=self.data_port, curve=curve)
 
     def engine_client_config(self) -> EngineClientConfig:
         return EngineClientConfig(
@@ -121,6 +128,9 @@ class NodeMetrics:
                                   ["direction", "transport"], registry=self.registry)
         self.kv_failures = Counter("pdserve_kv_transfer_failures", "failed or rejected KV transfers",
                                    ["reason"], registry=self.registry)
+        self.auth_rejections = Counter("pdserve_auth_rejections",
+                                       "internal messages and calls refused as unauthenticated",
+                                       ["channel", "reason"], registry=self.registry)
         self.spec_accepted = Counter("pdserve_spec_accepted_tokens",
                                      "draft tokens accepted (finished requests)", registry=self.registry)
         self.spec_rejected = Counter("pdserve_spec_rejected_tokens",
@@ -211,12 +221,14 @@ class NodeServer(node_pb2_grpc.NodeServicer):
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.config.cluster_secret is None:
+            warn_insecure(f"node {self.config.node_id}")
         removed = remove_leftovers()  # what killed nodes on this host left: dead owners only
         if removed.pools or removed.queues:
             log.warning("removed KV pools %s and record queues %s of dead nodes", list(removed.pools),
                         list(removed.queues))
         await self.bridge.start()
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(interceptors=self._rpc_interceptors())
         node_pb2_grpc.add_NodeServicer_to_server(self, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         port = self._server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
@@ -232,8 +244,16 @@ class NodeServer(node_pb2_grpc.NodeServicer):
         if self.config.registry_url:
             await self._start_heartbeats()
 
+    def _rpc_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        secret = self.config.cluster_secret
+        if secret is None:
+            return []
+        rejections = self.metrics.auth_rejections
+        return [RequireToken(secret, lambda reason: rejections.labels(channel="grpc", reason=reason).inc())]
+
     async def _start_heartbeats(self) -> None:
-        client = registry_client_for(self.config.registry_url, api_key=self.config.registry_api_key)
+        client = registry_client_for(self.config.registry_url, RegistryAuth(self.config.cluster_secret),
+                                     api_key=self.config.registry_api_key)
         self._heartbeater = Heartbeater(client, self.node_info, self.config.heartbeat_interval_s)
         await self._heartbeater.start()
 

@@ -21,6 +21,7 @@ from pdserve.engine.request import RequestStatus
 from pdserve.node.engine_bridge import EngineGone, RequestHandle
 from pdserve.node.engine_client import EngineError
 from pdserve.node.server import NodeConfig, NodeServer
+from pdserve.transfer.auth import MessageVerifier
 from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import InboxDispatcher, Malformed
@@ -72,6 +73,8 @@ class PrefillNodeServer(NodeServer):
         self._peers = PeerSenders(self.transfer)  # one thread per decode peer: KV, FirstToken, acks
         self._host_id = local_host_id()
         self._loop: asyncio.AbstractEventLoop | None = None
+        secret = config.cluster_secret
+        self._verifier = MessageVerifier(secret) if secret is not None else None  # the inbox thread's
 
     @property
     def inflight(self) -> int:
@@ -101,6 +104,13 @@ class PrefillNodeServer(NodeServer):
             self.pool.close()
 
     def _from_inbox_thread(self, event) -> None:
+        """Checks signatures here, on the inbox thread: nothing unverified reaches the event loop."""
+        if self._verifier is not None and isinstance(event, (PrefillTask, LeaseRenewal, Abort)):
+            reject = self._verifier.check(event)
+            if reject is not None:
+                self.metrics.auth_rejections.labels(channel="data_plane", reason=reject).inc()
+                log.warning("refused a %s for %r: %s", type(event).__name__, event.request_id, reject)
+                return
         self._loop.call_soon_threadsafe(self._on_message, event)
 
     def _on_message(self, message) -> None:

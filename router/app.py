@@ -61,7 +61,8 @@ from pdserve.router.registry import Registry
 from pdserve.router.responses import DONE_EVENT, ResponseBuilder, gather_or_cancel, sse
 from pdserve.router.tool_calls import make_tool_call_parser
 from pdserve.rpc import node_pb2
-from pdserve.rpc.registry import HEARTBEAT_PATH, NODES_PATH, NodeInfoError, decode_node
+from pdserve.rpc.auth import token_interceptors
+from pdserve.rpc.registry import HEARTBEAT_PATH, NODES_PATH, REMOVAL_HEADER, RegistryAuthError
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; nobody receives it
 VERSION = "0.1.0"
@@ -88,9 +89,11 @@ def build_state(config: RouterConfig, registry: Registry, tokenizer: Tokenizer |
     max_len = config.max_model_len or model_max_len(config.model_dir)
     metrics = RouterMetrics()
     shared = config.registry.is_redis or config.workers > 1  # other routers send to the same nodes
+    registry.auth.on_reject = lambda reason: metrics.registry_rejections.labels(reason=reason).inc()
     pool = NodePool(registry, config.model_name, config.health,
                     build_policy(config.policy.prefill, config.policy, policy_seed),
-                    build_policy(config.policy.decode, config.policy, policy_seed), metrics)
+                    build_policy(config.policy.decode, config.policy, policy_seed), metrics,
+                    token_interceptors(config.cluster_secret))
     admission = Admission(config.admission, lambda: cluster_capacity(
         pool, config.policy.block_size, shared, config.admission.kv_overcommit))
     preparer = Preparer(tokenizer, config.model_name, max_len, make_tool_call_parser(config.tool_call_parser))
@@ -435,14 +438,20 @@ def _add_registry_routes(app: FastAPI, state: RouterState) -> None:
     @app.post(HEARTBEAT_PATH)
     async def heartbeat(request: Request) -> dict[str, Any]:
         try:
-            node = decode_node(await request.body())
-        except NodeInfoError as e:
-            raise APIError(400, f"invalid node registration: {e}", None, "invalid_value") from e
+            node = state.registry.auth.open(await request.body())
+        except RegistryAuthError as e:
+            if e.reason == "malformed":
+                raise APIError(400, f"invalid node registration: {e}", None, "invalid_value") from e
+            raise APIError(401, f"registration refused: {e}", None, "unauthenticated") from e
         await state.registry.upsert(node)
         return {"ok": True, "ttl_s": state.config.registry.heartbeat_ttl_s}
 
     @app.delete(NODES_PATH + "/{node_id}")
-    async def deregister(node_id: str) -> dict[str, Any]:
+    async def deregister(node_id: str, request: Request) -> dict[str, Any]:
+        try:
+            state.registry.auth.check_removal(node_id, request.headers.get(REMOVAL_HEADER, ""))
+        except RegistryAuthError as e:
+            raise APIError(401, f"deregistration refused: {e}", None, "unauthenticated") from e
         await state.registry.remove(node_id)
         return {"ok": True}
 

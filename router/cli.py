@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pdserve.common.secret import add_cluster_secret_flags, secret_from_args
 from pdserve.router.config import (
     POLICY_NAMES,
     AdmissionConfig,
@@ -27,6 +28,8 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--model-name", default="pdserve-demo", help="the model id clients ask for")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--api-key", action="append", default=[], help="required API key (repeatable)")
+    p.add_argument("--api-key-is-cluster-secret", action="store_true",
+                   help="also take the cluster secret as an API key (keeps it off the command line)")
     p.add_argument("--registry", default="embedded", help="'embedded' or redis://host:port/db")
     p.add_argument("--heartbeat-ttl", type=float, default=10.0, help="seconds a node entry lives unrenewed")
     p.add_argument("--prefill-policy", default="prefix_aware", choices=POLICY_NAMES)
@@ -47,14 +50,21 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                    help="SIGTERM: seconds in-flight requests get to finish (new ones get 503)")
     p.add_argument("--workers", type=int, default=1,
                    help="router processes sharing the port (admission limits are per worker)")
+    add_cluster_secret_flags(p)
     p.set_defaults(handler=_run)
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    secret = secret_from_args(args)
+    api_keys = tuple(args.api_key)
+    if args.api_key_is_cluster_secret:
+        if secret is None:
+            raise ValueError("--api-key-is-cluster-secret needs a cluster secret")
+        api_keys += (secret.value.decode(),)
     return RouterConfig(
         host=args.host, port=args.port, model_name=args.model_name,
         model_dir=args.model or default_model_dir(), max_model_len=args.max_model_len,
-        api_keys=tuple(args.api_key),
+        api_keys=api_keys,
         admission=AdmissionConfig(max_inflight_requests=args.max_inflight_requests,
                                   max_queued_requests=args.max_queued_requests,
                                   queue_per_slot=args.queue_per_slot, kv_overcommit=args.kv_overcommit,
@@ -65,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         policy=PolicyConfig(prefill=args.prefill_policy, decode=args.decode_policy,
                             block_size=args.block_size),
         log_level=args.log_level, workers=args.workers, tool_call_parser=args.tool_call_parser,
-        drain_timeout_s=args.drain_timeout,
+        drain_timeout_s=args.drain_timeout, cluster_secret=secret, insecure=args.insecure,
     )
 
 

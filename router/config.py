@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pdserve.models
+from pdserve.common.secret import ClusterSecret, require_secret_or_insecure
 from pdserve.router.tool_calls import TOOL_CALL_PARSERS
+from pdserve.rpc.registry import RegistryAuth
 
 POLICY_NAMES = ("round_robin", "random", "power_of_two", "prefix_aware")
 ROUTED_ROLES = ("prefill", "decode")  # the decode policy also picks among mixed nodes
@@ -147,6 +149,9 @@ class RouterConfig:
     workers: int = 1
     # SIGTERM: new requests get 503 while in-flight ones finish, for at most this long
     drain_timeout_s: float = 30.0
+    # signs node RPC calls and authenticates registry entries; None only with insecure=True
+    cluster_secret: ClusterSecret | None = field(default=None, repr=False)
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         _check([
@@ -162,3 +167,8 @@ class RouterConfig:
         ], self)
         if not all(isinstance(k, str) and k for k in self.api_keys):
             raise RouterConfigError("api_keys must be non-empty strings")  # never echo a key
+        require_secret_or_insecure(self.cluster_secret, self.insecure, "the router")
+
+    def registry_auth(self) -> RegistryAuth:
+        """A fresh one per registry (it carries that registry's rejection counter)."""
+        return RegistryAuth(self.cluster_secret, max_age_s=self.registry.heartbeat_ttl_s)

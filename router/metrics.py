@@ -26,6 +26,9 @@ class RouterMetrics:
                                    ["node_id", "role"], registry=self.registry)
         self.retries = Counter("pdserve_router_retries", "Tries that failed before the first token",
                                registry=self.registry)
+        self.registry_rejections = Counter("pdserve_router_registry_rejections",
+                                           "Registry heartbeats and entries refused, by reason",
+                                           ["reason"], registry=self.registry)
         self.ejections = Counter("pdserve_router_node_ejections", "Nodes taken out of rotation",
                                  registry=self.registry)
 

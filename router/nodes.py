@@ -57,8 +57,10 @@ class _Channel:
 
 class NodePool:
     def __init__(self, registry: Registry, model_name: str, health: HealthConfig,
-                 prefill_policy: Policy, decode_policy: Policy, metrics: RouterMetrics) -> None:
+                 prefill_policy: Policy, decode_policy: Policy, metrics: RouterMetrics,
+                 interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
         self._registry = registry
+        self._interceptors = list(interceptors)  # the cluster credential on every call (rpc.auth)
         self._model_name = model_name
         self._health = health
         self._prefill_policy = prefill_policy
@@ -150,7 +152,8 @@ class NodePool:
         entry = self._channels.get(address)
         if entry is None:
             # no proxies: node addresses are internal, and an env proxy would add a hop to every token
-            channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+            channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)],
+                                                interceptors=self._interceptors or None)
             entry = _Channel(channel, node_pb2_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(channel))
             self._channels[address] = entry
         return entry

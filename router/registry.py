@@ -29,6 +29,8 @@ from pdserve.rpc.registry import (
     REDIS_KEY_PREFIX,
     NodeInfo,
     NodeInfoError,
+    RegistryAuth,
+    RegistryAuthError,
     decode_node,
     encode_node,
     redis_put,
@@ -41,8 +43,11 @@ class Registry(ABC):
 
     Invariants: ``snapshot`` is cheap and never blocks (the request path calls it per request) and
     returns only entries renewed within the TTL (or, for a shared store that is unreachable, the last
-    view read from it); ``upsert`` replaces the whole entry for ``node.node_id``.
+    view read from it); ``upsert`` replaces the whole entry for ``node.node_id``. ``auth`` opens what
+    nodes send (the HTTP heartbeat route) and, for a shared store, what is read from it.
     """
+
+    auth: RegistryAuth
 
     async def start(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """Begin background work (sync loops)."""
@@ -64,7 +69,8 @@ class Registry(ABC):
 
 
 class EmbeddedRegistry(Registry):
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, auth: RegistryAuth) -> None:
+        self.auth = auth
         self._ttl_s = ttl_s
         self._nodes: dict[str, NodeInfo] = {}
         # the sorted view, rebuilt only after a change or when its oldest entry may have expired:
@@ -92,7 +98,9 @@ class EmbeddedRegistry(Registry):
 
 
 class RedisRegistry(Registry):
-    def __init__(self, url: str, ttl_s: float, sync_interval_s: float, timeout_s: float) -> None:
+    def __init__(self, url: str, ttl_s: float, sync_interval_s: float, timeout_s: float,
+                 auth: RegistryAuth) -> None:
+        self.auth = auth
         self._ttl_s = ttl_s
         self._sync_interval_s = sync_interval_s
         self._client = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
@@ -117,7 +125,7 @@ class RedisRegistry(Registry):
         await self._client.aclose()
 
     async def upsert(self, node: NodeInfo) -> None:
-        await redis_put(self._client, node.seen_now(), self._ttl_s)
+        await redis_put(self._client, self.auth, node.seen_now(), self._ttl_s)
 
     async def remove(self, node_id: str) -> None:
         await self._client.delete(REDIS_KEY_PREFIX + node_id)
@@ -140,16 +148,15 @@ class RedisRegistry(Registry):
         self._connected = True
         self._view = sorted(self._decode_all(values), key=lambda n: n.node_id)
 
-    @staticmethod
-    def _decode_all(values: list[bytes | None]) -> list[NodeInfo]:
+    def _decode_all(self, values: list[bytes | None]) -> list[NodeInfo]:
         nodes = []
         for value in values:
             if value is None:  # expired between SCAN and MGET
                 continue
             try:
-                nodes.append(decode_node(value))
-            except NodeInfoError as e:  # one bad writer must not hide every other node
-                log.warning("registry: skipping a malformed Redis entry: %s", e)
+                nodes.append(self.auth.open(value))
+            except RegistryAuthError as e:  # one bad writer must not hide every other node
+                log.warning("registry: skipping a Redis entry: %s", e)
         return nodes
 
     async def _sync_loop(self) -> None:
@@ -163,7 +170,8 @@ class SharedDirRegistry(Registry):
     worker's view is what it last read, refreshed every ``sync_interval_s`` and at once on its own
     writes. Expired entries are deleted by whichever worker reads them first."""
 
-    def __init__(self, directory: Path, ttl_s: float, sync_interval_s: float) -> None:
+    def __init__(self, directory: Path, ttl_s: float, sync_interval_s: float, auth: RegistryAuth) -> None:
+        self.auth = auth  # for heartbeats; the files are the router workers' own, written unsigned
         self._dir = directory
         self._ttl_s = ttl_s
         self._sync_interval_s = sync_interval_s
@@ -221,8 +229,8 @@ class SharedDirRegistry(Registry):
             self.sync()
 
 
-def build_registry(config: RegistryConfig) -> Registry:
+def build_registry(config: RegistryConfig, auth: RegistryAuth) -> Registry:
     if config.is_redis:
         return RedisRegistry(config.backend, config.heartbeat_ttl_s, config.sync_interval_s,
-                             config.redis_timeout_s)
-    return EmbeddedRegistry(config.heartbeat_ttl_s)
+                             config.redis_timeout_s, auth)
+    return EmbeddedRegistry(config.heartbeat_ttl_s, auth)

@@ -21,6 +21,7 @@ from types import FrameType, TracebackType
 
 import uvicorn
 
+from pdserve.common.secret import warn_insecure
 from pdserve.router.app import HotPaths, RouterState, create_asgi
 from pdserve.router.config import RouterConfig
 from pdserve.router.registry import Registry, SharedDirRegistry, build_registry
@@ -100,11 +101,14 @@ class DrainingServer(uvicorn.Server):
 def run_router(config: RouterConfig) -> int:
     """Serve until SIGINT/SIGTERM (then drain). Prints the URL (stdout, one line) once every worker
     listens."""
+    if config.cluster_secret is None:
+        warn_insecure("the router")
     if config.workers > 1:
         return _run_workers(config)
     sock = bind_socket(config.host, config.port)
-    server = DrainingServer(_uvicorn_config(config, build_registry(config.registry), loop="uvloop",
-                                            http="httptools"), config.drain_timeout_s)
+    registry = build_registry(config.registry, config.registry_auth())
+    server = DrainingServer(_uvicorn_config(config, registry, loop="uvloop", http="httptools"),
+                            config.drain_timeout_s)
     print(f"pdserve router listening on {_url(sock)}", flush=True)
     server.run(sockets=[sock])
     return 0
@@ -157,8 +161,9 @@ def _serve_worker(config: RouterConfig, port: int, shared_dir: Path, ready: Even
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM each
     sock = bind_socket(config.host, port, reuse_port=True)
     r = config.registry
-    registry = (build_registry(r) if r.is_redis else
-                SharedDirRegistry(shared_dir, r.heartbeat_ttl_s, min(r.sync_interval_s, SHARED_DIR_SYNC_S)))
+    registry = (build_registry(r, config.registry_auth()) if r.is_redis else
+                SharedDirRegistry(shared_dir, r.heartbeat_ttl_s, min(r.sync_interval_s, SHARED_DIR_SYNC_S),
+                                  config.registry_auth()))
     server = DrainingServer(_uvicorn_config(config, registry, loop="uvloop", http="httptools"),
                             config.drain_timeout_s)
 
@@ -178,7 +183,8 @@ class BackgroundRouter:
                  ) -> None:
         self._sock = bind_socket(config.host, config.port)
         self.url = _url(self._sock)
-        self._server = uvicorn.Server(_uvicorn_config(config, registry or build_registry(config.registry)))
+        registry = registry or build_registry(config.registry, config.registry_auth())
+        self._server = uvicorn.Server(_uvicorn_config(config, registry))
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._run, name="router", daemon=True)
         self._start_timeout_s = start_timeout_s

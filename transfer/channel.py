@@ -14,11 +14,9 @@ import ctypes
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import zmq
-import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from pdserve.transfer.config import TransferConfig
@@ -70,12 +68,10 @@ class Outbox:
         self._socket.setsockopt(zmq.SNDTIMEO, int(config.send_timeout_s * 1000))
         self._socket.setsockopt(zmq.SNDHWM, config.send_hwm)
         self._socket.setsockopt(zmq.LINGER, int(config.send_timeout_s * 1000))
-        if config.curve_client is not None:
-            public, secret = zmq.auth.load_certificate(config.curve_client.secret_file)
-            server_public, _ = zmq.auth.load_certificate(config.curve_client.server_public_file)
-            self._socket.curve_publickey = public
-            self._socket.curve_secretkey = secret
-            self._socket.curve_serverkey = server_public
+        if config.curve is not None:
+            self._socket.curve_publickey = config.curve.public
+            self._socket.curve_secretkey = config.curve.secret
+            self._socket.curve_serverkey = config.curve.public  # one cluster key pair: see CurveKeys
         self._socket.connect(address)
 
     def send(self, message: WireMessage, payload: Sequence[np.ndarray] = (),
@@ -112,10 +108,9 @@ class Inbox:
         # Refuse a frame larger than any valid one before libzmq allocates it.
         self._socket.setsockopt(zmq.MAXMSGSIZE, max(max_frame_bytes, MAX_MESSAGE_BYTES))
         self._socket.setsockopt(zmq.LINGER, 0)
-        if config.curve_server is not None:
-            public, secret = zmq.auth.load_certificate(config.curve_server.secret_file)
-            self._socket.curve_publickey = public
-            self._socket.curve_secretkey = secret
+        if config.curve is not None:
+            self._socket.curve_publickey = config.curve.public
+            self._socket.curve_secretkey = config.curve.secret
             self._socket.curve_server = True
         port = "*" if config.port == 0 else str(config.port)
         self._socket.bind(f"tcp://{config.bind_host}:{port}")
@@ -151,17 +146,21 @@ class Inbox:
         self._context.term()
 
 
+class _ClusterKeyOnly:
+    """ZAP credentials check: admit exactly the cluster's public key (a peer holding the secret)."""
+
+    def __init__(self, public: bytes) -> None:
+        self._public = public
+
+    def callback(self, domain: str, client_public: bytes) -> bool:
+        return client_public == self._public
+
+
 def _start_curve_server(context: zmq.Context, config: TransferConfig) -> ThreadAuthenticator | None:
-    if config.curve_server is None:
+    if config.curve is None:
         return None
     authenticator = ThreadAuthenticator(context)
     authenticator.start()
-    authenticator.configure_curve(domain="*", location=str(config.curve_server.authorized_clients_dir))
+    authenticator.configure_curve_callback(domain="*",
+                                           credentials_provider=_ClusterKeyOnly(config.curve.public))
     return authenticator
-
-
-def create_curve_keys(directory: Path, name: str) -> tuple[Path, Path]:
-    """Write a CURVE key pair `name.key` (public) and `name.key_secret` under `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(directory), name)
-    return Path(public), Path(secret)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+
+import zmq
+from zmq.utils import z85
+
+from pdserve.common.secret import ClusterSecret
 
 TRANSPORT_CHOICES = ("auto", "shm", "zmq")
 
@@ -13,29 +17,22 @@ class TransferConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class CurveServerKeys:
-    """CURVE for a bound endpoint: its key pair and the public keys of the peers allowed in."""
+class CurveKeys:
+    """The cluster's CURVE key pair (Z85 text), derived from the cluster secret: every node uses it as
+    server and as client, and a server lets in only clients presenting this same public key, so
+    holding the secret is what admits a peer. No key files need distributing."""
 
-    secret_file: Path  # a `zmq.auth.create_certificates` *.key_secret file
-    authorized_clients_dir: Path  # a directory of *.key files; any other client is refused
-
-    def __post_init__(self) -> None:
-        _require(self.secret_file.is_file(), "curve_server.secret_file", f"no such file {self.secret_file}")
-        _require(self.authorized_clients_dir.is_dir(), "curve_server.authorized_clients_dir",
-                 f"no such directory {self.authorized_clients_dir}")
-
-
-@dataclass(frozen=True)
-class CurveClientKeys:
-    """CURVE for a connecting endpoint: its key pair and the server's public key."""
-
-    secret_file: Path
-    server_public_file: Path
+    public: bytes  # 40 bytes of Z85
+    secret: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
-        _require(self.secret_file.is_file(), "curve_client.secret_file", f"no such file {self.secret_file}")
-        _require(self.server_public_file.is_file(), "curve_client.server_public_file",
-                 f"no such file {self.server_public_file}")
+        _require(len(self.public) == 40 and len(self.secret) == 40, "curve", "keys must be 40-byte Z85 text")
+
+    @classmethod
+    def from_cluster_secret(cls, cluster_secret: ClusterSecret) -> CurveKeys:
+        # a Curve25519 secret key is any 32 bytes (the curve clamps them); the public key follows
+        secret = z85.encode(cluster_secret.derive("zmq-curve"))
+        return cls(public=zmq.curve_public(secret), secret=secret)
 
 
 @dataclass(frozen=True)
@@ -46,11 +43,9 @@ class TransferConfig:
     advertise_host: str | None = None  # the host peers dial (None: bind_host; set it when binding 0.0.0.0)
     send_timeout_s: float = 10.0  # a send to an unreachable or stalled peer fails after this
     send_hwm: int = 1000  # messages queued per peer before sends block (backpressure)
-    curve_server: CurveServerKeys | None = None
-    curve_client: CurveClientKeys | None = None
+    curve: CurveKeys | None = None  # None: plain TCP, any peer may connect (--insecure only)
     tune_malloc: bool = True  # reuse freed message buffers (channel.keep_message_buffers; process-wide)
     malloc_retain_bytes: int = 1 << 30  # freed heap memory glibc keeps before trimming
-
 
     def __post_init__(self) -> None:
         _require(self.transport in TRANSPORT_CHOICES, "transport", f"must be one of {TRANSPORT_CHOICES}")

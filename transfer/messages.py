@@ -22,7 +22,7 @@ from pdserve.common.kv_cache import KVCacheSpec
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.tokens import NO_TOKENS, SampledTokens
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 1M-token PrefillTask is ~5 MB of msgpack
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_BLOCKS = 1 << 20
@@ -80,6 +80,19 @@ class KVTarget(msgspec.Struct, frozen=True):
             raise ValueError("KVTarget.rank_shm_names needs shm_name (rank 0's pool)")
 
 
+class MessageAuth(msgspec.Struct, frozen=True):
+    """Who sent a decode -> prefill message, and that it is fresh: `transfer.auth` signs and checks it.
+
+    `mac` is the HMAC of the whole message encoded with `mac` empty, under a key derived from the
+    cluster secret. Unlike durations, `expires_unix_ms` is wall-clock time: a replayed message must be
+    recognisable after any restart, so nodes' clocks must agree within the verifier's allowed skew.
+    """
+
+    nonce: Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+    expires_unix_ms: Annotated[int, msgspec.Meta(ge=0, lt=2**53)]
+    mac: Annotated[bytes, msgspec.Meta(max_length=32)] = b""
+
+
 class PrefillTask(msgspec.Struct, tag="prefill_task", frozen=True):
     """D -> P: prefill this prompt and write its KV into my blocks `block_ids` (in token order)."""
 
@@ -91,6 +104,7 @@ class PrefillTask(msgspec.Struct, tag="prefill_task", frozen=True):
     kv_target: KVTarget
     lease_ms: LeaseMs  # P drops the task this long after receiving it unless a LeaseRenewal arrives
     num_draft_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_DRAFT_TOKENS)] = 0  # MTP drafts wanted
+    auth: MessageAuth | None = None  # the decode node's signature (None only in an insecure cluster)
 
     def __post_init__(self) -> None:
         if len(set(self.block_ids)) != len(self.block_ids):
@@ -194,6 +208,7 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
 
     request_id: RequestId
     reason: Text = ""
+    auth: MessageAuth | None = None  # signed when a decode node sends it; P's confirmations are not
 
 
 class LeaseRenewal(msgspec.Struct, tag="lease_renewal", frozen=True):
@@ -201,6 +216,7 @@ class LeaseRenewal(msgspec.Struct, tag="lease_renewal", frozen=True):
 
     request_id: RequestId
     lease_ms: LeaseMs
+    auth: MessageAuth | None = None
 
 
 WireMessage = PrefillTask | KVChunkHeader | FirstToken | Abort | LeaseRenewal

@@ -40,6 +40,8 @@ from pdserve.tests.support.cluster import (
     tokenizer,
     wait_until,
 )
+from pdserve.tests.support.secret import TEST_SECRET
+from pdserve.transfer.config import CurveKeys
 from pdserve.transfer.messages import Abort, KVChunkHeader, LeaseRenewal, WireCodec
 
 PREFILL_TIMEOUT_S = 3.0
@@ -160,6 +162,10 @@ def test_garbage_on_data_ports_does_not_disturb_a_real_request(nodes: dict[str, 
             sock = context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDTIMEO, 2000)
+            # a cluster member gone wrong: it holds the CURVE key, so its garbage gets through
+            keys = CurveKeys.from_cluster_secret(TEST_SECRET)
+            sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret
+            sock.curve_serverkey = keys.public
             sock.connect(target.info["data"])
             sockets.append(sock)
         assert wait_until(lambda: not decode.all_blocks_free(), 5.0)  # the request holds its reservation

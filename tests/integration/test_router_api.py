@@ -15,12 +15,16 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import msgspec
 import openai
 import pytest
 
+from pdserve.common.secret import ClusterSecret
 from pdserve.models.tokenizer import Tokenizer
 from pdserve.router.config import HealthConfig, PolicyConfig, RegistryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
+from pdserve.rpc.registry import HEARTBEAT_PATH, NODES_PATH, REMOVAL_HEADER, RegistryAuth
+from pdserve.tests.support.secret import TEST_SECRET, secret_flags
 from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router, stub_token
 
 MODEL = "pdserve-demo"
@@ -31,7 +35,7 @@ def _config(**kw: object) -> RouterConfig:
     # lenient health checks: a stall of this shared machine must not eject the stub node; the one
     # registration of the module's node must not expire either (nothing renews it)
     health = HealthConfig(interval_s=0.2, timeout_s=2.0, eject_after=20)
-    return RouterConfig(port=0, model_name=MODEL, health=health,  # type: ignore[arg-type]
+    return RouterConfig(port=0, model_name=MODEL, health=health, cluster_secret=TEST_SECRET,  # type: ignore[arg-type]
                         registry=RegistryConfig(heartbeat_ttl_s=3600.0), **kw)
 
 
@@ -403,7 +407,7 @@ def test_chat_n_returns_n_messages(client: openai.OpenAI) -> None:
 def test_worker_processes_share_the_port_and_one_registry_view(node: StubNodeServer,
                                                                tokenizer: Tokenizer) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "router", "--port", "0", "--workers", "2",
-                             "--health-interval", "0.5"], stdout=subprocess.PIPE, text=True)
+                             "--health-interval", "0.5", *secret_flags()], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().split()[-1]
@@ -429,3 +433,33 @@ def test_best_of_asks_the_node_for_logprobs_and_returns_n(client: openai.OpenAI,
     assert [c.index for c in out.choices] == [0] and out.choices[0].logprobs is None
     assert [r.sampling.logprobs for r in node.counters.requests[-3:]] == [0, 0, 0]
     assert out.usage.completion_tokens == 6
+
+
+def test_spoofed_heartbeats_and_removals_are_refused_and_counted(node: StubNodeServer) -> None:
+    """A registration needs the cluster secret: unsigned, foreign and altered ones get 401, are
+    counted, and never route a request; the genuine node's entry cannot be removed by anyone else."""
+    with BackgroundRouter(_config()) as r:
+        spoof = msgspec.structs.replace(node.info(), node_id="spoof-0")
+        unsigned = RegistryAuth(None).seal(spoof)
+        foreign = RegistryAuth(ClusterSecret(b"not-this-cluster-secret")).seal(spoof)
+        altered = RegistryAuth(TEST_SECRET).seal(node.info()).replace(b'"mixed-0"', b'"spoof-1"')
+        stale = RegistryAuth(TEST_SECRET, clock=lambda: time.time() - 7200).seal(spoof)
+        for body, code in [(unsigned, "unsigned"), (foreign, "bad_mac"), (altered, "bad_mac"),
+                           (stale, "stale")]:
+            response = httpx.post(r.url + HEARTBEAT_PATH, content=body, timeout=5)
+            assert response.status_code == 401, (code, response.text)
+            assert response.json()["error"]["code"] == "unauthenticated"
+        assert httpx.get(r.url + "/internal/v1/nodes").json()["nodes"] == []
+        assert httpx.post(r.url + HEARTBEAT_PATH, content=b"{}", timeout=5).status_code == 400
+        metrics = httpx.get(r.url + "/metrics").text
+        for reason, count in [("unsigned", 1), ("bad_mac", 2), ("stale", 1), ("malformed", 1)]:
+            assert f'pdserve_router_registry_rejections_total{{reason="{reason}"}} {count}.0' in metrics
+        register_with_router(r.url, node.info())
+        assert httpx.delete(r.url + NODES_PATH + "/mixed-0", timeout=5).status_code == 401
+        forged = RegistryAuth(ClusterSecret(b"not-this-cluster-secret")).removal_token("mixed-0")
+        removal = r.url + NODES_PATH + "/mixed-0"
+        assert httpx.delete(removal, headers={REMOVAL_HEADER: forged}).status_code == 401
+        assert [n["node_id"] for n in httpx.get(r.url + "/internal/v1/nodes").json()["nodes"]] == ["mixed-0"]
+        token = RegistryAuth(TEST_SECRET).removal_token("mixed-0")
+        assert httpx.delete(removal, headers={REMOVAL_HEADER: token}).status_code == 200
+        assert httpx.get(r.url + "/internal/v1/nodes").json()["nodes"] == []

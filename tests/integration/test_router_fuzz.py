@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from pdserve.router.config import HealthConfig, RegistryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
+from pdserve.tests.support.secret import TEST_SECRET
 from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router
 
 MODEL = "pdserve-demo"
@@ -98,7 +99,8 @@ def router() -> Iterator[tuple[BackgroundRouter, dict[str, list[str]]]]:
     # capacity", which is not what the fuzz looks for.
     config = RouterConfig(port=0, model_name=MODEL, health=HealthConfig(interval_s=1.0, timeout_s=5.0,
                                                                         eject_after=100),
-                          registry=RegistryConfig(heartbeat_ttl_s=3600.0), tool_call_parser="hermes")
+                          registry=RegistryConfig(heartbeat_ttl_s=3600.0), tool_call_parser="hermes",
+                          cluster_secret=TEST_SECRET)
     with StubNodeServer("fuzz-0", behavior=StubBehavior(tokens=2)) as node, BackgroundRouter(config) as r:
         register_with_router(r.url, node.info(capacity=64))
         schema = httpx.get(r.url + "/openapi.json").json()["components"]["schemas"]

@@ -14,12 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
+import redis
 
+from pdserve.common.secret import ClusterSecret
 from pdserve.node.registry_client import Heartbeater, RedisRegistryClient, registry_client_for
 from pdserve.router.config import HealthConfig, RegistryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
-from pdserve.rpc.registry import NodeInfo
+from pdserve.rpc.registry import REDIS_KEY_PREFIX, NodeInfo, RegistryAuth, encode_node
+from pdserve.tests.support.secret import TEST_SECRET
 from pdserve.tests.support.stub_node import StubNodeServer
 
 MODEL = "pdserve-demo"
@@ -35,26 +39,29 @@ def _free_port() -> int:
 
 
 class RedisProcess:
-    def __init__(self, port: int, workdir: Path) -> None:
+    def __init__(self, port: int, workdir: Path, password: str | None = None) -> None:
         self.port = port
         self._workdir = workdir
+        self._password = password
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        user = f"default:{self._password}@" if self._password else ""
+        return f"redis://{user}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        auth = ["--requirepass", self._password] if self._password else []
         self._proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self._workdir)],
+             "--appendonly", "no", "--dir", str(self._workdir), *auth],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
                     conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
+                    if conn.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 pass  # not listening yet
@@ -85,7 +92,8 @@ class NodeBeats:
         self.beater = self._run(self._make(target, info, ttl_s, interval_s))
 
     async def _make(self, target: str, info: NodeInfo, ttl_s: float, interval_s: float) -> Heartbeater:
-        beater = Heartbeater(registry_client_for(target, ttl_s=ttl_s), lambda: info, interval_s)
+        client = registry_client_for(target, RegistryAuth(TEST_SECRET), ttl_s=ttl_s)
+        beater = Heartbeater(client, lambda: info, interval_s)
         await beater.start()
         return beater
 
@@ -101,7 +109,7 @@ class NodeBeats:
 
 def _config(redis_url: str, ttl_s: float = 1.0) -> RouterConfig:
     health = HealthConfig(interval_s=0.2, timeout_s=2.0, eject_after=20)  # no ejection on a stalled machine
-    return RouterConfig(port=0, model_name=MODEL, health=health,
+    return RouterConfig(port=0, model_name=MODEL, health=health, cluster_secret=TEST_SECRET,
                         registry=RegistryConfig(backend=redis_url, heartbeat_ttl_s=ttl_s, sync_interval_s=0.1,
                                                 redis_timeout_s=0.2))
 
@@ -173,7 +181,8 @@ def test_redis_client_reports_an_unreachable_store() -> None:
     from pdserve.node.registry_client import RegistryUnavailable
 
     async def scenario() -> None:
-        client = RedisRegistryClient(f"redis://127.0.0.1:{_free_port()}/0", timeout_s=0.2)
+        client = RedisRegistryClient(f"redis://127.0.0.1:{_free_port()}/0", RegistryAuth(TEST_SECRET),
+                                     timeout_s=0.2)
         info = NodeInfo(node_id="x", role="mixed", model=MODEL, grpc_address="127.0.0.1:1")
         with pytest.raises(RegistryUnavailable, match="redis heartbeat"):
             await client.heartbeat(info)
@@ -182,3 +191,34 @@ def test_redis_client_reports_an_unreachable_store() -> None:
         await beater.stop(deregister=True)
 
     asyncio.run(scenario())
+
+
+def test_forged_and_unsigned_redis_entries_are_ignored_and_counted(tmp_path: Path) -> None:
+    """Whoever can write Redis (here: past its password) still cannot add a node without the secret."""
+    server = RedisProcess(_free_port(), tmp_path, password="redis-pass-for-this-test")
+    server.start()
+    try:
+        with StubNodeServer("n0") as node, BackgroundRouter(_config(server.url)) as r:
+            info = node.info()
+            client = redis.Redis.from_url(server.url)
+            unsigned = encode_node(msgspec.structs.replace(info, node_id="spoof-1"))
+            client.set(REDIS_KEY_PREFIX + "spoof-1", unsigned, px=30_000)
+            forged = RegistryAuth(ClusterSecret(b"an-attacker-guessed-this-one")).seal(
+                msgspec.structs.replace(info, node_id="spoof-2"))
+            client.set(REDIS_KEY_PREFIX + "spoof-2", forged, px=30_000)
+            client.close()
+            time.sleep(0.5)  # several syncs
+            assert not _ready(r)
+            assert httpx.get(r.url + "/internal/v1/nodes").json()["nodes"] == []
+            metrics = httpx.get(r.url + "/metrics").text
+            assert 'pdserve_router_registry_rejections_total{reason="malformed"}' in metrics
+            assert 'pdserve_router_registry_rejections_total{reason="bad_mac"}' in metrics
+            beats = NodeBeats(server.url, info, ttl_s=5.0, interval_s=0.2)  # the genuine node, same password
+            try:
+                _wait_until(lambda: _ready(r))
+                ids = {n["node_id"] for n in httpx.get(r.url + "/internal/v1/nodes").json()["nodes"]}
+                assert ids == {"n0"}
+            finally:
+                beats.stop()
+    finally:
+        server.kill()

@@ -12,6 +12,7 @@ import pytest
 
 from pdserve.router.config import AdmissionConfig, HealthConfig, PolicyConfig, RetryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
+from pdserve.tests.support.secret import TEST_SECRET
 from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router
 
 MODEL = "pdserve-demo"
@@ -24,7 +25,7 @@ def _config(**kw: object) -> RouterConfig:
     kw.setdefault("retry", RetryConfig(attempts=3, backoff_s=0.01, first_chunk_timeout_s=2.0,
                                        chunk_timeout_s=2.0))
     kw.setdefault("policy", PolicyConfig(decode="round_robin"))
-    return RouterConfig(port=0, model_name=MODEL, **kw)  # type: ignore[arg-type]
+    return RouterConfig(port=0, model_name=MODEL, cluster_secret=TEST_SECRET, **kw)  # type: ignore[arg-type]
 
 
 def _wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:

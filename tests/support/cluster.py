@@ -9,6 +9,7 @@ are not confused by other processes on the host.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -35,7 +36,9 @@ from pdserve.models.tokenizer import Tokenizer
 from pdserve.node.server import READY_PREFIX
 from pdserve.rpc import node_pb2 as pb
 from pdserve.rpc import node_pb2_grpc
+from pdserve.rpc.auth import auth_metadata
 from pdserve.rpc.convert import tokens_from_proto
+from pdserve.tests.support.secret import TEST_SECRET, secret_flags
 
 STARTUP_TIMEOUT_S = 150.0  # several nodes loading Paddle at once on two shared cores
 EXIT_TIMEOUT_S = 20.0
@@ -161,11 +164,13 @@ def start_nodes(specs: Iterable[NodeSpec], log_dir: Path) -> dict[str, Node]:
     nodes: dict[str, Node] = {}
     try:
         for spec in specs:
+            secret = () if {"--insecure", "--cluster-secret-file", "--cluster-secret-env"} & set(spec.flags) \
+                else secret_flags()
             log_path = log_dir / f"{spec.name}.log"
             with log_path.open("w") as log:
                 process = subprocess.Popen(
-                    [*spec.argv_prefix, sys.executable, "-m", "pdserve.cli", spec.role, "--threads", "1", "--node-id", spec.name,
-                     *spec.flags],
+                    [*spec.argv_prefix, sys.executable, "-m", "pdserve.cli", spec.role, "--threads", "1",
+                     "--node-id", spec.name, *secret, *spec.flags],
                     stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
             nodes[spec.name] = Node(spec, process, log_path)
         _await_ready(list(nodes.values()))
@@ -195,7 +200,8 @@ def _await_ready(nodes: list[Node]) -> None:
             if line.startswith(READY_PREFIX):
                 node.info = json.loads(line[len(READY_PREFIX):])
                 _inspect_engine(node)
-                node.channel = grpc.insecure_channel(node.info["grpc"])
+                node.channel = grpc.intercept_channel(grpc.insecure_channel(node.info["grpc"]),
+                                                      WithMetadata(auth_metadata(TEST_SECRET)))
                 selector.unregister(node.process.stdout)
                 waiting -= 1
     selector.close()
@@ -213,6 +219,29 @@ def _inspect_engine(node: Node) -> None:
         if len(names) != 1:
             raise RuntimeError(f"node {node.name}: expected one shared KV pool mapped, found {names}")
         node.pool_name = names.pop()
+
+
+class WithMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds metadata (the test cluster's node credential) to every call of a sync channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), *self._metadata),
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(details), request)
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
 
 
 def queue_exists(key: int) -> bool:

@@ -27,7 +27,8 @@ from pdserve.node.registry_client import Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2, node_pb2_grpc
 from pdserve.rpc.chunks import merged_chunks
 from pdserve.rpc.convert import tokens_to_proto
-from pdserve.rpc.registry import HEARTBEAT_PATH, NodeInfo, Role, encode_node
+from pdserve.rpc.registry import HEARTBEAT_PATH, NodeInfo, RegistryAuth, Role
+from pdserve.tests.support.secret import TEST_SECRET
 
 STUB_FIRST_TOKEN = 3  # ids 0-2 are the demo tokenizer's special tokens
 STUB_TOKEN_SPAN = 1000
@@ -242,7 +243,7 @@ async def _serve_forever(args: argparse.Namespace) -> None:
                     grpc_address=f"{args.host}:{port}", capacity=args.capacity)
     beater = None
     if args.register:
-        client = registry_client_for(args.register, args.api_key)
+        client = registry_client_for(args.register, RegistryAuth(TEST_SECRET), args.api_key)
         beater = Heartbeater(client, lambda: info, args.heartbeat_s)
         await beater.start()
     try:
@@ -273,10 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def register_with_router(router_url: str, info: NodeInfo, api_key: str | None = None) -> None:
-    """One synchronous heartbeat to a router's embedded registry (tests and scripts)."""
+def register_with_router(router_url: str, info: NodeInfo, api_key: str | None = None,
+                         auth: RegistryAuth | None = None) -> None:
+    """One synchronous heartbeat to a router's embedded registry (tests and scripts), sealed with the
+    test cluster's secret unless `auth` says otherwise."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.post(router_url + HEARTBEAT_PATH, content=encode_node(info), headers=headers, timeout=5)
+    body = (auth or RegistryAuth(TEST_SECRET)).seal(info)
+    response = httpx.post(router_url + HEARTBEAT_PATH, content=body, headers=headers, timeout=5)
     response.raise_for_status()
 
 

@@ -21,6 +21,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "cluster-spec.example
 
 BASE = {
     "name": "t",
+    "insecure": True,
     "hosts": {
         "r": {"address": "10.0.0.1", "router": {"port": 8000}},
         "p": {"address": "10.0.0.2", "nodes": [{"role": "prefill", "port": 7001, "cpus": "0-1",
@@ -28,6 +29,9 @@ BASE = {
         "d": {"address": "10.0.0.3", "nodes": [{"role": "decode", "port": 7001, "threads": 2}]},
     },
 }
+
+
+SECURE = {k: v for k, v in BASE.items() if k != "insecure"}
 
 
 def _parse(data: dict):
@@ -101,34 +105,36 @@ def test_a_bad_file_names_itself(tmp_path: Path) -> None:
 def test_the_secret_comes_from_its_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = tmp_path / "secret"
     secret.write_text("k1\n")
-    assert _parse({**BASE, "secret": {"file": str(secret)}}).read_secret() == "k1"
+    assert _parse({**SECURE, "secret": {"file": str(secret)}}).read_secret() == "k1"
     monkeypatch.setenv("PDS_TEST_SECRET", "k2")
-    assert _parse({**BASE, "secret": {"env": "PDS_TEST_SECRET"}}).read_secret() == "k2"
+    assert _parse({**SECURE, "secret": {"env": "PDS_TEST_SECRET"}}).read_secret() == "k2"
     monkeypatch.delenv("PDS_TEST_SECRET")
     with pytest.raises(SpecError, match="PDS_TEST_SECRET is empty or unset"):
-        _parse({**BASE, "secret": {"env": "PDS_TEST_SECRET"}}).read_secret()
+        _parse({**SECURE, "secret": {"env": "PDS_TEST_SECRET"}}).read_secret()
     with pytest.raises(SpecError, match="secret.file: cannot read"):
-        _parse({**BASE, "secret": {"file": str(tmp_path / "none")}}).read_secret()
-    assert _parse(BASE).read_secret() is None
+        _parse({**SECURE, "secret": {"file": str(tmp_path / "none")}}).read_secret()
+    assert _parse(BASE).read_secret() is None  # insecure: true
 
 
 def test_argv_follows_the_spec() -> None:
     spec = _parse(BASE)
     router = router_argv(spec, spec.host("r"), "key")
-    assert router[router.index("--host") + 1] == "10.0.0.1" and router[router.index("--api-key") + 1] == "key"
+    assert router[router.index("--host") + 1] == "10.0.0.1" and "--api-key-is-cluster-secret" in router
+    assert "key" not in router  # the secret's value never reaches a command line
     prefill = node_argv(spec, spec.host("p"), spec.host("p").nodes[0], "key")
     assert prefill[:4] == ["env", "CUDA_VISIBLE_DEVICES=0,1", "taskset", "--cpu-list"] and prefill[4] == "0-1"
     assert prefill[prefill.index("--registry") + 1] == "http://10.0.0.1:8000"
-    assert prefill[prefill.index("--registry-api-key") + 1] == "key"
+    assert "--registry-api-key-is-cluster-secret" in prefill and "key" not in prefill
     assert prefill[prefill.index("--transport") + 1] == "zmq"
     assert prefill[prefill.index("--node-id") + 1] == "t-p-prefill-0"
     decode = node_argv(spec, spec.host("d"), spec.host("d").nodes[0], None)
     assert decode[0].endswith("python") or "python" in Path(decode[0]).name
-    assert decode[decode.index("--threads") + 1] == "2" and "--registry-api-key" not in decode
+    assert decode[decode.index("--threads") + 1] == "2"
+    assert "--registry-api-key-is-cluster-secret" not in decode
     redis = _parse({**BASE, "registry": "redis://10.0.0.9:6379/0"})
     argv = node_argv(redis, redis.host("d"), redis.host("d").nodes[0], "key")
     assert argv[argv.index("--registry") + 1] == "redis://10.0.0.9:6379/0"
-    assert "--registry-api-key" not in argv
+    assert "--registry-api-key-is-cluster-secret" not in argv
 
 
 def test_taskset_accepts_the_cpu_list() -> None:
@@ -147,3 +153,23 @@ def test_the_systemd_unit_runs_the_host_launcher(tmp_path: Path) -> None:
         unit_file.write_text(unit.replace("/opt/pdserve/bin/python", shutil.which("python3")))
         result = subprocess.run(["systemd-analyze", "verify", str(unit_file)], capture_output=True, text=True)
         assert str(unit_file) not in result.stderr, result.stderr  # verify names the file in each complaint
+
+
+def test_children_get_the_secret_by_file_or_variable_name_never_by_value(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("a-cluster-secret-of-enough-length\n")
+    by_file = _parse({**SECURE, "secret": {"file": str(secret)}})
+    by_env = _parse({**SECURE, "secret": {"env": "PDS_SECRET"}})
+    for spec, flag, value in [(by_file, "--cluster-secret-file", str(secret)),
+                              (by_env, "--cluster-secret-env", "PDS_SECRET")]:
+        for argv in (router_argv(spec, spec.host("r"), None),
+                     node_argv(spec, spec.host("d"), spec.host("d").nodes[0], None)):
+            assert argv[argv.index(flag) + 1] == value
+            assert not any("a-cluster-secret" in arg for arg in argv)
+    with pytest.raises(SpecError, match="secret: required"):
+        _parse(SECURE)  # on by default: a spec must name a secret or opt out
+    with pytest.raises(SpecError, match="insecure"):
+        _parse({**BASE, "secret": {"file": str(secret)}})
+    no_secret = _parse(BASE)  # the operator's choice, spelled out on every child
+    assert "--insecure" in router_argv(no_secret, no_secret.host("r"), None)
+    assert "--insecure" in node_argv(no_secret, no_secret.host("d"), no_secret.host("d").nodes[0], None)

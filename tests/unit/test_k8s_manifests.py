@@ -72,6 +72,8 @@ def test_nodes_have_probes_requests_and_a_grace_period(rendered: tuple[str, list
         assert env["SPECULATIVE_CONFIG"]["valueFrom"]["configMapKeyRef"]["name"] == "pdserve-config"
         assert '--speculative-config "$SPECULATIVE_CONFIG"' in script
         assert '--host "${POD_IP:-$(hostname -i)}"' in script
+        assert "--cluster-secret-env CLUSTER_SECRET" in script  # the name, never the value
+        assert env["CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "pdserve-cluster-secret"
         if overlay != "cpu-podman":  # podman offers no status.podIP: the hostname's address stands in
             assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
             assert {"name": "dshm", "mountPath": "/dev/shm"} in node["volumeMounts"]
@@ -79,7 +81,8 @@ def test_nodes_have_probes_requests_and_a_grace_period(rendered: tuple[str, list
         assert gpus == (1 if overlay == "gpu" else None)
     router = _by(objects, "Deployment", "pdserve-router")["spec"]["template"]["spec"]["containers"][0]
     assert router["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert '--api-key "$CLUSTER_SECRET"' in router["args"][0]
+    assert "--api-key-is-cluster-secret" in router["args"][0]
+    assert "--cluster-secret-env CLUSTER_SECRET" in router["args"][0]
     secret_env = next(e for e in router["env"] if e["name"] == "CLUSTER_SECRET")
     assert secret_env["valueFrom"]["secretKeyRef"]["name"] == "pdserve-cluster-secret"
     config = _by(objects, "ConfigMap", "pdserve-config")["data"]

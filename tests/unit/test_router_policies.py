@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from pdserve.router.admission import Admission, Overloaded, TooLarge
+from pdserve.router.admission import Admission, Demand, Overloaded, TooLarge
 from pdserve.router.config import (
     AdmissionConfig,
     PolicyConfig,
@@ -26,7 +26,7 @@ from pdserve.router.policies import (
     build_policy,
 )
 from pdserve.router.registry import EmbeddedRegistry
-from pdserve.rpc.registry import NodeInfo, NodeInfoError, decode_node, encode_node
+from pdserve.rpc.registry import NodeInfo, NodeInfoError, RegistryAuth, decode_node, encode_node
 
 
 def _nodes(n: int, role: str = "prefill") -> list[NodeInfo]:
@@ -119,14 +119,14 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(RouterConfigError, match="^decode"):
         PolicyConfig(decode="fastest")
     with pytest.raises(RouterConfigError, match="^port"):
-        RouterConfig(port=70000)
+        RouterConfig(port=70000, insecure=True)
 
 
 def test_api_keys_never_show_in_repr_or_errors() -> None:
-    config = RouterConfig(api_keys=("sk-secret-1",))
+    config = RouterConfig(api_keys=("sk-secret-1",), insecure=True)
     assert "sk-secret-1" not in repr(config)
     with pytest.raises(RouterConfigError) as info:
-        RouterConfig(api_keys=("sk-secret-2", ""))
+        RouterConfig(api_keys=("sk-secret-2", ""), insecure=True)
     assert "sk-secret-2" not in str(info.value)
 
 
@@ -152,7 +152,7 @@ def test_node_info_round_trips_and_rejects_bad_fields() -> None:
 
 def test_embedded_registry_expires_entries_not_renewed() -> None:
     async def scenario() -> None:
-        registry = EmbeddedRegistry(ttl_s=0.3)
+        registry = EmbeddedRegistry(ttl_s=0.3, auth=RegistryAuth(None))
         a, b = _nodes(2)
         await registry.upsert(a)
         await registry.upsert(b)
@@ -172,19 +172,24 @@ def _admission(**kw: object) -> Admission:
     return Admission(AdmissionConfig(**{"queue_timeout_s": 1.0, **kw}))  # type: ignore[arg-type]
 
 
+def _one(tokens: int) -> Demand:
+    """One node request with a token budget of ``tokens`` (its KV charged the same)."""
+    return Demand(slots=1, tokens=tokens, kv_tokens=tokens)
+
+
 def test_admission_refuses_beyond_inflight_plus_queue_at_once() -> None:
     async def scenario() -> None:
         adm = _admission(max_inflight_requests=2, max_queued_requests=1)
-        await adm.acquire(1)
-        await adm.acquire(1)
-        queued = asyncio.create_task(adm.acquire(1))
+        await adm.acquire(_one(1))
+        await adm.acquire(_one(1))
+        queued = asyncio.create_task(adm.acquire(_one(1)))
         await asyncio.sleep(0.01)
         assert adm.queued == 1
         t0 = time.perf_counter()
-        with pytest.raises(Overloaded, match="max_queued_requests=1"):
-            await adm.acquire(1)
+        with pytest.raises(Overloaded, match=r"1 queued \(limit 1\)"):
+            await adm.acquire(_one(1))
         assert time.perf_counter() - t0 < 0.05  # refused without waiting
-        adm.release(1)
+        adm.release(_one(1))
         await asyncio.wait_for(queued, 1.0)
         assert adm.inflight == 2 and adm.queued == 0
 
@@ -194,11 +199,11 @@ def test_admission_refuses_beyond_inflight_plus_queue_at_once() -> None:
 def test_admission_token_budget_and_fifo_order() -> None:
     async def scenario() -> None:
         adm = _admission(max_inflight_tokens=100, max_queued_requests=4)
-        await adm.acquire(80)
+        await adm.acquire(_one(80))
         order: list[str] = []
 
         async def want(name: str, tokens: int) -> None:
-            await adm.acquire(tokens)
+            await adm.acquire(_one(tokens))
             order.append(name)
 
         big = asyncio.create_task(want("big", 60))
@@ -206,11 +211,11 @@ def test_admission_token_budget_and_fifo_order() -> None:
         small = asyncio.create_task(want("small", 10))  # would fit now, but waits behind "big"
         await asyncio.sleep(0.01)
         assert order == []
-        adm.release(80)
+        adm.release(_one(80))
         await asyncio.wait_for(asyncio.gather(big, small), 1.0)
         assert order == ["big", "small"]
         with pytest.raises(TooLarge, match="max_inflight_tokens"):
-            await adm.acquire(101)
+            await adm.acquire(_one(101))
 
     asyncio.run(scenario())
 
@@ -218,11 +223,11 @@ def test_admission_token_budget_and_fifo_order() -> None:
 def test_admission_queue_timeout_is_overloaded_and_frees_the_queue() -> None:
     async def scenario() -> None:
         adm = Admission(AdmissionConfig(max_inflight_requests=1, max_queued_requests=1, queue_timeout_s=0.05))
-        await adm.acquire(1)
+        await adm.acquire(_one(1))
         with pytest.raises(Overloaded, match="queue_timeout_s"):
-            await adm.acquire(1)
+            await adm.acquire(_one(1))
         assert adm.queued == 0
-        waiter = asyncio.create_task(adm.acquire(1))
+        waiter = asyncio.create_task(adm.acquire(_one(1)))
         await asyncio.sleep(0.01)
         waiter.cancel()  # a client that went away while queued leaves no trace
         await asyncio.gather(waiter, return_exceptions=True)
