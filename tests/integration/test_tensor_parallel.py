@@ -214,8 +214,9 @@ def test_killing_rank_1_under_load_takes_the_node_out_of_routing(tmp_path: Path)
     from pdserve.router.config import HealthConfig, RetryConfig, RouterConfig
     from pdserve.router.server import BackgroundRouter
     from pdserve.tests.support.cluster import NodeSpec, queue_exists, start_nodes, stop_nodes, wait_until
+    from pdserve.tests.support.secret import TEST_SECRET
 
-    config = RouterConfig(port=0, model_name="pdserve-demo",
+    config = RouterConfig(port=0, model_name="pdserve-demo", cluster_secret=TEST_SECRET,
                           health=HealthConfig(interval_s=0.2, timeout_s=2.0, eject_after=1),
                           retry=RetryConfig(attempts=1, backoff_s=0.01, first_chunk_timeout_s=30.0))
     with BackgroundRouter(config) as router:
