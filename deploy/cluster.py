@@ -166,7 +166,7 @@ class Cluster:
         if self._run_dir is None:
             self._run_dir = Path(tempfile.mkdtemp(prefix="pdserve-up-"))  # mode 0700
             ClusterSecret.generate().write(self._run_dir / "cluster.secret")
-            self._say(f"generated a cluster secret in {self._run_dir / 'cluster.secret'}")
+            self.say(f"generated a cluster secret in {self._run_dir / 'cluster.secret'}")
         return ["--cluster-secret-file", str(self._run_dir / "cluster.secret")]
 
     # -- commands --------------------------------------------------------------------------------
