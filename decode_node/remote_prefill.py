@@ -9,6 +9,11 @@ hand the engine the first token.
 
 Abort while P works: tell P, and free our blocks only once P confirms (or a grace period passed) —
 a same-host copy already under way writes into our pool whatever we do.
+
+Liveness: our connection to each prefill peer runs heartbeats (transfer/channel.py). When it goes
+down (P killed, or cut off), every request waiting on that peer fails at once with
+CAUSE_PREFILL_PEER_UNREACHABLE (the router retries it with another prefill node), and the peer is
+listed in `unreachable_peer_addresses` (NodeStats) until the connection is back.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.protocol import KVReserved, RequestRejected
 from pdserve.node.engine_bridge import EngineBridge, EngineGone, RequestHandle
 from pdserve.node.server import NodeConfig, NodeMetrics
+from pdserve.rpc import node_pb2 as pb
 from pdserve.transfer.auth import MessageSigner
 from pdserve.transfer.channel import TransferError
 from pdserve.transfer.endpoint import KVEndpoint, Malformed
@@ -33,18 +39,32 @@ from pdserve.transfer.peers import PeerSenders
 from pdserve.transfer.receiver import ChunkResult
 from pdserve.transfer.reservations import KVReservations
 
+Cause = pb.FailureCause.ValueType
+
 log = logging.getLogger("pdserve.decode.pd")
 
 ABORT_GRACE_S = 0.5  # how long we wait for P to confirm an abort before reusing the blocks
 SWEEP_INTERVAL_S = 0.5  # how often expired reservations are looked for (a backstop, see fail_expired)
+PEER_FORGET_S = 60.0  # a prefill peer down this long is closed (and no longer reported unreachable)
 
 
 class RemotePrefillError(Exception):
-    """The prefill peer could not deliver; `retryable` errors may succeed on another pair."""
+    """The remote prefill failed, with its cause (rpc FailureCause): the peer failed or cannot be
+    reached, this node has no room, or the request cannot be served at all."""
 
-    def __init__(self, message: str, retryable: bool) -> None:
+    def __init__(self, message: str, cause: Cause) -> None:
         super().__init__(message)
-        self.retryable = retryable
+        self.cause = cause
+
+    @property
+    def retryable(self) -> bool:
+        """Another try (another pair, or later) may succeed."""
+        return self.cause != pb.CAUSE_BAD_REQUEST
+
+
+def reject_cause(rejected: RequestRejected) -> Cause:
+    """An engine rejection: no room now (another node may have it), or never servable."""
+    return pb.CAUSE_KV_CAPACITY if rejected.retryable else pb.CAUSE_BAD_REQUEST
 
 
 @dataclass
@@ -54,6 +74,7 @@ class PendingPrefill:
     first_token: asyncio.Future[FirstToken]
     abort_confirmed: asyncio.Event = field(default_factory=asyncio.Event)
     peer_address: str = ""
+    task_sent: bool = False  # the peer took the PrefillTask: losing the peer now fails the request
 
 
 class RemotePrefill:
@@ -69,7 +90,9 @@ class RemotePrefill:
         self.endpoint: KVEndpoint | None = None
         self.pool: KVRankPools | None = None  # the engine ranks' pools (one without tensor parallelism)
         self._pending: dict[str, PendingPrefill] = {}
-        self._peers = PeerSenders(self.transfer)  # one sender thread per prefill peer
+        # one sender thread per prefill peer; liveness events from their connection watches
+        self._peers = PeerSenders(self.transfer, self._from_watch_thread)
+        self._unreachable: set[str] = set()  # data addresses of peers whose connection is down
         # Our own reservation lease: renewed every kv_lease_s / 3 while we wait, and long enough to
         # outlast one send blocked on a slow peer, so only a request nobody tends any more expires.
         self._reservation_lease_s = config.kv_lease_s + self.transfer.send_timeout_s
@@ -119,7 +142,10 @@ class RemotePrefill:
             except TransferError as exc:
                 pending.peer_address = ""  # P never got the task: nothing to abort, nothing it writes
                 raise RemotePrefillError(f"prefill node {peer_address} is unreachable: {exc}",
-                                         retryable=True) from exc
+                                         pb.CAUSE_PREFILL_PEER_UNREACHABLE) from exc
+            pending.task_sent = True
+            if self._peers.is_down(peer_address):  # lost between the send and now: no event will come
+                self._fail_waiting_on(peer_address)
             first = await self._await_first_token(request_id, pending)
             self._check_complete(request_id)
         except BaseException:
@@ -136,10 +162,11 @@ class RemotePrefill:
         if isinstance(item, KVReserved):
             return item.block_ids
         if isinstance(item, RequestRejected):
-            raise RemotePrefillError(item.message, retryable=item.retryable)
+            raise RemotePrefillError(item.message, reject_cause(item))
         if isinstance(item, EngineGone):
-            raise RemotePrefillError(item.message, retryable=True)
-        raise RemotePrefillError(f"unexpected engine event {type(item).__name__} while reserving", True)
+            raise RemotePrefillError(item.message, pb.CAUSE_DECODE_NODE_FAILED)
+        raise RemotePrefillError(f"unexpected engine event {type(item).__name__} while reserving",
+                                 pb.CAUSE_DECODE_NODE_FAILED)
 
     async def _await_first_token(self, request_id: str, pending: PendingPrefill) -> FirstToken:
         """Wait for the peer, renewing its lease; a silent or failed peer becomes an error."""
@@ -149,7 +176,7 @@ class RemotePrefill:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RemotePrefillError(f"prefill node {pending.peer_address} sent no first token within "
-                                         f"{self.config.prefill_timeout_s} s", retryable=True)
+                                         f"{self.config.prefill_timeout_s} s", pb.CAUSE_PREFILL_PEER_FAILED)
             try:
                 first = await asyncio.wait_for(asyncio.shield(pending.first_token), min(renew_every, left))
             except TimeoutError:
@@ -161,11 +188,12 @@ class RemotePrefill:
                     await self._send(pending.peer_address, renewal)
                 except TransferError as exc:
                     raise RemotePrefillError(f"prefill node {pending.peer_address} stopped taking messages: "
-                                             f"{exc}", retryable=True) from exc
+                                             f"{exc}", pb.CAUSE_PREFILL_PEER_UNREACHABLE) from exc
                 continue
             if not first.ok:
-                raise RemotePrefillError(
-                    f"prefill node failed: {first.error_code.name}: {first.error_message}", retryable=True)
+                # whatever the peer reports, the failure is the peer's
+                message = f"prefill node failed: {first.error_code.name}: {first.error_message}"
+                raise RemotePrefillError(message, pb.CAUSE_PREFILL_PEER_FAILED)
             return first
 
     def _check_complete(self, request_id: str) -> None:
@@ -173,7 +201,7 @@ class RemotePrefill:
         if reservation is None or not reservation.complete:
             # FirstToken travels behind the last chunk: this means chunks were rejected on the way.
             self.metrics.kv_failures.labels(reason="incomplete").inc()
-            raise RemotePrefillError("the prefill node's KV did not all arrive", retryable=True)
+            raise RemotePrefillError("the prefill node's KV did not all arrive", pb.CAUSE_PREFILL_PEER_FAILED)
 
     async def abandon(self, request_id: str, handle: RequestHandle, pending: PendingPrefill | None) -> None:
         """Stop the peer, wait for it to confirm (bounded), then free our blocks."""
@@ -195,9 +223,42 @@ class RemotePrefill:
     def pending(self, request_id: str) -> PendingPrefill | None:
         return self._pending.get(request_id)
 
+    # -- peer liveness (watch threads -> event loop) ---------------------------------------------------
+
+    def _from_watch_thread(self, address: str, up: bool) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._on_liveness, address, up)
+        except RuntimeError:  # the loop is closed: the node is shutting down
+            pass
+
+    def _on_liveness(self, address: str, up: bool) -> None:
+        if up:
+            if address in self._unreachable:
+                log.info("prefill peer %s is reachable again", address)
+            self._unreachable.discard(address)
+            return
+        if address not in self._unreachable:
+            log.warning("prefill peer %s is unreachable (data-plane connection down)", address)
+        self._unreachable.add(address)
+        self._fail_waiting_on(address)
+
+    def _fail_waiting_on(self, address: str) -> None:
+        for request_id, pending in self._pending.items():
+            if pending.peer_address == address and pending.task_sent and not pending.first_token.done():
+                self.metrics.kv_failures.labels(reason="peer_unreachable").inc()
+                pending.first_token.set_exception(RemotePrefillError(
+                    f"prefill node {address} became unreachable while {request_id} waited for it",
+                    pb.CAUSE_PREFILL_PEER_UNREACHABLE))
+
+    def unreachable_peer_addresses(self) -> list[str]:
+        """Data addresses of the prefill peers our data plane cannot reach now."""
+        return sorted(self._unreachable)
+
     async def _sweep_expired(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
+            for address in self._peers.retire_down(PEER_FORGET_S):
+                self._unreachable.discard(address)
             for request_id in fail_expired(self.endpoint.reservations, self._pending):
                 self.metrics.kv_failures.labels(reason="lease_expired").inc()
                 log.warning("KV reservation of %r expired; failing the request", request_id)
@@ -245,6 +306,6 @@ def fail_expired(reservations: KVReservations, pending: Mapping[str, PendingPref
         entry = pending.get(reservation.request_id)
         if entry is not None and not entry.first_token.done():
             message = f"KV reservation lease expired waiting for prefill node {entry.peer_address}"
-            entry.first_token.set_exception(RemotePrefillError(message, retryable=True))
+            entry.first_token.set_exception(RemotePrefillError(message, pb.CAUSE_PREFILL_PEER_FAILED))
         expired.append(reservation.request_id)
     return expired

@@ -17,7 +17,7 @@ import grpc
 
 from pdserve.common.sampling_params import SamplingParams, SamplingParamsError
 from pdserve.common.spec_metrics import RequestSpecStats, SpeculateMetrics
-from pdserve.decode_node.remote_prefill import RemotePrefill, RemotePrefillError
+from pdserve.decode_node.remote_prefill import Cause, RemotePrefill, RemotePrefillError, reject_cause
 from pdserve.engine.protocol import RequestRejected
 from pdserve.engine.request import RequestStatus
 from pdserve.models.tokenizer import Tokenizer
@@ -32,6 +32,22 @@ from pdserve.rpc.registry import Role
 from pdserve.transfer.messages import FirstToken, PrefillTimings
 
 log = logging.getLogger("pdserve.decode")
+
+_PEER_CAUSES = (pb.CAUSE_PREFILL_PEER_FAILED, pb.CAUSE_PREFILL_PEER_UNREACHABLE)
+
+
+class GenerateFailed(Exception):
+    """The request fails before its first token, with a cause the router acts on (router/blame.py);
+    `failed_node_id` names the prefill peer when it is the one that failed."""
+
+    def __init__(self, cause: Cause, message: str, failed_node_id: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.failed_node_id = failed_node_id
+
+    def chunk(self) -> pb.GenerateChunk:
+        return pb.GenerateChunk(finish_reason="error", error=str(self), cause=self.cause,
+                                failed_node_id=self.failed_node_id)
 
 
 class DecodeNodeServer(NodeServer):
@@ -52,6 +68,12 @@ class DecodeNodeServer(NodeServer):
         if self.remote is not None:
             await self.remote.close()
 
+    def node_stats(self) -> pb.NodeStats:
+        stats = super().node_stats()
+        if self.remote is not None:
+            stats.unreachable_peer_addresses.extend(self.remote.unreachable_peer_addresses())
+        return stats
+
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         chunks = self._generate(request, context)
@@ -60,6 +82,17 @@ class DecodeNodeServer(NodeServer):
 
     async def _generate(self, request: pb.GenerateRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        """Chunks of one request; a failure before its first token ends it with one error chunk that
+        carries the cause."""
+        try:
+            async for chunk in self._generate_or_fail(request, context):
+                yield chunk
+        except GenerateFailed as exc:
+            log.info("request %s failed: %s: %s", request.request_id, pb.FailureCause.Name(exc.cause), exc)
+            yield exc.chunk()
+
+    async def _generate_or_fail(self, request: pb.GenerateRequest,
+                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         params, prompt = await self._validated(request, context)
         stream = RequestStream(request.request_id, params, self.tokenizer, prompt)
         spec = self.config.engine.speculative
@@ -82,7 +115,8 @@ class DecodeNodeServer(NodeServer):
             try:
                 handle = self.bridge.generate(engine_request_id, prompt, params)
             except EngineError as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                self.metrics.outcome("error")
+                raise GenerateFailed(pb.CAUSE_DECODE_NODE_FAILED, str(exc)) from exc
         async for chunk in self._relay(handle, stream, started, stats, timings):
             yield chunk
 
@@ -90,7 +124,7 @@ class DecodeNodeServer(NodeServer):
                          context: grpc.aio.ServicerContext) -> tuple[SamplingParams, list[int]]:
         """The request's sampling params (seed resolved) and prompt; aborts the call if invalid."""
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.config.node_id} is draining")
+            raise GenerateFailed(pb.CAUSE_DRAINING, f"node {self.config.node_id} is draining")
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids must not be empty")
         try:
@@ -109,15 +143,16 @@ class DecodeNodeServer(NodeServer):
     async def _prefill_remotely(self, request: pb.GenerateRequest, prompt: list[int], params: SamplingParams,
                                 context: grpc.aio.ServicerContext) -> tuple[RequestHandle, FirstToken] | None:
         """The engine handle (now decoding) and the peer's first token; None when the peer failed and
-        this node falls back to prefilling locally; otherwise a failure aborts the call."""
+        this node falls back to prefilling locally; otherwise raises GenerateFailed."""
         try:
             return await self.remote.prefill(request.request_id, prompt, params,
                                              request.prefill.data_address, self._extra_tokens)
         except RemotePrefillError as exc:
-            if self.config.prefill_fallback != "local":
+            peer_failed = exc.cause in _PEER_CAUSES
+            if self.config.prefill_fallback != "local" or not peer_failed:
                 self.metrics.outcome("prefill_failed")
-                code = grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.INVALID_ARGUMENT
-                await context.abort(code, f"remote prefill failed: {exc}")
+                raise GenerateFailed(exc.cause, f"remote prefill failed: {exc}",
+                                     request.prefill.node_id if peer_failed else "") from exc
             log.warning("remote prefill of %s failed (%s); prefilling locally", request.request_id, exc)
             return None
 
@@ -132,7 +167,9 @@ class DecodeNodeServer(NodeServer):
                 item = await handle.items.get()
                 if isinstance(item, (RequestRejected, EngineGone)):
                     self.metrics.outcome("error")
-                    yield pb.GenerateChunk(finish_reason="error", error=item.message,
+                    cause = (reject_cause(item) if isinstance(item, RequestRejected)
+                             else pb.CAUSE_DECODE_NODE_FAILED)
+                    yield pb.GenerateChunk(finish_reason="error", error=item.message, cause=cause,
                                            usage=_usage(handle, stream))
                     return
                 if stats is not None:

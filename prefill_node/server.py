@@ -2,8 +2,15 @@
 node's reserved blocks chunk by chunk while prefill continues; the FirstToken (token id, raw logprob,
 rank, top-k) follows the request's last KV chunk on the same connection.
 
-Every send (KV chunks, FirstToken, Abort acks) goes through one transfer thread: ZMQ sockets belong to
-one thread, and a memcpy of a large chunk must not stall the event loop (gRPC, other requests).
+Every send (KV chunks, FirstToken, Abort acks) to a decode peer goes through that peer's own thread:
+ZMQ sockets belong to one thread, a memcpy of a large chunk must not stall the event loop (gRPC,
+other requests), and a dead peer delays only its own requests.
+
+Liveness: our connection to each decode peer runs heartbeats (transfer/channel.py). When it goes down
+(the decode node was killed, or is cut off), every job for that peer is aborted at once and its
+blocks freed (nobody is left to take its KV), and the peer is listed in NodeStats'
+unreachable_peer_addresses until the connection is back, so the router avoids the pair. A task from
+a peer whose connection is down (it was just healed) waits for the connection to come back.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pdserve.engine.request import RequestStatus
 from pdserve.node.engine_bridge import EngineGone, RequestHandle
 from pdserve.node.engine_client import EngineError
 from pdserve.node.server import NodeConfig, NodeServer
+from pdserve.rpc import node_pb2 as pb
 from pdserve.transfer.auth import MessageVerifier
 from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
@@ -40,8 +48,10 @@ from pdserve.transfer.transport import KVChunker, check_compatible, choose_trans
 
 log = logging.getLogger("pdserve.prefill")
 
-DELIVERY_TIMEOUT_S = 30.0
+DELIVERY_TIMEOUT_S = 30.0  # a KV chunk's frames not released by libzmq by then: the transfer failed
+DELIVERY_POLL_S = 0.1  # how often a delivery wait checks that its peer is still up
 POOL_SWEEP_S = 2.0  # how often pools of exited decode peers are looked for and unmapped
+PEER_FORGET_S = 60.0  # a decode peer down this long is closed
 
 
 class PrefillFailed(Exception):
@@ -70,11 +80,13 @@ class PrefillNodeServer(NodeServer):
         self.jobs: dict[str, PrefillJob] = {}
         self.pool: KVRankPools | None = None  # the engine ranks' pools (one without tensor parallelism)
         self._inbox: Inbox | None = None
-        self._peers = PeerSenders(self.transfer)  # one thread per decode peer: KV, FirstToken, acks
+        # one thread per decode peer (KV, FirstToken, acks); liveness events from their connections
+        self._peers = PeerSenders(self.transfer, self._from_watch_thread)
         self._host_id = local_host_id()
         self._loop: asyncio.AbstractEventLoop | None = None
         secret = config.cluster_secret
         self._verifier = MessageVerifier(secret) if secret is not None else None  # the inbox thread's
+        self._unreachable: set[str] = set()  # data addresses of decode peers whose connection is down
 
     @property
     def inflight(self) -> int:
@@ -102,6 +114,31 @@ class PrefillNodeServer(NodeServer):
         await self._peers.close()
         if self.pool is not None:
             self.pool.close()
+
+    def _from_watch_thread(self, address: str, up: bool) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._on_liveness, address, up)
+        except RuntimeError:  # the loop is closed: the node is shutting down
+            pass
+
+    def node_stats(self) -> pb.NodeStats:
+        stats = super().node_stats()
+        stats.unreachable_peer_addresses.extend(sorted(self._unreachable))
+        return stats
+
+    def _on_liveness(self, address: str, up: bool) -> None:
+        if up:
+            if address in self._unreachable:
+                log.info("decode peer %s is reachable again", address)
+            self._unreachable.discard(address)
+            return
+        self._unreachable.add(address)
+        jobs = [j for j in self.jobs.values() if j.task.kv_target.address == address and not j.aborted]
+        log.warning("decode peer %s is unreachable (data-plane connection down); aborting %d jobs",
+                    address, len(jobs))
+        for job in jobs:
+            self.metrics.kv_failures.labels(reason="peer_unreachable").inc()
+            self._abort_job(job, f"decode peer {address} is unreachable")
 
     def _from_inbox_thread(self, event) -> None:
         """Checks signatures here, on the inbox thread: nothing unverified reaches the event loop."""
@@ -138,6 +175,7 @@ class PrefillNodeServer(NodeServer):
             return
         job = PrefillJob(task, received_at=now, deadline=now + task.lease_ms / 1000)
         self.jobs[task.request_id] = job
+        self._peers.heard_from(task.kv_target.address)
         job.runner = self._loop.create_task(self._run(job))
 
     # -- one request -----------------------------------------------------------------------------------
@@ -211,8 +249,11 @@ class PrefillNodeServer(NodeServer):
                 raise PrefillFailed(ErrorCode.INVALID_TASK, str(exc)) from exc
             delivery = sender.send_chunk(chunk, self.pool)
             # The source blocks are released after the FirstToken; zero-copy frames must be gone first.
-            if not delivery.wait(DELIVERY_TIMEOUT_S):
-                raise TransferError(f"KV chunk of {chunk.request_id} not taken by the peer in time")
+            deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+            while not delivery.wait(DELIVERY_POLL_S):
+                if peer.down or time.monotonic() > deadline:
+                    raise TransferError(f"KV chunk of {chunk.request_id} not taken by the peer "
+                                        f"({'it is down' if peer.down else 'in time'})")
             if then is not None:
                 timings = _timings(job, pushing_s=time.monotonic() - started)
                 peer.send(_first_token(job.task.request_id, then, timings))
@@ -248,6 +289,9 @@ class PrefillNodeServer(NodeServer):
             await asyncio.sleep(POOL_SWEEP_S)
             for address in self._peers.retire_stale():
                 log.info("decode peer %s's KV pool is gone; unmapped it", address)
+            for address in self._peers.retire_down(PEER_FORGET_S):
+                self._unreachable.discard(address)
+                log.info("decode peer %s was down for %.0f s; closed its connection", address, PEER_FORGET_S)
 
     async def _expire_leases(self) -> None:
         while True:

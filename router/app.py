@@ -462,5 +462,6 @@ def _add_registry_routes(app: FastAPI, state: RouterState) -> None:
                            "draining": n.draining, "ejected": state.pool.is_ejected(n.node_id),
                            "router_inflight": state.pool.inflight(n.node_id),
                            "router_load": state.pool.load(n),
-                           "total_blocks": state.pool.total_blocks(n.node_id)}
+                           "total_blocks": state.pool.total_blocks(n.node_id),
+                           "unreachable_peer_addresses": state.pool.unreachable_peers(n.node_id)}
                           for n in state.registry.snapshot()]}

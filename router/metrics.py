@@ -29,6 +29,8 @@ class RouterMetrics:
         self.registry_rejections = Counter("pdserve_router_registry_rejections",
                                            "Registry heartbeats and entries refused, by reason",
                                            ["reason"], registry=self.registry)
+        self.failures = Counter("pdserve_router_failures", "Failed tries and streams by cause",
+                                ["cause"], registry=self.registry)
         self.ejections = Counter("pdserve_router_node_ejections", "Nodes taken out of rotation",
                                  registry=self.registry)
 

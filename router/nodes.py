@@ -20,6 +20,12 @@ from pdserve.rpc.registry import NodeInfo
 
 log = logging.getLogger(__name__)
 
+# How long a pair whose decode node could not reach its prefill node stays out of routes after that
+# failure. The nodes' own reports (NodeStats.unreachable_peer_addresses, polled with each health
+# check) keep it out for as long as either cannot reach the other; this covers the time until those
+# reports arrive, and is short so a healed pair serves again within seconds.
+BROKEN_PAIR_HOLD_S = 2.0
+
 
 class NoRoute(RuntimeError):
     """No usable decode/mixed node (or no prefill node for a decode node) right now."""
@@ -46,6 +52,8 @@ class _NodeState:
     stats_at: float = 0.0
     stats_inflight: int = 0  # this router's requests on the node when its Stats answered
     total_blocks: int = 0  # KV blocks, from Stats (0: not reported)
+    # the data addresses of the peers the node reported unreachable in its last Stats
+    unreachable_peers: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -69,6 +77,8 @@ class NodePool:
         self._states: dict[str, _NodeState] = {}
         self._channels: dict[str, _Channel] = {}
         self._task: asyncio.Task[None] | None = None
+        self._broken_pairs: dict[tuple[str, str], float] = {}  # (decode, prefill) -> avoided until, monotonic
+        self._suspect_checks: set[asyncio.Task[None]] = set()
 
     # ---- views
     def _state(self, node_id: str) -> _NodeState:
@@ -113,19 +123,54 @@ class NodePool:
     def inflight(self, node_id: str) -> int:
         return self._state(node_id).inflight
 
+    def unreachable_peers(self, node_id: str) -> list[str]:
+        """The data addresses of the peers the node last reported it cannot reach."""
+        return sorted(self._state(node_id).unreachable_peers)
+
+    def pair_usable(self, decode: NodeInfo, prefill: NodeInfo) -> bool:
+        """False while either node reports it cannot reach the other, or shortly after a failure said so."""
+        if prefill.data_address in self._state(decode.node_id).unreachable_peers or \
+                decode.data_address in self._state(prefill.node_id).unreachable_peers:
+            return False
+        key = (decode.node_id, prefill.node_id)
+        until = self._broken_pairs.get(key)
+        if until is None:
+            return True
+        if time.monotonic() >= until:
+            del self._broken_pairs[key]
+            return True
+        return False
+
+    def mark_pair_broken(self, decode_id: str, prefill_id: str) -> None:
+        """The decode node could not reach the prefill node: routes avoid the pair for a while."""
+        if (decode_id, prefill_id) not in self._broken_pairs:
+            log.warning("pair %s <- %s avoided: the decode node cannot reach the prefill node",
+                        decode_id, prefill_id)
+        self._broken_pairs[(decode_id, prefill_id)] = time.monotonic() + BROKEN_PAIR_HOLD_S
+
     # ---- routing
-    def pick(self, prompt_token_ids: Sequence[int], exclude: Iterable[str] = ()) -> Route:
+    def pick(self, prompt_token_ids: Sequence[int], exclude: Iterable[str] = (),
+             decode_id: str | None = None) -> Route:
+        """A route avoiding `exclude` and broken pairs; with `decode_id`, that decode node when it is
+        still usable and some other prefill node can feed it (a retry after its peer failed)."""
         excluded = set(exclude)
         ctx = RouteContext(prompt_token_ids, self.load)
         prefills = [n for n in self.usable("prefill") if n.node_id not in excluded]
+
+        def feeders(decode: NodeInfo) -> list[NodeInfo]:
+            return [p for p in prefills if self.pair_usable(decode, p)]
+
+        if decode_id is not None:
+            for decode in self.usable("decode"):
+                if decode.node_id == decode_id and (candidates := feeders(decode)):
+                    return Route(decode, self._prefill_policy.choose(candidates, ctx))
         # a decode node is only a candidate while some prefill node can feed it
         heads = [n for n in self.usable("mixed") if n.node_id not in excluded]
-        if prefills:
-            heads += [n for n in self.usable("decode") if n.node_id not in excluded]
+        heads += [n for n in self.usable("decode") if n.node_id not in excluded and feeders(n)]
         if not heads:
             raise NoRoute("no usable mixed node or prefill/decode pair")
         decode = self._decode_policy.choose(sorted(heads, key=lambda n: n.node_id), ctx)
-        prefill = self._prefill_policy.choose(prefills, ctx) if decode.role == "decode" else None
+        prefill = self._prefill_policy.choose(feeders(decode), ctx) if decode.role == "decode" else None
         return Route(decode, prefill)
 
     def begin(self, route: Route) -> None:
@@ -147,6 +192,16 @@ class NodePool:
         state.ejected = True
         state.failures = max(state.failures, self._health.eject_after)
 
+    def suspect(self, node_id: str) -> None:
+        """A request saw the node fail: check its health now rather than at the next pass, so a dead
+        node leaves rotation at once and a live one (the failure was the request's) stays."""
+        node = next((n for n in self._registry.snapshot() if n.node_id == node_id), None)
+        if node is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._check(node, at_once=True))
+        self._suspect_checks.add(task)
+        task.add_done_callback(self._suspect_checks.discard)
+
     # ---- gRPC
     def _channel(self, address: str) -> _Channel:
         entry = self._channels.get(address)
@@ -166,9 +221,10 @@ class NodePool:
         self._task = asyncio.create_task(self._health_loop(), name="node-health")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self._suspect_checks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for entry in self._channels.values():
             await entry.channel.close()
         self._channels.clear()
@@ -178,7 +234,8 @@ class NodePool:
         await asyncio.gather(*(self._check(n) for n in nodes))
         await self._forget_absent({n.node_id for n in nodes}, {n.grpc_address for n in nodes})
 
-    async def _check(self, node: NodeInfo) -> None:
+    async def _check(self, node: NodeInfo, at_once: bool = False) -> None:
+        """One health check; `at_once` (a suspect) ejects on the first failed check."""
         state = self._state(node.node_id)
         try:
             reply = await self._channel(node.grpc_address).health.Check(
@@ -193,7 +250,7 @@ class NodePool:
             await self._refresh_load(node, state)
             return
         state.failures += 1
-        if state.failures >= self._health.eject_after and not state.ejected:
+        if (at_once or state.failures >= self._health.eject_after) and not state.ejected:
             self.eject(node.node_id, f"{state.failures} failed health checks")
 
     async def _refresh_load(self, node: NodeInfo, state: _NodeState) -> None:
@@ -209,6 +266,11 @@ class NodePool:
         # the larger count of ours: a request sent while the call ran must not look like another router's
         state.stats_inflight = max(inflight, state.inflight)
         state.total_blocks = stats.total_blocks
+        unreachable = frozenset(stats.unreachable_peer_addresses)
+        if unreachable != state.unreachable_peers:
+            log.info("node %s reports unreachable peers: %s", node.node_id,
+                     sorted(unreachable) or "none")
+        state.unreachable_peers = unreachable
 
     async def _forget_absent(self, live_ids: set[str], live_addresses: set[str]) -> None:
         for node_id in [i for i, s in self._states.items() if i not in live_ids and s.inflight == 0]:

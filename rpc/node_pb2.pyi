@@ -1,10 +1,34 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FailureCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAUSE_UNSPECIFIED: _ClassVar[FailureCause]
+    CAUSE_DECODE_NODE_FAILED: _ClassVar[FailureCause]
+    CAUSE_PREFILL_PEER_FAILED: _ClassVar[FailureCause]
+    CAUSE_PREFILL_PEER_UNREACHABLE: _ClassVar[FailureCause]
+    CAUSE_KV_CAPACITY: _ClassVar[FailureCause]
+    CAUSE_BAD_REQUEST: _ClassVar[FailureCause]
+    CAUSE_DEADLINE: _ClassVar[FailureCause]
+    CAUSE_ABORTED: _ClassVar[FailureCause]
+    CAUSE_DRAINING: _ClassVar[FailureCause]
+    CAUSE_DECODE_NODE_UNREACHABLE: _ClassVar[FailureCause]
+CAUSE_UNSPECIFIED: FailureCause
+CAUSE_DECODE_NODE_FAILED: FailureCause
+CAUSE_PREFILL_PEER_FAILED: FailureCause
+CAUSE_PREFILL_PEER_UNREACHABLE: FailureCause
+CAUSE_KV_CAPACITY: FailureCause
+CAUSE_BAD_REQUEST: FailureCause
+CAUSE_DEADLINE: FailureCause
+CAUSE_ABORTED: FailureCause
+CAUSE_DRAINING: FailureCause
+CAUSE_DECODE_NODE_UNREACHABLE: FailureCause
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop_token_ids", "stop", "ignore_eos", "logprobs", "prompt_logprobs", "logit_bias", "grammar")
@@ -134,7 +158,7 @@ class TimingInfo(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("tokens", "text", "finish_reason", "usage", "speculate_metrics", "timing", "error", "prompt_logprobs")
+    __slots__ = ("tokens", "text", "finish_reason", "usage", "speculate_metrics", "timing", "error", "prompt_logprobs", "cause", "failed_node_id")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +167,8 @@ class GenerateChunk(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     tokens: SampledTokens
     text: str
     finish_reason: str
@@ -151,14 +177,16 @@ class GenerateChunk(_message.Message):
     timing: TimingInfo
     error: str
     prompt_logprobs: SampledTokens
-    def __init__(self, tokens: _Optional[_Union[SampledTokens, _Mapping]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., speculate_metrics: _Optional[_Union[SpeculateMetrics, _Mapping]] = ..., timing: _Optional[_Union[TimingInfo, _Mapping]] = ..., error: _Optional[str] = ..., prompt_logprobs: _Optional[_Union[SampledTokens, _Mapping]] = ...) -> None: ...
+    cause: FailureCause
+    failed_node_id: str
+    def __init__(self, tokens: _Optional[_Union[SampledTokens, _Mapping]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., speculate_metrics: _Optional[_Union[SpeculateMetrics, _Mapping]] = ..., timing: _Optional[_Union[TimingInfo, _Mapping]] = ..., error: _Optional[str] = ..., prompt_logprobs: _Optional[_Union[SampledTokens, _Mapping]] = ..., cause: _Optional[_Union[FailureCause, str]] = ..., failed_node_id: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("node_id", "role", "running", "waiting", "free_blocks", "total_blocks", "kv_usage", "draining", "model")
+    __slots__ = ("node_id", "role", "running", "waiting", "free_blocks", "total_blocks", "kv_usage", "draining", "model", "unreachable_peer_addresses")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +196,7 @@ class NodeStats(_message.Message):
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_PEER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     running: int
@@ -177,7 +206,8 @@ class NodeStats(_message.Message):
     kv_usage: float
     draining: bool
     model: str
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., draining: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+    unreachable_peer_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., draining: _Optional[bool] = ..., model: _Optional[str] = ..., unreachable_peer_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()

@@ -6,25 +6,39 @@ last KV chunk on the same outbox: when D handles the FirstToken, every chunk bef
 
 Payload frames go out with `copy=False`: libzmq reads the numpy buffer itself, and the receiver gets
 the frame's memory without a Python-side copy. Each socket belongs to one thread.
+
+Liveness: every connection runs ZMTP heartbeats (a PING each `heartbeat_interval_s`; no traffic for
+`heartbeat_timeout_s` closes it), and an Outbox follows its connection through a socket monitor on a
+`ConnectionWatch` thread: a peer that is killed (TCP reset: at once) or cut off (heartbeat timeout)
+is reported down within `heartbeat_timeout_s`, and up again when libzmq's own reconnect (every
+`RECONNECT_IVL_MS`, each attempt bounded by the heartbeat timeout) completes a handshake. Sends to a
+peer known down fail at once instead of waiting for the send timeout, unless the peer was heard
+from (by other means: a task it sent) within that time: then its connection is coming back, and
+the send waits for it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.messages import MAX_MESSAGE_BYTES, WireCodec, WireMessage
 
 logger = logging.getLogger(__name__)
 
-POLL_INTERVAL_MS = 100  # how quickly an inbox thread notices close()
+POLL_INTERVAL_MS = 100  # how quickly an inbox (or connection watch) thread notices close()
+SEND_POLL_MS = 20  # how often a waiting send checks whether its peer is now known down
+RECONNECT_IVL_MS = 100  # libzmq's reconnect interval, kept fixed (no backoff): a healed peer is back at once
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 _MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc refuses larger on 64-bit hosts
 
@@ -53,38 +67,126 @@ def keep_message_buffers(config: TransferConfig) -> bool:
         return False
 
 
-class Outbox:
-    """Sends wire messages, with optional payload frames, to one peer's inbox."""
+def set_heartbeats(socket: zmq.Socket, config: TransferConfig) -> None:
+    """ZMTP heartbeats on every connection of `socket`, and connect attempts bounded by the same time."""
+    timeout_ms = int(config.heartbeat_timeout_s * 1000)
+    socket.setsockopt(zmq.HEARTBEAT_IVL, int(config.heartbeat_interval_s * 1000))
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
+    socket.setsockopt(zmq.HEARTBEAT_TTL, timeout_ms)  # the peer drops us too when our pings stop
+    socket.setsockopt(zmq.CONNECT_TIMEOUT, timeout_ms)
+    socket.setsockopt(zmq.HANDSHAKE_IVL, timeout_ms)  # a peer that accepts but never speaks ZMTP
+    socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    socket.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
 
-    def __init__(self, address: str, config: TransferConfig) -> None:
+
+LivenessCallback = Callable[[bool], None]
+
+_UP_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED
+_DOWN_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_watch_ids = itertools.count()
+
+
+class ConnectionWatch:
+    """Follows one connecting socket's connection through libzmq's socket monitor, on a thread of
+    its own (the socket's owner thread may be blocked in a send): `up` once a handshake completed
+    (with CURVE: the peer accepted us), down on a disconnect or a failed connect or handshake.
+    `on_change(up)` runs on the watch thread, once per change."""
+
+    def __init__(self, context: zmq.Context, socket: zmq.Socket, on_change: LivenessCallback | None) -> None:
+        self.up = False
+        self.down = False  # known down: lost, or failing to connect (not merely not connected yet)
+        self.down_since: float | None = time.monotonic()  # None while up; never up counts from now
+        self._on_change = on_change
+        self._endpoint = f"inproc://pd-connection-watch-{next(_watch_ids)}"
+        socket.monitor(self._endpoint, _UP_EVENTS | _DOWN_EVENTS)
+        self._stop = threading.Event()
+        connected = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(context, connected),
+                                        name=f"watch {self._endpoint}", daemon=True)
+        self._thread.start()
+        connected.wait()  # no event is missed: the monitor's reader is there before the first connect
+
+    def _watch(self, context: zmq.Context, connected: threading.Event) -> None:
+        monitor = context.socket(zmq.PAIR)
+        monitor.connect(self._endpoint)
+        connected.set()
+        try:
+            while not self._stop.is_set():
+                if monitor.poll(POLL_INTERVAL_MS):
+                    self._on_event(recv_monitor_message(monitor)["event"])
+        finally:
+            monitor.close(linger=0)
+
+    def _on_event(self, event: int) -> None:
+        up = bool(event & _UP_EVENTS)
+        if up == self.up and self.down != up:
+            return  # no change: another failed attempt of a peer already known down
+        self.up, self.down = up, not up
+        if up:
+            self.down_since = None
+        elif self.down_since is None:
+            self.down_since = time.monotonic()
+        if self._on_change is not None:
+            self._on_change(up)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Outbox:
+    """Sends wire messages, with optional payload frames, to one peer's inbox; `on_liveness(up)`
+    hears when the connection comes up or goes down (on the watch thread)."""
+
+    def __init__(self, address: str, config: TransferConfig,
+                 on_liveness: LivenessCallback | None = None) -> None:
         self.address = address
         keep_message_buffers(config)  # gathered frames of fragmented blocks are fresh buffers too
         self._codec = WireCodec()
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PUSH)
         # IMMEDIATE: queue only to a connected (and, with CURVE, authenticated) peer, so a send to a
-        # peer that is down or refused us fails after SNDTIMEO instead of piling up silently.
+        # peer that is down or refused us fails instead of piling up silently.
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
-        self._socket.setsockopt(zmq.SNDTIMEO, int(config.send_timeout_s * 1000))
+        self._send_timeout_s = config.send_timeout_s
+        self.heard_from_at = float("-inf")  # monotonic time the peer was last known alive by other means
         self._socket.setsockopt(zmq.SNDHWM, config.send_hwm)
         self._socket.setsockopt(zmq.LINGER, int(config.send_timeout_s * 1000))
+        set_heartbeats(self._socket, config)
         if config.curve is not None:
             self._socket.curve_publickey = config.curve.public
             self._socket.curve_secretkey = config.curve.secret
             self._socket.curve_serverkey = config.curve.public  # one cluster key pair: see CurveKeys
+        self.watch = ConnectionWatch(self._context, self._socket, on_liveness)
         self._socket.connect(address)
 
     def send(self, message: WireMessage, payload: Sequence[np.ndarray] = (),
              track: bool = False) -> zmq.MessageTracker | None:
-        """Queue one message; with `track`, the returned tracker is done once libzmq let go of `payload`."""
+        """Queue one message; with `track`, the returned tracker is done once libzmq let go of `payload`.
+
+        Waits while the peer cannot take it (not connected yet, or its queue full) up to the send
+        timeout, and no longer once the peer is known down (unless heard from within that time);
+        raises TransferError then."""
         parts: list[bytes | np.ndarray] = [self._codec.encode(message), *payload]
-        try:
-            return self._socket.send_multipart(parts, copy=False, track=track)
-        except zmq.Again as exc:
-            raise TransferError(f"peer {self.address} did not take a message in time "
-                                "(unreachable, stalled, or refused the handshake)") from exc
+        deadline = time.monotonic() + self._send_timeout_s
+        while True:
+            try:
+                return self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False, track=track)
+            except zmq.Again:
+                pass
+            if self.watch.down and time.monotonic() - self.heard_from_at > self._send_timeout_s:
+                raise TransferError(f"peer {self.address} is down (connection lost or refused, "
+                                    "or it refused the handshake)")
+            if time.monotonic() >= deadline:
+                raise TransferError(f"peer {self.address} did not take a message in time "
+                                    f"({self._send_timeout_s} s): unreachable, stalled, or refused "
+                                    "the handshake")
+            self._socket.poll(SEND_POLL_MS, zmq.POLLOUT)
 
     def close(self) -> None:
+        self._socket.disable_monitor()
+        self.watch.close()
         self._socket.close()
         self._context.term()
 
@@ -108,6 +210,7 @@ class Inbox:
         # Refuse a frame larger than any valid one before libzmq allocates it.
         self._socket.setsockopt(zmq.MAXMSGSIZE, max(max_frame_bytes, MAX_MESSAGE_BYTES))
         self._socket.setsockopt(zmq.LINGER, 0)
+        set_heartbeats(self._socket, config)  # connections of dead peers are closed here too
         if config.curve is not None:
             self._socket.curve_publickey = config.curve.public
             self._socket.curve_secretkey = config.curve.secret

@@ -41,7 +41,12 @@ class TransferConfig:
     bind_host: str = "127.0.0.1"  # the interface the inbox binds; loopback unless peers are remote
     port: int = 0  # 0: pick a free port (the inbox reports the one it got)
     advertise_host: str | None = None  # the host peers dial (None: bind_host; set it when binding 0.0.0.0)
-    send_timeout_s: float = 10.0  # a send to an unreachable or stalled peer fails after this
+    send_timeout_s: float = 2.0  # a send to a peer not (yet) connected, or stalled, fails after this
+    # Liveness of each connection (ZMTP heartbeats): a PING every heartbeat_interval_s; no traffic
+    # from the peer for heartbeat_timeout_s closes the connection (the peer is reported down), and a
+    # connect attempt that gets no answer is given up and retried after the same time.
+    heartbeat_interval_s: float = 0.25
+    heartbeat_timeout_s: float = 1.25
     send_hwm: int = 1000  # messages queued per peer before sends block (backpressure)
     curve: CurveKeys | None = None  # None: plain TCP, any peer may connect (--insecure only)
     tune_malloc: bool = True  # reuse freed message buffers (channel.keep_message_buffers; process-wide)
@@ -55,6 +60,9 @@ class TransferConfig:
         _require(0 <= self.port <= 65535, "port", "must be in [0, 65535]")
         _require(0 < self.send_timeout_s <= 3600, "send_timeout_s", "must be in (0, 3600]")
         _require(self.send_hwm >= 1, "send_hwm", "must be >= 1")
+        _require(0 < self.heartbeat_interval_s <= 60, "heartbeat_interval_s", "must be in (0, 60]")
+        _require(self.heartbeat_interval_s < self.heartbeat_timeout_s <= 600, "heartbeat_timeout_s",
+                 "must be in (heartbeat_interval_s, 600]")
         _require(0 < self.malloc_retain_bytes < 2**31, "malloc_retain_bytes", "must be in (0, 2**31)")
 
 

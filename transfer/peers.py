@@ -1,52 +1,81 @@
 """Everything a node sends to one peer runs on that peer's own thread.
 
 Decode nodes send control messages (PrefillTask, LeaseRenewal, Abort) to prefill peers; prefill nodes
-send KV chunks, FirstToken and Abort acks to decode peers. A ZMQ send to a peer that is down blocks
-its thread until the send timeout (the Outbox queues only to a connected peer, so a dead peer is
-noticed instead of piling messages up). With one thread per peer address, a dead or stalled peer
-delays only the requests that involve it. Each Outbox (and each KV sender built on it) is created,
-used and closed on its own peer's thread (ZMQ sockets belong to one thread).
+send KV chunks, FirstToken and Abort acks to decode peers. A first send to a peer not yet connected
+blocks its thread until the connection is made or the send timeout passes (the Outbox queues only to
+a connected peer, so a dead peer is noticed instead of piling messages up); once the peer is known
+down (its connection lost or refused: channel.ConnectionWatch), sends to it fail at once. With one
+thread per peer address, a dead or stalled peer delays only the requests that involve it. Each Outbox
+(and each KV sender built on it) is created, used and closed on its own peer's thread (ZMQ sockets
+belong to one thread).
 
-A peer whose send failed is retired (its socket closed on its thread, after whatever was queued
-behind the failure): the next message to that address opens a fresh one, so addresses that never
-answer do not keep threads alive. A decode peer's shared pool stays mapped only while it is that
-peer's current pool: a task naming another pool (the peer restarted at the same address) replaces
-the mapping, and `retire_stale` retires peers whose pool file is gone (the peer died or restarted
-elsewhere), so a prefill node never keeps dead pools' memory mapped.
+A peer stays open through failures, so libzmq keeps reconnecting and `on_liveness(address, up)`
+reports the moment it is back; `retire_down` closes peers down for longer than a given time, so
+addresses that never answer do not keep threads alive. A decode peer's shared pool stays mapped
+only while it is that peer's current pool: a task naming another pool (the peer restarted at the
+same address) replaces the mapping, and `retire_stale` retires peers whose pool file is gone (the
+peer died or restarted elsewhere), so a prefill node never keeps dead pools' memory mapped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from pdserve.common.kv_cache import SHM_DIR
-from pdserve.transfer.channel import Outbox, TransferError
+from pdserve.transfer.channel import Outbox
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.messages import KVTarget, WireMessage
 from pdserve.transfer.transport import KVSender, ShmKVSender, open_kv_sender
 
 T = TypeVar("T")
+PeerLivenessCallback = Callable[[str, bool], None]  # (address, up), called on a watch thread
 
 
 class Peer:
     """One peer's Outbox, the KV senders built on it, and the single thread that owns them all.
     Its methods run on that thread only (through PeerSenders)."""
 
-    def __init__(self, address: str, config: TransferConfig) -> None:
+    def __init__(self, address: str, config: TransferConfig,
+                 on_liveness: PeerLivenessCallback | None = None) -> None:
         self.address = address
         self._config = config
+        self._on_liveness = on_liveness
         self._outbox: Outbox | None = None
+        self.heard_from_at = float("-inf")
         self._kv_senders: dict[str, KVSender] = {}
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd-peer")
 
     @property
     def outbox(self) -> Outbox:
         if self._outbox is None:
-            self._outbox = Outbox(self.address, self._config)
+            callback = self._on_liveness
+            self._outbox = Outbox(self.address, self._config,
+                                  None if callback is None else lambda up: callback(self.address, up))
+            self._outbox.heard_from_at = self.heard_from_at
         return self._outbox
+
+    def heard_from(self) -> None:
+        """The peer is alive (it just sent us something): sends wait for its connection to come back
+        rather than fail at once (callable from any thread)."""
+        self.heard_from_at = time.monotonic()
+        if self._outbox is not None:
+            self._outbox.heard_from_at = self.heard_from_at
+
+    @property
+    def down(self) -> bool:
+        """Known down (read from any thread)."""
+        outbox = self._outbox
+        return outbox is not None and outbox.watch.down
+
+    def down_for(self, now: float) -> float:
+        """Seconds since the peer was last up (or since its outbox opened); 0 while up or unopened."""
+        outbox = self._outbox
+        since = None if outbox is None else outbox.watch.down_since
+        return 0.0 if since is None else now - since
 
     def send(self, message: WireMessage) -> None:
         self.outbox.send(message)
@@ -79,10 +108,12 @@ class Peer:
 
 
 class PeerSenders:
-    """Sends to peers by address, each on its own thread; used from one event loop."""
+    """Sends to peers by address, each on its own thread; used from one event loop.
+    `on_liveness(address, up)` hears every peer's connection going down or coming back."""
 
-    def __init__(self, config: TransferConfig) -> None:
+    def __init__(self, config: TransferConfig, on_liveness: PeerLivenessCallback | None = None) -> None:
         self._config = config
+        self._on_liveness = on_liveness
         self._peers: dict[str, Peer] = {}
 
     def __len__(self) -> int:
@@ -93,16 +124,31 @@ class PeerSenders:
         await self.run(address, lambda peer: peer.send(message))
 
     async def run(self, address: str, work: Callable[[Peer], T]) -> T:
-        """Run `work(peer)` on `address`'s own thread. A TransferError (the peer did not take a send
-        in time) retires the peer and propagates."""
+        """Run `work(peer)` on `address`'s own thread; a TransferError (the peer did not take a send
+        in time, or is down) propagates, and the peer stays open to see it come back."""
         peer = self._peers.get(address)
         if peer is None:
-            peer = self._peers[address] = Peer(address, self._config)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(peer.thread, work, peer)
-        except TransferError:
+            peer = self._peers[address] = Peer(address, self._config, self._on_liveness)
+        return await asyncio.get_running_loop().run_in_executor(peer.thread, work, peer)
+
+    def heard_from(self, address: str) -> None:
+        """`address`'s peer sent us something just now (see Peer.heard_from)."""
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = self._peers[address] = Peer(address, self._config, self._on_liveness)
+        peer.heard_from()
+
+    def is_down(self, address: str) -> bool:
+        peer = self._peers.get(address)
+        return peer is not None and peer.down
+
+    def retire_down(self, max_down_s: float) -> list[str]:
+        """Retire every peer down (or never up) for more than `max_down_s`; returns their addresses."""
+        now = time.monotonic()
+        gone = [peer for peer in self._peers.values() if peer.down_for(now) > max_down_s]
+        for peer in gone:
             self._retire(peer)
-            raise
+        return [peer.address for peer in gone]
 
     def retire_stale(self) -> list[str]:
         """Retire every peer that maps a pool whose file is gone (its owner exited or restarted), so

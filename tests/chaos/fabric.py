@@ -176,7 +176,7 @@ class ChaosCluster:
     def spec(self, name: str, role: str, transport: str = "zmq") -> NodeSpec:
         flags = ("--host", self.net.addresses[name], "--transport", transport, "--registry", self.redis.url,
                  *self.node_flags)
-        return NodeSpec(name, role, flags, argv_prefix=tuple(self.net.exec_argv(name, [])))
+        return NodeSpec(name, role, flags, netns=self.net.namespaces[name])
 
     def start(self, members: list[tuple[str, str]], transport: str = "zmq") -> None:
         """Start nodes (name, role) in their namespaces, in parallel; each must reach READY."""

@@ -1,13 +1,16 @@
 """The decode node's control sends to prefill peers (transfer/peers.py), over real ZMQ sockets.
 
-One peer is a real inbox on loopback; the other is a port nothing listens on, so a send to it blocks
-its thread for the whole send timeout. Messages to the live peer must not wait behind it.
+One peer is a real inbox on loopback; the other is a port nothing listens on, so a first send to it
+blocks its thread for the whole send timeout. Messages to the live peer must not wait behind it.
+Liveness: a peer that dies is reported down within the heartbeat timeout, sends to it then fail at
+once, and a peer that comes back is reported up and served on the same (never retired) connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -56,12 +59,23 @@ def dead_address() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 
 
-def test_dead_peer_does_not_delay_messages_to_a_live_peer(live_peer: LivePeer) -> None:
+@pytest.fixture
+def stalled_address() -> Iterator[str]:
+    """A TCP port that accepts connections (the kernel's backlog) but never speaks ZMTP: a send to
+    it waits until the handshake or send timeout, as one to a stalled or cut-off host would."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_stalled_peer_does_not_delay_messages_to_a_live_peer(live_peer: LivePeer,
+                                                             stalled_address: str) -> None:
     async def scenario() -> tuple[float, float, float]:
         senders = PeerSenders(CONFIG)
         try:
-            dead = asyncio.ensure_future(senders.send(dead_address(), LeaseRenewal("to-dead", 1000)))
-            await asyncio.sleep(0.1)  # the dead peer's send is now blocking its thread
+            dead = asyncio.ensure_future(senders.send(stalled_address, LeaseRenewal("to-dead", 1000)))
+            await asyncio.sleep(0.1)  # the stalled peer's send is now blocking its thread
             started = time.monotonic()
             # Several messages in a row, as several requests' PrefillTasks would be.
             for i in range(5):
@@ -81,27 +95,98 @@ def test_dead_peer_does_not_delay_messages_to_a_live_peer(live_peer: LivePeer) -
     got = [live_peer.next_message(1.0) for _ in range(5)]
     assert [m.request_id for _, m in got] == [f"to-live-{i}" for i in range(5)]
     assert max(t for t, _ in got) - started < SEND_TIMEOUT_S / 3
-    # The dead peer still got its full send timeout: its failure is its own.
-    assert failed - started >= SEND_TIMEOUT_S - 0.2
+    # The stalled peer's send waited for it (its failure is its own), and not past the timeouts.
+    assert SEND_TIMEOUT_S / 2 < failed - started < SEND_TIMEOUT_S + 0.5
 
 
-def test_failed_peer_is_retired_and_reopened_when_it_comes_back() -> None:
-    async def scenario() -> None:
+def test_send_to_a_refused_address_fails_at_once() -> None:
+    async def scenario() -> float:
         senders = PeerSenders(CONFIG)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TransferError):
+                await senders.send(dead_address(), LeaseRenewal("x", 1000))
+            return time.monotonic() - started
+        finally:
+            await senders.close()
+
+    assert asyncio.run(scenario()) < 0.5
+
+
+class LivenessLog:
+    """Records PeerSenders' liveness callbacks (they run on watch threads) with their times."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[tuple[float, str, bool]] = queue.Queue()
+
+    def __call__(self, address: str, up: bool) -> None:
+        self.events.put((time.monotonic(), address, up))
+
+    def next(self, timeout_s: float) -> tuple[float, str, bool]:
+        return self.events.get(timeout=timeout_s)
+
+
+def test_peer_that_comes_back_is_reported_up_and_served_on_the_same_peer() -> None:
+    liveness = LivenessLog()
+
+    async def scenario() -> None:
+        senders = PeerSenders(CONFIG, liveness)
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
         try:
             with pytest.raises(TransferError):
                 await senders.send(address, LeaseRenewal("while-down", 1000))
-            assert len(senders) == 0  # retired: no thread kept for an address that never answered
+            assert liveness.next(0.5)[1:] == (address, False)
+            started = time.monotonic()
+            with pytest.raises(TransferError):  # known down now: fails at once, no send timeout
+                await senders.send(address, LeaseRenewal("still-down", 1000))
+            assert time.monotonic() - started < 0.2
+            assert len(senders) == 1  # kept open: libzmq keeps reconnecting
             peer = LivePeer(port)  # the prefill node comes back on the same address
             try:
+                back_at, _, up = await asyncio.to_thread(liveness.next, 2.0)
+                assert up and back_at - time.monotonic() < 1.0
                 await senders.send(address, LeaseRenewal("after-restart", 1000))
                 _, message = await asyncio.to_thread(peer.next_message, 2.0)
                 assert message == LeaseRenewal("after-restart", 1000)
-                assert len(senders) == 1
             finally:
                 peer.inbox.close()
+        finally:
+            await senders.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 4 * SEND_TIMEOUT_S))
+
+
+def test_peer_that_dies_is_reported_down_within_the_heartbeat_timeout() -> None:
+    liveness = LivenessLog()
+
+    async def scenario() -> float:
+        senders = PeerSenders(CONFIG, liveness)
+        peer = LivePeer()
+        try:
+            await senders.send(peer.address, LeaseRenewal("a", 1000))
+            assert liveness.next(1.0)[1:] == (peer.address, True)
+            killed = time.monotonic()
+            peer.inbox.close()  # the process is gone: its sockets close
+            down_at, address, up = await asyncio.to_thread(liveness.next, 3.0)
+            assert (address, up) == (peer.address, False)
+            assert senders.is_down(peer.address)
+            return down_at - killed
+        finally:
+            await senders.close()
+
+    detected_s = asyncio.run(asyncio.wait_for(scenario(), 10.0))
+    assert detected_s < CONFIG.heartbeat_timeout_s + 0.5, f"detected after {detected_s:.2f} s"
+
+
+def test_peer_down_for_long_is_retired() -> None:
+    async def scenario() -> None:
+        senders = PeerSenders(CONFIG)
+        try:
+            with pytest.raises(TransferError):
+                await senders.send(dead_address(), LeaseRenewal("x", 1000))
+            assert senders.retire_down(60.0) == [] and len(senders) == 1
+            assert len(senders.retire_down(0.0)) == 1 and len(senders) == 0
         finally:
             await senders.close()
 

@@ -53,8 +53,7 @@ class NodeSpec:
     name: str  # the test's handle for the node (also its --node-id)
     role: str
     flags: tuple[str, ...] = ()
-    # argv that runs the node elsewhere and execs it (`ip netns exec NS`: the pid stays the node's)
-    argv_prefix: tuple[str, ...] = ()
+    netns: str | None = None  # run inside this network namespace (`ip netns exec` keeps the pid)
 
 
 @dataclass
@@ -168,10 +167,12 @@ def start_nodes(specs: Iterable[NodeSpec], log_dir: Path) -> dict[str, Node]:
                 else secret_flags()
             log_path = log_dir / f"{spec.name}.log"
             with log_path.open("w") as log:
+                argv = [sys.executable, "-m", "pdserve.cli", spec.role, "--threads", "1",
+                        "--node-id", spec.name, *secret, *spec.flags]
+                if spec.netns is not None:
+                    argv = ["ip", "netns", "exec", spec.netns, *argv]
                 process = subprocess.Popen(
-                    [*spec.argv_prefix, sys.executable, "-m", "pdserve.cli", spec.role, "--threads", "1",
-                     "--node-id", spec.name, *secret, *spec.flags],
-                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
+                    argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
             nodes[spec.name] = Node(spec, process, log_path)
         _await_ready(list(nodes.values()))
     except BaseException:

@@ -48,11 +48,19 @@ class StubBehavior:
     first_token_delay_s: float = 0.0
     fail_first_calls: int = 0  # this many Generate calls abort with UNAVAILABLE before any chunk
     error_first_chunk: bool = False  # every call answers with a finish_reason "error" chunk
+    error_calls: int = 0  # this many Generate calls (the first ones) answer with an error chunk
+    error_cause: int = 0  # the FailureCause on error chunks; a prefill peer cause names the request's peer
     fail_after_chunks: int | None = None  # abort with INTERNAL after this many chunks
     hang: bool = False  # never answer
     speculate: bool = True  # report speculate_metrics on the last chunk
     reported_waiting: int = 0  # what Stats says is queued (load the router reads only from Stats)
     total_blocks: int = 0  # the KV blocks Stats reports (0: none reported)
+    # data addresses of the peers this stub cannot reach: Stats reports them, and (a decode stub) a
+    # Generate naming one as its prefill node answers a CAUSE_PREFILL_PEER_UNREACHABLE error chunk
+    unreachable_peers: tuple[str, ...] = ()
+    # a decode stub: a Generate naming one of these prefill data addresses never answers (its prefill
+    # peer cannot reach it, and nobody tells it)
+    stall_with_prefills: tuple[str, ...] = ()
 
 
 @dataclass
@@ -94,10 +102,16 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
 
     async def _chunks(self, request: node_pb2.GenerateRequest, b: StubBehavior,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.GenerateChunk]:
-        if b.hang:
+        if b.hang or request.prefill.data_address in b.stall_with_prefills:
             await asyncio.Event().wait()
-        if b.error_first_chunk:
-            yield node_pb2.GenerateChunk(finish_reason="error", error="injected node error")
+        cause = b.error_cause if b.error_first_chunk or self.counters.calls <= b.error_calls else None
+        if request.prefill.data_address and request.prefill.data_address in b.unreachable_peers:
+            cause = node_pb2.CAUSE_PREFILL_PEER_UNREACHABLE
+        if cause is not None:
+            peer_causes = (node_pb2.CAUSE_PREFILL_PEER_FAILED, node_pb2.CAUSE_PREFILL_PEER_UNREACHABLE)
+            blamed = request.prefill.node_id if cause in peer_causes else ""
+            yield node_pb2.GenerateChunk(finish_reason="error", error="injected node error",
+                                         cause=cause, failed_node_id=blamed)
             return
         await asyncio.sleep(b.first_token_delay_s)
         prompt = list(request.prompt_token_ids)
@@ -145,7 +159,8 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
         return node_pb2.NodeStats(node_id=self.node_id, role=self.role, running=self.running,
                                   waiting=self.behavior.reported_waiting, draining=self.draining,
                                   model=self.model, total_blocks=self.behavior.total_blocks,
-                                  free_blocks=self.behavior.total_blocks)
+                                  free_blocks=self.behavior.total_blocks,
+                                  unreachable_peer_addresses=list(self.behavior.unreachable_peers))
 
     async def Drain(self, request: node_pb2.DrainRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> node_pb2.DrainResponse:
@@ -181,7 +196,8 @@ class StubNodeServer:
     def info(self, capacity: int = 8, load: float = 0.0, draining: bool = False) -> NodeInfo:
         s = self.servicer
         return NodeInfo(node_id=s.node_id, role=s.role, model=s.model, grpc_address=self.address,
-                        data_address=f"{self._host}:1", capacity=capacity, load=load, draining=draining)
+                        data_address=f"tcp://{self._host}:{self.port}", capacity=capacity, load=load,
+                        draining=draining)  # a stand-in data address, distinct per stub
 
     def _call(self, coro: object, timeout_s: float = 10.0) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)  # type: ignore[arg-type]
@@ -210,6 +226,9 @@ class StubNodeServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving (a node killed); idempotent."""
+        if self._loop.is_closed():
+            return
         if self._server is not None:
             self._call(self._server.stop(grace=None))
         self._loop.call_soon_threadsafe(self._loop.stop)

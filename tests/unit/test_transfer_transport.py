@@ -287,7 +287,8 @@ def test_send_to_a_dead_peer_fails_within_the_timeout() -> None:
     outbox = Outbox(f"tcp://127.0.0.1:{port}", TransferConfig(send_timeout_s=0.3))  # nobody listens now
     started = time.monotonic()
     try:
-        with pytest.raises(TransferError, match="in time"):
+        # refused: known down as soon as the connect fails, or at the latest after the send timeout
+        with pytest.raises(TransferError, match="is down|within"):
             outbox.send(Abort("r"))
     finally:
         outbox.close()
