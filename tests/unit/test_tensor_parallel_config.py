@@ -76,10 +76,10 @@ def test_every_role_takes_a_tensor_parallel_size_and_zero_is_refused() -> None:
     engine = EngineConfig(cache=CacheConfig(8))
     for role in ("prefill", "decode", "mixed"):
         NodeConfig(role=role, node_id="n", model_dir=str(default_model_dir()), engine=engine,
-                   tensor_parallel_size=2)
+                   insecure=True, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         NodeConfig(role="decode", node_id="n", model_dir=str(default_model_dir()), engine=engine,
-                   tensor_parallel_size=0)
+                   insecure=True, tensor_parallel_size=0)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         EngineClientConfig(model_dir=str(default_model_dir()), engine=engine, tensor_parallel_size=0)
 
@@ -87,10 +87,15 @@ def test_every_role_takes_a_tensor_parallel_size_and_zero_is_refused() -> None:
 def test_pdserve_up_gives_each_role_its_size() -> None:
     from pdserve.deploy.cluster import Cluster, ClusterSpec
 
-    spec = ClusterSpec(prefill=1, decode=1, mixed=1, tensor_parallel_size=2, decode_tensor_parallel_size=1)
-    assert Cluster(spec).node_argv("mixed", 0)[-2:] == ["--tensor-parallel-size", "2"]
-    assert Cluster(spec).node_argv("prefill", 0)[-2:] == ["--tensor-parallel-size", "2"]
+    spec = ClusterSpec(prefill=1, decode=1, mixed=1, tensor_parallel_size=2, decode_tensor_parallel_size=1,
+                       insecure=True)  # no generated secret to clean up
+    def tp_flag(argv: list[str]) -> list[str]:
+        i = argv.index("--tensor-parallel-size")
+        return argv[i:i + 2]
+
+    assert tp_flag(Cluster(spec).node_argv("mixed", 0)) == ["--tensor-parallel-size", "2"]
+    assert tp_flag(Cluster(spec).node_argv("prefill", 0)) == ["--tensor-parallel-size", "2"]
     assert "--tensor-parallel-size" not in Cluster(spec).node_argv("decode", 0)
-    assert "--tensor-parallel-size" not in Cluster(ClusterSpec()).node_argv("prefill", 0)
+    assert "--tensor-parallel-size" not in Cluster(ClusterSpec(insecure=True)).node_argv("prefill", 0)
     with pytest.raises(ValueError, match="prefill tensor parallel size must be >= 1"):
         ClusterSpec(prefill_tensor_parallel_size=0)
