@@ -25,7 +25,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=64)
     group.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step")
     group.add_argument("--max-model-len", type=int, default=2048)
-    group.add_argument("--threads", type=int, default=2, help="OMP threads of the engine process")
+    group.add_argument("--threads", type=int, default=2,
+                       help="OMP threads of each engine process (each rank under tensor parallelism)")
+    group.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="engine rank processes sharing the model by attention heads")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -87,6 +90,10 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", action="append", default=None, help="required API key (repeatable)")
     up.add_argument("--threads-per-node", type=int, default=None)
     up.add_argument("--num-blocks", type=int, default=None, help="KV blocks per node")
+    up.add_argument("--tensor-parallel-size", type=int, default=None,
+                    help="engine ranks per node (default 1)")
+    up.add_argument("--prefill-tensor-parallel-size", type=int, default=None, help="overrides it for prefill")
+    up.add_argument("--decode-tensor-parallel-size", type=int, default=None, help="overrides it for decode")
     up.add_argument("--drain-timeout", type=float, default=None,
                     help="SIGTERM: seconds in-flight requests get to finish (default 30)")
     up.add_argument("--cluster-secret-file", default=None,
@@ -108,6 +115,9 @@ def _up(args: argparse.Namespace) -> int:
         "speculative_config": args.speculative_config, "registry": args.registry,
         "tool_call_parser": args.tool_call_parser, "api_keys": tuple(args.api_key) if args.api_key else None,
         "threads_per_node": args.threads_per_node, "num_blocks": args.num_blocks,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "prefill_tensor_parallel_size": args.prefill_tensor_parallel_size,
+        "decode_tensor_parallel_size": args.decode_tensor_parallel_size,
         "drain_timeout_s": args.drain_timeout,
         "log_level": args.log_level, "cluster_secret_file": args.cluster_secret_file,
         "insecure": args.insecure,
@@ -163,7 +173,7 @@ def _node_config(args: argparse.Namespace):
         role=args.role, node_id=args.node_id or f"{args.role}-{os.getpid()}", model_dir=str(model_dir),
         engine=_engine_config(args), model_name=args.model_name, host=args.host, grpc_port=args.port,
         data_port=args.data_port, metrics_port=args.metrics_port, omp_num_threads=args.threads,
-        dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
         eos_token_ids=Tokenizer.from_dir(model_dir).eos_token_ids, registry_url=args.registry,
         registry_api_key=registry_api_key,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
@@ -201,7 +211,8 @@ def _generate(args: argparse.Namespace) -> int:
     )
     config = EngineClientConfig(model_dir=str(model_dir), engine=engine_config,
                                 eos_token_ids=tokenizer.eos_token_ids, dtype=args.dtype,
-                                omp_num_threads=args.threads, log_level=args.log_level)
+                                omp_num_threads=args.threads, log_level=args.log_level,
+                                tensor_parallel_size=args.tensor_parallel_size)
     with EngineClient(config) as client:
         results = generate(client, tokenizer, args.prompt, params, speculative=engine_config.speculative)
     for result in results:

@@ -155,3 +155,21 @@ def _paddle_view(array: np.ndarray, dtype: str) -> paddle.Tensor:
     if dtype == "bfloat16":
         tensor = tensor.view(paddle.bfloat16)
     return tensor
+
+
+def kv_head_range(num_kv_heads: int, rank: int, size: int) -> tuple[int, int]:
+    """The KV heads ``[start, stop)`` that rank ``rank`` of ``size`` tensor-parallel ranks holds: an
+    even split when ``size`` divides the heads, one head shared by ``size / num_kv_heads`` consecutive
+    ranks when ``size`` exceeds them. Here, not in models/, because the data plane maps heads between
+    nodes of different TP sizes with the same rule."""
+    if not 0 <= rank < size:
+        raise ValueError(f"rank must be in [0, {size}) (got {rank})")
+    if size <= num_kv_heads:
+        if num_kv_heads % size:
+            raise ValueError(f"{num_kv_heads} KV heads do not split over {size} ranks")
+        per_rank = num_kv_heads // size
+        return rank * per_rank, (rank + 1) * per_rank
+    if size % num_kv_heads:
+        raise ValueError(f"{size} ranks do not share {num_kv_heads} KV heads evenly")
+    head = rank // (size // num_kv_heads)
+    return head, head + 1

@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.common.kv_cache import KVCacheSpec
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.protocol import KVReserved, RequestRejected
 from pdserve.node.engine_bridge import EngineBridge, EngineGone, RequestHandle
@@ -33,6 +33,7 @@ from pdserve.rpc import node_pb2 as pb
 from pdserve.transfer.auth import MessageSigner
 from pdserve.transfer.channel import TransferError
 from pdserve.transfer.endpoint import KVEndpoint, Malformed
+from pdserve.transfer.head_shards import KVRankPools
 from pdserve.transfer.messages import Abort, FirstToken, LeaseRenewal, PrefillTask
 from pdserve.transfer.peers import PeerSenders
 from pdserve.transfer.receiver import ChunkResult
@@ -87,7 +88,7 @@ class RemotePrefill:
         base = config.transfer_config()
         self.transfer = replace(base, send_timeout_s=min(base.send_timeout_s, config.prefill_timeout_s))
         self.endpoint: KVEndpoint | None = None
-        self.pool: KVCachePool | None = None
+        self.pool: KVRankPools | None = None  # the engine ranks' pools (one without tensor parallelism)
         self._pending: dict[str, PendingPrefill] = {}
         # one sender thread per prefill peer; liveness events from their connection watches
         self._peers = PeerSenders(self.transfer, self._from_watch_thread)
@@ -102,9 +103,10 @@ class RemotePrefill:
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
-    def start(self, pool_name: str) -> str:
+    def start(self, pool_names: list[str]) -> str:
+        """Serve the data plane for the engine's shared pools (one per rank, rank 0 first)."""
         self._loop = asyncio.get_running_loop()
-        self.pool = KVCachePool.attach(self.kv_spec, pool_name)
+        self.pool = KVRankPools.attach(self.kv_spec, pool_names)
         self.endpoint = KVEndpoint(self.pool, self.transfer, self._from_inbox_thread).start()
         self._sweeper = self._loop.create_task(self._sweep_expired())
         return self.endpoint.address

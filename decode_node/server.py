@@ -60,9 +60,9 @@ class DecodeNodeServer(NodeServer):
 
     async def start_data_plane(self) -> None:
         if self.config.role is Role.DECODE:
-            ready = self.bridge.ready
-            self.remote = RemotePrefill(self.config, self.bridge, ready.kv_spec, self.metrics)
-            self.data_address = self.remote.start(ready.kv_pool_name)
+            kv_spec, pool_names = self.engine_kv_pools()
+            self.remote = RemotePrefill(self.config, self.bridge, kv_spec, self.metrics)
+            self.data_address = self.remote.start(pool_names)
 
     async def stop_data_plane(self) -> None:
         if self.remote is not None:

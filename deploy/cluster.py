@@ -60,7 +60,10 @@ class ClusterSpec:
     tool_call_parser: str | None = None  # the router's --tool-call-parser (None: tools are refused)
     registry: str = "embedded"  # or redis://host:port/db
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    threads_per_node: int = 1
+    threads_per_node: int = 1  # OMP threads of each engine process (each rank's, with tensor parallelism)
+    tensor_parallel_size: int = 1  # engine ranks per node, unless a role overrides it
+    prefill_tensor_parallel_size: int | None = None
+    decode_tensor_parallel_size: int | None = None
     num_blocks: int = 1024
     startup_timeout_s: float = 180.0
     drain_timeout_s: float = 30.0  # SIGTERM: what in-flight requests get to finish, router and nodes
@@ -93,6 +96,15 @@ class ClusterSpec:
                              f"(got {self.restart_backoff_s}, {self.restart_max_backoff_s})")
         if self.restart_reset_s <= 0 or self.max_rapid_restarts < 0:
             raise ValueError("restart_reset_s must be > 0 and max_rapid_restarts >= 0")
+        for role in ("prefill", "decode", "mixed"):
+            if self.tensor_parallel_size_of(role) < 1:
+                raise ValueError(f"{role} tensor parallel size must be >= 1 "
+                                 f"(got {self.tensor_parallel_size_of(role)})")
+
+    def tensor_parallel_size_of(self, role: str) -> int:
+        override = {"prefill": self.prefill_tensor_parallel_size,
+                    "decode": self.decode_tensor_parallel_size}.get(role)
+        return self.tensor_parallel_size if override is None else override
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: object) -> ClusterSpec:
@@ -176,6 +188,8 @@ class Cluster:
                 "--node-id", f"{role}-{index}", "--host", s.host, "--model-name", s.model_name,
                 "--registry", s.registry_target, "--threads", str(s.threads_per_node),
                 "--num-blocks", str(s.num_blocks), "--drain-timeout", str(s.drain_timeout_s)]
+        if s.tensor_parallel_size_of(role) > 1:
+            argv += ["--tensor-parallel-size", str(s.tensor_parallel_size_of(role))]
         argv += ["--model", s.model] if s.model else []
         argv += ["--speculative-config", s.speculative_config] if s.speculative_config else []
         if s.api_keys and s.registry == "embedded":

@@ -26,21 +26,24 @@ from pdserve.engine.scheduler import AdmissionError, Scheduler
 from pdserve.engine.spec_decoder import SpecDecoder
 from pdserve.models.config import ModelConfig
 from pdserve.models.llama import LlamaForCausalLM
+from pdserve.models.tensor_parallel import TensorParallel, attention_shard
 
 
 def kv_spec_for_model(model_config: ModelConfig, num_blocks: int, block_size: int,
-                      dtype: str = "float32") -> KVCacheSpec:
+                      dtype: str = "float32", tp: TensorParallel | None = None) -> KVCacheSpec:
     """The pool a model needs: one layer per decoder layer plus its MTP layers (always last). The one
-    place the layout is derived; the engine's ready record carries it to the node server and peers."""
+    place the layout is derived; the engine's ready record carries it to the node server and peers.
+    Under tensor parallelism it is one rank's pool: the KV heads that rank owns."""
     return KVCacheSpec(
         num_layers=model_config.num_hidden_layers + model_config.num_nextn_predict_layers,
-        num_blocks=num_blocks, block_size=block_size, num_kv_heads=model_config.num_key_value_heads,
+        num_blocks=num_blocks, block_size=block_size,
+        num_kv_heads=attention_shard(model_config, tp or TensorParallel()).num_kv_heads,
         head_dim=model_config.head_dim, dtype=dtype,
     )
 
 
 def kv_spec_for(model: LlamaForCausalLM, config: EngineConfig) -> KVCacheSpec:
-    return kv_spec_for_model(model.config, config.cache.num_blocks, config.cache.block_size)
+    return kv_spec_for_model(model.config, config.cache.num_blocks, config.cache.block_size, tp=model.tp)
 
 
 class LLMEngine:

@@ -6,6 +6,10 @@ everything the engine reports (ready, stats, rejections, KV reserved, prefill pr
 a fatal failure) leaves in order as records on the one SysV record stream (engine/protocol.py). The
 loop ends on a Shutdown task, on stdin closing (the node server is gone), or when the stream's reader
 is gone; in every case the KV pool and the stream writer are released.
+
+With tensor parallelism the node starts one such process per rank (``config.ranks``): each loads its
+shard, and rank 0 alone reads tasks and writes records, sharing each turn's tasks with the others
+(engine/ranks.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from pdserve.common.kv_cache import KVCachePool
 from pdserve.engine.engine import LLMEngine, kv_spec_for
@@ -31,6 +36,7 @@ from pdserve.engine.protocol import (
     EngineFailed,
     EngineProcessConfig,
     EngineReady,
+    EngineRecord,
     EngineStats,
     EngineTask,
     GenerateTask,
@@ -48,8 +54,10 @@ from pdserve.engine.protocol import (
     decode_config,
     decode_task,
 )
+from pdserve.engine.ranks import FollowerInbox, LeaderInbox, NoRecords, engine_state, share_pool_names
 from pdserve.engine.request import RequestStatus
 from pdserve.engine.scheduler import AdmissionError, CapacityError
+from pdserve.models.tensor_parallel import TensorParallel, join_ranks
 
 log = logging.getLogger("pdserve.engine")
 
@@ -117,10 +125,18 @@ class TaskInbox:
         return items
 
 
+class Inbox(Protocol):
+    def take(self, wait_s: float) -> list[EngineTask | ProtocolError]: ...
+
+
+class RecordSink(Protocol):
+    def send(self, record: EngineRecord) -> None: ...
+
+
 class EngineLoop:
     """Ties the engine to its channels: take tasks, step, emit. No socket work happens here."""
 
-    def __init__(self, engine: LLMEngine, inbox: TaskInbox, records: RecordWriter):
+    def __init__(self, engine: LLMEngine, inbox: Inbox, records: RecordSink):
         self.engine = engine
         self.inbox = inbox
         self.records = records
@@ -240,11 +256,11 @@ def check_dtype_runs_here(dtype: str) -> None:
                                     f"{dtype} matmul); use --dtype float32, or a GPU build of Paddle")
 
 
-def build_engine(config: EngineProcessConfig) -> tuple[LLMEngine, KVCachePool]:
+def build_engine(config: EngineProcessConfig, tp: TensorParallel) -> tuple[LLMEngine, KVCachePool]:
     from pdserve.models.loader import load_model  # imported here: paddle is heavy and only the child needs it
 
     check_dtype_runs_here(config.dtype)
-    model = load_model(config.model_dir, config.dtype)
+    model = load_model(config.model_dir, config.dtype, tp=tp)
     spec = kv_spec_for(model, config.engine)
     pool = KVCachePool.create_shared(spec) if config.shared_kv_pool else KVCachePool.allocate(spec)
     # Structured output needs the model's tokenizer.json; a checkpoint without one serves no grammars
@@ -264,11 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_malloc()
     pool = None
-    records = RecordWriter(config.records)  # first: a failure to load the model is reported on it
+    placement = config.ranks
+    tp = TensorParallel() if placement is None else TensorParallel(placement.rank, placement.size)
+    # First: a failure to load the model is reported on it. Only rank 0 writes the stream.
+    records: RecordWriter | NoRecords = RecordWriter(config.records) if tp.rank == 0 else NoRecords()
     try:
-        engine, pool = build_engine(config)
-        records.send(EngineReady(pid=os.getpid(), kv_spec=pool.spec, kv_pool_name=pool.shm_name))
-        EngineLoop(engine, TaskInbox(tasks), records).run()
+        if placement is not None:
+            join_ranks(tp, placement.rendezvous_port)
+        engine, pool = build_engine(config, tp)
+        names = [pool.shm_name] if placement is None else share_pool_names(pool.shm_name, tp.size)
+        records.send(EngineReady(pid=os.getpid(), kv_spec=pool.spec, kv_pool_name=pool.shm_name,
+                                 rank_kv_pool_names=[name for name in names[1:] if name is not None]))
+        EngineLoop(engine, _inbox(tasks, tp, engine), records).run()
     except ReaderGoneError:
         log.warning("the record stream's reader is gone; engine stopping")
     except UnsupportedDtypeError as exc:  # a configuration the node reports; no traceback to read
@@ -284,6 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _inbox(fd: int, tp: TensorParallel, engine: LLMEngine) -> Inbox:
+    """Rank 0 (or the only rank) reads the task pipe; under tensor parallelism it shares each turn's
+    tasks with the other ranks, which take them from it instead of a pipe."""
+    if tp.size == 1:
+        return TaskInbox(fd)
+
+    def state() -> tuple[int, int, int]:
+        return engine_state(engine)
+
+    return LeaderInbox(TaskInbox(fd), state) if tp.rank == 0 else FollowerInbox(state)
+
+
 def _claim_stdin() -> int:
     """Take stdin (a private duplicate of it) for task frames, and point fd 1 at stderr so nothing
     printed by a library lands on a pipe the node server reads."""
@@ -292,7 +327,7 @@ def _claim_stdin() -> int:
     return os.dup(sys.stdin.fileno())
 
 
-def _try_send(records: RecordWriter, record: EngineFailed) -> None:
+def _try_send(records: RecordSink, record: EngineFailed) -> None:
     try:
         records.send(record)
     except (ReaderGoneError, ProtocolError):

@@ -68,6 +68,23 @@ class StreamAddress:
 
 
 @dataclass(frozen=True)
+class RankPlacement:
+    """One engine rank among the node's tensor-parallel ranks: rank 0 reads the tasks, broadcasts
+    them to the others and alone writes the record stream; all ranks meet at rank 0's rendezvous
+    port on the loopback interface."""
+
+    rank: int
+    size: int
+    rendezvous_port: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank must be in [0, {self.size}) (got {self.rank})")
+        if not 0 < self.rendezvous_port <= 65535:
+            raise ValueError(f"rendezvous_port must be in [1, 65535] (got {self.rendezvous_port})")
+
+
+@dataclass(frozen=True)
 class EngineProcessConfig:
     model_dir: str
     engine: EngineConfig
@@ -76,6 +93,7 @@ class EngineProcessConfig:
     shared_kv_pool: bool = False  # put the KV pool in /dev/shm so a same-host peer can write into it
     eos_token_ids: tuple[int, ...] = ()
     log_level: str = "WARNING"
+    ranks: RankPlacement | None = None  # None: one engine process, no collectives
 
 
 def encode_config(config: EngineProcessConfig) -> str:
@@ -194,6 +212,9 @@ class EngineReady(msgspec.Struct, tag="ready", frozen=True):
     pid: int
     kv_spec: KVCacheSpec  # the pool's geometry, derived once from the model (node servers and peers use it)
     kv_pool_name: str | None  # the shared-memory pool a same-host peer may attach to
+    # With tensor parallelism: the shared pools of ranks 1..N-1 (kv_spec is each rank's geometry, its
+    # num_kv_heads that rank's share; models/tensor_parallel.py says which heads).
+    rank_kv_pool_names: list[str] = []
 
 
 class RequestRejected(msgspec.Struct, tag="rejected", frozen=True):

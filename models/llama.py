@@ -27,6 +27,7 @@ from pdserve.kernels.norm import rms_norm, rms_norm_cpu
 from pdserve.kernels.rope import apply_rope, rope_cos_sin_cache, split_qkv_rope_cpu
 from pdserve.kernels.rows import take_rows
 from pdserve.models.config import ModelConfig
+from pdserve.models.tensor_parallel import TensorParallel, attention_shard, intermediate_shard
 
 KVCache = tuple[
     paddle.Tensor, paddle.Tensor
@@ -76,10 +77,14 @@ class RotaryEmbedding(nn.Layer):
 
 
 class Attention(nn.Layer):
-    def __init__(self, config: ModelConfig) -> None:
+    """This rank's heads (all of them with one rank); ``o_proj``'s partial sums are all-reduced."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        shard = attention_shard(config, tp)
+        self.tp = tp
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -112,23 +117,29 @@ class Attention(nn.Layer):
             write_kv(k, v, k_cache, v_cache, attn_meta.slot_mapping)
             out = paged_attention(q, k_cache, v_cache, attn_meta, self.scale)  # [T, H, D]
         out = out.reshape([num_tokens, self.q_size])
-        return self.o_proj(out if rows is None else take_rows(out, rows))
+        out = self.o_proj(out if rows is None else take_rows(out, rows))
+        return self.tp.all_reduce(out) if self.tp.size > 1 else out
 
 
 class MLP(nn.Layer):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` over this rank's slice of the intermediate size;
+    ``down_proj``'s partial sums are all-reduced."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias_attr=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias_attr=False)
+        _, intermediate = intermediate_shard(config, tp)
+        self.tp = tp
+        self.gate_up_proj = Linear(config.hidden_size, 2 * intermediate, bias_attr=False)
+        self.down_proj = Linear(intermediate, config.hidden_size, bias_attr=False)
         object.__setattr__(self, "_cpu_op", False)  # set by use_cpu_ops
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         gate_up = self.gate_up_proj(x)
         if self._cpu_op and cpu_ops.takes(gate_up):
-            return self.down_proj(silu_and_mul_cpu(gate_up))
-        return self.down_proj(silu_and_mul(gate_up))
+            out = self.down_proj(silu_and_mul_cpu(gate_up))
+        else:
+            out = self.down_proj(silu_and_mul(gate_up))
+        return self.tp.all_reduce(out) if self.tp.size > 1 else out
 
 
 class DecoderLayer(nn.Layer):
@@ -140,12 +151,12 @@ class DecoderLayer(nn.Layer):
     matmul may round a row differently beside another number of rows.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(
         self,
@@ -162,11 +173,11 @@ class DecoderLayer(nn.Layer):
 
 
 class LlamaModel(nn.Layer):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config)
-        self.layers = nn.LayerList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.LayerList([DecoderLayer(config, tp) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
@@ -184,12 +195,14 @@ class LlamaModel(nn.Layer):
 
 
 class LlamaForCausalLM(nn.Layer):
-    """The decoder plus LM head; ``mtp`` is the DeepSeek-V3 MTP module or None (set by the loader)."""
+    """The decoder plus LM head; ``mtp`` is the DeepSeek-V3 MTP module or None (set by the loader).
+    With ``tp.size > 1`` it holds rank ``tp.rank``'s shard (models/tensor_parallel.py)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.tp = tp or TensorParallel()
+        self.model = LlamaModel(config, self.tp)
         # Tied: the head is the embedding matrix itself, so no separate parameter exists.
         self.lm_head = (
             None

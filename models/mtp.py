@@ -33,6 +33,7 @@ from pdserve.kernels.attention import AttentionMetadata
 from pdserve.kernels.linear import Linear, mtp_input_cpu
 from pdserve.models.config import ModelConfig
 from pdserve.models.llama import DecoderLayer, KVCache, RMSNorm, RotaryEmbedding
+from pdserve.models.tensor_parallel import TensorParallel
 
 
 class SharedHead(nn.Layer):
@@ -44,7 +45,8 @@ class SharedHead(nn.Layer):
 
 
 class MTPModule(nn.Layer):
-    def __init__(self, config: ModelConfig, embed_tokens: nn.Embedding, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, embed_tokens: nn.Embedding, rotary_emb: RotaryEmbedding,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         # Shared with the main model. Kept out of this layer's sublayers so the parameters are owned,
         # loaded and cast once, by the main model.
@@ -53,7 +55,7 @@ class MTPModule(nn.Layer):
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias_attr=False)
-        self.layer = DecoderLayer(config)
+        self.layer = DecoderLayer(config, tp or TensorParallel())  # sharded as the main model's layers
         self.shared_head = SharedHead(config)
         # Set by fold_token_projection: [vocab, hidden] token halves (float32 on CPU) and the hidden
         # half's projection.

@@ -6,12 +6,18 @@ request id, the node's one id for it. Reading is left to the caller (`receive`, 
 node server's `EngineBridge` runs it on one thread, the offline path in a plain loop. A reaper thread
 waits for the process to exit and then wakes that reader (`notify_exit`), so a dead engine is noticed
 without anyone polling.
+
+With ``tensor_parallel_size`` N > 1 the engine is N rank processes (engine/ranks.py): rank 0 takes the
+tasks and writes the one record stream, exactly as a single engine does, and the others take their
+inputs from rank 0. They live and die together: when any rank exits, the client kills the others
+before the reader sees EngineExited, so a node never runs on a partial set of ranks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -30,14 +36,18 @@ from pdserve.engine.protocol import (
     EngineTask,
     GenerateTask,
     PrefillTask,
+    RankPlacement,
     ReleaseTask,
     RemoteKVReadyTask,
     ReserveTask,
     ShutdownTask,
+    StreamAddress,
     encode_config,
     encode_task,
     write_frame,
 )
+from pdserve.models.config import ModelConfig
+from pdserve.models.tensor_parallel import ShardingError, check_shardable
 from pdserve.node.engine_stream import EngineExited, RecordReader
 
 log = logging.getLogger("pdserve.node.engine")
@@ -56,13 +66,16 @@ class EngineClientConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
     shared_kv_pool: bool = False
-    omp_num_threads: int = 1  # the engine's share of the host's cores (PADDLE_CPU.md)
+    omp_num_threads: int = 1  # each engine rank's share of the host's cores (PADDLE_CPU.md)
     startup_timeout_s: float = 120.0  # loading the model; an engine not ready by then is killed
     log_level: str = "WARNING"
+    tensor_parallel_size: int = 1  # engine rank processes, each with omp_num_threads threads
 
     def __post_init__(self) -> None:
         if self.omp_num_threads < 1:
             raise ValueError(f"omp_num_threads must be >= 1 (got {self.omp_num_threads})")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1 (got {self.tensor_parallel_size})")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be > 0 (got {self.startup_timeout_s})")
         if self.dtype not in DTYPES:
@@ -74,28 +87,45 @@ class EngineClient:
         self.config = config
         self.ready: EngineReady | None = None
         self._records: RecordReader | None = None
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: subprocess.Popen[bytes] | None = None  # rank 0: tasks go to its stdin
+        self._ranks: list[subprocess.Popen[bytes]] = []  # every rank, rank 0 first
+        self._closing = False
+        self._exit_lock = threading.Lock()
+        self._first_returncode: int | None = None
         self._write_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> EngineReady:
-        """Start the engine process and wait for its ready record (or its failure)."""
+        """Start the engine process (every rank) and wait for its ready record (or its failure)."""
+        size = self.config.tensor_parallel_size
+        if size > 1:
+            try:
+                check_shardable(ModelConfig.from_dir(self.config.model_dir), size)
+            except ShardingError as exc:
+                raise EngineError(f"--tensor-parallel-size {size}: {exc}") from exc
         self._records = RecordReader()
-        process_config = EngineProcessConfig(
-            model_dir=self.config.model_dir, engine=self.config.engine, records=self._records.address,
-            dtype=self.config.dtype, shared_kv_pool=self.config.shared_kv_pool,
-            eos_token_ids=self.config.eos_token_ids, log_level=self.config.log_level,
-        )
+        port = _free_loopback_port() if size > 1 else 0
+        ranks = [None] if size == 1 else [RankPlacement(rank, size, port) for rank in range(size)]
         env = dict(os.environ, OMP_NUM_THREADS=str(self.config.omp_num_threads))
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "pdserve.engine.process", encode_config(process_config)],
-            stdin=subprocess.PIPE, env=env,
-        )
-        threading.Thread(target=self._reap, args=(self._process, self._records), name="engine-reaper",
-                         daemon=True).start()
+        processes = []
+        for placement in ranks:
+            process_config = EngineProcessConfig(
+                model_dir=self.config.model_dir, engine=self.config.engine, records=self._records.address,
+                dtype=self.config.dtype, shared_kv_pool=self.config.shared_kv_pool,
+                eos_token_ids=self.config.eos_token_ids, log_level=self.config.log_level, ranks=placement,
+            )
+            leader = placement is None or placement.rank == 0
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "pdserve.engine.process", encode_config(process_config)],
+                stdin=subprocess.PIPE if leader else subprocess.DEVNULL, env=env,
+            ))
+        self._process, self._ranks = processes[0], processes
+        for process in processes:
+            threading.Thread(target=self._reap, args=(process, processes, self._records),
+                             name="engine-reaper", daemon=True).start()
         # A stuck start (a hung load, a stopped process) ends as a kill, which the reaper reports.
-        watchdog = threading.Timer(self.config.startup_timeout_s, self._process.kill)
+        watchdog = threading.Timer(self.config.startup_timeout_s, self._kill_all)
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -120,9 +150,28 @@ class EngineClient:
                               f"(killed after {self.config.startup_timeout_s} s if it hung)")
         raise EngineError(f"engine sent {type(record).__name__} before it was ready")
 
-    @staticmethod
-    def _reap(process: subprocess.Popen[bytes], records: RecordReader) -> None:
-        records.notify_exit(process.wait())
+    def _reap(self, process: subprocess.Popen[bytes], ranks: list[subprocess.Popen[bytes]],
+              records: RecordReader) -> None:
+        """Wait for one rank; when it exits, so does the whole engine: the other ranks are killed (a
+        rank that exits while the others run has broken their collective), and the reader learns of
+        the exit once every rank is gone."""
+        returncode = process.wait()
+        with self._exit_lock:  # the first rank to exit says why the engine ended
+            self._first_returncode = returncode if self._first_returncode is None else self._first_returncode
+        if not self._closing:
+            for other in ranks:
+                if other is not process and other.poll() is None:
+                    log.error("engine rank pid %d exited with code %s: stopping pid %d",
+                              process.pid, returncode, other.pid)
+                    other.kill()
+        if process is ranks[0]:
+            for other in ranks[1:]:
+                other.wait()
+            records.notify_exit(self._first_returncode)
+
+    def _kill_all(self) -> None:
+        for process in self._ranks:
+            process.kill()
 
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -131,16 +180,31 @@ class EngineClient:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def records_address(self) -> StreamAddress:
+        """The record stream's queue (the engine's rank 0 is its only writer)."""
+        if self._records is None:
+            raise EngineError("engine client is not started")
+        return self._records.address
+
+    @property
+    def rank_pids(self) -> list[int]:
+        """Every engine rank's pid, rank 0 first."""
+        return [p.pid for p in self._ranks]
+
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the engine (Shutdown, then SIGTERM, then SIGKILL) and remove the record stream."""
-        process, self._process = self._process, None
+        """Stop the engine (Shutdown, then SIGTERM, then SIGKILL; every rank) and remove the record stream."""
+        process, ranks = self._process, self._ranks
+        self._closing = True
+        self._process = None
         if process is not None:
             try:
-                self._send(process, ShutdownTask())
+                self._send(process, ShutdownTask())  # rank 0 passes it on to the other ranks
                 process.stdin.close()
             except (OSError, ValueError, EngineError):
                 pass  # already gone: nothing to tell
-            _wait_or_kill(process, timeout_s)
+            for rank in ranks:
+                _wait_or_kill(rank, timeout_s)
             self._remove_orphaned_kv_pool()
         if self._records is not None:
             self._records.close()
@@ -148,9 +212,10 @@ class EngineClient:
     def _remove_orphaned_kv_pool(self) -> None:
         """An engine that died (kill -9) could not remove its shared KV pool; its file is ours to remove
         now that the process is gone (a peer that still maps it keeps its mapping)."""
-        name = self.ready.kv_pool_name if self.ready else None
-        if name:
-            (SHM_DIR / name).unlink(missing_ok=True)
+        names = [self.ready.kv_pool_name, *self.ready.rank_kv_pool_names] if self.ready else []
+        for name in names:
+            if name:
+                (SHM_DIR / name).unlink(missing_ok=True)
 
     def __enter__(self) -> EngineClient:
         self.start()
@@ -207,6 +272,13 @@ class EngineClient:
                 write_frame(process.stdin, encode_task(task))
             except (BrokenPipeError, ValueError) as exc:
                 raise EngineError("engine process is not accepting tasks") from exc
+
+
+def _free_loopback_port() -> int:
+    """A port for rank 0's rendezvous store, free now (the ranks bind it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _wait_or_kill(process: subprocess.Popen[bytes], timeout_s: float) -> None:

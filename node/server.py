@@ -15,14 +15,17 @@ import sys
 from dataclasses import dataclass, field
 
 import grpc
+import msgspec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from pdserve.common.kv_cache import KVCacheSpec
 from pdserve.common.leftovers import remove_leftovers
 from pdserve.common.secret import ClusterSecret, require_secret_or_insecure, warn_insecure
 from pdserve.common.spec_metrics import SpeculateMetrics
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.protocol import EngineStats
+from pdserve.models.config import ModelConfig
 from pdserve.node.engine_bridge import EngineBridge
 from pdserve.node.engine_client import EngineClient, EngineClientConfig, EngineError
 from pdserve.node.registry_client import Heartbeater, registry_client_for
@@ -49,7 +52,8 @@ class NodeConfig:
     grpc_port: int = 0
     data_port: int = 0  # KV data plane: decode nodes receive KV here, prefill nodes take tasks here
     metrics_port: int | None = None  # Prometheus; None = no metrics endpoint
-    omp_num_threads: int = 1
+    omp_num_threads: int = 1  # per engine rank
+    tensor_parallel_size: int = 1  # engine rank processes
     dtype: str = "float32"  # the model's dtype in the engine (an engine that cannot run it refuses to start)
     eos_token_ids: tuple[int, ...] = ()
     registry_url: str | None = None  # the router (http://...) or redis://...; None = not registered
@@ -84,6 +88,8 @@ class NodeConfig:
             raise ValueError(f"drain_timeout_s must be >= 0 (got {self.drain_timeout_s})")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0 (got {self.heartbeat_interval_s})")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1 (got {self.tensor_parallel_size})")
         require_secret_or_insecure(self.cluster_secret, self.insecure, f"node {self.node_id}")
 
     def transfer_config(self) -> TransferConfig:
@@ -95,7 +101,7 @@ class NodeConfig:
         return EngineClientConfig(
             model_dir=self.model_dir, engine=self.engine, eos_token_ids=self.eos_token_ids, dtype=self.dtype,
             shared_kv_pool=self.role is not Role.MIXED, omp_num_threads=self.omp_num_threads,
-            log_level=self.log_level,
+            log_level=self.log_level, tensor_parallel_size=self.tensor_parallel_size,
         )
 
 
@@ -263,6 +269,14 @@ class NodeServer(node_pb2_grpc.NodeServicer):
 
     async def start_data_plane(self) -> None:
         """Roles with a KV data plane bind it here, before the node reports ready."""
+
+    def engine_kv_pools(self) -> tuple[KVCacheSpec, list[str]]:
+        """The engine's KV as the data plane sees it: the geometry with all KV heads, and every
+        rank's shared pool, rank 0 first (one pool without tensor parallelism)."""
+        ready = self.bridge.ready
+        heads = ModelConfig.from_dir(self.config.model_dir).num_key_value_heads
+        names = [ready.kv_pool_name, *ready.rank_kv_pool_names]
+        return msgspec.structs.replace(ready.kv_spec, num_kv_heads=heads), names
 
     def ready_info(self) -> dict:
         return {"node_id": self.config.node_id, "role": self.config.role, "grpc": self.grpc_address,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from pdserve.common.kv_cache import KVCachePool, KVCacheSpec
+from pdserve.common.kv_cache import KVCacheSpec
 from pdserve.engine.protocol import PrefillProgress, RequestOutput, RequestRejected
 from pdserve.engine.request import RequestStatus
 from pdserve.node.engine_bridge import EngineGone, RequestHandle
@@ -33,6 +33,7 @@ from pdserve.transfer.auth import MessageVerifier
 from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import InboxDispatcher, Malformed
+from pdserve.transfer.head_shards import KVRankPools
 from pdserve.transfer.messages import (
     MAX_MESSAGE_BYTES,
     Abort,
@@ -77,7 +78,7 @@ class PrefillNodeServer(NodeServer):
         self.transfer = transfer or config.transfer_config()
         self.kv_spec: KVCacheSpec | None = None  # the engine reports it when ready
         self.jobs: dict[str, PrefillJob] = {}
-        self.pool: KVCachePool | None = None
+        self.pool: KVRankPools | None = None  # the engine ranks' pools (one without tensor parallelism)
         self._inbox: Inbox | None = None
         # one thread per decode peer (KV, FirstToken, acks); liveness events from their connections
         self._peers = PeerSenders(self.transfer, self._from_watch_thread)
@@ -96,8 +97,8 @@ class PrefillNodeServer(NodeServer):
 
     async def start_data_plane(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.kv_spec = self.bridge.ready.kv_spec
-        self.pool = KVCachePool.attach(self.kv_spec, self.bridge.ready.kv_pool_name)
+        self.kv_spec, names = self.engine_kv_pools()
+        self.pool = KVRankPools.attach(self.kv_spec, names)
         dispatcher = InboxDispatcher(self._from_inbox_thread, receiver=None)
         self._inbox = Inbox(self.transfer, dispatcher, MAX_MESSAGE_BYTES).start()
         host = self.transfer.advertise_host or self.transfer.bind_host

@@ -19,6 +19,7 @@ import zmq
 from pdserve.common.kv_cache import KVCachePool
 from pdserve.transfer.channel import Inbox
 from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.head_shards import KVRankPools, rank_pools
 from pdserve.transfer.messages import KVChunkHeader, KVTarget, WireCodec, WireError, WireMessage
 from pdserve.transfer.receiver import ChunkResult, KVReceiver
 from pdserve.transfer.reservations import KVReservations
@@ -73,8 +74,9 @@ class InboxDispatcher:
 class KVEndpoint:
     """A decode node's data plane. `target()` is what goes into each `PrefillTask`."""
 
-    def __init__(self, pool: KVCachePool, config: TransferConfig, on_event: EventCallback,
+    def __init__(self, pool: KVCachePool | KVRankPools, config: TransferConfig, on_event: EventCallback,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        pool = rank_pools(pool)  # a tensor-parallel node's ranks each hold some of the heads
         spec = pool.spec
         self.pool = pool
         self.config = config
@@ -96,7 +98,8 @@ class KVEndpoint:
         return f"tcp://{host}:{self.inbox.port}"
 
     def target(self) -> KVTarget:
-        return KVTarget(self.address, self._host_id, self.pool.spec, shm_name=self.pool.shm_name)
+        return KVTarget(self.address, self._host_id, self.pool.spec, shm_name=self.pool.shm_name,
+                        rank_shm_names=tuple(self.pool.rank_shm_names))
 
     def close(self) -> None:
         self.inbox.close()

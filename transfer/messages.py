@@ -65,12 +65,19 @@ class KVTarget(msgspec.Struct, frozen=True):
     host_id: Annotated[str, msgspec.Meta(max_length=256)]  # `transport.local_host_id()` of D
     layout: KVCacheSpec  # D's pool; P checks its own layout matches before it prefills
     shm_name: Annotated[str, msgspec.Meta(max_length=200)] | None = None  # D's pool under /dev/shm
+    # With tensor parallelism: the pools of D's engine ranks 1..N-1 (shm_name is rank 0's); `layout`
+    # has all KV heads, and rank r of N holds common.kv_cache.kv_head_range(heads, r, N).
+    rank_shm_names: Annotated[tuple[Annotated[str, msgspec.Meta(max_length=200)], ...],
+                              msgspec.Meta(max_length=255)] = ()
 
     def __post_init__(self) -> None:
         if not _ADDRESS.fullmatch(self.address):
             raise ValueError(f"KVTarget.address must be tcp://... or ipc://... (got {self.address!r})")
-        if self.shm_name is not None and not _SHM_NAME.fullmatch(self.shm_name):
-            raise ValueError(f"KVTarget.shm_name must be a plain file name (got {self.shm_name!r})")
+        for name in (self.shm_name, *self.rank_shm_names):
+            if name is not None and not _SHM_NAME.fullmatch(name):
+                raise ValueError(f"KVTarget pool names must be plain file names (got {name!r})")
+        if self.rank_shm_names and self.shm_name is None:
+            raise ValueError("KVTarget.rank_shm_names needs shm_name (rank 0's pool)")
 
 
 class MessageAuth(msgspec.Struct, frozen=True):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pdserve.common.kv_cache import KVCachePool
-from pdserve.transfer.block_copy import scatter_blocks
+from pdserve.transfer.head_shards import KVRankPools, rank_pools, scatter_heads
 from pdserve.transfer.messages import KVChunkHeader
 from pdserve.transfer.progress import ChunkRange, blocks_of
 from pdserve.transfer.reservations import KVReservations, Reservation
@@ -50,7 +50,9 @@ class ChunkResult:
 
 
 class KVReceiver:
-    def __init__(self, pool: KVCachePool, reservations: KVReservations, allow_in_place: bool) -> None:
+    def __init__(self, pool: KVCachePool | KVRankPools, reservations: KVReservations,
+                 allow_in_place: bool) -> None:
+        pool = rank_pools(pool)  # a tensor-parallel node's ranks each hold some of the heads
         spec = pool.spec
         if (reservations.num_layers, reservations.num_blocks, reservations.block_size) != (
                 spec.num_layers, spec.num_blocks, spec.block_size):
@@ -128,8 +130,8 @@ class KVReceiver:
         for i, layer in enumerate(range(header.layer_start, header.layer_end)):
             for kv in (0, 1):
                 blocks = np.frombuffer(frames[2 * i + kv], dtype=spec.numpy_dtype())
-                scatter_blocks(blocks.reshape(len(header.block_ids), *spec.block_shape),
-                               self.pool.array[layer, kv], header.block_ids)
+                scatter_heads(blocks.reshape(len(header.block_ids), *spec.block_shape), self.pool.arrays,
+                              layer, kv, header.block_ids, spec.num_kv_heads)
 
 
 def _range_of(header: KVChunkHeader) -> ChunkRange:

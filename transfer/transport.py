@@ -5,6 +5,10 @@ Two transports implement `KVSender`, chosen by name from `KV_SENDERS`:
   blocks straight into the reserved ones, then tells D over its outbox (an `in_place` header);
 - `zmq`: header + one payload frame per (layer, K/V) to D's inbox, which checks and writes them.
 
+With tensor parallelism either side's KV is in one pool per engine rank (`KVRankPools`): the shm
+sender copies each of its ranks' heads into the peer's ranks that hold them, and zmq frames carry all
+heads whatever either side's TP size (transfer/head_shards.py).
+
 Both end at the same decode-side receiver (`endpoint.KVEndpoint`), and both send through the
 request's `Outbox`, so a `FirstToken` sent on that outbox after the last chunk reaches D after it.
 """
@@ -24,8 +28,8 @@ import numpy as np
 import zmq
 
 from pdserve.common.kv_cache import SHM_DIR, KVCachePool, KVCacheSpec
-from pdserve.transfer.block_copy import copy_blocks_runs, gather_blocks
 from pdserve.transfer.channel import Outbox, TransferError
+from pdserve.transfer.head_shards import KVRankPools, copy_heads, gather_heads, rank_pools
 from pdserve.transfer.messages import KVChunkHeader, KVTarget
 from pdserve.transfer.progress import ChunkRange, KVProgress, blocks_of
 
@@ -114,8 +118,8 @@ class KVSender(ABC):
         self.spec = local_spec
 
     @abstractmethod
-    def send_chunk(self, chunk: KVChunk, src: KVCachePool) -> Delivery:
-        """Deliver `chunk` from `src` (this node's pool)."""
+    def send_chunk(self, chunk: KVChunk, src: KVCachePool | KVRankPools) -> Delivery:
+        """Deliver `chunk` from `src` (this node's pool, or its engine ranks' pools)."""
 
     def close(self) -> None:  # noqa: B027 - most senders hold nothing beyond the caller's outbox
         """Release what the sender holds (not the outbox, which the caller owns)."""
@@ -133,14 +137,14 @@ class ShmKVSender(KVSender):
         if target.shm_name is None:
             raise TransferError(f"decode node at {target.address} has no shared pool: use the zmq transport")
         try:
-            self._dst = KVCachePool.attach(target.layout, target.shm_name)
+            self._dst = KVRankPools.attach(target.layout, [target.shm_name, *target.rank_shm_names])
         except (OSError, ValueError) as exc:
             raise TransferError(f"cannot map the decode node's pool {target.shm_name}: {exc}") from exc
 
-    def send_chunk(self, chunk: KVChunk, src: KVCachePool) -> Delivery:
+    def send_chunk(self, chunk: KVChunk, src: KVCachePool | KVRankPools) -> Delivery:
         r = chunk.range
-        copy_blocks_runs(src.array, chunk.src_block_ids, self._dst.array, chunk.dst_block_ids,
-                         slice(r.layer_start, r.layer_end))
+        copy_heads(rank_pools(src).arrays, chunk.src_block_ids, self._dst.arrays, chunk.dst_block_ids,
+                   slice(r.layer_start, r.layer_end), self.spec.num_kv_heads)
         header = chunk.header(self.spec, in_place=True)
         self.outbox.send(header)
         return Delivery(header.payload_nbytes)
@@ -152,12 +156,13 @@ class ShmKVSender(KVSender):
 class ZmqKVSender(KVSender):
     """Any host: header + payload frames to the peer's inbox (zero-copy for consecutive block ids)."""
 
-    def send_chunk(self, chunk: KVChunk, src: KVCachePool) -> Delivery:
+    def send_chunk(self, chunk: KVChunk, src: KVCachePool | KVRankPools) -> Delivery:
         r = chunk.range
-        frames = [gather_blocks(src.array[layer, kv], chunk.src_block_ids)
+        arrays = rank_pools(src).arrays
+        frames = [gather_heads(arrays, layer, kv, chunk.src_block_ids, self.spec.num_kv_heads)
                   for layer in range(r.layer_start, r.layer_end) for kv in (0, 1)]
         # A gathered frame is our own copy; only views of the pool need tracking before reuse.
-        zero_copy = np.may_share_memory(frames[0], src.array)
+        zero_copy = np.may_share_memory(frames[0], arrays[0])
         header = chunk.header(self.spec, in_place=False)
         tracker = self.outbox.send(header, frames, track=zero_copy)
         return Delivery(header.payload_nbytes, [tracker] if tracker is not None else [])
