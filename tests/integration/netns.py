@@ -74,8 +74,11 @@ class HostNetwork:
     def close(self, timeout_s: float = 10.0) -> None:
         for ns in self.namespaces.values():  # deleting a namespace deletes its veth pair
             _ip("netns", "delete", ns, check=False)
-        if self.bridge:
-            _ip("link", "delete", self.bridge, check=False)
+        # A deleted namespace lives on while sockets in it still close (a TCP connection cut by a
+        # partition retransmits its FIN for minutes), and with it its veth pair: deleting the root side
+        # takes the pair down at once.
+        for link in self.links:
+            _ip("link", "delete", link, check=False)
         # The kernel frees a namespace's interfaces once its last process is gone, not at once.
         deadline = time.monotonic() + timeout_s
         while self.leftovers() and time.monotonic() < deadline:

@@ -28,7 +28,7 @@ from pdserve.router.config import (
     RouterConfig,
 )
 from pdserve.router.server import BackgroundRouter
-from pdserve.rpc.registry import NodeInfo, redis_put
+from pdserve.rpc.registry import NodeInfo, RegistryAuth, redis_put
 from pdserve.tests.integration.test_router_redis import RedisProcess
 from pdserve.tests.support.cluster import free_port
 from pdserve.tests.support.http_burst import burst
@@ -139,7 +139,7 @@ def test_the_limit_counts_what_other_routers_run_on_the_nodes(redis_server: Redi
 async def _redis_put(url: str, info: NodeInfo) -> None:
     client = aioredis.from_url(url)
     try:
-        await redis_put(client, info.seen_now(), ttl_s=30)
+        await redis_put(client, RegistryAuth(TEST_SECRET), info.seen_now(), ttl_s=30)
     finally:
         await client.aclose()
 
