@@ -233,7 +233,12 @@ class Inbox:
         while not self._stop.is_set():
             if not self._socket.poll(POLL_INTERVAL_MS):
                 continue
-            frames = self._socket.recv_multipart(copy=False)
+            try:
+                # poll() may report a socket readable with nothing to take (a peer whose connection was
+                # just dropped): a blocking recv would then outlive close()
+                frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                continue
             try:
                 self._handler(frames)
             except Exception:  # one bad message must not take the data plane down

@@ -9,6 +9,7 @@ fault (not from the request's start) and recovery from the moment the fault ende
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import statistics
 import threading
@@ -141,15 +142,6 @@ async def _stream(client: openai.AsyncOpenAI, shape: RequestShape, outcome: Outc
     outcome.max_gap_s = max(outcome.max_gap_s, time.monotonic() - last)
 
 
-def burst(url: str, count: int, shape: RequestShape) -> list[Outcome]:
-    """`count` requests at once, each sent once."""
-    async def run() -> list[Outcome]:
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="chaos", max_retries=0, timeout=60.0)
-        async with client:
-            return list(await asyncio.gather(*(one_request(client, shape) for _ in range(count))))
-    return asyncio.run(run())
-
-
 def slowest(outcomes: list[Outcome]) -> float:
     return max((o.latency_s for o in outcomes), default=0.0)
 
@@ -216,3 +208,61 @@ class ChaosTable:
 def median(values: Iterable[float]) -> float:
     values = list(values)
     return statistics.median(values) if values else float("nan")
+
+
+def wire_burst(url: str, count: int, shape: RequestShape, hung_s: float = HUNG_S) -> list[Outcome]:
+    """`count` streaming requests sent at once over raw HTTP/1.1 connections, each sent once.
+
+    What a client library hides is measured here: every connection is opened first, so `started` is
+    when a request's bytes were written and a refusal's latency is the router's answer time, not the
+    client's connection setup; and the stream's silence counts every byte the router sends (its SSE
+    keepalive comments included), which is what "never silent" means on the wire.
+    """
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = (f'{{"model": "{MODEL}", "prompt": {json.dumps(shape.prompt)}, "max_tokens": {shape.max_tokens}, '
+            f'"temperature": {shape.temperature}, "stream": true}}').encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer chaos\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, go: asyncio.Event) -> Outcome:
+        await go.wait()
+        writer.write(head + body)
+        outcome = Outcome(started=time.monotonic())
+        received, last = b"", outcome.started
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), hung_s)
+                now = time.monotonic()
+                if received:  # silence is counted once the answer began (the headers came)
+                    outcome.max_gap_s = max(outcome.max_gap_s, now - last)
+                last = now
+                if not data:
+                    break
+                received += data
+                if outcome.first_token is None and b'"text"' in data:
+                    outcome.first_token = now
+        except TimeoutError:
+            outcome.kind, outcome.error = "hung", f"silent for {hung_s} s"
+            outcome.ended = time.monotonic()
+            return outcome
+        finally:
+            writer.close()
+        outcome.ended = last
+        status_line = received.split(b"\r\n", 1)[0].split()
+        outcome.status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
+        done = outcome.status == 200 and b"data: [DONE]" in received and b'"error"' not in received
+        outcome.kind = "ok" if done else "failed"
+        if not done:
+            outcome.error = received.split(b"\r\n\r\n", 1)[-1][:300].decode(errors="replace")
+        return outcome
+
+    async def run() -> list[Outcome]:
+        connections = await asyncio.gather(*(asyncio.open_connection(host, int(port)) for _ in range(count)))
+        go = asyncio.Event()
+        tasks = [asyncio.create_task(one(r, w, go)) for r, w in connections]
+        await asyncio.sleep(0.1)  # every task waits on `go`: the requests leave together
+        go.set()
+        return list(await asyncio.gather(*tasks))
+
+    return asyncio.run(run())

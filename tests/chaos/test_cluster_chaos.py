@@ -38,11 +38,11 @@ from pdserve.tests.chaos.load import (
     Load,
     Outcome,
     RequestShape,
-    burst,
     median,
     non_retryable,
     recovery,
     slowest,
+    wire_burst,
 )
 from pdserve.tests.support.cluster import Node, generate, sampling, tokenizer, wait_until
 from pdserve.tests.support.secret import TEST_SECRET, secret_flags
@@ -378,7 +378,7 @@ def test_overload_200_concurrent_on_1p1d(cluster: ChaosCluster, report) -> None:
     shape = RequestShape(PROMPT, max_tokens=32)
     with report("200 concurrent on 1P1D", "excess: 429 < 50 ms; no admitted stream silent > 5 s") as row:
         with ThreadPoolExecutor(1) as pool:
-            outcomes = pool.submit(burst, cluster.router.url, 200, shape).result()
+            outcomes = pool.submit(wire_burst, cluster.router.url, 200, shape).result()
         row.count(outcomes)
         refused = [o for o in outcomes if o.kind == "failed"]
         admitted = [o for o in outcomes if o.kind == "ok"]

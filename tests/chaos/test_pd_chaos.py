@@ -102,6 +102,11 @@ def outcome_of(future: Future[Result], timeout_s: float) -> tuple[str, str]:
     return f"OK:{result.finish_reason}", result.chunks[-1].error if result.chunks else ""
 
 
+def serves(decode: Node, ids: list[int], prefill: Node | None = None) -> bool:
+    result = generate(decode, rid("probe"), ids, sampling(4), prefill=prefill, timeout_s=10.0)
+    return result.finish_reason in ("stop", "length") and bool(result.token_ids)
+
+
 def still_serves(decode: Node, ids: list[int], prefill: Node | None = None) -> None:
     started = time.monotonic()
     result = generate(decode, rid("after"), ids, sampling(4), prefill=prefill, timeout_s=10.0)
@@ -205,7 +210,8 @@ def test_kill9_prefill_node_mid_request(nodes: dict[str, Node], prompt_ids: list
         elapsed = time.monotonic() - killed
     finally:
         pool.shutdown()
-    assert code == "UNAVAILABLE" and "prefill" in details, (code, details)
+    # the decode node's error chunk (cause PREFILL_PEER_*): the router retries it elsewhere
+    assert code == "OK:error" and "prefill" in details, (code, details)
     assert elapsed < FAIL_BOUND_S, f"the request failed {elapsed:.1f} s after the kill"
     assert wait_until(decode.all_blocks_free, 2.0), decode.stats()
     still_serves(decode, prompt_ids)  # local prefill
@@ -228,16 +234,18 @@ def test_sigstop_prefill_node_fails_bounded_then_recovers(nodes: dict[str, Node]
         code, details = outcome_of(future, FAIL_BOUND_S + 5.0)
         elapsed = time.monotonic() - started
         pool.shutdown()
-        assert code == "UNAVAILABLE" and "prefill" in details, (code, details)
-        assert PREFILL_TIMEOUT_S - 0.5 < elapsed < FAIL_BOUND_S, f"failed after {elapsed:.1f} s"
+        assert code == "OK:error" and "prefill" in details, (code, details)
+        # data-plane heartbeats stop with the process: noticed before the prefill timeout runs out
+        assert elapsed < FAIL_BOUND_S, f"failed after {elapsed:.1f} s"
         assert wait_until(decode.all_blocks_free, 2.0), decode.stats()
         still_serves(decode, prompt_ids)
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
-    # Resumed, the prefill node finds the task and its Abort: it drops the task and serves again.
+    # Resumed, the prefill node finds the task and its Abort: it drops the task and serves again. The
+    # decode node saw the pair's connection drop: it serves through it once heartbeats resume (< 5 s).
     assert wait_until(prefill.all_blocks_free, 3.0), prefill.stats()
-    still_serves(decode, prompt_ids, prefill)
+    assert wait_until(lambda: serves(decode, prompt_ids, prefill), 5.0, 0.2), "the pair did not come back"
     assert wait_until(lambda: decode.all_blocks_free() and prefill.all_blocks_free(), 2.0)
 
 
