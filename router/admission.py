@@ -93,6 +93,7 @@ class Admission:
         self._tokens = 0
         self._kv_tokens = 0
         self._waiters: deque[tuple[Demand, asyncio.Future[None]]] = deque()
+        self.arriving = 0  # requests past the door, not yet at acquire (the router's hot path counts)
 
     @property
     def inflight(self) -> int:
@@ -112,13 +113,18 @@ class Admission:
 
     def saturated(self) -> str | None:
         """Why any new request would be refused now, whatever its size (None: it may fit or queue).
-        Checked before a body is read or parsed, so a refusal costs next to nothing."""
+        Checked before a body is read or parsed, so a refusal costs next to nothing.
+
+        Requests past the door but not yet at ``acquire`` (their bodies are read and tokenized)
+        count as one slot each: in a burst, every request passes the door before the first one is
+        admitted, and without them the excess would be refused only after being parsed in turn."""
         capacity = self._capacity()
-        limit = self.slot_limit(capacity)
-        full = self._slots >= limit and (self._slots > 0 or limit == 0)
-        if (full or self._waiters) and len(self._waiters) >= self.queue_limit(capacity):
-            return (f"{self._slots} node requests in flight (cluster limit {self.slot_limit(capacity)}) "
-                    f"and {len(self._waiters)} queued (limit {self.queue_limit(capacity)})")
+        limit, queue_limit = self.slot_limit(capacity), self.queue_limit(capacity)
+        occupied = self._slots + self.arriving
+        full = occupied >= limit and (occupied > 0 or limit == 0)
+        if (full or self._waiters) and occupied + len(self._waiters) >= limit + queue_limit:
+            return (f"{self._slots} node requests in flight and {self.arriving} arriving (cluster limit "
+                    f"{limit}), {len(self._waiters)} queued (limit {queue_limit})")
         return None
 
     def _fits(self, demand: Demand, capacity: ClusterCapacity) -> bool:

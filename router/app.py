@@ -306,9 +306,14 @@ class HotPaths:
             await refusal.response()(scope, receive, send)
             return
         request = Request(scope, receive)
-        body = await request.body()
+        admission = self.state.admission
         try:
-            batch = await _prepare(self.state, model, prepare, body)
+            admission.arriving += 1
+            try:
+                body = await request.body()
+                batch = await _prepare(self.state, model, prepare, body)
+            finally:
+                admission.arriving -= 1  # _serve reaches acquire without awaiting first
             response = await _serve(self.state, batch, chat, request)
         except APIError as e:
             response = e.response()
