@@ -100,8 +100,8 @@ def join_ranks(tp: TensorParallel, master_port: int) -> None:
     every rank has joined. The ranks meet at a key-value store that rank 0 serves on
     ``127.0.0.1:master_port`` from a child process (``models/rendezvous.py`` says why it is not
     Paddle's own store master, which binds every interface) and stops once all ranks have passed a
-    barrier, so no rendezvous port outlives the join; the ranks' gloo pair connections stay on the loopback interface
-    (``GLOO_SOCKET_IFNAME``), as all ranks of a node run on one host.
+    barrier, so no rendezvous port outlives the join; the ranks' gloo pair connections stay on the
+    loopback interface (``GLOO_SOCKET_IFNAME``), as all ranks of a node run on one host.
 
     Paddle keeps one global store per process, made by the first ``create_or_get_global_tcp_store``
     call and reused by ``init_parallel_env``; that call makes the store's master, and so a listener on

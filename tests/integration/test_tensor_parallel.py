@@ -19,8 +19,8 @@ WORKER = Path(__file__).resolve().parents[1] / "support" / "tp_logits.py"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run_ranks(size: int, out: Path, timeout_s: float = 240.0,
-               listeners: set[tuple[str, int]] | None = None, port: int | None = None) -> dict[str, np.ndarray]:
+def _run_ranks(size: int, out: Path, timeout_s: float = 240.0, listeners: set[tuple[str, int]] | None = None,
+               port: int | None = None) -> dict[str, np.ndarray]:
     """Run ``size`` ranks of tp_logits.py; with ``listeners``, collect into it every TCP listener that a
     rank or a child of one (the rendezvous store) holds while they run, sampled every few ms."""
     port = port or free_port()
@@ -33,7 +33,8 @@ def _run_ranks(size: int, out: Path, timeout_s: float = 240.0,
     def sample() -> None:
         while not done.is_set():
             pids = [rank.pid for rank in ranks]
-            listeners.update(tcp_listeners(pids + [c for pid in pids for c in children(pid)]))  # type: ignore[union-attr]
+            pids += [child for pid in pids for child in children(pid)]
+            listeners.update(tcp_listeners(pids))  # type: ignore[union-attr]
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
