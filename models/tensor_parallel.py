@@ -95,26 +95,45 @@ def check_shardable(config: ModelConfig, size: int) -> None:
     intermediate_shard(config, tp)
 
 
-def join_ranks(tp: TensorParallel, master_port: int, master_host: str = "127.0.0.1") -> None:
-    """Join this process to its engine's other ranks: Paddle's gloo process group (CPU), rendezvous
-    through a TCP store that rank 0 serves on ``master_host:master_port``. Blocks until every rank
-    has joined. Paddle reads its launch parameters from the environment only, so they are set here,
-    in this process, from the arguments; the ranks' pair connections stay on the loopback
-    interface (``GLOO_SOCKET_IFNAME``), as all ranks of a node run on one host.
+def join_ranks(tp: TensorParallel, master_port: int) -> None:
+    """Join this process to its engine's other ranks: Paddle's gloo process group (CPU). Blocks until
+    every rank has joined. The ranks meet at a key-value store that rank 0 serves on
+    ``127.0.0.1:master_port`` from a child process (``models/rendezvous.py`` says why it is not
+    Paddle's own store master, which binds every interface) and stops once all ranks have passed a
+    barrier, so no rendezvous port outlives the join; the ranks' gloo pair connections stay on the
+    loopback interface (``GLOO_SOCKET_IFNAME``), as all ranks of a node run on one host.
+
+    Paddle keeps one global store per process, made by the first ``create_or_get_global_tcp_store``
+    call and reused by ``init_parallel_env``; that call makes the store's master, and so a listener on
+    ``0.0.0.0``, when ``PADDLE_TRAINER_ID`` is 0. It is therefore made here first with a non-zero
+    trainer id, a client of the loopback store on every rank, before the real id is set.
 
     ``PADDLE_DISTRI_BACKEND=gloo`` is what makes Paddle 3.3's ``init_parallel_env`` build the global
     process group on a CPU build: left at ``auto`` it initialises a gloo context but no group, and the
     first collective fails with "The global group is not initialized"."""
     import os
 
-    from paddle import distributed
-
     if tp.size == 1:
         return
-    endpoint = f"{master_host}:{master_port}"
-    os.environ.update(
-        PADDLE_DISTRI_BACKEND="gloo", PADDLE_TRAINER_ID=str(tp.rank), PADDLE_TRAINERS_NUM=str(tp.size),
-        PADDLE_MASTER=endpoint, PADDLE_TRAINER_ENDPOINTS=",".join([endpoint] * tp.size),
-        PADDLE_CURRENT_ENDPOINT=endpoint, GLOO_SOCKET_IFNAME="lo",
-    )
-    distributed.init_parallel_env()
+    from paddle import distributed
+    from paddle.base import core
+
+    from pdserve.models.rendezvous import RendezvousProcess, wait_until_listening
+
+    endpoint = f"127.0.0.1:{master_port}"
+    store = RendezvousProcess(master_port) if tp.rank == 0 else None
+    try:
+        if store is None:
+            wait_until_listening(master_port)
+        os.environ.update(
+            PADDLE_DISTRI_BACKEND="gloo", PADDLE_TRAINER_ID=str(tp.size), PADDLE_TRAINERS_NUM=str(tp.size),
+            PADDLE_MASTER=endpoint, PADDLE_TRAINER_ENDPOINTS=",".join([endpoint] * tp.size),
+            PADDLE_CURRENT_ENDPOINT=endpoint, GLOO_SOCKET_IFNAME="lo",
+        )
+        core.create_or_get_global_tcp_store()  # a client: the trainer id above is not 0
+        os.environ["PADDLE_TRAINER_ID"] = str(tp.rank)
+        distributed.init_parallel_env()
+        distributed.barrier()  # every rank is past its last use of the store
+    finally:
+        if store is not None:
+            store.close()

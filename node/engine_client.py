@@ -275,7 +275,7 @@ class EngineClient:
 
 
 def _free_loopback_port() -> int:
-    """A port for rank 0's rendezvous store, free now (the ranks bind it moments later)."""
+    """A port for rank 0's rendezvous store, free now (the store binds it moments later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

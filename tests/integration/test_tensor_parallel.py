@@ -5,28 +5,49 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pdserve.tests.support.cluster import free_port
+from pdserve.tests.support.listeners import children, is_loopback, tcp_listeners
 
 WORKER = Path(__file__).resolve().parents[1] / "support" / "tp_logits.py"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run_ranks(size: int, out: Path, timeout_s: float = 240.0) -> dict[str, np.ndarray]:
-    port = free_port()
+def _run_ranks(size: int, out: Path, timeout_s: float = 240.0, listeners: set[tuple[str, int]] | None = None,
+               port: int | None = None) -> dict[str, np.ndarray]:
+    """Run ``size`` ranks of tp_logits.py; with ``listeners``, collect into it every TCP listener that a
+    rank or a child of one (the rendezvous store) holds while they run, sampled every few ms."""
+    port = port or free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ranks = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(size), str(port), str(out)],
                               env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for r in range(size)]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            pids = [rank.pid for rank in ranks]
+            pids += [child for pid in pids for child in children(pid)]
+            listeners.update(tcp_listeners(pids))  # type: ignore[union-attr]
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if listeners is not None:
+        sampler.start()
     try:
         for rank in ranks:
             _, err = rank.communicate(timeout=timeout_s)
             assert rank.returncode == 0, err.decode()[-3000:]
     finally:
+        done.set()
+        if sampler.is_alive():
+            sampler.join()
         for rank in ranks:
             if rank.poll() is None:
                 rank.kill()
@@ -47,7 +68,12 @@ def _assert_same_logits(sharded: dict[str, np.ndarray], reference: dict[str, np.
 
 
 def test_two_ranks_compute_the_logits_of_one(reference: dict[str, np.ndarray], tmp_path: Path) -> None:
-    sharded = _run_ranks(2, tmp_path / "logits.npz")
+    """...and while they join and compute, nothing of theirs listens beyond loopback: the rendezvous
+    store (seen, so the sampling works) and gloo's pair listeners are all on 127.0.0.1."""
+    port, listeners = free_port(), set()
+    sharded = _run_ranks(2, tmp_path / "logits.npz", listeners=listeners, port=port)
+    assert ("127.0.0.1", port) in listeners, listeners
+    assert all(is_loopback(host) for host, _ in listeners), listeners
     assert int(sharded["kv_heads"]) == int(reference["kv_heads"]) // 2  # each rank holds half the KV heads
     _assert_same_logits(sharded, reference)
 
@@ -179,6 +205,16 @@ def test_only_rank_0_writes_the_record_stream() -> None:
             if isinstance(record, StepOutputs):
                 unfinished -= {o.request_id for o in record.outputs if o.finished}
         assert senders == {rank0}, f"rank 1 is pid {rank1}"
+
+
+def test_engine_ranks_listen_on_no_port_once_joined() -> None:
+    """Once the engine is up, its ranks hold no listener at all: the rendezvous store is stopped
+    after the join, and gloo's pair listeners are closed once the pairs connect."""
+    client, _, _ = _client(2)
+    with client:
+        ranks = client.rank_pids
+        assert len(ranks) == 2
+        assert tcp_listeners(ranks + [c for pid in ranks for c in children(pid)]) == []
 
 
 # -- a rank that dies takes its node down -------------------------------------------------------------
