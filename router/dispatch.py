@@ -150,7 +150,10 @@ class Dispatcher:
             try:
                 async for chunk in self._tries(prepared, migration, avoid):
                     if failed_at is not None:
-                        self._metrics.migration_latency.observe(time.perf_counter() - failed_at)
+                        seam_s = time.perf_counter() - failed_at
+                        self._metrics.migration_latency.observe(seam_s)
+                        log.info("request %s: migration %d resumed %.3f s after the failure",
+                                 original.request_id, migration, seam_s)
                         failed_at = None
                     if migration and chunk.HasField("usage"):
                         # the node counts the resumed outputs as prompt; the client, once, as output
