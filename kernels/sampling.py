@@ -43,8 +43,10 @@ class RngStream(IntEnum):
     """Independent random streams of one request; a new consumer of uniforms takes a new id."""
 
     SAMPLE = 0  # the token draw of sample()
-    SPEC_ACCEPT = 1  # rejection sampling: the accept/reject test of a draft token
-    SPEC_RESAMPLE = 2  # rejection sampling: the draw from the residual distribution
+    # rejection sampling's general form (kernels/spec_verify.py): the accept test and the residual draw;
+    # the engine's coupled form uses SAMPLE alone
+    SPEC_ACCEPT = 1
+    SPEC_RESAMPLE = 2
 
 
 def request_uniforms(seed: int, index: int, stream: int, n: int = 1) -> np.ndarray:

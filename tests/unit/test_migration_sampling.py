@@ -1,7 +1,8 @@
 """A migrated continuation draws what the undisturbed run drew: a request's random stream, penalties and
 min_tokens are keyed by output position, so the prompt + the first k outputs with
 ``resumed_output_tokens=k`` and the remaining budget produce exactly the remaining outputs — alone or in
-a batch, for any k, greedy or seeded, with or without speculative decoding (greedy)."""
+a batch, for any k, greedy or seeded, with or without speculative decoding (whose coupled verification
+emits exactly the tokens plain sampling would)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ SEEDED = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=20, temperature=1.0, t
                         repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3)
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, repetition_penalty=1.1)
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 2, "max_ngram_size": 3, "min_ngram_size": 1}'
+MTP = '{"method": "mtp", "num_speculative_tokens": 2}'
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +88,18 @@ def test_a_seeded_continuation_differs_without_the_resumed_count(
     assert alone[:7] + naive != alone
 
 
-def test_a_greedy_continuation_with_speculative_decoding_equals_the_plain_run(
-        model: LlamaForCausalLM, prompts: list[list[int]]) -> None:
-    params = replace(GREEDY, repetition_penalty=1.0)
-    [alone] = _run(_engine(model), [(prompts[1], params)])
+@pytest.mark.parametrize("spec", [NGRAM, MTP], ids=["ngram", "mtp"])
+@pytest.mark.parametrize("params", [SEEDED, replace(GREEDY, repetition_penalty=1.0)],
+                         ids=["seeded", "greedy"])
+def test_speculative_decoding_changes_no_token_and_continues_exactly(
+        model: LlamaForCausalLM, prompts: list[list[int]], spec: str, params: SamplingParams) -> None:
+    """Drafts change speed, never tokens: a speculative run equals the plain one, and so does a
+    speculative continuation of it at any seam."""
+    prompt = prompts[1]
+    [alone] = _run(_engine(model), [(prompt, params)])
     seams = [1, 5, 13]
-    results = _run(_engine(model, NGRAM), [continuation(prompts[1], alone[:k], params) for k in seams])
-    for k, rest in zip(seams, results, strict=True):
+    results = _run(_engine(model, spec), [(prompt, params), *(continuation(prompt, alone[:k], params)
+                                                              for k in seams)])
+    assert results[0] == alone
+    for k, rest in zip(seams, results[1:], strict=True):
         assert alone[:k] + rest == alone, f"continuation after {k} tokens"
