@@ -75,6 +75,11 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # Output constrained to a language: a token mask in sampling, the request stops when it is complete
     grammar: GrammarSpec | None = None
+    # A migrated continuation (router/dispatch.py): the prompt's last ``resumed_output_tokens`` tokens
+    # are output an earlier node already sent. They key the random stream (generation index), count as
+    # output for the penalties, and seed the detokenizer and stop strings; max_tokens and min_tokens
+    # count the continuation's own tokens.
+    resumed_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,6 +103,7 @@ class SamplingParams:
              f"must map token ids to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
             ("grammar", self.grammar is None or isinstance(self.grammar, GrammarSpec),
              "must be a GrammarSpec"),
+            ("resumed_output_tokens", self.resumed_output_tokens >= 0, "must be >= 0"),
         ]
         for name, ok, why in checks:
             if not ok:

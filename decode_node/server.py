@@ -94,7 +94,8 @@ class DecodeNodeServer(NodeServer):
     async def _generate_or_fail(self, request: pb.GenerateRequest,
                                 context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         params, prompt = await self._validated(request, context)
-        stream = RequestStream(request.request_id, params, self.tokenizer, prompt)
+        stream = RequestStream(request.request_id, params, self.tokenizer, prompt,
+                               resumed_output_chars=request.resumed_output_chars)
         spec = self.config.engine.speculative
         stats = RequestSpecStats(spec.num_speculative_tokens) if spec is not None else None
         started = time.monotonic()
@@ -136,6 +137,14 @@ class DecodeNodeServer(NodeServer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prompt token id {max(prompt)} is outside the vocabulary "
                                 f"({self.tokenizer.vocab_size} tokens)")
+        if params.resumed_output_tokens >= len(prompt):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"resumed_output_tokens ({params.resumed_output_tokens}) must leave at least "
+                                f"one prompt token of the {len(prompt)}")
+        if params.resumed_output_tokens and params.grammar is not None:
+            # the grammar matcher would start after the resumed outputs, not where the output starts
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "a request with a grammar cannot resume outputs (resumed_output_tokens)")
         # One seed for both nodes: the first token is drawn on the prefill node, the rest here.
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         return replace(params, seed=seed), prompt

@@ -166,9 +166,16 @@ def _sampling_rows(request: Request, drafts: Sequence[int]) -> list[SamplingRow]
     params = request.sampling_params
     if params.seed is None:
         raise ValueError(f"request {request.request_id!r} reached the runner without a resolved seed")
-    prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
-    outputs = np.asarray([*request.output_token_ids, *drafts], dtype=np.int64)
-    num_outputs = request.num_output_tokens
+    # A migrated continuation's prompt ends with outputs of the earlier run: for penalties, min_tokens
+    # and the generation index they are outputs, as they were in the undisturbed run.
+    prompt_len = len(request.prompt_token_ids) - params.resumed_output_tokens
+    if prompt_len < 1:
+        raise ValueError(f"request {request.request_id!r} resumes {params.resumed_output_tokens} outputs "
+                         f"of a {len(request.prompt_token_ids)}-token prompt")
+    prompt = np.asarray(request.prompt_token_ids[:prompt_len], dtype=np.int64)
+    outputs = np.asarray([*request.prompt_token_ids[prompt_len:], *request.output_token_ids, *drafts],
+                         dtype=np.int64)
+    num_outputs = params.resumed_output_tokens + request.num_output_tokens
     eos = tuple(sorted(request.eos_token_ids))
     # Row j's grammar mask is the state after the outputs and drafts 0 .. j-1: verification is then
     # lossless with respect to the masked distribution.

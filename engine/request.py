@@ -57,6 +57,9 @@ class Request:
                  eos_token_ids: Sequence[int] = (), grammar: GrammarMatcher | None = None) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
+        if sampling_params.resumed_output_tokens >= len(prompt_token_ids):
+            raise ValueError(f"request {request_id!r}: resumed_output_tokens ("
+                             f"{sampling_params.resumed_output_tokens}) must leave at least one prompt token")
         self.request_id = request_id
         self.prompt_token_ids: tuple[int, ...] = tuple(prompt_token_ids)
         self.output_token_ids: list[int] = []

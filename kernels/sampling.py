@@ -11,7 +11,9 @@ Randomness never comes from a global generator: each row's uniform is drawn from
 RNG (Philox) keyed by (seed, stream) at counter (generation index), and the draw walks the filtered
 probabilities in token-id order in float64. So a row's token depends only on its own logits, seed
 and generation index — not on which other requests share the batch or where the row sits in it —
-and a prefill node and a decode node produce the same tokens for the same request.
+and a prefill node and a decode node produce the same tokens for the same request. A migrated
+continuation (``SamplingParams.resumed_output_tokens``) counts the outputs it resumes from in the
+generation index, so it draws what the undisturbed run would have drawn at the same position.
 
 Tie rules (deterministic, independent of sort stability):
 - greedy picks the lowest token id among equal maxima;
@@ -41,8 +43,10 @@ class RngStream(IntEnum):
     """Independent random streams of one request; a new consumer of uniforms takes a new id."""
 
     SAMPLE = 0  # the token draw of sample()
-    SPEC_ACCEPT = 1  # rejection sampling: the accept/reject test of a draft token
-    SPEC_RESAMPLE = 2  # rejection sampling: the draw from the residual distribution
+    # rejection sampling's general form (kernels/spec_verify.py): the accept test and the residual draw;
+    # the engine's coupled form uses SAMPLE alone
+    SPEC_ACCEPT = 1
+    SPEC_RESAMPLE = 2
 
 
 def request_uniforms(seed: int, index: int, stream: int, n: int = 1) -> np.ndarray:
@@ -87,12 +91,15 @@ class SamplingRow:
 
     @property
     def generation_index(self) -> int:
+        """The position of the token this row decides among the request's outputs, counting the outputs
+        a migrated continuation resumes from (they lead ``output_token_ids``): it keys the uniforms."""
         return len(self.output_token_ids)
 
     def suppressed_token_ids(self) -> tuple[int, ...]:
-        """Ids that may not be sampled yet because fewer than ``min_tokens`` outputs exist. None when a
-        grammar allows nothing else (its output is complete): the grammar wins over min_tokens."""
-        if self.generation_index >= self.params.min_tokens:
+        """Ids that may not be sampled yet because fewer than ``min_tokens`` outputs exist (a
+        continuation's min_tokens counts its own outputs). None when a grammar allows nothing else (its
+        output is complete): the grammar wins over min_tokens."""
+        if self.generation_index - self.params.resumed_output_tokens >= self.params.min_tokens:
             return ()
         eos = () if self.params.ignore_eos else self.eos_token_ids
         suppressed = tuple(sorted(set(self.params.stop_token_ids) | set(eos)))

@@ -18,10 +18,18 @@ probability p_j(x_j), and the residual is p_j with x_j removed. Greedy rows have
 which turns the rule into "accept exactly the target's argmax chain". The emitted tokens are then
 distributed exactly as non-speculative sampling from the target.
 
-Uniforms come from the request's own key (``request_uniforms``) at the row's generation index, in
-separate streams for the accept test, the residual draw and the bonus draw (the bonus uses the
-plain sampling stream, so a request without drafts samples exactly like ``sample``): results never
-depend on the batch.
+The engine applies this rule in its coupled form (``_coupled_sample``): each row draws the token
+plain sampling would draw there, y_j ~ p_j with the request's sampling uniform at the row's
+generation index, and draft x_j is accepted iff y_j == x_j; the first y_j that differs (or the
+bonus y_d) is the new token. With a one-hot q this is the rule above — accepted with probability
+p_j(x_j), and on rejection y_j is distributed as p_j without x_j, the residual — and the tokens are
+exactly those of non-speculative sampling with the same seed: drafts change speed, never tokens, so
+a seeded request continued on another node (a migration) or a node with another speculative config
+draws what it would have drawn. ``rejection_accept`` and ``residual_probs`` state the general rule
+(any q) for reference and tests.
+
+Uniforms come from the request's own key (``request_uniforms``) at the row's generation index:
+results never depend on the batch.
 """
 
 from __future__ import annotations
@@ -144,7 +152,7 @@ def verify_drafts(
     if batch.greedy.all():
         accepted, new_tokens = _argmax_chain(processed, drafts, starts)
     else:
-        accepted, new_tokens = _rejection_sample(sampling_probs(processed, batch), batch, drafts, starts)
+        accepted, new_tokens = _coupled_sample(sampling_probs(processed, batch), batch, drafts, starts)
     return _emitted(raw_logits, drafts, starts, accepted, new_tokens, logprobs_k)
 
 
@@ -244,23 +252,14 @@ def _scored_logprobs(
     return top_logprobs(gathered, paddle.to_tensor(ids), k_max)
 
 
-def _rejection_sample(
+def _coupled_sample(
     probs: paddle.Tensor, batch: SamplingBatch, drafts: Sequence[Sequence[int]], starts: Sequence[int]
 ) -> tuple[list[int], list[int]]:
-    target_probs = probs.numpy()  # [R, V] float64
-    accepted = rejection_accept(target_probs, drafts, batch_uniforms(batch, RngStream.SPEC_ACCEPT))
-    stop_rows = np.asarray([start + n for start, n in zip(starts, accepted, strict=True)], dtype=np.int64)
-    rejected = np.asarray([n < len(d) for d, n in zip(drafts, accepted, strict=True)])
-    # A rejected request draws from its residual with the resample stream; a fully accepted one
-    # draws the bonus from p itself with the sampling stream.
-    rejected_tokens = np.asarray([d[n] if n < len(d) else 0 for d, n in zip(drafts, accepted, strict=True)])
-    residual = residual_probs(target_probs, None, stop_rows, rejected_tokens)
-    stop_probs = np.where(rejected[:, None], residual, target_probs[stop_rows])
-    resample_u = batch_uniforms(batch, RngStream.SPEC_RESAMPLE)[stop_rows]
-    bonus_u = batch_uniforms(batch, RngStream.SAMPLE)[stop_rows]
-    uniforms = np.where(rejected, resample_u, bonus_u)
-    new_tokens = sample_from_probs(paddle.to_tensor(stop_probs), uniforms).numpy().tolist()
-    return accepted, new_tokens
+    """The module docstring's rule in its coupled form: every row draws what plain sampling draws at its
+    generation index; drafts are accepted while they equal those draws."""
+    drawn = sample_from_probs(probs, batch_uniforms(batch, RngStream.SAMPLE)).numpy().tolist()
+    accepted = greedy_accept(drawn, drafts)
+    return accepted, [drawn[start + n] for start, n in zip(starts, accepted, strict=True)]
 
 
 def gather_emitted_logprobs(

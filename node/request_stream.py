@@ -4,6 +4,12 @@ reason. Stop strings live here, not in the engine: the engine only knows token i
 
 Streaming never shows text that a stop string might still claim: the last ``len(longest stop) - 1``
 characters are held back until the next token proves they are not the start of a stop string.
+
+A migrated continuation (``params.resumed_output_tokens``) decodes the outputs it resumes from (the
+prompt's tail) first, with the real prompt as context, and sends its text from the character the client
+already has (``resumed_output_chars``): a character split across the seam, or held back by the earlier
+node as a possible stop string's start, is sent once, and a stop string that began before the seam
+still matches.
 """
 
 from __future__ import annotations
@@ -43,11 +49,23 @@ class RequestStream:
     text: str = ""  # every character decoded so far (stop strings already cut)
     finish_reason: str | None = None
     num_accepted_drafts: int = 0
+    resumed_output_chars: int = 0  # of the resumed outputs' text, the characters the client already has
     _emitted_chars: int = 0
     _detokenizer: IncrementalDetokenizer = field(init=False)
 
     def __post_init__(self) -> None:
-        self._detokenizer = IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids)
+        resumed = self.params.resumed_output_tokens
+        prompt_len = len(self.prompt_token_ids) - resumed
+        if prompt_len < 1:
+            raise ValueError(f"request {self.request_id!r} resumes {resumed} outputs of a "
+                             f"{len(self.prompt_token_ids)}-token prompt")
+        self._detokenizer = IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids[:prompt_len])
+        for token_id in self.prompt_token_ids[prompt_len:]:
+            self.text += self._detokenizer.add(token_id)
+        if self.resumed_output_chars > len(self.text):
+            raise ValueError(f"request {self.request_id!r}: {self.resumed_output_chars} characters already "
+                             f"sent, but its resumed outputs decode to {len(self.text)}")
+        self._emitted_chars = self.resumed_output_chars
 
     @property
     def finished(self) -> bool:

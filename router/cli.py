@@ -43,6 +43,8 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--kv-overcommit", type=float, default=1.0,
                    help="admit prompt + max_tokens up to this many times the nodes' KV (>1: preemption)")
     p.add_argument("--retry-attempts", type=int, default=3)
+    p.add_argument("--max-migrations", type=int, default=3,
+                   help="times a stream that fails mid-way continues on another node pair")
     p.add_argument("--health-interval", type=float, default=2.0)
     p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
                    help="how the model writes tool calls (vLLM's flag); without it tools are refused")
@@ -69,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
                                   max_queued_requests=args.max_queued_requests,
                                   queue_per_slot=args.queue_per_slot, kv_overcommit=args.kv_overcommit,
                                   max_inflight_tokens=args.max_inflight_tokens),
-        retry=RetryConfig(attempts=args.retry_attempts),
+        retry=RetryConfig(attempts=args.retry_attempts, migrations=args.max_migrations),
         health=HealthConfig(interval_s=args.health_interval),
         registry=RegistryConfig(backend=args.registry, heartbeat_ttl_s=args.heartbeat_ttl),
         policy=PolicyConfig(prefill=args.prefill_policy, decode=args.decode_policy,

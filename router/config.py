@@ -64,6 +64,9 @@ class RetryConfig:
     max_backoff_s: float = 1.0
     first_chunk_timeout_s: float = 120.0  # no first chunk by then: the try failed
     chunk_timeout_s: float = 60.0  # silence between two chunks after the first: the stream fails
+    # a stream that fails after its first token for a cause not its own continues on another pair,
+    # at most this many times (0: such a stream fails)
+    migrations: int = 3
 
     def __post_init__(self) -> None:
         _check([
@@ -72,6 +75,7 @@ class RetryConfig:
             ("max_backoff_s", self.max_backoff_s >= self.backoff_s, "must be >= backoff_s"),
             ("first_chunk_timeout_s", self.first_chunk_timeout_s > 0, "must be > 0"),
             ("chunk_timeout_s", self.chunk_timeout_s > 0, "must be > 0"),
+            ("migrations", self.migrations >= 0, "must be >= 0"),
         ], self)
 
 

@@ -7,15 +7,31 @@ node with another prefill node after a prefill peer failed; another node after a
 up to ``attempts`` tries with exponential backoff, each with a fresh request id on the nodes
 (``<id>/retry-<n>``: the first try's id may still be held by an abort in flight), while logs and
 metrics keep the client's id. When every try failed, the last failure's status answers (429 with
-Retry-After for capacity, else 503). After the first chunk a failure raises ``StreamFailed`` (the
-response layer turns it into an error event): tokens already sent cannot be taken back. Closing the
-iterator (client disconnect) cancels the gRPC call, which aborts the request on the nodes.
+Retry-After for capacity, else 503). Closing the iterator (client disconnect) cancels the gRPC call,
+which aborts the request on the nodes.
+
+After the first chunk, tokens already sent cannot be taken back, so a failure that is not the
+request's own (the decision table would retry it: node died or unreachable, engine died, drain,
+silence past ``chunk_timeout_s``) migrates the stream: a continuation goes to another pair (prefilled
+by a prefill node like any request) with the original prompt plus every token sent as its prompt,
+``resumed_output_tokens`` saying how many of those are output (the engine keys its random stream by
+output position, so a greedy or seeded continuation draws what the undisturbed run would have), the
+characters of their text the client already has (the node sends the rest: a character split at the
+seam or a held-back stop string start arrives once), the remaining max_tokens and min_tokens, and a
+fresh node request id ``<id>/migrate-<n>``. Its usage is rewritten to the original prompt and every
+completion token. At most ``migrations`` times; then, or for the request's own failure (a bad
+request) or a grammar request (its matcher state is not carried), ``StreamFailed`` (the response
+layer turns it into an error event). A sampled request without a seed gets one here, so that its
+continuation draws the same numbers too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import secrets
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -37,6 +53,49 @@ class StreamFailed(RuntimeError):
     """The request failed after its first chunk was relayed."""
 
 
+class _StreamBroke(RuntimeError):
+    """A try failed after its first chunk; ``decision`` says whether another pair may continue it."""
+
+    def __init__(self, failure: Failure, decision: Decision | None) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+        self.decision = decision
+
+
+@dataclasses.dataclass
+class _Relayed:
+    """What the client has of one request: the tokens and characters every chunk relayed so far."""
+
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    chars: int = 0
+
+    def add(self, chunk: node_pb2.GenerateChunk) -> None:
+        self.token_ids.extend(chunk.tokens.token_ids)
+        self.chars += len(chunk.text)
+
+
+def continuation(prepared: Prepared, relayed: _Relayed) -> Prepared | None:
+    """The request that continues ``prepared`` after the client got ``relayed``; None when nothing
+    is left to generate (the budget is spent)."""
+    sent = len(relayed.token_ids)
+    params = prepared.sampling
+    remaining = params.max_tokens - sent
+    if remaining <= 0:
+        return None
+    sampling = dataclasses.replace(params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - sent),
+                                   resumed_output_tokens=sent, prompt_logprobs=None)
+    return dataclasses.replace(prepared, prompt_token_ids=[*prepared.prompt_token_ids, *relayed.token_ids],
+                               sampling=sampling, resumed_output_chars=relayed.chars)
+
+
+def _with_seed(prepared: Prepared) -> Prepared:
+    """A sampled request keeps one seed across migrations: without the client's, the router draws it."""
+    if prepared.sampling.greedy or prepared.sampling.seed is not None:
+        return prepared
+    return dataclasses.replace(prepared, sampling=dataclasses.replace(prepared.sampling,
+                                                                      seed=secrets.randbits(63)))
+
+
 class _TryFailed(RuntimeError):
     """One try failed before its first chunk."""
 
@@ -45,14 +104,16 @@ class _TryFailed(RuntimeError):
         self.failure = failure
 
 
-def node_request_id(request_id: str, attempt: int) -> str:
-    """The id a try uses on the nodes: the client's for the first, a fresh one for each retry."""
-    return request_id if attempt == 0 else f"{request_id}/retry-{attempt}"
+def node_request_id(request_id: str, attempt: int, migration: int = 0) -> str:
+    """The id a try uses on the nodes: the client's for the first, a fresh one for each retry and
+    each migration."""
+    base = request_id if migration == 0 else f"{request_id}/migrate-{migration}"
+    return base if attempt == 0 else f"{base}/retry-{attempt}"
 
 
-def _request_for(prepared: Prepared, route: Route, attempt: int) -> node_pb2.GenerateRequest:
+def _request_for(prepared: Prepared, route: Route, attempt: int, migration: int) -> node_pb2.GenerateRequest:
     request = prepared.to_proto()
-    request.request_id = node_request_id(prepared.request_id, attempt)
+    request.request_id = node_request_id(prepared.request_id, attempt, migration)
     if route.prefill is not None:
         p = route.prefill
         request.prefill.CopyFrom(node_pb2.PrefillTarget(node_id=p.node_id, grpc_address=p.grpc_address,
@@ -80,7 +141,60 @@ class Dispatcher:
 
     async def generate(self, prepared: Prepared) -> AsyncIterator[node_pb2.GenerateChunk]:
         """Chunks of one request; raises APIError (before any chunk) or StreamFailed (after one)."""
+        original = prepared = _with_seed(prepared)
+        relayed = _Relayed()
         avoid: set[str] = set()
+        migration = 0
+        failed_at: float | None = None
+        while True:
+            try:
+                async for chunk in self._tries(prepared, migration, avoid):
+                    if failed_at is not None:
+                        seam_s = time.perf_counter() - failed_at
+                        self._metrics.migration_latency.observe(seam_s)
+                        log.info("request %s: migration %d resumed %.3f s after the failure",
+                                 original.request_id, migration, seam_s)
+                        failed_at = None
+                    if migration and chunk.HasField("usage"):
+                        # the node counts the resumed outputs as prompt; the client, once, as output
+                        resumed = prepared.sampling.resumed_output_tokens
+                        chunk.usage.prompt_tokens -= resumed
+                        chunk.usage.completion_tokens += resumed
+                    relayed.add(chunk)
+                    yield chunk
+                return
+            except APIError as e:
+                if migration == 0:
+                    raise
+                raise StreamFailed(f"migration {migration} found no node: {e.message}") from e
+            except _StreamBroke as e:
+                cause = e.failure.cause_name
+                if e.decision is None or not e.decision.retry:
+                    raise StreamFailed(str(e.failure)) from e
+                if migration >= self._retry.migrations:
+                    raise StreamFailed(f"{e.failure} (after {migration} migrations)") from e
+                if original.sampling.grammar is not None:
+                    raise StreamFailed(f"{e.failure} (a grammar request is not migrated)") from e
+                failed_at = time.perf_counter()
+                migration += 1
+                self._metrics.migrations.labels(cause=cause).inc()
+                avoid = set(e.decision.avoid)
+                if e.failure.node_id:
+                    avoid.add(e.failure.node_id)
+                log.warning("request %s: migration %d after %d tokens: %s", original.request_id, migration,
+                            len(relayed.token_ids), e.failure)
+                next_request = continuation(original, relayed)
+                if next_request is None:  # every token was sent: only the finish was lost
+                    yield node_pb2.GenerateChunk(finish_reason="length", usage=node_pb2.Usage(
+                        prompt_tokens=len(original.prompt_token_ids),
+                        completion_tokens=len(relayed.token_ids)))
+                    return
+                prepared = next_request
+
+    async def _tries(self, prepared: Prepared, migration: int,
+                     avoid: set[str]) -> AsyncIterator[node_pb2.GenerateChunk]:
+        """Chunks of one (possibly migrated) request: tries until one sends its first chunk; raises
+        APIError when none does, _StreamBroke when the one that did fails later."""
         keep_decode: str | None = None
         failures: list[str] = []
         last: Decision | None = None
@@ -97,7 +211,7 @@ class Dispatcher:
                                    self._retry_after_s) from e
                 failures.append(str(e))
                 continue
-            call = self._pool.stub(route.decode).Generate(_request_for(prepared, route, attempt))
+            call = self._pool.stub(route.decode).Generate(_request_for(prepared, route, attempt, migration))
             self._pool.begin(route)
             try:
                 try:
@@ -196,17 +310,19 @@ class Dispatcher:
             try:
                 chunk = await self._read(call, self._retry.chunk_timeout_s)
             except TimeoutError:
-                raise StreamFailed(f"the node sent nothing for {self._retry.chunk_timeout_s} s") from None
+                failure = Failure(node_pb2.CAUSE_DEADLINE, decode_id,
+                                  f"the node sent nothing for {self._retry.chunk_timeout_s} s")
+                raise _StreamBroke(failure, self._act(failure, route)) from None
             except grpc.aio.AioRpcError as e:
                 failure = failure_of_status(e, decode_id)
-                self._act(failure, route)
-                raise StreamFailed(str(failure)) from e
+                raise _StreamBroke(failure, self._act(failure, route)) from e
             if chunk is None:
-                raise StreamFailed("the node ended the stream without a finish reason")
+                failure = Failure(node_pb2.CAUSE_UNSPECIFIED, decode_id,
+                                  "the node ended the stream without a finish reason")
+                raise _StreamBroke(failure, self._act(failure, route))
             if chunk.finish_reason in ("error", "abort"):
                 failure = failure_of_chunk(chunk, decode_id, None)
-                self._act(failure, route)
-                raise StreamFailed(str(failure))
+                raise _StreamBroke(failure, self._act(failure, route))
             yield chunk
             if chunk.finish_reason:
                 return

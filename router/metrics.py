@@ -31,6 +31,12 @@ class RouterMetrics:
                                            ["reason"], registry=self.registry)
         self.failures = Counter("pdserve_router_failures", "Failed tries and streams by cause",
                                 ["cause"], registry=self.registry)
+        self.migrations = Counter("pdserve_router_migrations",
+                                  "Streams continued on another node pair after failing mid-way, by cause",
+                                  ["cause"], registry=self.registry)
+        self.migration_latency = Histogram("pdserve_router_migration_latency_seconds",
+                                           "A mid-stream failure to the continuation's first chunk",
+                                           buckets=LATENCY_BUCKETS, registry=self.registry)
         self.ejections = Counter("pdserve_router_node_ejections", "Nodes taken out of rotation",
                                  registry=self.registry)
 

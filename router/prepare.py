@@ -54,6 +54,9 @@ class Prepared:
     # chat with tools (tool_choice auto, required or named): the output is parsed into tool calls
     tool_parser: ToolCallParser | None = None
     max_tool_calls: int | None = None  # parallel_tool_calls false: 1
+    # A migrated continuation (router/dispatch.py): characters of its resumed outputs' text the
+    # client already has (sampling.resumed_output_tokens says how many prompt tokens are outputs)
+    resumed_output_chars: int = 0
 
     @property
     def token_budget(self) -> int:
@@ -63,7 +66,8 @@ class Prepared:
     def to_proto(self) -> node_pb2.GenerateRequest:
         return node_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
                                         sampling=sampling_to_proto(self.sampling),
-                                        merge_chunks=not self.stream)
+                                        merge_chunks=not self.stream,
+                                        resumed_output_chars=self.resumed_output_chars)
 
 
 @dataclass(frozen=True)

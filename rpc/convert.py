@@ -17,6 +17,7 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         prompt_logprobs=params.prompt_logprobs, logit_bias=dict(params.logit_bias),
         grammar=(None if params.grammar is None
                  else pb.Grammar(kind=params.grammar.kind, text=params.grammar.text)),
+        resumed_output_tokens=params.resumed_output_tokens,
     )
 
 
@@ -33,6 +34,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         logit_bias=tuple(sorted(msg.logit_bias.items())),
         grammar=GrammarSpec(msg.grammar.kind, msg.grammar.text) if msg.HasField("grammar") else None,
+        resumed_output_tokens=msg.resumed_output_tokens,
     )
 
 

@@ -61,9 +61,11 @@ def test_failure_before_first_token_is_retried_on_another_node_and_ejects_it() -
         assert "pdserve_router_node_ejections_total 1.0" in metrics
 
 
-def test_failure_after_first_token_ends_the_stream_with_an_error_event() -> None:
+def test_failure_after_first_token_ends_the_stream_with_an_error_event_without_migrations() -> None:
+    retry = RetryConfig(attempts=3, backoff_s=0.01, first_chunk_timeout_s=2.0, chunk_timeout_s=2.0,
+                        migrations=0)
     with StubNodeServer("a", behavior=StubBehavior(tokens=6, fail_after_chunks=2)) as a, \
-            BackgroundRouter(_config()) as r:
+            BackgroundRouter(_config(retry=retry)) as r:
         register_with_router(r.url, a.info())
         t0 = time.monotonic()
         events = _stream_events(r, BODY | {"max_tokens": 6})
@@ -72,7 +74,7 @@ def test_failure_after_first_token_ends_the_stream_with_an_error_event() -> None
         payloads = [json.loads(e) for e in events[:-1]]
         assert [p["choices"][0]["text"] != "" for p in payloads[:2]] == [True, True]
         assert payloads[-1]["error"]["code"] == "node_failed"
-        assert a.counters.calls == 1  # tokens were out: no retry
+        assert a.counters.calls == 1  # tokens were out and migrations are off: no retry
         response = httpx.post(r.url + "/v1/completions", json=BODY | {"max_tokens": 6}, timeout=10)
         assert response.status_code == 503 and response.json()["error"]["code"] == "node_failed"
 

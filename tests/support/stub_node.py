@@ -1,7 +1,9 @@
 """A stub ``Node`` gRPC server for router tests and the router benchmark — not a model server.
 
 It answers ``Generate`` at once with a deterministic token sequence (token ``i`` of a request is
-``STUB_FIRST_TOKEN + (prompt_ids[-1] + i) % STUB_TOKEN_SPAN`` with text ``" w<id>"``), serves
+``STUB_FIRST_TOKEN + (prompt_ids[-1] + i) % STUB_TOKEN_SPAN`` with text ``" w<id>"``; a migrated
+continuation, whose prompt ends with ``resumed_output_tokens`` outputs, goes on with the same
+sequence from there, as a real node's greedy continuation would), serves
 grpc.health.v1, and takes failure injection through ``StubBehavior`` (a mutable control block the
 test owns): fail before the first chunk, fail after k chunks, hang, report an error chunk, go
 NOT_SERVING. It counts calls, completions and cancellations so tests can see what the router did.
@@ -38,11 +40,19 @@ def stub_token(prompt_ids: list[int], i: int) -> int:
     return STUB_FIRST_TOKEN + ((prompt_ids[-1] if prompt_ids else 0) + i) % STUB_TOKEN_SPAN
 
 
+def _stub_sequence_start(request: node_pb2.GenerateRequest) -> tuple[list[int], int]:
+    """(the real prompt, the position of the request's first token in the undisturbed sequence)."""
+    resumed = request.sampling.resumed_output_tokens
+    prompt = list(request.prompt_token_ids)
+    return prompt[: len(prompt) - resumed], resumed
+
+
 @dataclass
 class StubBehavior:
     """Test-controlled behaviour; read at the start of each call (and per chunk for the delays)."""
 
-    tokens: int = 8  # generated per request (fewer when max_tokens is smaller)
+    # the whole sequence of a request (fewer when max_tokens is smaller; a continuation sends the rest)
+    tokens: int = 8
     tokens_per_chunk: int = 1  # >1 imitates speculative decoding's multi-token steps
     token_delay_s: float = 0.0
     first_token_delay_s: float = 0.0
@@ -114,15 +124,15 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
                                          cause=cause, failed_node_id=blamed)
             return
         await asyncio.sleep(b.first_token_delay_s)
-        prompt = list(request.prompt_token_ids)
-        total = min(b.tokens, request.sampling.max_tokens or b.tokens)
+        prompt, start = _stub_sequence_start(request)
+        total = min(b.tokens - start, request.sampling.max_tokens or b.tokens)
         sent = chunks = 0
         while sent < total:
             if b.fail_after_chunks is not None and chunks >= b.fail_after_chunks:
                 await context.abort(grpc.StatusCode.INTERNAL, "injected failure mid-stream")
             if sent and b.token_delay_s:
                 await asyncio.sleep(b.token_delay_s)
-            ids = [stub_token(prompt, i) for i in range(sent, min(sent + b.tokens_per_chunk, total))]
+            ids = [stub_token(prompt, start + i) for i in range(sent, min(sent + b.tokens_per_chunk, total))]
             sent += len(ids)
             chunks += 1
             yield self._chunk(request, ids, sent, total, b, first=chunks == 1)

@@ -1,0 +1,129 @@
+"""Mid-stream migration at the router against stub gRPC nodes: a stream whose node fails after some
+tokens continues on another node with the original prompt + the tokens sent, and the client sees one
+uninterrupted stream (text, logprobs, usage, finish reason); the number of migrations is bounded."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+
+from pdserve.router.config import HealthConfig, PolicyConfig, RetryConfig, RouterConfig
+from pdserve.router.server import BackgroundRouter
+from pdserve.rpc import node_pb2
+from pdserve.tests.support.secret import TEST_SECRET
+from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router, stub_token
+
+MODEL = "pdserve-demo"
+
+
+def _config(migrations: int = 3) -> RouterConfig:
+    return RouterConfig(port=0, model_name=MODEL, cluster_secret=TEST_SECRET,
+                        health=HealthConfig(interval_s=0.1, timeout_s=2.0, eject_after=1),
+                        retry=RetryConfig(attempts=3, backoff_s=0.01, first_chunk_timeout_s=2.0,
+                                          chunk_timeout_s=2.0, migrations=migrations),
+                        policy=PolicyConfig(decode="round_robin"))
+
+
+def _stream(r: BackgroundRouter, body: dict[str, object]) -> list[dict[str, object] | str]:
+    body = {"model": MODEL, "prompt": "def f(", **body, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", r.url + "/v1/completions", json=body, timeout=20) as resp:
+        assert resp.status_code == 200
+        events = [line.removeprefix("data: ") for line in resp.iter_lines() if line.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def _node_requests(*nodes: StubNodeServer) -> list[node_pb2.GenerateRequest]:
+    """Every Generate the stubs got, the first try first, then migration 1, 2, ..."""
+    requests = [req for node in nodes for req in node.counters.requests]
+
+    def order(req: node_pb2.GenerateRequest) -> int:
+        found = re.search(r"/migrate-(\d+)", req.request_id)
+        return int(found.group(1)) if found else 0
+    return sorted(requests, key=order)
+
+
+def _expected_text(prompt: list[int], count: int) -> str:
+    return "".join(f" w{stub_token(prompt, i)}" for i in range(count))
+
+
+def _metric(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_stream_that_fails_mid_way_continues_on_other_nodes_without_a_seam() -> None:
+    # every node fails after 2 chunks: 8 tokens take the first try and 3 migrations
+    behavior = dict(tokens=8, fail_after_chunks=2)
+    with StubNodeServer("a", behavior=StubBehavior(**behavior)) as a, \
+            StubNodeServer("b", behavior=StubBehavior(**behavior)) as b, BackgroundRouter(_config()) as r:
+        register_with_router(r.url, a.info())
+        register_with_router(r.url, b.info())
+        events = _stream(r, {"max_tokens": 8, "logprobs": 1, "temperature": 1.0})
+        assert events[-1] == "[DONE]"
+        payloads = [e for e in events[:-1] if isinstance(e, dict)]
+        assert not any("error" in p for p in payloads), payloads
+        choices = [p["choices"][0] for p in payloads if p["choices"]]
+        requests = _node_requests(a, b)
+        prompt = list(requests[0].prompt_token_ids)
+        assert "".join(c["text"] for c in choices) == _expected_text(prompt, 8)
+        assert sum(len(c["logprobs"]["tokens"]) for c in choices) == 8
+        assert [c["finish_reason"] for c in choices] == [None] * 7 + ["length"]
+        assert payloads[-1]["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 8,
+                                         "total_tokens": len(prompt) + 8}
+        # each continuation: the original prompt + what was sent, the rest of the budget, one seed
+        client_id = requests[0].request_id
+        migrated_ids = [f"{client_id}/migrate-{n}" for n in (1, 2, 3)]
+        assert [req.request_id for req in requests] == [client_id, *migrated_ids]
+        assert [req.sampling.resumed_output_tokens for req in requests] == [0, 2, 4, 6]
+        assert [req.sampling.max_tokens for req in requests] == [8, 6, 4, 2]
+        sent_chars = [len(_expected_text(prompt, k)) for k in (0, 2, 4, 6)]
+        assert [req.resumed_output_chars for req in requests] == sent_chars
+        for k, req in zip((0, 2, 4, 6), requests, strict=True):
+            assert list(req.prompt_token_ids) == prompt + [stub_token(prompt, i) for i in range(k)]
+        assert requests[0].sampling.HasField("seed")  # drawn by the router: the continuations share it
+        assert {req.sampling.seed for req in requests} == {requests[0].sampling.seed}
+        metrics = httpx.get(r.url + "/metrics").text
+        assert _metric(metrics, 'pdserve_router_migrations_total{cause="decode_node_failed"}') == 3.0
+        assert _metric(metrics, "pdserve_router_migration_latency_seconds_count") == 3.0
+
+
+def test_a_non_streaming_request_gets_one_whole_body_across_migrations() -> None:
+    # the stubs merge chunks for a non-streaming caller and fail holding the second: each try gets one
+    # token to the router, the last continuation (2 tokens left) finishes
+    behavior = dict(tokens=5, fail_after_chunks=2)
+    with StubNodeServer("a", behavior=StubBehavior(**behavior)) as a, \
+            StubNodeServer("b", behavior=StubBehavior(**behavior)) as b, BackgroundRouter(_config()) as r:
+        register_with_router(r.url, a.info())
+        register_with_router(r.url, b.info())
+        response = httpx.post(r.url + "/v1/completions", timeout=20, json={
+            "model": MODEL, "prompt": "def f(", "max_tokens": 5, "temperature": 0})
+        assert response.status_code == 200, response.text
+        prompt = list(_node_requests(a, b)[0].prompt_token_ids)
+        body = response.json()
+        assert body["choices"][0]["text"] == _expected_text(prompt, 5)
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["prompt_tokens"] == len(prompt) and body["usage"]["completion_tokens"] == 5
+        assert a.counters.calls + b.counters.calls == 4
+
+
+def test_migrations_are_bounded_then_the_stream_ends_with_an_error_event() -> None:
+    behavior = dict(tokens=12, fail_after_chunks=2)
+    with StubNodeServer("a", behavior=StubBehavior(**behavior)) as a, \
+            StubNodeServer("b", behavior=StubBehavior(**behavior)) as b, \
+            BackgroundRouter(_config(migrations=2)) as r:
+        register_with_router(r.url, a.info())
+        register_with_router(r.url, b.info())
+        events = _stream(r, {"max_tokens": 12, "temperature": 0})
+        assert events[-1] == "[DONE]"
+        payloads = [e for e in events[:-1] if isinstance(e, dict)]
+        assert payloads[-1]["error"]["code"] == "node_failed"
+        assert "after 2 migrations" in payloads[-1]["error"]["message"]
+        prompt = list(_node_requests(a, b)[0].prompt_token_ids)
+        text = "".join(p["choices"][0]["text"] for p in payloads[:-1])
+        assert text == _expected_text(prompt, 6)  # 2 tokens from each of the 3 tries, none twice
+        assert a.counters.calls + b.counters.calls == 3
+        metrics = httpx.get(r.url + "/metrics").text
+        assert _metric(metrics, 'pdserve_router_migrations_total{cause="decode_node_failed"}') == 2.0
