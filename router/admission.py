@@ -122,7 +122,9 @@ class Admission:
         limit, queue_limit = self.slot_limit(capacity), self.queue_limit(capacity)
         occupied = self._slots + self.arriving
         full = occupied >= limit and (occupied > 0 or limit == 0)
-        if (full or self._waiters) and occupied + len(self._waiters) >= limit + queue_limit:
+        # arriving requests take the free slots first; the rest of them would queue
+        would_queue = len(self._waiters) + max(0, self.arriving - max(0, limit - self._slots))
+        if (full or self._waiters) and would_queue >= queue_limit:
             return (f"{self._slots} node requests in flight and {self.arriving} arriving (cluster limit "
                     f"{limit}), {len(self._waiters)} queued (limit {queue_limit})")
         return None

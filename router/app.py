@@ -204,10 +204,14 @@ def at_the_door(state: RouterState) -> APIError | None:
     return None
 
 
-async def _serve(state: RouterState, batch: PreparedBatch, chat: bool, request: Request) -> Response:
-    refusal = at_the_door(state)
-    if refusal is not None:
-        raise refusal
+async def _serve(state: RouterState, batch: PreparedBatch, chat: bool, request: Request,
+                 passed_door: bool = False) -> Response:
+    """Admit and run one prepared request. A request that ``passed_door`` (the hot path checked it
+    before reading its body) is not turned away by a drain that began since: it was in flight."""
+    if not passed_door:
+        refusal = at_the_door(state)
+        if refusal is not None:
+            raise refusal
     builder = ResponseBuilder(batch, chat, state.config.model_name, state.preparer.tokenizer, state.metrics)
     held = _Held(state.admission)
     handed_over = False  # the SSE response owns the slot and streams from then on
@@ -318,7 +322,7 @@ class HotPaths:
                 batch = await _prepare(self.state, model, prepare, body)
             finally:
                 admission.arriving -= 1  # _serve reaches acquire without awaiting first
-            response = await _serve(self.state, batch, chat, request)
+            response = await _serve(self.state, batch, chat, request, passed_door=True)
         except APIError as e:
             response = e.response()
         await response(scope, receive, send)
