@@ -389,11 +389,13 @@ def test_overload_200_concurrent_on_1p1d(cluster: ChaosCluster, report) -> None:
         row.count(outcomes)
         refused = [o for o in outcomes if o.kind == "failed"]
         admitted = [o for o in outcomes if o.kind == "ok"]
-        late = [o for o in excess if o.status != 429 or o.latency_s >= 0.05]
+        # an excess request admitted because a stream ended meanwhile is fine; a refusal must be a fast 429
+        late = [o for o in excess if o.kind == "failed" and (o.status != 429 or o.latency_s >= 0.05)]
         silent = max((o.max_gap_s for o in admitted), default=0.0)
         excess_s = [o.latency_s for o in excess if o.kind == "failed"]
+        excess_p50_ms, excess_max_ms = median(excess_s or [0.0]) * 1000, max(excess_s, default=0.0) * 1000
         row.figure = (f"{len(refused)} refused (429s: {sum(o.status == 429 for o in refused)}); excess 429 "
-                      f"p50 {median(excess_s or [0.0]) * 1000:.0f} ms, max {max(excess_s, default=0) * 1000:.0f} ms; "
+                      f"p50 {excess_p50_ms:.0f} ms, max {excess_max_ms:.0f} ms; "
                       f"longest silence {silent:.1f} s")
         assert row.hung == 0
         assert late == [], [(o.status, round(o.latency_s, 3), o.error[:80]) for o in late][:3]
