@@ -107,6 +107,7 @@ class RedisRegistry(Registry):
                                                socket_connect_timeout=timeout_s)
         self._view: list[NodeInfo] = []
         self._connected = False
+        self._grace_until = 0.0  # until then, a re-synced view keeps the last one's fresh nodes
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -143,10 +144,18 @@ class RedisRegistry(Registry):
                 log.warning("registry: Redis unreachable (%s); serving from the last view", e)
             self._connected = False
             return
-        if not self._connected:
-            log.info("registry: Redis reachable; view re-synced")
+        if not self._connected and self._view:
+            log.info("registry: Redis reachable again; view re-synced")
+            # A Redis that restarted empty holds none of the live nodes until their next heartbeats:
+            # for one heartbeat TTL, nodes of the last view that are not yet stale stay in it.
+            self._grace_until = time.time() + self._ttl_s
         self._connected = True
-        self._view = sorted(self._decode_all(values), key=lambda n: n.node_id)
+        view = self._decode_all(values)
+        now = time.time()
+        if now < self._grace_until:
+            present = {n.node_id for n in view}
+            view += [n for n in self._view if n.node_id not in present and now - n.last_seen < self._ttl_s]
+        self._view = sorted(view, key=lambda n: n.node_id)
 
     def _decode_all(self, values: list[bytes | None]) -> list[NodeInfo]:
         nodes = []
