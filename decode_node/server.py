@@ -141,10 +141,6 @@ class DecodeNodeServer(NodeServer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"resumed_output_tokens ({params.resumed_output_tokens}) must leave at least "
                                 f"one prompt token of the {len(prompt)}")
-        if params.resumed_output_tokens and params.grammar is not None:
-            # the grammar matcher would start after the resumed outputs, not where the output starts
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "a request with a grammar cannot resume outputs (resumed_output_tokens)")
         # One seed for both nodes: the first token is drawn on the prefill node, the rest here.
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         return replace(params, seed=seed), prompt

@@ -148,6 +148,10 @@ class LLMEngine:
                     f"request {request_id!r}: this engine has no grammar support (no tokenizer)")
             try:
                 grammar = self.grammars.matcher(params.grammar)
+                # a migrated continuation's grammar state follows the outputs it resumes from
+                resumed = params.resumed_output_tokens
+                for token_id in prompt_token_ids[len(prompt_token_ids) - resumed:] if resumed else ():
+                    grammar.advance(token_id)
             except GrammarError as exc:
                 raise AdmissionError(f"request {request_id!r}: {exc}") from None
         return Request(request_id, prompt_token_ids, self._seeded(params), self.eos_token_ids, grammar)

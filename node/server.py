@@ -29,8 +29,8 @@ from pdserve.models.config import ModelConfig
 from pdserve.node.engine_bridge import EngineBridge
 from pdserve.node.engine_client import EngineClient, EngineClientConfig, EngineError
 from pdserve.node.registry_client import Heartbeater, registry_client_for
+from pdserve.rpc import keepalive, node_pb2_grpc
 from pdserve.rpc import node_pb2 as pb
-from pdserve.rpc import node_pb2_grpc
 from pdserve.rpc.auth import RequireToken
 from pdserve.rpc.registry import NodeInfo, RegistryAuth, Role
 from pdserve.transfer.config import CurveKeys, TransferConfig
@@ -228,7 +228,8 @@ class NodeServer(node_pb2_grpc.NodeServicer):
             log.warning("removed KV pools %s and record queues %s of dead nodes", list(removed.pools),
                         list(removed.queues))
         await self.bridge.start()
-        self._server = grpc.aio.server(interceptors=self._rpc_interceptors())
+        self._server = grpc.aio.server(interceptors=self._rpc_interceptors(),
+                                       options=keepalive.SERVER_OPTIONS)
         node_pb2_grpc.add_NodeServicer_to_server(self, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         port = self._server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")

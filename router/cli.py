@@ -46,6 +46,10 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--max-migrations", type=int, default=3,
                    help="times a stream that fails mid-way continues on another node pair")
     p.add_argument("--health-interval", type=float, default=2.0)
+    p.add_argument("--ping-interval", type=float, default=0.5,
+                   help="seconds between HTTP/2 pings on a node connection with calls open")
+    p.add_argument("--ping-timeout", type=float, default=1.0,
+                   help="a node that leaves a ping unanswered this long fails its streams (they migrate)")
     p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
                    help="how the model writes tool calls (vLLM's flag); without it tools are refused")
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -72,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
                                   queue_per_slot=args.queue_per_slot, kv_overcommit=args.kv_overcommit,
                                   max_inflight_tokens=args.max_inflight_tokens),
         retry=RetryConfig(attempts=args.retry_attempts, migrations=args.max_migrations),
-        health=HealthConfig(interval_s=args.health_interval),
+        health=HealthConfig(interval_s=args.health_interval, ping_interval_s=args.ping_interval,
+                            ping_timeout_s=args.ping_timeout),
         registry=RegistryConfig(backend=args.registry, heartbeat_ttl_s=args.heartbeat_ttl),
         policy=PolicyConfig(prefill=args.prefill_policy, decode=args.decode_policy,
                             block_size=args.block_size),

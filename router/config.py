@@ -8,6 +8,7 @@ from pathlib import Path
 import pdserve.models
 from pdserve.common.secret import ClusterSecret, require_secret_or_insecure
 from pdserve.router.tool_calls import TOOL_CALL_PARSERS
+from pdserve.rpc.keepalive import MIN_PING_INTERVAL_S
 from pdserve.rpc.registry import RegistryAuth
 
 POLICY_NAMES = ("round_robin", "random", "power_of_two", "prefix_aware")
@@ -84,12 +85,19 @@ class HealthConfig:
     interval_s: float = 2.0  # between grpc.health.v1 checks of each node
     timeout_s: float = 1.0
     eject_after: int = 2  # consecutive failed checks before a node gets no traffic
+    # HTTP/2 pings on each node connection while it has calls (rpc/keepalive.py): a node that leaves
+    # one unanswered for ping_timeout_s fails its streams at once, and they migrate
+    ping_interval_s: float = 0.5
+    ping_timeout_s: float = 1.0
 
     def __post_init__(self) -> None:
         _check([
             ("interval_s", self.interval_s > 0, "must be > 0"),
             ("timeout_s", self.timeout_s > 0, "must be > 0"),
             ("eject_after", self.eject_after >= 1, "must be >= 1"),
+            ("ping_interval_s", self.ping_interval_s >= MIN_PING_INTERVAL_S,
+             f"must be >= {MIN_PING_INTERVAL_S} (what nodes accept)"),
+            ("ping_timeout_s", self.ping_timeout_s > 0, "must be > 0"),
         ], self)
 
 

@@ -15,12 +15,13 @@ request's own (the decision table would retry it: node died or unreachable, engi
 silence past ``chunk_timeout_s``) migrates the stream: a continuation goes to another pair (prefilled
 by a prefill node like any request) with the original prompt plus every token sent as its prompt,
 ``resumed_output_tokens`` saying how many of those are output (the engine keys its random stream by
-output position, so a greedy or seeded continuation draws what the undisturbed run would have), the
+output position, so a greedy or seeded continuation draws what the undisturbed run would have, and
+advances a grammar request's matcher over them, so the continuation obeys the grammar from there), the
 characters of their text the client already has (the node sends the rest: a character split at the
 seam or a held-back stop string start arrives once), the remaining max_tokens and min_tokens, and a
 fresh node request id ``<id>/migrate-<n>``. Its usage is rewritten to the original prompt and every
 completion token. At most ``migrations`` times; then, or for the request's own failure (a bad
-request) or a grammar request (its matcher state is not carried), ``StreamFailed`` (the response
+request), ``StreamFailed`` (the response
 layer turns it into an error event). A sampled request without a seed gets one here, so that its
 continuation draws the same numbers too.
 """
@@ -173,8 +174,6 @@ class Dispatcher:
                     raise StreamFailed(str(e.failure)) from e
                 if migration >= self._retry.migrations:
                     raise StreamFailed(f"{e.failure} (after {migration} migrations)") from e
-                if original.sampling.grammar is not None:
-                    raise StreamFailed(f"{e.failure} (a grammar request is not migrated)") from e
                 failed_at = time.perf_counter()
                 migration += 1
                 self._metrics.migrations.labels(cause=cause).inc()

@@ -16,6 +16,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy, RouteContext
 from pdserve.router.registry import Registry
 from pdserve.rpc import node_pb2, node_pb2_grpc
+from pdserve.rpc.keepalive import client_options
 from pdserve.rpc.registry import NodeInfo
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,9 @@ class NodePool:
         entry = self._channels.get(address)
         if entry is None:
             # no proxies: node addresses are internal, and an env proxy would add a hop to every token
-            channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)],
+            options = [("grpc.enable_http_proxy", 0),
+                       *client_options(self._health.ping_interval_s, self._health.ping_timeout_s)]
+            channel = grpc.aio.insecure_channel(address, options=options,
                                                 interceptors=self._interceptors or None)
             entry = _Channel(channel, node_pb2_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(channel))
             self._channels[address] = entry

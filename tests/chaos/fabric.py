@@ -234,6 +234,27 @@ class ChaosCluster:
             self._nft(a, ["delete", "table", "inet", table])
             self._rules.discard((a, table))
 
+    @contextlib.contextmanager
+    def router_cut_off(self, name: str) -> Iterator[float]:
+        """Drop the traffic between the router and node `name` both ways (its gRPC port, in the node's
+        namespace); the node still reaches Redis and its peers."""
+        node = self.nodes[name]
+        table = "pdchaos_router"
+        port = node.info["grpc"].rsplit(":", 1)[1]
+        router = self.bridge_address
+        ruleset = (f"table inet {table} {{\n"
+                   f"  chain input {{ type filter hook input priority 0; policy accept; "
+                   f"ip saddr {router} tcp dport {port} drop; }}\n"
+                   f"  chain output {{ type filter hook output priority 0; policy accept; "
+                   f"ip daddr {router} tcp sport {port} drop; }}\n}}\n")
+        self._nft(name, ["-f", "-"], ruleset)
+        self._rules.add((name, table))
+        try:
+            yield time.monotonic()
+        finally:
+            self._nft(name, ["delete", "table", "inet", table])
+            self._rules.discard((name, table))
+
     def _nft(self, host: str, args: list[str], stdin: str | None = None) -> None:
         subprocess.run(self.net.exec_argv(host, [NFT, *args]), input=stdin, text=True, check=True,
                        capture_output=True)

@@ -9,9 +9,12 @@ fault (not from the request's start) and recovery from the moment the fault ende
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -142,6 +145,33 @@ async def _stream(client: openai.AsyncOpenAI, shape: RequestShape, outcome: Outc
     outcome.max_gap_s = max(outcome.max_gap_s, time.monotonic() - last)
 
 
+class ProcessLoad:
+    """A Load run by a process of its own: for a load whose client-side work (encoding a 4 MB prompt
+    as JSON, writing it) would otherwise hold the GIL of the test process's client that measures the
+    others' latency, and be measured as the cluster's slowness. Same interface as Load's stop()."""
+
+    def __init__(self, url: str, streams: int, shape: RequestShape) -> None:
+        argv = [sys.executable, "-m", "pdserve.tests.chaos.load", url, str(streams)]
+        self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._process.stdin is not None
+        # the shape on stdin: a 4 MB prompt is beyond what one argv string may hold
+        self._process.stdin.write(json.dumps(dataclasses.asdict(shape)) + "\n")
+        self._process.stdin.flush()
+
+    def stop(self) -> list[Outcome]:
+        out, _ = self._process.communicate("stop\n", timeout=LONGEST_S + 30.0)
+        return [Outcome(**record) for record in json.loads(out)]
+
+
+def _serve_process_load(url: str, streams: int) -> None:
+    """The child of ProcessLoad: the shape from stdin's first line, load until the next line."""
+    shape = RequestShape(**json.loads(sys.stdin.readline()))
+    with Load(url, streams, shape) as load:
+        sys.stdin.readline()
+        outcomes = load.stop()
+    print(json.dumps([dataclasses.asdict(o) for o in outcomes]), flush=True)
+
+
 def slowest(outcomes: list[Outcome]) -> float:
     return max((o.latency_s for o in outcomes), default=0.0)
 
@@ -266,3 +296,7 @@ def wire_burst(url: str, count: int, shape: RequestShape, hung_s: float = HUNG_S
         return list(await asyncio.gather(*tasks))
 
     return asyncio.run(run())
+
+
+if __name__ == "__main__":
+    _serve_process_load(sys.argv[1], int(sys.argv[2]))

@@ -37,6 +37,7 @@ from pdserve.tests.chaos.fabric import (
 from pdserve.tests.chaos.load import (
     Load,
     Outcome,
+    ProcessLoad,
     RequestShape,
     median,
     non_retryable,
@@ -224,7 +225,7 @@ def test_oversized_prompt_flood(cluster: ChaosCluster, report, figures: dict[str
         time.sleep(6.0)
         before = quiet.stop()
         ttft_quiet = median(o.first_token - o.started for o in before if o.first_token)
-        flood = Load(cluster.router.url, 2, flood_shape).__enter__()
+        flood = ProcessLoad(cluster.router.url, 2, flood_shape)
         try:
             time.sleep(2.0)
             loud = run_load(cluster, warm_ok=8, streams=8)
@@ -316,7 +317,7 @@ def test_redis_killed_and_restarted(cluster: ChaosCluster, report) -> None:
 
 def test_sigstop_decode_node(cluster: ChaosCluster, report) -> None:
     decode = cluster.nodes["decode-0"]
-    bound = "0 failed, none hangs, requests sent 2 s into it < 10 s"
+    bound = "0 failed, none hangs, none > 10 s (its streams migrate)"
     with report("SIGSTOP decode-0 (server + engine), 8 s", bound) as row:
         load = run_load(cluster)
         with cluster.stopped(decode.process.pid, decode.engine_pid) as stopped:
@@ -324,10 +325,8 @@ def test_sigstop_decode_node(cluster: ChaosCluster, report) -> None:
         row.recovery_s = time_to_serve(decode, cluster.nodes["prefill-0"], time.monotonic(), 15.0)
         outcomes = load.stop()
         row.count(outcomes, fault_at=stopped)
-        # the router's health checks need a moment to see it; requests sent after that go elsewhere
-        later = [o for o in outcomes if stopped + 2.0 <= o.started < stopped + 8.0]
         assert row.failed == row.hung == 0, [o.error for o in outcomes if o.kind != "ok"][:3]
-        assert slowest(later) <= SLOW_S, f"a request sent during the stop took {slowest(later):.1f} s"
+        assert slowest(outcomes) <= SLOW_S, f"slowest request {slowest(outcomes):.1f} s"
 
 
 # -- nodes killed -----------------------------------------------------------------------------------------
@@ -353,7 +352,7 @@ def test_kill9_prefill_node(cluster: ChaosCluster, report) -> None:
 
 def test_kill9_decode_node(cluster: ChaosCluster, report) -> None:
     decode = cluster.nodes["decode-1"]
-    bound = "only its streams fail, each < 2 s; none hangs"
+    bound = "0 failed (its streams migrate), none hangs, none > 10 s"
     with report("kill -9 decode-1 (of 2), 16 streams", bound) as row:
         load = run_load(cluster)
         wait_until(lambda: cluster.router.inflight("decode-1") > 0, 5.0)
@@ -364,13 +363,11 @@ def test_kill9_decode_node(cluster: ChaosCluster, report) -> None:
         outcomes = load.stop()
         row.count(outcomes, fault_at=killed)
         row.recovery_s = recovery(outcomes, killed)
-        failed = [o for o in outcomes if o.kind == "failed"]
         row.figure = f"{streaming:.0f} on decode-1 at the kill"
         assert row.hung == 0, [f"started {o.started - killed:+.1f} s from the kill, first token "
                                f"{'yes' if o.first_token else 'no'}" for o in outcomes if o.kind == "hung"]
-        assert len(failed) <= streaming, f"{len(failed)} failed, {streaming:.0f} were on the killed node"
-        assert all(o.started < killed for o in failed), "a request sent after the kill failed"
-        assert row.error_max_s is None or row.error_max_s < 2.0, f"an error {row.error_max_s:.1f} s after"
+        assert row.failed == 0, [o.error for o in outcomes if o.kind == "failed"][:3]
+        assert slowest(outcomes) <= SLOW_S, f"slowest request {slowest(outcomes):.1f} s"
 
 
 def test_overload_200_concurrent_on_1p1d(cluster: ChaosCluster, report) -> None:

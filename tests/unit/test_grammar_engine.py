@@ -201,3 +201,30 @@ def test_a_grammar_llguidance_refuses_is_an_admission_error(model: LlamaForCausa
     with pytest.raises(AdmissionError, match="regex"):
         engine.add_request("bad", tokenizer.encode("x"), SamplingParams(grammar=GrammarSpec("regex", "a(b")))
     assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("case", ["json_schema", "regex"])
+@pytest.mark.parametrize("split", [1, 5])
+def test_a_migrated_continuation_resumes_the_grammar_where_the_outputs_left_it(
+        model: LlamaForCausalLM, tokenizer: Tokenizer, baseline: dict[str, list[RequestOutput]],
+        case: str, split: int) -> None:
+    """A continuation (the prompt + the first `split` outputs, resumed_output_tokens=split) produces the
+    rest of the single run's output: its matcher starts past the resumed outputs, not at the start."""
+    prompt = tokenizer.encode(CASES[case][0])
+    expected = tokens(baseline[case])
+    p = params(case)
+    resumed = SamplingParams(max_tokens=p.max_tokens - split, temperature=p.temperature, seed=p.seed,
+                             logprobs=p.logprobs, grammar=p.grammar, resumed_output_tokens=split)
+    outputs = run(make_engine(model, None), {"c": ([*prompt, *expected[:split]], resumed)})
+    assert tokens(outputs["c"]) == expected[split:]
+    assert outputs["c"][-1].status == baseline[case][-1].status
+
+
+def test_resumed_outputs_outside_the_grammar_are_an_admission_error(model: LlamaForCausalLM,
+                                                                     tokenizer: Tokenizer) -> None:
+    engine = make_engine(model, None)
+    outside = tokenizer.encode("import")  # no choice starts with it
+    resumed = SamplingParams(max_tokens=8, grammar=CASES["choice"][1], resumed_output_tokens=len(outside))
+    with pytest.raises(AdmissionError, match="grammar"):
+        engine.add_request("c", [*tokenizer.encode("x = "), *outside], resumed)
+    assert not engine.has_unfinished()

@@ -11,6 +11,7 @@ import pytest
 from pdserve.router.admission import Admission, Demand, Overloaded, TooLarge
 from pdserve.router.config import (
     AdmissionConfig,
+    HealthConfig,
     PolicyConfig,
     RegistryConfig,
     RouterConfig,
@@ -120,6 +121,8 @@ def test_config_errors_name_the_field() -> None:
         PolicyConfig(decode="fastest")
     with pytest.raises(RouterConfigError, match="^port"):
         RouterConfig(port=70000, insecure=True)
+    with pytest.raises(RouterConfigError, match="^ping_interval_s .*what nodes accept"):
+        HealthConfig(ping_interval_s=0.05)
 
 
 def test_api_keys_never_show_in_repr_or_errors() -> None:
