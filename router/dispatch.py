@@ -153,8 +153,12 @@ class Dispatcher:
                     if failed_at is not None:
                         seam_s = time.perf_counter() - failed_at
                         self._metrics.migration_latency.observe(seam_s)
-                        log.info("request %s: migration %d resumed %.3f s after the failure",
-                                 original.request_id, migration, seam_s)
+                        # the seam is mostly the continuation's prefill: the first chunk says its parts
+                        t = chunk.timing
+                        log.info("request %s: migration %d resumed %.3f s after the failure; %d tokens "
+                                 "prefilled again: queue %.3f s, prefill %.3f s, KV transfer %.3f s",
+                                 original.request_id, migration, seam_s, len(prepared.prompt_token_ids),
+                                 t.queue_s, t.prefill_s, t.transfer_s)
                         failed_at = None
                     if migration and chunk.HasField("usage"):
                         # the node counts the resumed outputs as prompt; the client, once, as output

@@ -131,12 +131,15 @@ def reference(cluster: ChaosCluster) -> list[Stream]:
     return streams
 
 
-def _migrations(cluster: ChaosCluster, since: int) -> tuple[set[str], list[float]]:
+def _migrations(cluster: ChaosCluster, since: int) -> tuple[set[str], list[tuple[float, int, float]]]:
     """From the router's log after offset `since`: the client response ids of the requests it migrated,
-    and each migration's seam as the router measured it (failure to the continuation's first chunk)."""
+    and per migration the seam as the router measured it (failure to the continuation's first chunk),
+    the tokens prefilled again and the seconds that prefill took."""
     text = cluster.router.log_path.read_text(errors="replace")[since:]
     ids = {f"cmpl-{i}" for i in re.findall(r"request req-(\S+): migration \d+ after", text)}
-    seams = [float(s) for s in re.findall(r"migration \d+ resumed (\S+) s after the failure", text)]
+    seams = [(float(s), int(n), float(p)) for s, n, p in re.findall(
+        r"migration \d+ resumed (\S+) s after the failure; (\d+) tokens prefilled again: queue \S+ s, "
+        r"prefill (\S+) s", text)]
     return ids, seams
 
 
@@ -152,9 +155,12 @@ def check_and_report(row, cluster: ChaosCluster, reference: list[Stream], distur
     row.failed = len(disturbed) - row.ok
     gaps = [s.longest_gap_s for s in migrated]
     if gaps and router_seams:
+        seams, tokens, prefills = zip(*router_seams, strict=True)
         row.figure = (f"{len(migrated)}/{len(disturbed)} migrated; client gap p50 "
                       f"{statistics.median(gaps):.2f} / max {max(gaps):.2f} s, of which after detection p50 "
-                      f"{statistics.median(router_seams):.2f} / max {max(router_seams):.2f} s")
+                      f"{statistics.median(seams):.2f} / max {max(seams):.2f} s; re-prefill p50 "
+                      f"{statistics.median(tokens):.0f} tokens in "
+                      f"{statistics.median(prefills) * 1000:.0f} ms")
     for ref, got in zip(reference, disturbed, strict=True):
         assert got.error is None, got.error
         assert got.text == ref.text, f"{got.response_id}: the text differs from the undisturbed run"
