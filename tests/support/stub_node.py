@@ -29,6 +29,7 @@ from pdserve.node.registry_client import Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2, node_pb2_grpc
 from pdserve.rpc.chunks import merged_chunks
 from pdserve.rpc.convert import tokens_to_proto
+from pdserve.rpc.keepalive import SERVER_OPTIONS
 from pdserve.rpc.registry import HEARTBEAT_PATH, NodeInfo, RegistryAuth, Role
 from pdserve.tests.support.secret import TEST_SECRET
 
@@ -213,7 +214,7 @@ class StubNodeServer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)  # type: ignore[arg-type]
 
     async def _start(self) -> None:
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)  # a real node's keepalive policy
         node_pb2_grpc.add_NodeServicer_to_server(self.servicer, self._server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -261,7 +262,7 @@ class StubNodeServer:
 async def _serve_forever(args: argparse.Namespace) -> None:
     behavior = StubBehavior(tokens=args.tokens, first_token_delay_s=args.first_token_delay)
     servicer = StubNodeServicer(args.node_id, args.role, args.model, behavior)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
