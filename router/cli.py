@@ -46,7 +46,7 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--max-migrations", type=int, default=3,
                    help="times a stream that fails mid-way continues on another node pair")
     p.add_argument("--health-interval", type=float, default=2.0)
-    p.add_argument("--ping-interval", type=float, default=0.5,
+    p.add_argument("--ping-interval", type=float, default=0.25,
                    help="seconds between HTTP/2 pings on a node connection with calls open")
     p.add_argument("--ping-timeout", type=float, default=1.0,
                    help="a node that leaves a ping unanswered this long fails its streams (they migrate)")

@@ -87,7 +87,7 @@ class HealthConfig:
     eject_after: int = 2  # consecutive failed checks before a node gets no traffic
     # HTTP/2 pings on each node connection while it has calls (rpc/keepalive.py): a node that leaves
     # one unanswered for ping_timeout_s fails its streams at once, and they migrate
-    ping_interval_s: float = 0.5
+    ping_interval_s: float = 0.25
     ping_timeout_s: float = 1.0
 
     def __post_init__(self) -> None:

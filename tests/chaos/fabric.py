@@ -81,10 +81,11 @@ class RedisProcess:
 class RouterProcess:
     """`pdserve router` on the host side of the bridge, its log kept for the ejections it reports."""
 
-    def __init__(self, address: str, registry: str, log_path: Path, flags: tuple[str, ...] = ()) -> None:
+    def __init__(self, address: str, registry: str, log_path: Path, flags: tuple[str, ...] = (),
+                 log_level: str = "WARNING") -> None:
         self.address, self.port, self.log_path = address, free_port_on(address), log_path
-        argv = [sys.executable, "-m", "pdserve.cli", "router", "--host", address, "--port", str(self.port),
-                "--registry", registry, *flags]
+        argv = [sys.executable, "-m", "pdserve.cli", "--log-level", log_level, "router", "--host", address,
+                "--port", str(self.port), "--registry", registry, *flags]
         with log_path.open("w") as log:
             env = dict(os.environ, OMP_NUM_THREADS="1")
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
@@ -153,13 +154,14 @@ class ChaosCluster:
 
     @classmethod
     def create(cls, workdir: Path, prefill: list[str], decode: list[str], node_flags: tuple[str, ...] = (),
-               router_flags: tuple[str, ...] = ()) -> ChaosCluster:
+               router_flags: tuple[str, ...] = (), router_log_level: str = "WARNING") -> ChaosCluster:
         cluster = cls(HostNetwork.create([*prefill, *decode]), workdir, node_flags)
         try:
             bridge = cluster.bridge_address
             cluster.redis = RedisProcess(bridge, workdir)
             cluster.redis.start()
-            cluster.router = RouterProcess(bridge, cluster.redis.url, workdir / "router.log", router_flags)
+            cluster.router = RouterProcess(bridge, cluster.redis.url, workdir / "router.log", router_flags,
+                                           router_log_level)
             cluster.start([(name, "prefill") for name in prefill] + [(name, "decode") for name in decode])
             if not cluster.router.wait_usable(len(prefill), len(decode)):
                 raise RuntimeError(f"router never saw every node: {cluster.router.usable_nodes()}\n"
