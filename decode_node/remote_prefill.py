@@ -183,7 +183,8 @@ class RemotePrefill:
                 if time.monotonic() >= deadline:
                     continue  # out of time: fail now, not after a renewal to a peer that may be dead
                 self.endpoint.reservations.renew(request_id, self._reservation_lease_s)
-                renewal = LeaseRenewal(request_id, int(self.config.kv_lease_s * 1000))
+                renewal = LeaseRenewal(request_id, int(self.config.kv_lease_s * 1000),
+                                       reply_to=self.endpoint.address)
                 try:
                     await self._send(pending.peer_address, renewal)
                 except TransferError as exc:

@@ -162,6 +162,8 @@ class PrefillNodeServer(NodeServer):
             job = self.jobs.get(message.request_id)
             if job is not None:
                 job.deadline = time.monotonic() + message.lease_ms / 1000
+            elif self._peers.knows(message.reply_to):  # only peers that sent tasks: no reflection
+                self._tell_unknown(message)
         elif isinstance(message, Malformed):
             self.metrics.kv_failures.labels(reason="malformed").inc()
             log.warning("dropped a malformed data-plane message: %s", message.reason)
@@ -304,6 +306,22 @@ class PrefillNodeServer(NodeServer):
                                                      error_message="prefill lease expired"))
 
     # -- sending -----------------------------------------------------------------------------------------
+
+    def _tell_unknown(self, renewal: LeaseRenewal) -> None:
+        log.warning("renewal for %r, which this node holds no task for: telling %s", renewal.request_id,
+                    renewal.reply_to)
+        self.metrics.kv_failures.labels(reason="unknown_task").inc()
+        answer = FirstToken(renewal.request_id, error_code=ErrorCode.UNKNOWN_TASK,
+                            error_message="the prefill node holds no task for this request: the task or "
+                                          "its first token was lost with a closed connection")
+
+        async def send() -> None:
+            try:
+                await self._peers.send(renewal.reply_to, answer)
+            except TransferError as exc:
+                log.warning("could not tell %s: %s", renewal.reply_to, exc)
+
+        self._loop.create_task(send())
 
     def _send_soon(self, task: PrefillTask, message) -> None:
         """Fire and forget (errors, abort acks): a peer that does not take it is logged, not awaited."""

@@ -56,6 +56,7 @@ class ErrorCode(enum.IntEnum):
     LEASE_EXPIRED = 4  # P dropped the task: its lease ran out without renewal
     INVALID_TASK = 5  # the task does not fit P (KV layout mismatch, too few blocks, too long)
     OVERLOADED = 6  # P refused the task: its queue is full
+    UNKNOWN_TASK = 7  # P holds no task for a renewed request: the task or its FirstToken was lost
 
 
 class KVTarget(msgspec.Struct, frozen=True):
@@ -212,11 +213,19 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
 
 
 class LeaseRenewal(msgspec.Struct, tag="lease_renewal", frozen=True):
-    """D -> P: the request is still wanted; hold the task for `lease_ms` more from receipt."""
+    """D -> P: the request is still wanted; hold the task for `lease_ms` more from receipt.
+
+    A renewal is also D's question "are you still on it?": P answers one for a request it holds no
+    task for with a FirstToken(UNKNOWN_TASK) to `reply_to` (D's data address). A task, or a FirstToken,
+    that was queued on a connection when heartbeats closed it is gone without a trace on either
+    side; without the answer D would wait for it until its prefill timeout. The answer travels behind
+    any FirstToken P sent earlier on the same connection, so it never overtakes a real one.
+    """
 
     request_id: RequestId
     lease_ms: LeaseMs
     auth: MessageAuth | None = None
+    reply_to: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
 WireMessage = PrefillTask | KVChunkHeader | FirstToken | Abort | LeaseRenewal

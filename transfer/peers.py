@@ -138,6 +138,10 @@ class PeerSenders:
             peer = self._peers[address] = Peer(address, self._config, self._on_liveness)
         peer.heard_from()
 
+    def knows(self, address: str) -> bool:
+        """Whether `address` is a peer of this node (it sent something, or was sent to)."""
+        return address in self._peers
+
     def is_down(self, address: str) -> bool:
         peer = self._peers.get(address)
         return peer is not None and peer.down

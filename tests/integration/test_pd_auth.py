@@ -52,7 +52,7 @@ from pdserve.transfer.auth import MessageSigner
 from pdserve.transfer.channel import Outbox, TransferError
 from pdserve.transfer.config import CurveKeys, TransferConfig
 from pdserve.transfer.endpoint import KVEndpoint
-from pdserve.transfer.messages import Abort, FirstToken, KVTarget, PrefillTask
+from pdserve.transfer.messages import Abort, ErrorCode, FirstToken, KVTarget, LeaseRenewal, PrefillTask
 from pdserve.transfer.receiver import ChunkResult
 from pdserve.transfer.transport import local_host_id
 
@@ -186,6 +186,38 @@ def test_a_replayed_task_is_refused_and_writes_nothing(nodes: dict[str, Node], m
         time.sleep(QUIET_S)
         assert events.empty(), f"the replay reached the decode side: {events.get()}"
         assert not pool.array.any(), "a replayed task wrote into the pool"
+    finally:
+        outbox.close()
+        endpoint.close()
+        pool.close()
+
+
+def test_a_renewal_for_a_task_the_prefill_node_does_not_hold_is_answered(nodes: dict[str, Node],
+                                                                        layout: KVCacheSpec) -> None:
+    """A decode node whose task or FirstToken was lost with a closed connection learns it from its next
+    renewal (UNKNOWN_TASK) instead of waiting out its prefill timeout; a renewal naming an address
+    that is not the prefill node's peer gets no answer (no reflection to addresses a signer names)."""
+    prefill = nodes["prefill"]
+    events: queue.Queue[object] = queue.Queue()
+    pool = KVCachePool.create_shared(layout)
+    endpoint = KVEndpoint(pool, TransferConfig(curve=CurveKeys.from_cluster_secret(TEST_SECRET)),
+                          events.put).start()
+    outbox = cluster_outbox(prefill.info["data"])
+    signer = MessageSigner(TEST_SECRET)
+    try:
+        endpoint.reservations.reserve("renewed-0", range(2), 2 * BLOCK_SIZE, lease_s=30.0)
+        outbox.send(signer.sign(task_at(endpoint.target(), "renewed-0", (0, 1))))
+        assert _first_token(events, 30.0).ok  # done: the prefill node holds the task no more
+        # as if that FirstToken had been lost: the decode node still renews
+        outbox.send(signer.sign(LeaseRenewal("renewed-0", 1000, reply_to=endpoint.address)))
+        answer = _first_token(events, 10.0)
+        assert (answer.request_id, answer.error_code) == ("renewed-0", ErrorCode.UNKNOWN_TASK)
+        outbox.send(signer.sign(LeaseRenewal("never-sent", 1000, reply_to=endpoint.address)))
+        assert _first_token(events, 10.0).error_code == ErrorCode.UNKNOWN_TASK
+        outbox.send(signer.sign(LeaseRenewal("never-sent", 1000, reply_to="tcp://10.255.255.1:9")))
+        outbox.send(LeaseRenewal("never-sent", 1000, reply_to=endpoint.address))  # unsigned
+        time.sleep(QUIET_S)
+        assert events.empty(), events.get()
     finally:
         outbox.close()
         endpoint.close()
