@@ -1,13 +1,14 @@
 """Router overhead and request rate, against a stub node that answers instantly.
 
-    python bench/bench_router.py [--requests 300] [--tokens 16] [--rate-seconds 5]
+    python bench/bench_router.py [--requests 300] [--tokens 16] [--rate-seconds 5] [--rate-rounds 1]
 
 Starts a stub node (``pdserve.tests.support.stub_node``) and the router (``pdserve router``, pinned to
 one core) as subprocesses; the stub and this load generator share the other core, so the router's core
 does nothing else. For concurrency 1, 10 and 50 it measures TTFT and end-to-end latency of
 streaming requests through the router (HTTP/SSE) and directly on the node's gRPC Generate, side by
 side in one run; overhead = router median - direct median. Then the router's request rate: as many
-non-streaming requests as it completes per second at concurrency 50. Prints a table and writes
+non-streaming requests as it completes per second at concurrency 50, ``--rate-rounds`` times back to back
+(the medians are reported: on a shared machine one round can be a third off). Prints a table and writes
 bench_out/bench_router.{md,png}.
 
 The HTTP side is a minimal HTTP/1.1 keep-alive client on raw asyncio streams (``_HTTPConnection``):
@@ -203,7 +204,7 @@ def _median_ms(samples: list[Sample], field: str) -> float:
 
 
 async def _bench(router_url: str, router_pid: int, node_address: str,
-                 args: argparse.Namespace) -> tuple[list[dict], Rate]:
+                 args: argparse.Namespace) -> tuple[list[dict], list[Rate]]:
     prompt_ids = Tokenizer.from_dir(default_model_dir()).encode(PROMPT)
     rows = []
     client = _ConnectionPool(router_url)
@@ -221,12 +222,13 @@ async def _bench(router_url: str, router_pid: int, node_address: str,
                 row[f"router_{field}"] = _median_ms(routed, field)
                 row[f"overhead_{field}"] = row[f"router_{field}"] - row[f"direct_{field}"]
             rows.append(row)
-        rate = await _request_rate(client, router_pid, args.rate_seconds, 50, args.tokens)
+        rates = [await _request_rate(client, router_pid, args.rate_seconds, 50, args.tokens)
+                 for _ in range(args.rate_rounds)]
     client.close()
-    return rows, rate
+    return rows, rates
 
 
-def _report(rows: list[dict], rate: Rate, tokens: int) -> str:
+def _report(rows: list[dict], rates: list[Rate], tokens: int) -> str:
     lines = [f"Router overhead, stub node answering at once ({tokens} tokens per request, streaming, "
              "medians, ms)",
              "",
@@ -239,8 +241,13 @@ def _report(rows: list[dict], rate: Rate, tokens: int) -> str:
                      f"{r['router_ttft_s']:.2f} | {r['overhead_ttft_s']:+.2f} | {r['direct_e2e_s']:.2f} | "
                      f"{r['router_e2e_s']:.2f} | "
                      f"{r['overhead_e2e_s']:+.2f} |")
-    lines += ["", f"Router request rate (non-streaming, concurrency 50): **{rate.per_second:.0f} req/s** on "
-              f"the router's core, **{rate.per_cpu_second:.0f} requests per router CPU-second**"]
+    per_second = statistics.median(r.per_second for r in rates)
+    per_cpu_second = statistics.median(r.per_cpu_second for r in rates)
+    lines += ["", f"Router request rate (non-streaming, concurrency 50): **{per_second:.0f} req/s** on "
+              f"the router's core, **{per_cpu_second:.0f} requests per router CPU-second**"]
+    if len(rates) > 1:
+        lines.append(f"(medians of {len(rates)} rounds; per CPU-second: "
+                     f"{', '.join(f'{r.per_cpu_second:.0f}' for r in rates)})")
     return "\n".join(lines)
 
 
@@ -272,11 +279,15 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--rate-seconds", type=float, default=5.0)
+    parser.add_argument("--rate-rounds", type=int, default=1,
+                        help="measure the request rate this many times, back to back (reported: medians)")
     parser.add_argument("--router-cpu", type=int, default=0, help="the core the router is pinned to")
     parser.add_argument("--load-cpu", type=int, default=1, help="the core of the stub node and this client")
     parser.add_argument("--router-workers", type=int, default=1,
                         help="router processes (all on --router-cpu)")
     args = parser.parse_args()
+    if args.rate_rounds < 1:
+        parser.error("--rate-rounds must be >= 1")
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.load_cpu})
     router, router_url = _spawn([sys.executable, "-m", "pdserve.cli", "router", "--port", "0",
@@ -294,13 +305,13 @@ def main() -> int:
                 raise RuntimeError("the router never became ready")
             time.sleep(0.05)
         time.sleep(0.5)  # several workers: every one has read the node's registration
-        rows, rate = uvloop.run(_bench(router_url, router.pid, node_address, args))
+        rows, rates = uvloop.run(_bench(router_url, router.pid, node_address, args))
     finally:
         for proc in (node, router):
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=10)
-    report = _report(rows, rate, args.tokens)
+    report = _report(rows, rates, args.tokens)
     print(report)
     OUT_DIR.mkdir(exist_ok=True)
     (OUT_DIR / "bench_router.md").write_text(report + "\n")

@@ -29,6 +29,8 @@ REPLACEMENT_CHAR = "\ufffd"
 DETOKENIZE_CONTEXT_TOKENS = 5
 # A UTF-8 character spans at most 4 bytes, so a window start inside one is at most 3 tokens late.
 MAX_CONTINUATION_TOKENS = 3
+# texts up to this long are tokenized holding the GIL (Tokenizer.encode): a few microseconds of work
+GIL_HELD_ENCODE_CHARS = 4096
 
 
 _LOSSLESS_PROBE = "a  b\t\n\n  c\u00e9 \u4e2d\u6587 \U0001f600 x=1;  # \u0301e"
@@ -224,7 +226,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # encode_batch releases the GIL while it works (encode does not): a long text tokenized on a
-        # worker thread then never stalls the thread of an event loop (4 MB of text: 8 s)
+        # worker thread then never stalls the thread of an event loop (4 MB of text: 8 s). A short
+        # text holds the GIL for microseconds, less than encode_batch's hand-over to its thread pool.
+        if len(text) <= GIL_HELD_ENCODE_CHARS:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

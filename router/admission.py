@@ -187,6 +187,8 @@ class Admission:
 
     def wake(self) -> None:
         """Admit queued requests that fit now (after a release, or when the cluster grew)."""
+        if not self._waiters:  # the common release: nothing queued, no capacity to work out
+            return
         capacity = self._capacity()
         while self._waiters and self._fits(self._waiters[0][0], capacity):
             demand, waiter = self._waiters.popleft()

@@ -61,7 +61,7 @@ from pdserve.router.registry import Registry
 from pdserve.router.responses import DONE_EVENT, ResponseBuilder, gather_or_cancel, sse
 from pdserve.router.tool_calls import make_tool_call_parser
 from pdserve.rpc import node_pb2
-from pdserve.rpc.auth import token_interceptors
+from pdserve.rpc.auth import call_metadata
 from pdserve.rpc.registry import HEARTBEAT_PATH, NODES_PATH, REMOVAL_HEADER, RegistryAuthError
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; nobody receives it
@@ -93,7 +93,7 @@ def build_state(config: RouterConfig, registry: Registry, tokenizer: Tokenizer |
     pool = NodePool(registry, config.model_name, config.health,
                     build_policy(config.policy.prefill, config.policy, policy_seed),
                     build_policy(config.policy.decode, config.policy, policy_seed), metrics,
-                    token_interceptors(config.cluster_secret))
+                    call_metadata(config.cluster_secret))
     admission = Admission(config.admission, lambda: cluster_capacity(
         pool, config.policy.block_size, shared, config.admission.kv_overcommit))
     preparer = Preparer(tokenizer, config.model_name, max_len, make_tool_call_parser(config.tool_call_parser))

@@ -11,6 +11,7 @@ from contextlib import aclosing
 from typing import TypeVar
 
 import anyio
+from prometheus_client import Counter
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -70,6 +71,7 @@ class GateMiddleware:
         self._api_keys = api_keys
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
+        self._requests_by_status: dict[int, Counter] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,7 +112,14 @@ class GateMiddleware:
                 status.append(413)
         finally:
             if path.startswith("/v1/") and scope["method"] == "POST":
-                self._metrics.requests.labels(str(status[0]) if status else "499").inc()
+                self._count(status[0] if status else 499)
+
+    def _count(self, status: int) -> None:
+        # the labelled child, kept: labels() takes a lock and builds its key on every call
+        counter = self._requests_by_status.get(status)
+        if counter is None:
+            counter = self._requests_by_status[status] = self._metrics.requests.labels(str(status))
+        counter.inc()
 
 
 class SSEResponse(Response):
@@ -157,16 +166,33 @@ async def wait_disconnect(receive: Receive) -> None:
 
 
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """``work``'s result, or ClientGone (with ``work`` cancelled) if the client disconnects first."""
-    task: asyncio.Task[T] = asyncio.ensure_future(work)
+    """``work``'s result, or ClientGone (with ``work`` cancelled) if the client disconnects first.
+
+    ``work`` runs in the calling task; a watcher task cancels that task when the client goes. One
+    task per request rather than two: this wraps every non-streaming request."""
+    current = asyncio.current_task()
+    assert current is not None
+    watching = True
+    gone = False
+
+    def on_disconnect(watch: asyncio.Task[None]) -> None:
+        nonlocal gone
+        # a late callback (the watcher finished as work did) must not cancel whatever runs next
+        if watching and not watch.cancelled() and watch.exception() is None:
+            gone = True
+            current.cancel()
+
     watch = asyncio.create_task(wait_disconnect(receive))
+    watch.add_done_callback(on_disconnect)
     try:
-        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also on our own cancellation
+        result = await work
+    except asyncio.CancelledError:
+        if gone and current.uncancel() == 0:  # our cancellation alone, not the server's too
+            raise ClientGone from None
+        raise
+    finally:
+        watching = False
         watch.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(watch, task, return_exceptions=True)
-    if task not in done:
-        raise ClientGone
-    return task.result()
+    if gone:  # work finished despite the cancellation: take it back
+        current.uncancel()
+    return result

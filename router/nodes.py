@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Gauge
 
 from pdserve.router.config import HealthConfig
 from pdserve.router.metrics import RouterMetrics
@@ -57,19 +58,33 @@ class _NodeState:
     unreachable_peers: frozenset[str] = frozenset()
 
 
+class NodeClient:
+    """A node's Generate and Stats calls, each carrying the cluster credential (rpc.auth.call_metadata)."""
+
+    def __init__(self, stub: node_pb2_grpc.NodeStub, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._stub = stub
+        self._metadata = metadata or None
+
+    def Generate(self, request: node_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:  # noqa: N802 - the RPC's name
+        return self._stub.Generate(request, metadata=self._metadata)
+
+    def Stats(self, request: node_pb2.StatsRequest, timeout: float) -> grpc.aio.UnaryUnaryCall:  # noqa: N802
+        return self._stub.Stats(request, timeout=timeout, metadata=self._metadata)
+
+
 @dataclass
 class _Channel:
     channel: grpc.aio.Channel
-    node: node_pb2_grpc.NodeStub
+    node: NodeClient
     health: health_pb2_grpc.HealthStub
 
 
 class NodePool:
     def __init__(self, registry: Registry, model_name: str, health: HealthConfig,
                  prefill_policy: Policy, decode_policy: Policy, metrics: RouterMetrics,
-                 interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
+                 call_metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self._registry = registry
-        self._interceptors = list(interceptors)  # the cluster credential on every call (rpc.auth)
+        self._call_metadata = call_metadata  # the cluster credential on every call (rpc.auth)
         self._model_name = model_name
         self._health = health
         self._prefill_policy = prefill_policy
@@ -80,6 +95,7 @@ class NodePool:
         self._task: asyncio.Task[None] | None = None
         self._broken_pairs: dict[tuple[str, str], float] = {}  # (decode, prefill) -> avoided until, monotonic
         self._suspect_checks: set[asyncio.Task[None]] = set()
+        self._inflight_gauges: dict[tuple[str, str], Gauge] = {}
 
     # ---- views
     def _state(self, node_id: str) -> _NodeState:
@@ -177,12 +193,20 @@ class NodePool:
     def begin(self, route: Route) -> None:
         for node in route.nodes:
             self._state(node.node_id).inflight += 1
-            self._metrics.node_inflight.labels(node.node_id, node.role).inc()
+            self._inflight_gauge(node).inc()
 
     def end(self, route: Route) -> None:
         for node in route.nodes:
             self._state(node.node_id).inflight -= 1
-            self._metrics.node_inflight.labels(node.node_id, node.role).dec()
+            self._inflight_gauge(node).dec()
+
+    def _inflight_gauge(self, node: NodeInfo) -> Gauge:
+        # the labelled child, kept: labels() takes a lock and builds its key on every call
+        key = (node.node_id, node.role)
+        gauge = self._inflight_gauges.get(key)
+        if gauge is None:
+            gauge = self._inflight_gauges[key] = self._metrics.node_inflight.labels(*key)
+        return gauge
 
     def eject(self, node_id: str, why: str) -> None:
         """Out of rotation now (the request path saw it fail); the next passing health check re-admits."""
@@ -210,13 +234,13 @@ class NodePool:
             # no proxies: node addresses are internal, and an env proxy would add a hop to every token
             options = [("grpc.enable_http_proxy", 0),
                        *client_options(self._health.ping_interval_s, self._health.ping_timeout_s)]
-            channel = grpc.aio.insecure_channel(address, options=options,
-                                                interceptors=self._interceptors or None)
-            entry = _Channel(channel, node_pb2_grpc.NodeStub(channel), health_pb2_grpc.HealthStub(channel))
+            channel = grpc.aio.insecure_channel(address, options=options)
+            entry = _Channel(channel, NodeClient(node_pb2_grpc.NodeStub(channel), self._call_metadata),
+                             health_pb2_grpc.HealthStub(channel))
             self._channels[address] = entry
         return entry
 
-    def stub(self, node: NodeInfo) -> node_pb2_grpc.NodeStub:
+    def stub(self, node: NodeInfo) -> NodeClient:
         return self._channel(node.grpc_address).node
 
     # ---- health checks
@@ -278,6 +302,8 @@ class NodePool:
     async def _forget_absent(self, live_ids: set[str], live_addresses: set[str]) -> None:
         for node_id in [i for i, s in self._states.items() if i not in live_ids and s.inflight == 0]:
             del self._states[node_id]
+        for key in [k for k in self._inflight_gauges if k[0] not in self._states]:
+            del self._inflight_gauges[key]
         for address in [a for a in self._channels if a not in live_addresses]:
             # in-flight calls to a node that left the registry keep their channel until the next pass
             if not any(s.inflight for s in self._states.values()):

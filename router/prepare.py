@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import os
+import secrets
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -456,12 +457,17 @@ class Preparer:
         even when the client asked for none (the response then shows none)."""
         budget = self._context_budget(len(token_ids), max_tokens)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        temperature = 1.0 if req.temperature is None else req.temperature
+        seed = choice_seed(req.seed, choice)
+        if seed is None and temperature != 0.0:
+            # a sampled request's seed, drawn once here: a migrated continuation draws the same numbers
+            # (router/dispatch.py), and the request is built once instead of copied with it later
+            seed = secrets.randbits(63)
         try:
             sampling = SamplingParams(
-                max_tokens=budget, min_tokens=min(req.min_tokens, budget),
-                temperature=1.0 if req.temperature is None else req.temperature,
+                max_tokens=budget, min_tokens=min(req.min_tokens, budget), temperature=temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0, seed=choice_seed(req.seed, choice),
+                top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0, seed=seed,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 stop_token_ids=tuple(req.stop_token_ids or ()), stop=stop, ignore_eos=req.ignore_eos,

@@ -14,7 +14,7 @@ from tokenizers import decoders, normalizers, pre_tokenizers, processors, traine
 from tokenizers.models import Unigram
 
 from pdserve.models.loader import default_model_dir
-from pdserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.models.tokenizer import GIL_HELD_ENCODE_CHARS, IncrementalDetokenizer, Tokenizer
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -113,6 +113,18 @@ def test_encode_decode_match_transformers(both) -> None:
             assert ids == hf.encode(text, add_special_tokens=add_special), text
             for skip in (True, False):
                 assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+def test_short_and_long_texts_encode_alike(both) -> None:
+    """Texts up to GIL_HELD_ENCODE_CHARS take the GIL-holding path, longer ones encode_batch: a text on
+    either side of the limit encodes as transformers does."""
+    ours, hf = both
+    sentence = " ".join(SENTENCES) + " "
+    for length in (GIL_HELD_ENCODE_CHARS, GIL_HELD_ENCODE_CHARS + 1):
+        text = (sentence * (length // len(sentence) + 1))[:length]
+        for add_special in (True, False):
+            assert ours.encode(text, add_special_tokens=add_special) == hf.encode(
+                text, add_special_tokens=add_special)
 
 
 def test_special_tokens_in_text_are_single_ids(both) -> None:

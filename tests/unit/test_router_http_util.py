@@ -1,0 +1,102 @@
+"""``unless_disconnected``: the request's work against its client's disconnect, in one task."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pdserve.router.http_util import ClientGone, unless_disconnected
+
+
+class _Client:
+    """An ASGI receive: the request body, then http.disconnect once ``leave`` is called."""
+
+    def __init__(self) -> None:
+        self._gone = asyncio.Event()
+
+    def leave(self) -> None:
+        self._gone.set()
+
+    async def receive(self) -> dict[str, object]:
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+
+async def _left_over_cancellations() -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    return task.cancelling()
+
+
+def test_work_result_returns_and_leaves_the_task_uncancelled() -> None:
+    async def main() -> tuple[str, int]:
+        client = _Client()
+
+        async def work() -> str:
+            await asyncio.sleep(0.01)
+            return "done"
+
+        result = await unless_disconnected(client.receive, work())
+        client.leave()  # after the work: nothing may cancel the task now
+        await asyncio.sleep(0.01)
+        return result, await _left_over_cancellations()
+
+    assert asyncio.run(main()) == ("done", 0)
+
+
+def test_a_disconnect_cancels_the_work_and_raises_client_gone() -> None:
+    async def main() -> tuple[bool, int]:
+        client = _Client()
+        cancelled = False
+
+        async def work() -> str:
+            nonlocal cancelled
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
+            return "never"
+
+        asyncio.get_running_loop().call_later(0.01, client.leave)
+        with pytest.raises(ClientGone):
+            await unless_disconnected(client.receive, work())
+        await asyncio.sleep(0)  # the task goes on awaiting after ClientGone
+        return cancelled, await _left_over_cancellations()
+
+    assert asyncio.run(main()) == (True, 0)
+
+
+def test_work_that_ends_despite_the_disconnect_returns_its_result() -> None:
+    async def main() -> tuple[str, int]:
+        client = _Client()
+
+        async def work() -> str:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                return "finished anyway"
+            return "never"
+
+        asyncio.get_running_loop().call_later(0.01, client.leave)
+        result = await unless_disconnected(client.receive, work())
+        await asyncio.sleep(0)
+        return result, await _left_over_cancellations()
+
+    assert asyncio.run(main()) == ("finished anyway", 0)
+
+
+def test_a_cancellation_from_outside_propagates() -> None:
+    async def main() -> bool:
+        client = _Client()
+        outer = asyncio.create_task(unless_disconnected(client.receive, asyncio.sleep(10)))
+        await asyncio.sleep(0.01)
+        outer.cancel()
+        try:
+            await outer
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(main())
