@@ -106,7 +106,7 @@ class RemotePrefill:
     def start(self, pool_names: list[str]) -> str:
         """Serve the data plane for the engine's shared pools (one per rank, rank 0 first)."""
         self._loop = asyncio.get_running_loop()
-        self.pool = KVRankPools.attach(self.kv_spec, pool_names)
+        self.pool = KVRankPools.attach(self.kv_spec, pool_names).prefault()
         self.endpoint = KVEndpoint(self.pool, self.transfer, self._from_inbox_thread).start()
         self._sweeper = self._loop.create_task(self._sweep_expired())
         return self.endpoint.address

@@ -98,7 +98,7 @@ class PrefillNodeServer(NodeServer):
     async def start_data_plane(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.kv_spec, names = self.engine_kv_pools()
-        self.pool = KVRankPools.attach(self.kv_spec, names)
+        self.pool = KVRankPools.attach(self.kv_spec, names).prefault()
         dispatcher = InboxDispatcher(self._from_inbox_thread, receiver=None)
         self._inbox = Inbox(self.transfer, dispatcher, MAX_MESSAGE_BYTES).start()
         host = self.transfer.advertise_host or self.transfer.bind_host
