@@ -1,17 +1,14 @@
 """The decode node's side of PD: reserve blocks, hand the prompt to a prefill node, take its KV, and
 hand the engine the first token.
 
-    Generate -> engine ReserveRequest, and at once PrefillTask to P (our data address, a lease; renewed
-                while waiting): P prefills while our engine reserves
-             -> KVReserved(block ids) -> reservation in the KV endpoint -> ReservedBlocks to P
+    Generate -> engine ReserveRequest -> KVReserved(block ids) -> reservation in the KV endpoint
+             -> PrefillTask to P (our block ids, our data address, a lease; renewed while waiting)
              <- KV chunks (zmq frames, or in-place notices after P wrote our shared pool)
              <- FirstToken, strictly after the last chunk (same connection)
              -> engine RemoteKVReady(first token, drafts): the request decodes on here.
 
 Abort while P works: tell P, and free our blocks only once P confirms (or a grace period passed) —
-a same-host copy already under way writes into our pool whatever we do. A reservation our engine
-refuses (no room: KV_CAPACITY, or never servable) aborts P's task the same way; P has no blocks of
-ours to write into, so it only drops its prefill and frees its own blocks.
+a same-host copy already under way writes into our pool whatever we do.
 
 Liveness: our connection to each prefill peer runs heartbeats (transfer/channel.py). When it goes
 down (P killed, or cut off), every request waiting on that peer fails at once with
@@ -37,7 +34,7 @@ from pdserve.transfer.auth import MessageSigner
 from pdserve.transfer.channel import TransferError
 from pdserve.transfer.endpoint import KVEndpoint, Malformed
 from pdserve.transfer.head_shards import KVRankPools
-from pdserve.transfer.messages import Abort, FirstToken, LeaseRenewal, PrefillTask, ReservedBlocks
+from pdserve.transfer.messages import Abort, FirstToken, LeaseRenewal, PrefillTask
 from pdserve.transfer.peers import PeerSenders
 from pdserve.transfer.receiver import ChunkResult
 from pdserve.transfer.reservations import KVReservations
@@ -128,20 +125,17 @@ class RemotePrefill:
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams, peer_address: str,
                       num_extra_tokens: int) -> tuple[RequestHandle, FirstToken]:
         """Reserve blocks, have the peer fill them; returns the engine handle (now decoding) and the
-        peer's first token. Raises RemotePrefillError; on any failure our blocks are freed and the
-        peer's task aborted.
-
-        The task goes to the peer while our engine reserves (it needs no block ids), so the peer's
-        prefill overlaps that round trip; the blocks follow in a ReservedBlocks message, and the peer
-        writes nothing before it has them."""
+        peer's first token. Raises RemotePrefillError; on any failure our blocks are freed."""
         handle = self.bridge.reserve(request_id, prompt, params, num_extra_tokens)
         pending = PendingPrefill(self._loop.create_future(), peer_address=peer_address)
         self._pending[request_id] = pending
         try:
+            block_ids = await self._reserved_blocks(handle)
+            self.endpoint.reservations.reserve(request_id, block_ids, len(prompt), self._reservation_lease_s)
             task = PrefillTask(
                 request_id=request_id, prompt_token_ids=tuple(prompt), sampling=params,
-                decode_node_id=self.config.node_id, kv_target=self.endpoint.target(),
-                lease_ms=int(self.config.kv_lease_s * 1000),
+                block_ids=tuple(block_ids), decode_node_id=self.config.node_id,
+                kv_target=self.endpoint.target(), lease_ms=int(self.config.kv_lease_s * 1000),
             )
             try:
                 await self._send(peer_address, task)
@@ -150,15 +144,7 @@ class RemotePrefill:
                 raise RemotePrefillError(f"prefill node {peer_address} is unreachable: {exc}",
                                          pb.CAUSE_PREFILL_PEER_UNREACHABLE) from exc
             pending.task_sent = True
-            block_ids = await self._reserved_blocks(handle)
-            self.endpoint.reservations.reserve(request_id, block_ids, len(prompt), self._reservation_lease_s)
-            blocks = ReservedBlocks(request_id, tuple(block_ids), self.config.node_id)
-            try:
-                await self._send(peer_address, blocks)
-            except TransferError as exc:
-                raise RemotePrefillError(f"prefill node {peer_address} stopped taking messages: {exc}",
-                                         pb.CAUSE_PREFILL_PEER_UNREACHABLE) from exc
-            if self._peers.is_down(peer_address):  # lost between the sends and now: no event will come
+            if self._peers.is_down(peer_address):  # lost between the send and now: no event will come
                 self._fail_waiting_on(peer_address)
             first = await self._await_first_token(request_id, pending)
             self._check_complete(request_id)
@@ -219,8 +205,6 @@ class RemotePrefill:
 
     async def abandon(self, request_id: str, handle: RequestHandle, pending: PendingPrefill | None) -> None:
         """Stop the peer, wait for it to confirm (bounded), then free our blocks."""
-        if pending is not None and pending.first_token.done() and not pending.first_token.cancelled():
-            pending.first_token.exception()  # the peer's failure may land while we wait on our engine
         if pending is not None and pending.peer_address:
             try:
                 # One bound for send and confirmation: a send to a dead peer blocks until the send
@@ -303,7 +287,7 @@ class RemotePrefill:
             self.metrics.kv_failures.labels(reason="malformed").inc()
             log.warning("dropped a malformed data-plane message: %s", event.reason)
 
-    async def _send(self, address: str, message: PrefillTask | ReservedBlocks | LeaseRenewal | Abort) -> None:
+    async def _send(self, address: str, message: PrefillTask | LeaseRenewal | Abort) -> None:
         if self._signer is not None:  # signed per send: each carries a fresh nonce and expiry
             message = self._signer.sign(message)
         await self._peers.send(address, message)

@@ -1,9 +1,6 @@
 """The prefill node: takes PrefillTasks from decode nodes, prefills, and pushes the KV into the decode
 node's reserved blocks chunk by chunk while prefill continues; the FirstToken (token id, raw logprob,
-rank, top-k) follows the request's last KV chunk on the same connection. The decode node sends the
-task while its engine reserves those blocks and names them in a `ReservedBlocks` message right after:
-the prefill starts at once, and the first push waits for the blocks (they come within a round trip
-of the decode node's engine, well before a prefill step ends).
+rank, top-k) follows the request's last KV chunk on the same connection.
 
 Every send (KV chunks, FirstToken, Abort acks) to a decode peer goes through that peer's own thread:
 ZMQ sockets belong to one thread, a memcpy of a large chunk must not stall the event loop (gRPC,
@@ -45,7 +42,6 @@ from pdserve.transfer.messages import (
     LeaseRenewal,
     PrefillTask,
     PrefillTimings,
-    ReservedBlocks,
 )
 from pdserve.transfer.peers import Peer, PeerSenders
 from pdserve.transfer.transport import KVChunker, check_compatible, choose_transport, local_host_id
@@ -56,9 +52,6 @@ DELIVERY_TIMEOUT_S = 30.0  # a KV chunk's frames not released by libzmq by then:
 DELIVERY_POLL_S = 0.1  # how often a delivery wait checks that its peer is still up
 POOL_SWEEP_S = 2.0  # how often pools of exited decode peers are looked for and unmapped
 PEER_FORGET_S = 60.0  # a decode peer down this long is closed
-
-
-SIGNED_MESSAGES = (PrefillTask, ReservedBlocks, LeaseRenewal, Abort)  # from decode nodes (transfer/auth.py)
 
 
 class PrefillFailed(Exception):
@@ -72,7 +65,6 @@ class PrefillJob:
     task: PrefillTask
     received_at: float
     deadline: float  # lease: dropped unless renewed (monotonic seconds)
-    blocks: asyncio.Future[tuple[int, ...]]  # the decode node's blocks (ReservedBlocks), checked
     handle: RequestHandle | None = None
     aborted: bool = False
     started_at: float = 0.0
@@ -150,7 +142,7 @@ class PrefillNodeServer(NodeServer):
 
     def _from_inbox_thread(self, event) -> None:
         """Checks signatures here, on the inbox thread: nothing unverified reaches the event loop."""
-        if self._verifier is not None and isinstance(event, SIGNED_MESSAGES):
+        if self._verifier is not None and isinstance(event, (PrefillTask, LeaseRenewal, Abort)):
             reject = self._verifier.check(event)
             if reject is not None:
                 self.metrics.auth_rejections.labels(channel="data_plane", reason=reject).inc()
@@ -161,8 +153,6 @@ class PrefillNodeServer(NodeServer):
     def _on_message(self, message) -> None:
         if isinstance(message, PrefillTask):
             self._accept(message)
-        elif isinstance(message, ReservedBlocks):
-            self._take_blocks(message)
         elif isinstance(message, Abort):
             job = self.jobs.get(message.request_id)
             if job is not None:
@@ -183,25 +173,10 @@ class PrefillNodeServer(NodeServer):
         if task.request_id in self.jobs:
             log.warning("duplicate PrefillTask %s ignored", task.request_id)
             return
-        job = PrefillJob(task, received_at=now, deadline=now + task.lease_ms / 1000,
-                         blocks=self._loop.create_future())
+        job = PrefillJob(task, received_at=now, deadline=now + task.lease_ms / 1000)
         self.jobs[task.request_id] = job
         self._peers.heard_from(task.kv_target.address)
         job.runner = self._loop.create_task(self._run(job))
-
-    def _take_blocks(self, message: ReservedBlocks) -> None:
-        job = self.jobs.get(message.request_id)
-        if job is None or job.aborted:
-            log.info("ReservedBlocks for %s, which has no live task here: ignored", message.request_id)
-            return
-        if job.blocks.done():
-            log.warning("duplicate ReservedBlocks for %s ignored", message.request_id)
-            return
-        problem = job.task.blocks_problem(message)
-        if problem is not None:
-            job.blocks.set_exception(PrefillFailed(ErrorCode.INVALID_TASK, f"ReservedBlocks: {problem}"))
-        else:
-            job.blocks.set_result(message.block_ids)
 
     # -- one request -----------------------------------------------------------------------------------
 
@@ -211,9 +186,11 @@ class PrefillNodeServer(NodeServer):
             if self.draining:
                 raise PrefillFailed(ErrorCode.OVERLOADED, f"prefill node {self.config.node_id} is draining")
             kind = self._transport_for(task)
+            chunker = KVChunker(task.request_id, task.block_ids, len(task.prompt_token_ids),
+                                self.kv_spec.num_layers, self.kv_spec.block_size)
             job.handle = self._submit(task)
             job.started_at = time.monotonic()
-            await self._prefill_and_push(job, kind)
+            await self._prefill_and_push(job, kind, chunker)
             self.metrics.outcome("prefilled")
         except PrefillFailed as exc:
             self._fail(job, exc.code, str(exc))
@@ -224,8 +201,6 @@ class PrefillNodeServer(NodeServer):
             if job.handle is not None:
                 self.bridge.release_prefilled(job.handle)
             self.jobs.pop(task.request_id, None)
-            if job.blocks.done() and not job.blocks.cancelled():
-                job.blocks.exception()  # bad blocks that arrived after the job ended: nothing to report
 
     def _submit(self, task: PrefillTask) -> RequestHandle:
         try:
@@ -233,19 +208,17 @@ class PrefillNodeServer(NodeServer):
         except EngineError as exc:
             raise PrefillFailed(ErrorCode.PREFILL_FAILED, str(exc)) from exc
 
-    async def _prefill_and_push(self, job: PrefillJob, kind: str) -> None:
+    async def _prefill_and_push(self, job: PrefillJob, kind: str, chunker: KVChunker) -> None:
         """Follow the engine's progress, pushing each newly computed span. The engine reports the last
         chunk's progress right before the output with the first token: that span and the FirstToken go
         out together, in one job on the peer's thread."""
         last_span: PrefillProgress | None = None
-        chunker: KVChunker | None = None  # once the decode node's blocks are known
         while True:
             item = await job.handle.items.get()
             if job.aborted:
                 raise PrefillFailed(ErrorCode.ABORTED, "aborted")
             if isinstance(item, PrefillProgress):
                 if item.num_computed_tokens < len(job.task.prompt_token_ids):
-                    chunker = chunker or await self._chunker(job)
                     await self._push(job, kind, chunker, item.block_ids, item.num_computed_tokens)
                 else:
                     last_span = item
@@ -254,24 +227,12 @@ class PrefillNodeServer(NodeServer):
             elif item.status is RequestStatus.FINISHED_PREFILLED:
                 if last_span is None:
                     raise PrefillFailed(ErrorCode.PREFILL_FAILED, "first token before the prompt's last KV")
-                chunker = chunker or await self._chunker(job)
                 await self._push(job, kind, chunker, last_span.block_ids, last_span.num_computed_tokens,
                                  then=item)
                 return
             else:
                 # PREEMPTED: blocks already pushed may have been reused; ABORTED/ERROR: gone.
                 raise PrefillFailed(ErrorCode.PREFILL_FAILED, f"prefill {item.status.name.lower()}")
-
-    async def _chunker(self, job: PrefillJob) -> KVChunker:
-        """The request's chunker, once the decode node named its blocks (an abort ends the wait)."""
-        try:
-            block_ids = await job.blocks
-        except asyncio.CancelledError:
-            if job.aborted:
-                raise PrefillFailed(ErrorCode.ABORTED, "aborted") from None
-            raise
-        return KVChunker(job.task.request_id, block_ids, len(job.task.prompt_token_ids),
-                         self.kv_spec.num_layers, self.kv_spec.block_size)
 
     async def _push(self, job: PrefillJob, kind: str, chunker: KVChunker, block_table: list[int],
                     token_end: int, then: RequestOutput | None = None) -> None:
@@ -308,7 +269,6 @@ class PrefillNodeServer(NodeServer):
 
     def _abort_job(self, job: PrefillJob, reason: str) -> None:
         job.aborted = True
-        job.blocks.cancel()  # a push waiting for the decode node's blocks stops waiting
         if job.handle is not None:
             self.bridge.abort(job.handle)
             job.handle.items.put_nowait(EngineGone(reason))  # wake the runner

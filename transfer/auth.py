@@ -1,14 +1,12 @@
 """Signed decode -> prefill messages: a prefill node acts only on what a decode node of the cluster
 sent, once.
 
-A decode node signs every `PrefillTask`, `ReservedBlocks`, `LeaseRenewal` and `Abort` it sends
-(`MessageSigner.sign`): a fresh random nonce, an expiry, and an HMAC-SHA256 over the whole message
-(request id, prompt, sampling, block ids, KV target with its shared-pool name, decode node id, lease,
-nonce, expiry) under a key derived from the cluster secret. The prefill node checks each one
-(`MessageVerifier.check`) before it schedules or writes anything: a missing or wrong MAC, an expired
-message, one that claims to live longer than any genuine one, and a nonce already seen are refused
-with a reason to count. A prefill node writes a decode node's blocks only when both the task and
-the `ReservedBlocks` naming them passed these checks.
+A decode node signs every `PrefillTask`, `LeaseRenewal` and `Abort` it sends (`MessageSigner.sign`):
+a fresh random nonce, an expiry, and an HMAC-SHA256 over the whole message (request id, prompt,
+sampling, block ids, KV target with its shared-pool name, decode node id, lease, nonce, expiry) under
+a key derived from the cluster secret. The prefill node checks each one (`MessageVerifier.check`)
+before it schedules or writes anything: a missing or wrong MAC, an expired message, one that claims
+to live longer than any genuine one, and a nonce already seen are refused with a reason to count.
 
 Seen nonces are kept until their message expires (plus the allowed clock skew), so the set is
 bounded by the rate of genuine messages times their validity; past `max_nonces` new messages are
@@ -27,11 +25,11 @@ from typing import TypeVar
 import msgspec
 
 from pdserve.common.secret import ClusterSecret, mac, mac_matches
-from pdserve.transfer.messages import Abort, LeaseRenewal, MessageAuth, PrefillTask, ReservedBlocks
+from pdserve.transfer.messages import Abort, LeaseRenewal, MessageAuth, PrefillTask
 
 NONCE_BYTES = 16
-SignedMessage = PrefillTask | ReservedBlocks | LeaseRenewal | Abort
-M = TypeVar("M", PrefillTask, ReservedBlocks, LeaseRenewal, Abort)
+SignedMessage = PrefillTask | LeaseRenewal | Abort
+M = TypeVar("M", PrefillTask, LeaseRenewal, Abort)
 _PURPOSE = "data-plane-messages"
 
 

@@ -22,7 +22,7 @@ from pdserve.common.kv_cache import KVCacheSpec
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.tokens import NO_TOKENS, SampledTokens
 
-WIRE_VERSION = 4
+WIRE_VERSION = 3
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 1M-token PrefillTask is ~5 MB of msgpack
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_BLOCKS = 1 << 20
@@ -94,42 +94,27 @@ class MessageAuth(msgspec.Struct, frozen=True):
 
 
 class PrefillTask(msgspec.Struct, tag="prefill_task", frozen=True):
-    """D -> P: prefill this prompt. Its KV goes into the blocks a `ReservedBlocks` message names: D
-    sends the task while its engine reserves them, so the prefill computes during that round trip."""
+    """D -> P: prefill this prompt and write its KV into my blocks `block_ids` (in token order)."""
 
     request_id: RequestId
     prompt_token_ids: Annotated[tuple[TokenId, ...], msgspec.Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)]
     sampling: SamplingParams
+    block_ids: Annotated[tuple[BlockId, ...], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
     decode_node_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     kv_target: KVTarget
     lease_ms: LeaseMs  # P drops the task this long after receiving it unless a LeaseRenewal arrives
     num_draft_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_DRAFT_TOKENS)] = 0  # MTP drafts wanted
     auth: MessageAuth | None = None  # the decode node's signature (None only in an insecure cluster)
 
-    def blocks_problem(self, blocks: ReservedBlocks) -> str | None:
-        """Why `blocks` cannot hold this task's KV (None when they can)."""
-        if blocks.decode_node_id != self.decode_node_id:
-            return f"blocks from {blocks.decode_node_id!r} for a task of {self.decode_node_id!r}"
-        needed = -(-len(self.prompt_token_ids) // self.kv_target.layout.block_size)
-        if len(blocks.block_ids) < needed:
-            return f"{len(blocks.block_ids)} blocks where the prompt needs {needed}"
-        if max(blocks.block_ids) >= self.kv_target.layout.num_blocks:
-            return f"block ids must be < {self.kv_target.layout.num_blocks} (the target pool's blocks)"
-        return None
-
-
-class ReservedBlocks(msgspec.Struct, tag="reserved_blocks", frozen=True):
-    """D -> P: the blocks D's engine reserved for the task's KV, in token order. P writes nothing for
-    a task before they arrive (and checks them against the task: `PrefillTask.blocks_problem`)."""
-
-    request_id: RequestId
-    block_ids: Annotated[tuple[BlockId, ...], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
-    decode_node_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    auth: MessageAuth | None = None
-
     def __post_init__(self) -> None:
         if len(set(self.block_ids)) != len(self.block_ids):
-            raise ValueError("ReservedBlocks.block_ids must be distinct")
+            raise ValueError("PrefillTask.block_ids must be distinct")
+        needed = -(-len(self.prompt_token_ids) // self.kv_target.layout.block_size)
+        if len(self.block_ids) < needed:
+            raise ValueError(f"PrefillTask.block_ids has {len(self.block_ids)} blocks, "
+                             f"the prompt needs {needed}")
+        if max(self.block_ids) >= self.kv_target.layout.num_blocks:
+            raise ValueError("PrefillTask.block_ids must be < kv_target.layout.num_blocks")
 
 
 class KVChunkHeader(msgspec.Struct, tag="kv_chunk", frozen=True):
@@ -234,7 +219,7 @@ class LeaseRenewal(msgspec.Struct, tag="lease_renewal", frozen=True):
     auth: MessageAuth | None = None
 
 
-WireMessage = PrefillTask | ReservedBlocks | KVChunkHeader | FirstToken | Abort | LeaseRenewal
+WireMessage = PrefillTask | KVChunkHeader | FirstToken | Abort | LeaseRenewal
 
 
 class WireCodec:

@@ -48,7 +48,7 @@ from pdserve.tests.support.cluster import Node, generate, sampling, tokenizer, w
 from pdserve.tests.support.secret import TEST_SECRET, secret_flags
 from pdserve.transfer.channel import Outbox
 from pdserve.transfer.config import CurveKeys, TransferConfig
-from pdserve.transfer.messages import KVTarget, PrefillTask, ReservedBlocks, WireCodec
+from pdserve.transfer.messages import KVTarget, PrefillTask, WireCodec
 from pdserve.transfer.transport import local_host_id
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
@@ -143,18 +143,16 @@ def _pool_digest(node: Node) -> str:
     return hashlib.sha256(Path("/dev/shm", node.pool_name).read_bytes()).hexdigest()
 
 
-def _forged_task(decode: Node, request_id: str, prompt_ids: list[int],
-                 first_block: int = 0) -> tuple[PrefillTask, ReservedBlocks]:
-    """A schema-valid PrefillTask aimed at `decode`'s pool and the blocks it names, built only from what
-    the registry publishes."""
+def _forged_task(decode: Node, request_id: str, prompt_ids: list[int], first_block: int = 0) -> PrefillTask:
+    """A schema-valid PrefillTask aimed at `decode`'s pool, built only from what the registry publishes."""
     layout = kv_spec_for_model(ModelConfig.from_dir(default_model_dir()), NUM_BLOCKS, 16)
     needed = -(-len(prompt_ids) // layout.block_size) + 1
     target = KVTarget(address=decode.info["data"], host_id=local_host_id(), layout=layout,
                       shm_name=decode.pool_name)
-    task = PrefillTask(
+    return PrefillTask(
         request_id=request_id, prompt_token_ids=tuple(prompt_ids), sampling=SamplingParams(max_tokens=4),
-        decode_node_id=decode.name, kv_target=target, lease_ms=10_000)
-    return task, ReservedBlocks(request_id, tuple(range(first_block, first_block + needed)), decode.name)
+        block_ids=tuple(range(first_block, first_block + needed)), decode_node_id=decode.name,
+        kv_target=target, lease_ms=10_000)
 
 
 def test_forged_and_replayed_tasks_write_nothing(cluster: ChaosCluster, report) -> None:
@@ -172,16 +170,15 @@ def test_forged_and_replayed_tasks_write_nothing(cluster: ChaosCluster, report) 
     insider = Outbox(prefill.info["data"], TransferConfig(curve=CurveKeys.from_cluster_secret(TEST_SECRET)))
     refused = 0
 
-    def send(messages: tuple[PrefillTask, ReservedBlocks]) -> None:
+    def send(task: PrefillTask) -> None:
         nonlocal refused
-        for message in messages:
-            try:
-                if refused:  # the connection is refused once and for all: do not wait 2 s per task
-                    raise zmq.Again
-                stranger.send(WireCodec().encode(message))
-            except zmq.Again:
-                refused += 1
-            insider.send(message)
+        try:
+            if refused:  # the connection is refused once and for all: do not wait 2 s per task
+                raise zmq.Again
+            stranger.send(WireCodec().encode(task))
+        except zmq.Again:
+            refused += 1
+        insider.send(task)
     with report("forged + replayed PrefillTask", "0 bytes written, outputs identical") as row:
         try:
             reference = generate(decode, rid("ref"), ids, params, prefill=prefill).token_ids

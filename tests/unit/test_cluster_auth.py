@@ -28,7 +28,7 @@ from pdserve.rpc import node_pb2_grpc
 from pdserve.rpc.auth import RequireToken, auth_metadata
 from pdserve.rpc.registry import NodeInfo, RegistryAuth, RegistryAuthError
 from pdserve.transfer.auth import AuthReject, MessageSigner, MessageVerifier
-from pdserve.transfer.messages import Abort, KVTarget, LeaseRenewal, PrefillTask, ReservedBlocks, WireCodec
+from pdserve.transfer.messages import Abort, KVTarget, LeaseRenewal, PrefillTask, WireCodec
 
 SECRET = ClusterSecret(b"unit-test-cluster-secret-0001")
 OTHER = ClusterSecret(b"unit-test-cluster-secret-0002")
@@ -43,14 +43,10 @@ class Clock:
         return self.now
 
 
-def task(request_id: str = "r1") -> PrefillTask:
+def task(request_id: str = "r1", block_ids: tuple[int, ...] = (3, 4)) -> PrefillTask:
     target = KVTarget("tcp://127.0.0.1:5555", "host-a", SPEC, shm_name="pdserve-kv-x")
     return PrefillTask(request_id=request_id, prompt_token_ids=(1, 2, 3, 4, 5), sampling=SamplingParams(),
-                       decode_node_id="decode-0", kv_target=target, lease_ms=5000)
-
-
-def blocks(request_id: str = "r1", block_ids: tuple[int, ...] = (3, 4)) -> ReservedBlocks:
-    return ReservedBlocks(request_id, block_ids, "decode-0")
+                       block_ids=block_ids, decode_node_id="decode-0", kv_target=target, lease_ms=5000)
 
 
 # -- the secret ---------------------------------------------------------------------------------------
@@ -96,24 +92,15 @@ def test_a_signed_task_passes_once_and_survives_the_wire() -> None:
     assert verifier.check(signed) is None
     assert verifier.check(signed) is AuthReject.REPLAYED
     assert verifier.check(signer.sign(task())) is None  # the same task signed again is a new message
-    for message in (blocks(), LeaseRenewal("r1", 1000), Abort("r1", "gone")):
-        signed_message = codec.decode(codec.encode(signer.sign(message)))
-        assert verifier.check(signed_message) is None
-        assert verifier.check(signed_message) is AuthReject.REPLAYED
-
-
-@pytest.mark.parametrize("field, value", [("request_id", "r2"), ("decode_node_id", "decode-9"),
-                                          ("lease_ms", 9000), ("prompt_token_ids", (1, 2, 3, 4, 6))])
-def test_any_change_to_a_signed_task_breaks_its_mac(field: str, value: object) -> None:
-    signed = MessageSigner(SECRET).sign(task())
-    forged = msgspec.structs.replace(signed, **{field: value})
-    assert MessageVerifier(SECRET).check(forged) is AuthReject.BAD_MAC
+    for message in (LeaseRenewal("r1", 1000), Abort("r1", "gone")):
+        assert verifier.check(signer.sign(message)) is None
 
 
 @pytest.mark.parametrize("field, value", [("block_ids", (3, 5)), ("request_id", "r2"),
-                                          ("decode_node_id", "decode-9")])
-def test_any_change_to_signed_blocks_breaks_their_mac(field: str, value: object) -> None:
-    signed = MessageSigner(SECRET).sign(blocks())
+                                          ("decode_node_id", "decode-9"), ("lease_ms", 9000),
+                                          ("prompt_token_ids", (1, 2, 3, 4, 6))])
+def test_any_change_to_a_signed_task_breaks_its_mac(field: str, value: object) -> None:
+    signed = MessageSigner(SECRET).sign(task())
     forged = msgspec.structs.replace(signed, **{field: value})
     assert MessageVerifier(SECRET).check(forged) is AuthReject.BAD_MAC
 

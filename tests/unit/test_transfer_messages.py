@@ -22,7 +22,6 @@ from pdserve.transfer.messages import (
     LeaseRenewal,
     PrefillTask,
     PrefillTimings,
-    ReservedBlocks,
     WireCodec,
     WireError,
 )
@@ -39,17 +38,14 @@ request_ids = st.text(min_size=1, max_size=40)
 @st.composite
 def prefill_tasks(draw: st.DrawFn) -> PrefillTask:
     prompt = draw(st.lists(token_ids, min_size=1, max_size=60))
+    needed = -(-len(prompt) // LAYOUT.block_size)
+    blocks = draw(st.lists(st.integers(0, LAYOUT.num_blocks - 1), min_size=needed, max_size=needed + 2,
+                           unique=True))
     sampling = SamplingParams(max_tokens=draw(st.integers(1, 4096)), temperature=draw(st.floats(0, 2)),
                               top_k=draw(st.integers(0, 50)), seed=draw(st.none() | st.integers(0, 2**62)),
                               stop=tuple(draw(st.lists(st.text(min_size=1, max_size=5), max_size=2))))
-    return PrefillTask(draw(request_ids), tuple(prompt), sampling, "decode-0", TARGET,
+    return PrefillTask(draw(request_ids), tuple(prompt), sampling, tuple(blocks), "decode-0", TARGET,
                        lease_ms=draw(st.integers(1, 3_600_000)), num_draft_tokens=draw(st.integers(0, 8)))
-
-
-@st.composite
-def reserved_blocks(draw: st.DrawFn) -> ReservedBlocks:
-    block_ids = draw(st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=40, unique=True))
-    return ReservedBlocks(draw(request_ids), tuple(block_ids), draw(st.text(min_size=1, max_size=20)))
 
 
 @st.composite
@@ -81,7 +77,7 @@ def first_tokens(draw: st.DrawFn) -> FirstToken:
 
 
 messages = st.one_of(
-    prefill_tasks(), reserved_blocks(), chunk_headers(), first_tokens(),
+    prefill_tasks(), chunk_headers(), first_tokens(),
     st.builds(Abort, request_ids, st.text(max_size=100)),
     st.builds(LeaseRenewal, request_ids, st.integers(1, 3_600_000)),
 )
@@ -188,40 +184,23 @@ def test_first_token_bounds_are_checked(change: dict[str, object]) -> None:
     dict(shm_name="../etc/passwd"),
     dict(shm_name=".hidden"),
     dict(address="http://x"),
+    dict(block_ids=[1, 1]),
+    dict(block_ids=[]),
+    dict(block_ids=[64]),  # beyond the target pool
+    dict(prompt_token_ids=list(range(9)), block_ids=[1, 2]),  # 9 tokens need 3 blocks of 4
     dict(sampling={"top_p": 2.0}),
     dict(lease_ms=0),
 ])
 def test_prefill_task_bounds_are_checked(change: dict[str, object]) -> None:
     target = msgspec.to_builtins(TARGET)
     base: dict[str, object] = dict(type="prefill_task", request_id="r", prompt_token_ids=[1, 2, 3],
-                                   sampling={}, decode_node_id="d", kv_target=target, lease_ms=1000)
+                                   sampling={}, block_ids=[7], decode_node_id="d", kv_target=target,
+                                   lease_ms=1000)
     assert isinstance(CODEC.decode(_raw(**base)), PrefillTask)
     if "shm_name" in change or "address" in change:
         change = dict(kv_target=target | change)
     with pytest.raises(WireError):
         CODEC.decode(_raw(**(base | change)))
-
-
-@pytest.mark.parametrize("change", [dict(block_ids=[1, 1]), dict(block_ids=[]), dict(block_ids=[-1]),
-                                    dict(decode_node_id="")])
-def test_reserved_blocks_bounds_are_checked(change: dict[str, object]) -> None:
-    base: dict[str, object] = dict(type="reserved_blocks", request_id="r", block_ids=[7], decode_node_id="d")
-    assert isinstance(CODEC.decode(_raw(**base)), ReservedBlocks)
-    with pytest.raises(WireError):
-        CODEC.decode(_raw(**(base | change)))
-
-
-@pytest.mark.parametrize("blocks, problem", [
-    (ReservedBlocks("r", (1, 2, 3), "decode-0"), None),
-    (ReservedBlocks("r", (1, 2, 3, 9), "decode-0"), None),  # more than needed: the first token's room
-    (ReservedBlocks("r", (1, 2), "decode-0"), "needs 3"),  # 9 tokens need 3 blocks of 4
-    (ReservedBlocks("r", (1, 2, 64), "decode-0"), "< 64"),  # beyond the target pool
-    (ReservedBlocks("r", (1, 2, 3), "decode-1"), "decode-1"),  # another decode node's
-])
-def test_blocks_are_checked_against_their_task(blocks: ReservedBlocks, problem: str | None) -> None:
-    task = PrefillTask("r", tuple(range(9)), SamplingParams(), "decode-0", TARGET, lease_ms=1000)
-    found = task.blocks_problem(blocks)
-    assert found is None if problem is None else problem in found
 
 
 def test_oversized_message_is_rejected_before_decoding() -> None:
