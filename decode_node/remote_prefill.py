@@ -7,6 +7,12 @@ hand the engine the first token.
              <- FirstToken, strictly after the last chunk (same connection)
              -> engine RemoteKVReady(first token, drafts): the request decodes on here.
 
+The inbox thread that receives a good FirstToken for a complete reservation tells the engine at once
+(`kv_ready`), before handing the token to the event loop: the first token is not held back by a turn
+of the loop. The loop then finishes the hand-over (and tells the engine itself when the inbox thread
+did not). Whatever the loop decides afterwards (an abort: the client left) reaches the engine behind
+that task, on the same pipe, and ends the request there.
+
 Abort while P works: tell P, and free our blocks only once P confirms (or a grace period passed) —
 a same-host copy already under way writes into our pool whatever we do.
 
@@ -28,6 +34,7 @@ from pdserve.common.kv_cache import KVCacheSpec
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.protocol import KVReserved, RequestRejected
 from pdserve.node.engine_bridge import EngineBridge, EngineGone, RequestHandle
+from pdserve.node.engine_client import EngineError
 from pdserve.node.server import NodeConfig, NodeMetrics
 from pdserve.rpc import node_pb2 as pb
 from pdserve.transfer.auth import MessageSigner
@@ -72,9 +79,11 @@ class PendingPrefill:
     """A request waiting for its prefill peer: the FirstToken (or an error) lands in `first_token`."""
 
     first_token: asyncio.Future[FirstToken]
+    handle: RequestHandle | None = None  # the engine's reservation (None in tests without an engine)
     abort_confirmed: asyncio.Event = field(default_factory=asyncio.Event)
     peer_address: str = ""
     task_sent: bool = False  # the peer took the PrefillTask: losing the peer now fails the request
+    engine_told: bool = False  # the inbox thread sent the engine kv_ready (set before first_token is)
 
 
 class RemotePrefill:
@@ -106,7 +115,7 @@ class RemotePrefill:
     def start(self, pool_names: list[str]) -> str:
         """Serve the data plane for the engine's shared pools (one per rank, rank 0 first)."""
         self._loop = asyncio.get_running_loop()
-        self.pool = KVRankPools.attach(self.kv_spec, pool_names)
+        self.pool = KVRankPools.attach(self.kv_spec, pool_names).prefault()
         self.endpoint = KVEndpoint(self.pool, self.transfer, self._from_inbox_thread).start()
         self._sweeper = self._loop.create_task(self._sweep_expired())
         return self.endpoint.address
@@ -127,7 +136,7 @@ class RemotePrefill:
         """Reserve blocks, have the peer fill them; returns the engine handle (now decoding) and the
         peer's first token. Raises RemotePrefillError; on any failure our blocks are freed."""
         handle = self.bridge.reserve(request_id, prompt, params, num_extra_tokens)
-        pending = PendingPrefill(self._loop.create_future(), peer_address=peer_address)
+        pending = PendingPrefill(self._loop.create_future(), handle, peer_address=peer_address)
         self._pending[request_id] = pending
         try:
             block_ids = await self._reserved_blocks(handle)
@@ -154,7 +163,8 @@ class RemotePrefill:
             raise
         self._pending.pop(request_id, None)
         self.endpoint.reservations.release(request_id)
-        self.bridge.kv_ready(handle, first.token, list(first.draft_token_ids))
+        if not pending.engine_told:
+            self.bridge.kv_ready(handle, first.token, list(first.draft_token_ids))
         return handle, first
 
     async def _reserved_blocks(self, handle: RequestHandle) -> list[int]:
@@ -267,7 +277,24 @@ class RemotePrefill:
     # -- data-plane events (inbox thread -> event loop) -------------------------------------------------
 
     def _from_inbox_thread(self, event) -> None:
+        if isinstance(event, FirstToken):
+            self._tell_engine_early(event)
         self._loop.call_soon_threadsafe(self._on_event, event)
+
+    def _tell_engine_early(self, first: FirstToken) -> None:
+        """On the inbox thread: a good first token for a request whose KV all arrived goes to the
+        engine now. Anything else is left to the loop, which checks and fails it as before."""
+        pending = self._pending.get(first.request_id)
+        if pending is None or pending.handle is None or not first.ok or pending.first_token.done():
+            return
+        reservation = self.endpoint.reservations.get(first.request_id)
+        if reservation is None or not reservation.complete:
+            return
+        try:
+            self.bridge.kv_ready(pending.handle, first.token, list(first.draft_token_ids))
+        except EngineError:
+            return  # the loop's own kv_ready meets the same error
+        pending.engine_told = True
 
     def _on_event(self, event) -> None:
         if isinstance(event, ChunkResult):

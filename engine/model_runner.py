@@ -190,10 +190,10 @@ class _LogprobColumns:
     """The rows of a TokenLogprobs, read once from the device, handed out request by request."""
 
     def __init__(self, facts: TokenLogprobs) -> None:
-        self._logprob = facts.token_logprob.numpy().tolist()
-        self._rank = facts.token_rank.numpy().tolist()
-        self._top_ids = facts.topk_ids.numpy()
-        self._top_lps = facts.topk_logprobs.numpy()
+        self._logprob = _on_host(facts.token_logprob).tolist()
+        self._rank = _on_host(facts.token_rank).tolist()
+        self._top_ids = _on_host(facts.topk_ids)
+        self._top_lps = _on_host(facts.topk_logprobs)
         self._next = 0
 
     def take(self, token_ids: list[int], count: int, k: int) -> SampledTokens:
@@ -203,3 +203,7 @@ class _LogprobColumns:
         return SampledTokens(token_ids, self._logprob[start:end], self._rank[start:end], k,
                              self._top_ids[start:end, :k].ravel().tolist(),
                              self._top_lps[start:end, :k].ravel().tolist())
+
+
+def _on_host(values: paddle.Tensor | np.ndarray) -> np.ndarray:
+    return values if isinstance(values, np.ndarray) else values.numpy()

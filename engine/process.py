@@ -2,10 +2,10 @@
 
 Started by `EngineClient` as ``python -m pdserve.engine.process CONFIG_JSON``. Tasks arrive as frames
 on stdin, which the loop reads itself (waiting in select() only when it has nothing to step);
-everything the engine reports (ready, stats, rejections, KV reserved, prefill progress, step outputs,
-a fatal failure) leaves in order as records on the one SysV record stream (engine/protocol.py). The
-loop ends on a Shutdown task, on stdin closing (the node server is gone), or when the stream's reader
-is gone; in every case the KV pool and the stream writer are released.
+everything the engine reports (ready, stats, rejections, KV reserved, each step's outputs with its
+prefill progress, a fatal failure) leaves in order as records on the one SysV record stream
+(engine/protocol.py). The loop ends on a Shutdown task, on stdin closing (the node server is gone),
+or when the stream's reader is gone; in every case the KV pool and the stream writer are released.
 
 With tensor parallelism the node starts one such process per rank (``config.ranks``): each loads its
 shard, and rank 0 alone reads tasks and writes records, sharing each turn's tasks with the others
@@ -154,15 +154,13 @@ class EngineLoop:
             if not self.engine.has_schedulable_work():
                 continue
             outputs = self.engine.step()
-            # Progress first: a prefill node pushes a request's last KV before it sends its first token.
-            for request in self.engine.take_prefill_progress():
-                self.records.send(PrefillProgress(request.request_id, request.num_computed_tokens,
-                                                  list(request.block_table)))
-            self._emit(outputs)
+            progress = [PrefillProgress(r.request_id, r.num_computed_tokens, list(r.block_table))
+                        for r in self.engine.take_prefill_progress()]
+            self._emit(outputs, progress)
 
-    def _emit(self, outputs: list[RequestOutput]) -> None:
-        if outputs:
-            self.records.send(StepOutputs(self.engine.steps, outputs))
+    def _emit(self, outputs: list[RequestOutput], progress: list[PrefillProgress] | None = None) -> None:
+        if outputs or progress:
+            self.records.send(StepOutputs(self.engine.steps, outputs, progress or []))
 
     def _report_stats(self) -> None:
         """Load for the node server's Stats RPC: sent when it changes, at most every 50 ms, and once

@@ -5,8 +5,8 @@
 
 Every request is named by its request id on both streams (the node's one id for it). Tasks are
 msgpack frames on the engine's stdin. Records (tokens and every lifecycle event: ready, rejected,
-failed, stats, KV reserved, prefill progress, step outputs with the prefill's first token and the
-prompt logprobs) travel in ONE ordered stream over a SysV queue, so their order is the order the
+failed, stats, KV reserved, step outputs with the step's prefill progress, the prefill's first token
+and the prompt logprobs) travel in ONE ordered stream over a SysV queue, so their order is the order the
 engine wrote them and nothing needs a rule about which of two channels to read first.
 
 A record is msgpack (a version byte, then one tagged struct). The queue holds messages of at most
@@ -35,7 +35,7 @@ from pdserve.common.tokens import NO_TOKENS, SampledTokens
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.request import RequestStatus
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a 1M-token prompt is ~5 MB of msgpack; anything near this is garbage
 MAX_RECORD_BYTES = 256 * 1024 * 1024  # a step of 1024 requests with 20 top logprobs is ~0.5 MB
 FRAME_LENGTH = struct.Struct("<I")  # a task frame's length prefix
@@ -201,11 +201,23 @@ class RequestOutput(msgspec.Struct, frozen=True, array_like=True):
         return self.status.is_finished
 
 
+class PrefillProgress(msgspec.Struct, frozen=True, array_like=True):
+    """Prefill node: the first num_computed_tokens of the prompt have their KV in block_ids. Reported
+    for every chunk, the last one included, in the record of the step that computed it."""
+
+    request_id: str
+    num_computed_tokens: int
+    block_ids: list[int]
+
+
 class StepOutputs(msgspec.Struct, tag="step", frozen=True):
-    """Every request output of one engine step (or of one task, such as an abort or a first token)."""
+    """Every request output of one engine step (or of one task, such as an abort or a first token),
+    with the prefill progress the step made. One record per step: a prefill node's server learns of
+    a request's last KV and of its first token in one wake-up, and takes the progress first."""
 
     step: int
     outputs: list[RequestOutput]
+    progress: list[PrefillProgress] = []
 
 
 class EngineReady(msgspec.Struct, tag="ready", frozen=True):
@@ -240,17 +252,7 @@ class KVReserved(msgspec.Struct, tag="kv_reserved", frozen=True):
     block_ids: list[int]
 
 
-class PrefillProgress(msgspec.Struct, tag="prefill_progress", frozen=True):
-    """Prefill node: the first num_computed_tokens of the prompt have their KV in block_ids. Written
-    for every chunk, the last one included, before the step's outputs."""
-
-    request_id: str
-    num_computed_tokens: int
-    block_ids: list[int]
-
-
-EngineRecord = (StepOutputs | EngineReady | RequestRejected | EngineFailed | EngineStats | KVReserved
-                | PrefillProgress)
+EngineRecord = StepOutputs | EngineReady | RequestRejected | EngineFailed | EngineStats | KVReserved
 
 _record_decoder = msgspec.msgpack.Decoder(EngineRecord)
 

@@ -12,16 +12,46 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import paddle
 
 from pdserve.common.sampling_params import MAX_TOP_LOGPROBS
+from pdserve.kernels import cpu_ops
 
 
 class TokenLogprobs(NamedTuple):
-    token_logprob: paddle.Tensor  # [N] float32, log p(chosen token)
-    token_rank: paddle.Tensor  # [N] int64, 1-based
-    topk_ids: paddle.Tensor  # [N, k] int64
-    topk_logprobs: paddle.Tensor  # [N, k] float32
+    """Paddle tensors, or NumPy arrays when computed on the host (`host_token_logprobs`)."""
+
+    token_logprob: paddle.Tensor | np.ndarray  # [N] float32, log p(chosen token)
+    token_rank: paddle.Tensor | np.ndarray  # [N] int64, 1-based
+    topk_ids: paddle.Tensor | np.ndarray  # [N, k] int64
+    topk_logprobs: paddle.Tensor | np.ndarray  # [N, k] float32
+
+
+# Up to this many rows without top-k, a chosen token's logprob and rank are computed by NumPy on the
+# logits in place. A prefill node needs exactly that for every request's first token (the FirstToken
+# carries it even when the request asked for no logprobs): through Paddle's ops, about ten
+# dispatches over the vocabulary plus the tensors around them cost ~0.3 ms on a 2-core host, in
+# NumPy ~35 us.
+HOST_MAX_ROWS = 64
+
+
+def on_host(raw_logits: paddle.Tensor, num_rows: int, k_max: int) -> bool:
+    """Whether `host_token_logprobs` serves these rows: no top-k, few rows, float32 CPU logits."""
+    return k_max == 0 and num_rows <= HOST_MAX_ROWS and cpu_ops.takes(raw_logits)
+
+
+def host_token_logprobs(raw_logits: np.ndarray, token_ids: np.ndarray) -> TokenLogprobs:
+    """``top_logprobs`` with k 0 on the host, as NumPy arrays: the same rules and the same float32
+    steps as ``log_softmax`` (max-shifted, then the log of the summed exponentials)."""
+    rows = np.arange(len(token_ids))
+    chosen = raw_logits[rows, token_ids]  # [N]
+    row_max = raw_logits.max(axis=-1)
+    log_sum = np.log(np.exp(raw_logits - row_max[:, None]).sum(axis=-1))
+    token_logprob = ((chosen - row_max) - log_sum).astype(np.float32)
+    token_rank = 1 + (raw_logits > chosen[:, None]).sum(axis=-1, dtype=np.int64)
+    return TokenLogprobs(token_logprob, token_rank, np.zeros((len(rows), 0), dtype=np.int64),
+                         np.zeros((len(rows), 0), dtype=np.float32))
 
 
 def log_softmax(logits: paddle.Tensor) -> paddle.Tensor:

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import paddle
 
-from pdserve.kernels.logprobs import TokenLogprobs, top_logprobs
+from pdserve.kernels.logprobs import TokenLogprobs, host_token_logprobs, on_host, top_logprobs
 from pdserve.kernels.rows import take_rows
 from pdserve.kernels.sampling import (
     RngStream,
@@ -246,9 +246,11 @@ def _scored_logprobs(
     rows = np.asarray([row_of[i, j] for i in wanted for j in range(len(token_ids[i]))], dtype=np.int64)
     ids = np.asarray([t for i in wanted for t in token_ids[i]], dtype=np.int64)
     scored = rounds[0] if len(rounds) == 1 else paddle.concat(list(rounds), axis=0)
+    k_max = max(k for k in logprobs_k if k is not None)
+    if on_host(scored, len(rows), k_max):
+        return host_token_logprobs(np.from_dlpack(scored)[rows], ids)
     gathered = scored if np.array_equal(rows, np.arange(scored.shape[0])) else paddle.gather(
         scored, paddle.to_tensor(rows))
-    k_max = max(k for k in logprobs_k if k is not None)
     return top_logprobs(gathered, paddle.to_tensor(ids), k_max)
 
 
@@ -279,4 +281,6 @@ def gather_emitted_logprobs(
     rows = [row for i in wanted for row in range(starts[i], starts[i] + len(token_ids[i]))]
     ids = np.concatenate([np.asarray(token_ids[i], dtype=np.int64) for i in wanted])
     k_max = max(k for k in logprobs_k if k is not None)
+    if on_host(raw_logits, len(rows), k_max):
+        return host_token_logprobs(np.from_dlpack(raw_logits)[rows], ids)
     return top_logprobs(take_rows(raw_logits, rows), paddle.to_tensor(ids), k_max)

@@ -162,13 +162,16 @@ class EngineBridge:
                 self._fail(f"the engine's record stream broke: {exc}")
                 return
             if isinstance(record, StepOutputs):
+                # Progress first: a prefill node pushes a request's last KV before its first token.
+                for progress in record.progress:
+                    self._deliver(progress.request_id, progress, final=False)
                 for output in record.outputs:
                     self._deliver(output.request_id, output, final=output.finished)
             elif isinstance(record, EngineStats):
                 self.stats = record
                 if self.on_stats is not None:
                     self.on_stats(record)
-            elif isinstance(record, (KVReserved, PrefillProgress)):
+            elif isinstance(record, KVReserved):
                 self._deliver(record.request_id, record, final=False)
             elif isinstance(record, RequestRejected):
                 self._deliver(record.request_id, record, final=True)

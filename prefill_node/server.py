@@ -2,6 +2,11 @@
 node's reserved blocks chunk by chunk while prefill continues; the FirstToken (token id, raw logprob,
 rank, top-k) follows the request's last KV chunk on the same connection.
 
+A task is checked (signature, draining, transport) and handed to the engine on the inbox thread that
+received it, so the prefill starts without waiting for a turn of the event loop; the loop then owns
+the job (its progress, pushes, lease, abort). The inbox thread and the loop share only the set of
+live request ids, under a lock, so a duplicate task never reaches the engine.
+
 Every send (KV chunks, FirstToken, Abort acks) to a decode peer goes through that peer's own thread:
 ZMQ sockets belong to one thread, a memcpy of a large chunk must not stall the event loop (gRPC,
 other requests), and a dead peer delays only its own requests.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -60,6 +66,17 @@ class PrefillFailed(Exception):
         self.code = code
 
 
+@dataclass(frozen=True)
+class TaskStart:
+    """What the inbox thread did with a genuine task: the engine request it started (and the transport
+    its KV takes), or why it could not start one."""
+
+    received_at: float
+    handle: RequestHandle | None = None
+    kind: str = ""
+    failure: PrefillFailed | None = None
+
+
 @dataclass
 class PrefillJob:
     task: PrefillTask
@@ -87,6 +104,9 @@ class PrefillNodeServer(NodeServer):
         secret = config.cluster_secret
         self._verifier = MessageVerifier(secret) if secret is not None else None  # the inbox thread's
         self._unreachable: set[str] = set()  # data addresses of decode peers whose connection is down
+        # Request ids of tasks started and not yet ended: the inbox thread starts tasks, the loop ends them.
+        self._live_ids: set[str] = set()
+        self._live_ids_lock = threading.Lock()
 
     @property
     def inflight(self) -> int:
@@ -98,7 +118,7 @@ class PrefillNodeServer(NodeServer):
     async def start_data_plane(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.kv_spec, names = self.engine_kv_pools()
-        self.pool = KVRankPools.attach(self.kv_spec, names)
+        self.pool = KVRankPools.attach(self.kv_spec, names).prefault()
         dispatcher = InboxDispatcher(self._from_inbox_thread, receiver=None)
         self._inbox = Inbox(self.transfer, dispatcher, MAX_MESSAGE_BYTES).start()
         host = self.transfer.advertise_host or self.transfer.bind_host
@@ -141,19 +161,37 @@ class PrefillNodeServer(NodeServer):
             self._abort_job(job, f"decode peer {address} is unreachable")
 
     def _from_inbox_thread(self, event) -> None:
-        """Checks signatures here, on the inbox thread: nothing unverified reaches the event loop."""
+        """Checks signatures here, on the inbox thread: nothing unverified reaches the event loop. A
+        genuine task also goes to the engine from here, so its prefill does not wait for a turn of the
+        event loop (one more thread wake-up before the engine's); the loop takes over the job next."""
         if self._verifier is not None and isinstance(event, (PrefillTask, LeaseRenewal, Abort)):
             reject = self._verifier.check(event)
             if reject is not None:
                 self.metrics.auth_rejections.labels(channel="data_plane", reason=reject).inc()
                 log.warning("refused a %s for %r: %s", type(event).__name__, event.request_id, reject)
                 return
+        if isinstance(event, PrefillTask):
+            self._loop.call_soon_threadsafe(self._accept, event, self._start(event))
+            return
         self._loop.call_soon_threadsafe(self._on_message, event)
 
+    def _start(self, task: PrefillTask) -> TaskStart | None:
+        """On the inbox thread: submit the task to the engine; None for a duplicate of a live task."""
+        received_at = time.monotonic()
+        with self._live_ids_lock:
+            if task.request_id in self._live_ids:
+                return None
+            self._live_ids.add(task.request_id)
+        try:
+            if self.draining:
+                raise PrefillFailed(ErrorCode.OVERLOADED, f"prefill node {self.config.node_id} is draining")
+            kind = self._transport_for(task)
+            return TaskStart(received_at, self._submit(task), kind)
+        except PrefillFailed as exc:
+            return TaskStart(received_at, failure=exc)
+
     def _on_message(self, message) -> None:
-        if isinstance(message, PrefillTask):
-            self._accept(message)
-        elif isinstance(message, Abort):
+        if isinstance(message, Abort):
             job = self.jobs.get(message.request_id)
             if job is not None:
                 self._abort_job(job, message.reason or "aborted by the decode node")
@@ -170,29 +208,27 @@ class PrefillNodeServer(NodeServer):
         else:
             log.warning("prefill node ignores %s", type(message).__name__)
 
-    def _accept(self, task: PrefillTask) -> None:
-        now = time.monotonic()
-        if task.request_id in self.jobs:
+    def _accept(self, task: PrefillTask, start: TaskStart | None) -> None:
+        if start is None:
             log.warning("duplicate PrefillTask %s ignored", task.request_id)
             return
-        job = PrefillJob(task, received_at=now, deadline=now + task.lease_ms / 1000)
+        received = start.received_at
+        job = PrefillJob(task, received_at=received, deadline=received + task.lease_ms / 1000,
+                         handle=start.handle, started_at=received)
         self.jobs[task.request_id] = job
         self._peers.heard_from(task.kv_target.address)
-        job.runner = self._loop.create_task(self._run(job))
+        job.runner = self._loop.create_task(self._run(job, start))
 
     # -- one request -----------------------------------------------------------------------------------
 
-    async def _run(self, job: PrefillJob) -> None:
+    async def _run(self, job: PrefillJob, start: TaskStart) -> None:
         task = job.task
         try:
-            if self.draining:
-                raise PrefillFailed(ErrorCode.OVERLOADED, f"prefill node {self.config.node_id} is draining")
-            kind = self._transport_for(task)
+            if start.failure is not None:
+                raise start.failure
             chunker = KVChunker(task.request_id, task.block_ids, len(task.prompt_token_ids),
                                 self.kv_spec.num_layers, self.kv_spec.block_size)
-            job.handle = self._submit(task)
-            job.started_at = time.monotonic()
-            await self._prefill_and_push(job, kind, chunker)
+            await self._prefill_and_push(job, start.kind, chunker)
             self.metrics.outcome("prefilled")
         except PrefillFailed as exc:
             self._fail(job, exc.code, str(exc))
@@ -203,6 +239,8 @@ class PrefillNodeServer(NodeServer):
             if job.handle is not None:
                 self.bridge.release_prefilled(job.handle)
             self.jobs.pop(task.request_id, None)
+            with self._live_ids_lock:
+                self._live_ids.discard(task.request_id)
 
     def _submit(self, task: PrefillTask) -> RequestHandle:
         try:

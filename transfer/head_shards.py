@@ -25,6 +25,7 @@ import numpy as np
 
 from pdserve.common.kv_cache import KVCachePool, KVCacheSpec, kv_head_range
 from pdserve.transfer.block_copy import copy_blocks_runs, gather_blocks, scatter_blocks
+from pdserve.transfer.prefault import Prefault
 
 
 def head_ranges(num_kv_heads: int, size: int) -> list[tuple[int, int]]:
@@ -55,6 +56,7 @@ class KVRankPools:
         self.pools = list(pools)
         self.spec = msgspec.structs.replace(pools[0].spec, num_kv_heads=num_kv_heads)
         self.arrays = [pool.array for pool in pools]
+        self._prefaults: list[Prefault] = []
 
     @classmethod
     def attach(cls, spec: KVCacheSpec, names: Sequence[str]) -> KVRankPools:
@@ -86,15 +88,28 @@ class KVRankPools:
         """The shared pools of ranks 1..N-1."""
         return [pool.shm_name for pool in self.pools[1:] if pool.shm_name is not None]
 
+    def prefault(self) -> KVRankPools:
+        """Fault every pool's pages into this mapping in the background (transfer/prefault.py)."""
+        if not self._prefaults:
+            self._prefaults = [Prefault(pool.array, pool.shm_name or "pool") for pool in self.pools]
+        return self
+
     def unmap(self) -> None:
+        self._stop_prefaults()
         self.arrays = []
         for pool in self.pools:
             pool.unmap()
 
     def close(self) -> None:
+        self._stop_prefaults()
         self.arrays = []
         for pool in self.pools:
             pool.close()
+
+    def _stop_prefaults(self) -> None:
+        for prefault in self._prefaults:
+            prefault.stop()
+        self._prefaults = []
 
 
 def rank_pools(pool: KVCachePool | KVRankPools) -> KVRankPools:

@@ -140,6 +140,7 @@ class ShmKVSender(KVSender):
             self._dst = KVRankPools.attach(target.layout, [target.shm_name, *target.rank_shm_names])
         except (OSError, ValueError) as exc:
             raise TransferError(f"cannot map the decode node's pool {target.shm_name}: {exc}") from exc
+        self._dst.prefault()
 
     def send_chunk(self, chunk: KVChunk, src: KVCachePool | KVRankPools) -> Delivery:
         r = chunk.range

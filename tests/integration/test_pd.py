@@ -38,6 +38,7 @@ from pdserve.tests.support.cluster import (
 )
 
 CHUNK_BUDGET = 64  # the prefill nodes' --max-num-batched-tokens: a 200-token prompt takes 4 steps
+SMALL_DECODE_BLOCKS = 16  # decode_small's pool: 256 tokens, one 200-token request at a time
 PREFILL_TIMEOUT_S = 3.0
 TEXT = (
     "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n"
@@ -65,6 +66,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory,
                  (*budget, "--transport", "zmq", "--metrics-port", str(metrics_ports["prefill_zmq"]))),
         NodeSpec("decode", "decode", timeout),
         NodeSpec("decode_fallback", "decode", (*budget, *timeout, "--prefill-fallback", "local")),
+        NodeSpec("decode_small", "decode", (*timeout, "--num-blocks", str(SMALL_DECODE_BLOCKS))),
         NodeSpec("mixed", "mixed", budget),
     ]
     started = start_nodes(specs, tmp_path_factory.mktemp("pd_nodes"))
@@ -248,6 +250,32 @@ def _unreachable_target() -> pb.PrefillTarget:
     port = free_port()
     return pb.PrefillTarget(node_id="nobody", grpc_address=f"127.0.0.1:{port}",
                             data_address=f"tcp://127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("prefill_name", ["prefill_shm", "prefill_zmq"])
+def test_a_refused_reservation_keeps_its_cause_and_leaves_no_blocks(
+        nodes: dict[str, Node], prompts: dict[str, list[int]], prefill_name: str) -> None:
+    """The decode node's engine refuses the reservation (no room now, or never): the request ends with
+    that cause, no prefill node is blamed, and neither node keeps a block."""
+    prefill, decode = nodes[prefill_name], nodes["decode_small"]
+    # Holds every block of decode_small while it decodes (200 + 48 tokens = 16 blocks).
+    holder = decode.stub.Generate(pb.GenerateRequest(
+        request_id=rid("holder"), prompt_token_ids=prompts["long"], sampling=sampling(48, ignore_eos=True),
+        prefill=prefill.target()), timeout=60.0)
+    first = next(iter(holder))
+    assert first.tokens.token_ids, first
+    no_room = generate(decode, rid("no-room"), prompts["long"], sampling(8), prefill=prefill)
+    assert no_room.finish_reason == "error" and not no_room.token_ids, no_room.chunks
+    assert no_room.chunks[-1].cause == pb.CAUSE_KV_CAPACITY and not no_room.chunks[-1].failed_node_id
+    list(holder)
+    too_long = (prompts["long"] * 11)[:2100]  # past max_model_len (2048) on every node
+    never = generate(decode, rid("never"), too_long, sampling(4), prefill=prefill)
+    assert never.finish_reason == "error" and never.chunks[-1].cause == pb.CAUSE_BAD_REQUEST, never.chunks
+    assert wait_until(lambda: prefill.all_blocks_free() and decode.all_blocks_free(), 5.0), (
+        prefill.stats(), decode.stats())
+    assert wait_until(lambda: prefill.stats().running == 0, 5.0), prefill.stats()
+    ok = generate(decode, rid("after-refusals"), prompts["short"], sampling(4), prefill=prefill)
+    assert ok.finish_reason in ("stop", "length"), ok.chunks
 
 
 def test_unreachable_prefill_node_fails_within_timeout_and_frees_blocks(

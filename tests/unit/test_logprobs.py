@@ -6,7 +6,13 @@ import numpy as np
 import paddle
 import pytest
 
-from pdserve.kernels.logprobs import prompt_logprobs, top_logprobs
+from pdserve.kernels.logprobs import (
+    HOST_MAX_ROWS,
+    host_token_logprobs,
+    on_host,
+    prompt_logprobs,
+    top_logprobs,
+)
 
 
 def reference_log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -108,3 +114,33 @@ def test_prompt_logprobs_chunked_equals_whole() -> None:
     for part, full in zip(chunked, whole, strict=True):
         np.testing.assert_array_equal(part.numpy(), full.numpy())
     check_against_reference(logits, next_ids, 5)
+
+
+@pytest.mark.parametrize("case", ["random", "large", "ties", "neg_inf"])
+def test_host_token_logprobs_follow_the_rules_and_agree_with_paddle(case: str) -> None:
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((5, 8192)) * 6).astype(np.float32)
+    if case == "large":
+        logits += 1e4
+    elif case == "ties":
+        logits = rng.integers(0, 4, size=(5, 300)).astype(np.float32)
+    elif case == "neg_inf":
+        logits[:, ::3] = -np.inf
+    token_ids = np.array([int(np.argmax(logits[0])), 1, 2, 5, logits.shape[1] - 1])
+    token_lp, rank, topk_ids, topk_lp = host_token_logprobs(logits, token_ids)
+    rows = np.arange(len(token_ids))
+    np.testing.assert_allclose(token_lp, reference_log_softmax(logits)[rows, token_ids], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(rank, reference_rank(logits, token_ids))
+    assert token_lp.dtype == np.float32 and rank.dtype == np.int64 and rank[0] == 1
+    assert topk_ids.shape == (5, 0) and topk_lp.shape == (5, 0)
+    paddle_lp, paddle_rank, _, _ = run(logits, token_ids, 0)
+    np.testing.assert_array_equal(rank, paddle_rank)
+    np.testing.assert_allclose(token_lp, paddle_lp, atol=5e-5, rtol=0)
+
+
+def test_on_host_only_without_topk_for_few_float32_cpu_rows() -> None:
+    logits = paddle.zeros([2, 10], dtype="float32")
+    assert on_host(logits, 2, 0)
+    assert not on_host(logits, 2, 1)
+    assert not on_host(logits, HOST_MAX_ROWS + 1, 0)
+    assert not on_host(paddle.zeros([2, 10], dtype="float64"), 2, 0)

@@ -27,6 +27,7 @@ from pdserve.engine.protocol import (
     PROTOCOL_VERSION,
     EngineStats,
     KVReserved,
+    PrefillProgress,
     ProtocolError,
     RecordAssembler,
     RequestOutput,
@@ -55,7 +56,10 @@ def step(rng: np.random.Generator, num_outputs: int, n: int = 6, k: int = 20) ->
     outputs = [RequestOutput(f"req-{i:032x}", statuses[int(rng.integers(2, len(statuses)))],
                              tokens(rng, n, k), int(rng.integers(0, n)))
                for i in range(num_outputs)]
-    return StepOutputs(int(rng.integers(0, 2**40)), outputs)
+    progress = [PrefillProgress(f"pre-{i:032x}", int(rng.integers(1, 2**20)),
+                                rng.integers(0, 2**31, int(rng.integers(1, 64))).tolist())
+                for i in range(int(rng.integers(0, 4)))]
+    return StepOutputs(int(rng.integers(0, 2**40)), outputs, progress)
 
 
 @st.composite
