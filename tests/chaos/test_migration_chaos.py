@@ -29,6 +29,7 @@ import openai
 import pytest
 
 from pdserve.tests.chaos.fabric import ChaosCluster, node_gone
+from pdserve.tests.integration.test_pd_faults import _clean_after_kill
 from pdserve.tests.support.cluster import Node, wait_until
 from pdserve.tests.support.secret import secret_flags
 
@@ -238,3 +239,5 @@ def test_kill9_decode_node(cluster: ChaosCluster, reference: list[Stream], repor
         disturbed = run_streams(cluster.router.url, fault)
         check_and_report(row, cluster, reference, disturbed, offset)
         assert wait_until(lambda: node_gone(victim), 10.0), "the killed node's processes linger"
+        # its pool and record queue stay until a node starting on the host removes them: do that here
+        _clean_after_kill(victim)
