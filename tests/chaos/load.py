@@ -145,30 +145,57 @@ async def _stream(client: openai.AsyncOpenAI, shape: RequestShape, outcome: Outc
     outcome.max_gap_s = max(outcome.max_gap_s, time.monotonic() - last)
 
 
-class ProcessLoad:
-    """A Load run by a process of its own: for a load whose client-side work (encoding a 4 MB prompt
-    as JSON, writing it) would otherwise hold the GIL of the test process's client that measures the
-    others' latency, and be measured as the cluster's slowness. Same interface as Load's stop()."""
+class _ClientProcess:
+    """Client work in a process of its own, for work whose client-side cost would otherwise hold the
+    GIL of the test process's client that measures latency, and be measured as the cluster's
+    slowness: a 4 MB prompt's JSON encoding, or 128 SSE streams read while another burst is timed.
+    Outcome times are CLOCK_MONOTONIC, the same in every process."""
 
-    def __init__(self, url: str, streams: int, shape: RequestShape) -> None:
-        argv = [sys.executable, "-m", "pdserve.tests.chaos.load", url, str(streams)]
+    def __init__(self, mode: str, url: str, count: int, shape: RequestShape) -> None:
+        argv = [sys.executable, "-m", "pdserve.tests.chaos.load", mode, url, str(count)]
         self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self._process.stdin is not None
+        assert self._process.stdin is not None and self._process.stdout is not None
         # the shape on stdin: a 4 MB prompt is beyond what one argv string may hold
         self._process.stdin.write(json.dumps(dataclasses.asdict(shape)) + "\n")
         self._process.stdin.flush()
+        if self._process.stdout.readline().strip() != "ready":  # imported and about to send
+            raise RuntimeError(f"the client process ({mode}) did not start")
 
-    def stop(self) -> list[Outcome]:
-        out, _ = self._process.communicate("stop\n", timeout=LONGEST_S + 30.0)
+    def _outcomes(self, stdin: str = "") -> list[Outcome]:
+        out, _ = self._process.communicate(stdin, timeout=LONGEST_S + 30.0)
         return [Outcome(**record) for record in json.loads(out)]
 
 
-def _serve_process_load(url: str, streams: int) -> None:
-    """The child of ProcessLoad: the shape from stdin's first line, load until the next line."""
+class ProcessLoad(_ClientProcess):
+    """A Load in a process of its own; stop() as Load's."""
+
+    def __init__(self, url: str, streams: int, shape: RequestShape) -> None:
+        super().__init__("load", url, streams, shape)
+
+    def stop(self) -> list[Outcome]:
+        return self._outcomes("stop\n")
+
+
+class ProcessBurst(_ClientProcess):
+    """wire_burst in a process of its own, sent once it is ready; result() waits for its outcomes."""
+
+    def __init__(self, url: str, count: int, shape: RequestShape) -> None:
+        super().__init__("burst", url, count, shape)
+
+    def result(self) -> list[Outcome]:
+        return self._outcomes()
+
+
+def _serve_client_process(mode: str, url: str, count: int) -> None:
+    """The child of _ClientProcess: the shape from stdin's first line; a load runs until the next line."""
     shape = RequestShape(**json.loads(sys.stdin.readline()))
-    with Load(url, streams, shape) as load:
-        sys.stdin.readline()
-        outcomes = load.stop()
+    print("ready", flush=True)
+    if mode == "burst":
+        outcomes = wire_burst(url, count, shape)
+    else:
+        with Load(url, count, shape) as load:
+            sys.stdin.readline()
+            outcomes = load.stop()
     print(json.dumps([dataclasses.asdict(o) for o in outcomes]), flush=True)
 
 
@@ -299,4 +326,4 @@ def wire_burst(url: str, count: int, shape: RequestShape, hung_s: float = HUNG_S
 
 
 if __name__ == "__main__":
-    _serve_process_load(sys.argv[1], int(sys.argv[2]))
+    _serve_client_process(sys.argv[1], sys.argv[2], int(sys.argv[3]))
