@@ -193,51 +193,51 @@ def back_in_rotation(cluster: ChaosCluster, node: Node) -> None:
 BOUND = f"0 failed, texts = undisturbed, usage right, no gap > {GAP_BOUND_S:.0f} s"
 
 
-def test_sigstop_decode_node_past_liveness(cluster: ChaosCluster, reference: list[Stream], report) -> None:
-    victim = cluster.nodes[VICTIM]
-    with report(f"migration: SIGSTOP {VICTIM} {STOP_S:.0f} s, {STREAMS} x {MAX_TOKENS} tokens", BOUND) as row:
+def disturbed_run(cluster: ChaosCluster, reference: list[Stream], report, fault_name: str,
+                  fault: Callable[[], None]) -> None:
+    """The 16 streams with `fault` hitting the victim once they are under way; the row and the bound."""
+    with report(f"migration: {fault_name}, {STREAMS} x {MAX_TOKENS} tokens", BOUND) as row:
         offset = _log_offset(cluster)
 
-        def fault() -> None:
+        def checked_fault() -> None:
             victim_holds_streams(cluster)
-            with cluster.stopped(victim.process.pid, victim.engine_pid):
-                time.sleep(STOP_S)
+            fault()
 
-        disturbed = run_streams(cluster.router.url, fault)
+        disturbed = run_streams(cluster.router.url, checked_fault)
         check_and_report(row, cluster, reference, disturbed, offset)
-        back_in_rotation(cluster, victim)
+
+
+def test_sigstop_decode_node_past_liveness(cluster: ChaosCluster, reference: list[Stream], report) -> None:
+    victim = cluster.nodes[VICTIM]
+
+    def fault() -> None:
+        with cluster.stopped(victim.process.pid, victim.engine_pid):
+            time.sleep(STOP_S)
+
+    disturbed_run(cluster, reference, report, f"SIGSTOP {VICTIM} {STOP_S:.0f} s", fault)
+    back_in_rotation(cluster, victim)
 
 
 def test_partition_router_from_decode_node(cluster: ChaosCluster, reference: list[Stream], report) -> None:
     victim = cluster.nodes[VICTIM]
-    with report(f"migration: router cut off from {VICTIM} {STOP_S:.0f} s, {STREAMS} x {MAX_TOKENS} tokens",
-                BOUND) as row:
-        offset = _log_offset(cluster)
 
-        def fault() -> None:
-            victim_holds_streams(cluster)
-            with cluster.router_cut_off(VICTIM):
-                time.sleep(STOP_S)
+    def fault() -> None:
+        with cluster.router_cut_off(VICTIM):
+            time.sleep(STOP_S)
 
-        disturbed = run_streams(cluster.router.url, fault)
-        check_and_report(row, cluster, reference, disturbed, offset)
-        back_in_rotation(cluster, victim)
+    disturbed_run(cluster, reference, report, f"router cut off from {VICTIM} {STOP_S:.0f} s", fault)
+    back_in_rotation(cluster, victim)
 
 
 def test_kill9_decode_node(cluster: ChaosCluster, reference: list[Stream], report) -> None:
     victim = cluster.nodes[VICTIM]
-    with report(f"migration: kill -9 {VICTIM} (server + engine), {STREAMS} x {MAX_TOKENS} tokens",
-                BOUND) as row:
-        offset = _log_offset(cluster)
 
-        def fault() -> None:
-            victim_holds_streams(cluster)
-            victim.expect_clean_exit = False
-            cluster.kill9(victim.process.pid)
-            cluster.kill9(victim.engine_pid)
+    def fault() -> None:
+        victim.expect_clean_exit = False
+        cluster.kill9(victim.process.pid)
+        cluster.kill9(victim.engine_pid)
 
-        disturbed = run_streams(cluster.router.url, fault)
-        check_and_report(row, cluster, reference, disturbed, offset)
-        assert wait_until(lambda: node_gone(victim), 10.0), "the killed node's processes linger"
-        # its pool and record queue stay until a node starting on the host removes them: do that here
-        _clean_after_kill(victim)
+    disturbed_run(cluster, reference, report, f"kill -9 {VICTIM} (server + engine)", fault)
+    assert wait_until(lambda: node_gone(victim), 10.0), "the killed node's processes linger"
+    # its pool and record queue stay until a node starting on the host removes them: do that here
+    _clean_after_kill(victim)
