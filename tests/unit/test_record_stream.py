@@ -164,6 +164,7 @@ def test_a_large_step_spans_many_messages_and_arrives_whole(reader: RecordReader
     record = step(np.random.default_rng(1), 256)  # ~0.2 MB: many times what the queue holds at once
     writer = RecordWriter(reader.address)
     thread, errors = send_in_thread(writer, [record, EngineStats(0, 0, 1, 1, 1)])
+    time.sleep(0.3)  # the reader starts late: the writer has filled the queue and waits on it
     assert reader.receive() == record
     assert reader.receive() == EngineStats(0, 0, 1, 1, 1)
     thread.join(5.0)
