@@ -1,6 +1,7 @@
 """The decode node (and the mixed node): owns a request from routing to its last token.
 
-`Generate` admits the request into this node's engine and streams its tokens. With a prefill target
+`Generate` admits the request into this node's engine and streams its tokens; `Complete` runs the
+same and answers it whole (rpc/chunks.py). With a prefill target
 (PD), the prompt's KV comes from that prefill node (decode_node/remote_prefill.py); without one — a
 mixed node, or a decode node asked to prefill locally — this engine prefills it.
 """
@@ -26,7 +27,7 @@ from pdserve.node.engine_client import EngineError
 from pdserve.node.request_stream import RequestStream
 from pdserve.node.server import NodeConfig, NodeServer
 from pdserve.rpc import node_pb2 as pb
-from pdserve.rpc.chunks import merged_chunks
+from pdserve.rpc.chunks import whole_answer
 from pdserve.rpc.convert import sampling_from_proto, tokens_to_proto
 from pdserve.rpc.registry import Role
 from pdserve.transfer.messages import FirstToken, PrefillTimings
@@ -76,9 +77,13 @@ class DecodeNodeServer(NodeServer):
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
-        chunks = self._generate(request, context)
-        async for chunk in (merged_chunks(chunks) if request.merge_chunks else chunks):
+        async for chunk in self._generate(request, context):
             yield chunk
+
+    async def Complete(self, request: pb.GenerateRequest,  # noqa: N802 - the gRPC method name
+                       context: grpc.aio.ServicerContext) -> pb.GenerateChunk:
+        return await whole_answer(self._generate(request, context), request.first_token_timeout_s,
+                                  request.silence_timeout_s)
 
     async def _generate(self, request: pb.GenerateRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:

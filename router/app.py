@@ -20,7 +20,6 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -47,6 +46,7 @@ from pdserve.router.http_util import (
     content_length,
     unless_disconnected,
 )
+from pdserve.router.json_response import JSONBytes
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.nodes import NodePool
 from pdserve.router.policies import build_policy
@@ -218,7 +218,7 @@ async def _serve(state: RouterState, batch: PreparedBatch, chat: bool, request: 
     try:
         if not batch.stream:
             body = await unless_disconnected(request.receive, _collect(state, batch, builder, held))
-            return Response(msgspec.json.encode(body), media_type="application/json")
+            return JSONBytes(body)
         opening = asyncio.ensure_future(_open(state, batch, held))
         keepalive_s = state.config.admission.keepalive_s
         try:

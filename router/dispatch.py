@@ -31,9 +31,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import grpc
 
@@ -42,10 +42,12 @@ from pdserve.router.config import RetryConfig
 from pdserve.router.errors import APIError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.nodes import NodePool, NoRoute, Route
-from pdserve.router.prepare import Prepared
+from pdserve.router.prepare import Prepared, draw_seed
 from pdserve.rpc import node_pb2
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PAIR_CHECK_S = 0.25  # how often a try waiting for its first chunk checks that its pair can still talk
 
@@ -94,7 +96,7 @@ def _with_seed(prepared: Prepared) -> Prepared:
     if prepared.sampling.greedy or prepared.sampling.seed is not None:
         return prepared
     return dataclasses.replace(prepared, sampling=dataclasses.replace(prepared.sampling,
-                                                                      seed=secrets.randbits(63)))
+                                                                      seed=draw_seed()))
 
 
 class _TryFailed(RuntimeError):
@@ -103,6 +105,22 @@ class _TryFailed(RuntimeError):
     def __init__(self, failure: Failure) -> None:
         super().__init__(str(failure))
         self.failure = failure
+
+
+def _raise_if_failed(chunk: node_pb2.GenerateChunk, route: Route) -> None:
+    """A first chunk (or a Complete answer without tokens) that reports a failure fails the try."""
+    if chunk.finish_reason in ("error", "abort"):
+        prefill_id = route.prefill.node_id if route.prefill is not None else None
+        raise _TryFailed(failure_of_chunk(chunk, route.decode.node_id, prefill_id))
+
+
+def _made_before(failed: node_pb2.GenerateChunk) -> node_pb2.GenerateChunk:
+    """What a Complete answer that failed after its first token holds for the client: its tokens and
+    text (and the first token's timing), without the failure."""
+    made = node_pb2.GenerateChunk(tokens=failed.tokens, text=failed.text, timing=failed.timing)
+    if failed.HasField("prompt_logprobs"):
+        made.prompt_logprobs.CopyFrom(failed.prompt_logprobs)
+    return made
 
 
 def node_request_id(request_id: str, attempt: int, migration: int = 0) -> str:
@@ -197,7 +215,10 @@ class Dispatcher:
     async def _tries(self, prepared: Prepared, migration: int,
                      avoid: set[str]) -> AsyncIterator[node_pb2.GenerateChunk]:
         """Chunks of one (possibly migrated) request: tries until one sends its first chunk; raises
-        APIError when none does, _StreamBroke when the one that did fails later."""
+        APIError when none does, _StreamBroke when the one that did fails later. A non-streaming
+        request is one Complete call per try: its answer is the one chunk, or, when it failed after
+        its first token, the tokens made so far followed by _StreamBroke."""
+        whole = not prepared.stream
         keep_decode: str | None = None
         failures: list[str] = []
         last: Decision | None = None
@@ -214,11 +235,17 @@ class Dispatcher:
                                    self._retry_after_s) from e
                 failures.append(str(e))
                 continue
-            call = self._pool.stub(route.decode).Generate(_request_for(prepared, route, attempt, migration))
+            request = _request_for(prepared, route, attempt, migration)
+            if whole:
+                request.first_token_timeout_s = self._retry.first_chunk_timeout_s
+                request.silence_timeout_s = self._retry.chunk_timeout_s
+                call = self._pool.stub(route.decode).Complete(request)
+            else:
+                call = self._pool.stub(route.decode).Generate(request)
             self._pool.begin(route)
             try:
                 try:
-                    first = await self._first_chunk(call, route)
+                    first = await (self._answer(call, route) if whole else self._first_chunk(call, route))
                 except _TryFailed as e:
                     log.info("request %s: try %d on %s failed: %s", prepared.request_id, attempt + 1,
                              [n.node_id for n in route.nodes], e.failure)
@@ -230,8 +257,12 @@ class Dispatcher:
                     avoid.update(last.avoid)
                     keep_decode = last.keep_decode
                     continue
+                if whole and first.finish_reason in ("error", "abort"):
+                    failure = failure_of_chunk(first, route.decode.node_id, None)
+                    yield _made_before(first)
+                    raise _StreamBroke(failure, self._act(failure, route))
                 yield first
-                if not first.finish_reason:
+                if not whole and not first.finish_reason:
                     async for chunk in self._rest(call, route):
                         yield chunk
                 return
@@ -260,23 +291,25 @@ class Dispatcher:
             chunk = await call.read()
         return None if chunk is grpc.aio.EOF else chunk
 
-    async def _first_read(self, call: grpc.aio.UnaryStreamCall,
-                          route: Route) -> node_pb2.GenerateChunk | None:
-        """The first chunk; gives up (TimeoutError) after first_chunk_timeout_s, and early (_TryFailed)
-        when the route's pair is reported unable to reach each other: a prefill node that cannot reach
-        its decode node is seen by the prefill node alone, and its report is the only sign of it."""
+    async def _watched(self, call: grpc.aio.Call, pending: Awaitable[T], route: Route,
+                       timeout_s: float | None) -> T:
+        """What ``pending`` (the call's first read, or a Complete call's answer) gives; gives up
+        (TimeoutError) after ``timeout_s`` (None: the node bounds it) and early (_TryFailed) when the
+        route's pair is reported unable to reach each other: a prefill node that cannot reach its decode
+        node is seen by the prefill node alone, and its report is the only sign of it."""
         if route.prefill is None:
-            return await self._read(call, self._retry.first_chunk_timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await pending
         # a task of its own: cancelling a grpc.aio read would cancel the call
-        read = asyncio.ensure_future(call.read())
-        deadline = asyncio.get_running_loop().time() + self._retry.first_chunk_timeout_s
+        task = asyncio.ensure_future(pending)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         try:
             while True:
-                left = deadline - asyncio.get_running_loop().time()
-                done, _ = await asyncio.wait({read}, timeout=min(PAIR_CHECK_S, max(left, 0.0)))
+                left = PAIR_CHECK_S if deadline is None else deadline - loop.time()
+                done, _ = await asyncio.wait({task}, timeout=min(PAIR_CHECK_S, max(left, 0.0)))
                 if done:
-                    chunk = read.result()
-                    return None if chunk is grpc.aio.EOF else chunk
+                    return task.result()
                 if not self._pool.pair_usable(route.decode, route.prefill):
                     message = "the decode and prefill nodes report they cannot reach each other"
                     raise _TryFailed(Failure(node_pb2.CAUSE_PREFILL_PEER_UNREACHABLE, route.prefill.node_id,
@@ -284,27 +317,36 @@ class Dispatcher:
                 if left <= 0:
                     raise TimeoutError
         finally:
-            if not read.done():
+            if not task.done():
                 call.cancel()  # ends the read; the caller's cleanup cancels it too
-                read.cancel()
-                await asyncio.gather(read, return_exceptions=True)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _first_chunk(self, call: grpc.aio.UnaryStreamCall, route: Route) -> node_pb2.GenerateChunk:
         decode_id = route.decode.node_id
         try:
-            chunk = await self._first_read(call, route)
+            chunk = await self._watched(call, call.read(), route, self._retry.first_chunk_timeout_s)
         except TimeoutError:
             message = f"no first chunk within {self._retry.first_chunk_timeout_s} s"
             raise _TryFailed(Failure(node_pb2.CAUSE_DEADLINE, decode_id, message)) from None
         except grpc.aio.AioRpcError as e:
             raise _TryFailed(failure_of_status(e, decode_id)) from e
-        if chunk is None:
+        if chunk is grpc.aio.EOF:
             raise _TryFailed(Failure(node_pb2.CAUSE_UNSPECIFIED, decode_id,
                                      "the stream ended before the first chunk"))
-        if chunk.finish_reason in ("error", "abort"):
-            prefill_id = route.prefill.node_id if route.prefill is not None else None
-            raise _TryFailed(failure_of_chunk(chunk, decode_id, prefill_id))
+        _raise_if_failed(chunk, route)
         return chunk
+
+    async def _answer(self, call: grpc.aio.UnaryUnaryCall, route: Route) -> node_pb2.GenerateChunk:
+        """A Complete call's answer; raises _TryFailed when it failed before its first token. The node
+        bounds the wait (first_token_timeout_s, silence_timeout_s); HTTP/2 pings notice a dead one."""
+        try:
+            answer = await self._watched(call, call, route, None)
+        except grpc.aio.AioRpcError as e:
+            raise _TryFailed(failure_of_status(e, route.decode.node_id)) from e
+        if not answer.tokens.token_ids:
+            _raise_if_failed(answer, route)
+        return answer
 
     async def _rest(self, call: grpc.aio.UnaryStreamCall,
                     route: Route) -> AsyncIterator[node_pb2.GenerateChunk]:

@@ -7,8 +7,9 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pdserve.router.json_response import JSONBytes
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -35,9 +36,9 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.param, self.code)
 
-    def response(self) -> JSONResponse:
-        headers = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self) -> JSONBytes:
+        headers = None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        return JSONBytes(self.body(), status_code=self.status, headers=headers)
 
 
 def error_body(status: int, message: str, param: str | None = None,
@@ -62,17 +63,17 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     return APIError(400, f"{param}: {first.get('msg', 'invalid value')}", param, "invalid_value")
 
 
-async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+async def validation_error_handler(request: Request, exc: Exception) -> JSONBytes:
     assert isinstance(exc, RequestValidationError)
     return validation_error(exc.errors()).response()
 
 
-async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+async def http_error_handler(request: Request, exc: Exception) -> JSONBytes:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code if exc.status_code in ERROR_TYPES else 400
     return APIError(status, str(exc.detail), None, None).response()
 
 
-async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+async def api_error_handler(request: Request, exc: Exception) -> JSONBytes:
     assert isinstance(exc, APIError)
     return exc.response()

@@ -59,7 +59,8 @@ class _NodeState:
 
 
 class NodeClient:
-    """A node's Generate and Stats calls, each carrying the cluster credential (rpc.auth.call_metadata)."""
+    """A node's Generate, Complete and Stats calls, each carrying the cluster credential
+    (rpc.auth.call_metadata)."""
 
     def __init__(self, stub: node_pb2_grpc.NodeStub, metadata: tuple[tuple[str, str], ...]) -> None:
         self._stub = stub
@@ -67,6 +68,9 @@ class NodeClient:
 
     def Generate(self, request: node_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:  # noqa: N802 - the RPC's name
         return self._stub.Generate(request, metadata=self._metadata)
+
+    def Complete(self, request: node_pb2.GenerateRequest) -> grpc.aio.UnaryUnaryCall:  # noqa: N802
+        return self._stub.Complete(request, metadata=self._metadata)
 
     def Stats(self, request: node_pb2.StatsRequest, timeout: float) -> grpc.aio.UnaryUnaryCall:  # noqa: N802
         return self._stub.Stats(request, timeout=timeout, metadata=self._metadata)
@@ -99,7 +103,10 @@ class NodePool:
 
     # ---- views
     def _state(self, node_id: str) -> _NodeState:
-        return self._states.setdefault(node_id, _NodeState())
+        state = self._states.get(node_id)  # not setdefault: that builds a state on every call
+        if state is None:
+            state = self._states[node_id] = _NodeState()
+        return state
 
     def usable(self, role: str) -> list[NodeInfo]:
         return [n for n in self._registry.snapshot()

@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import json
 import os
-import secrets
+import random
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,7 +67,6 @@ class Prepared:
     def to_proto(self) -> node_pb2.GenerateRequest:
         return node_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
                                         sampling=sampling_to_proto(self.sampling),
-                                        merge_chunks=not self.stream,
                                         resumed_output_chars=self.resumed_output_chars)
 
 
@@ -101,6 +100,14 @@ def choice_seed(seed: int | None, choice: int) -> int | None:
         return seed
     digest = hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # [0, 2**63), what SamplingParams takes
+
+
+_SEEDS = random.Random()  # seeded from the OS once; a seed steers sampling and need not be secret
+
+
+def draw_seed() -> int:
+    """A fresh seed for a sampled request without one: [0, 2**63), what SamplingParams takes."""
+    return _SEEDS.getrandbits(63)
 
 
 def model_max_len(model_dir: Path) -> int:
@@ -462,7 +469,7 @@ class Preparer:
         if seed is None and temperature != 0.0:
             # a sampled request's seed, drawn once here: a migrated continuation draws the same numbers
             # (router/dispatch.py), and the request is built once instead of copied with it later
-            seed = secrets.randbits(63)
+            seed = draw_seed()
         try:
             sampling = SamplingParams(
                 max_tokens=budget, min_tokens=min(req.min_tokens, budget), temperature=temperature,

@@ -38,7 +38,8 @@ def sse(payload: dict[str, Any]) -> bytes:
 
 class RequestTimer:
     """Feeds the TTFT, ITL and E2E histograms of one request. Without ``inter_token`` (a non-streaming
-    request, whose node merges chunks) the router cannot see token intervals and observes none."""
+    request, answered whole by the node's Complete) the router cannot see token intervals and observes
+    none, and its TTFT is the answer's time less the node's time after its first token."""
 
     def __init__(self, metrics: RouterMetrics, inter_token: bool = True) -> None:
         self._metrics = metrics
@@ -46,10 +47,10 @@ class RequestTimer:
         self._start = time.perf_counter()
         self._last: float | None = None
 
-    def on_tokens(self, count: int) -> None:
+    def on_tokens(self, count: int, after_first_token_s: float = 0.0) -> None:
         now = time.perf_counter()
         if self._last is None:
-            self._metrics.ttft.observe(now - self._start)
+            self._metrics.ttft.observe(max(0.0, now - self._start - after_first_token_s))
         elif count and self._inter_token:
             for _ in range(count):  # a speculative chunk carries several tokens for one interval
                 self._metrics.itl.observe((now - self._last) / count)
@@ -203,7 +204,7 @@ class _ChoiceFormatter:
     # ---- non-streaming
     async def collect(self, chunks: AsyncIterator[node_pb2.GenerateChunk]) -> dict[str, Any]:
         async for chunk in chunks:
-            self._timer.on_tokens(len(chunk.tokens.token_ids))
+            self._timer.on_tokens(len(chunk.tokens.token_ids), chunk.timing.decode_s)
             self.acc.add(chunk)
         self._timer.done()
         return self.final_choice(streaming=False)

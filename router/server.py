@@ -65,8 +65,10 @@ def _url(sock: socket.socket) -> str:
 def _uvicorn_config(config: RouterConfig, registry: Registry, **kwargs: object) -> uvicorn.Config:
     """``create_asgi``'s app for uvicorn."""
     app = create_asgi(config, registry)
+    # no proxy_headers: the router reads no client address, and uvicorn's middleware for them would
+    # wrap every request
     return uvicorn.Config(app, log_level=config.log_level.lower(), access_log=False, lifespan="on",
-                          timeout_graceful_shutdown=5, **kwargs)  # type: ignore[arg-type]
+                          proxy_headers=False, timeout_graceful_shutdown=5, **kwargs)  # type: ignore[arg-type]
 
 
 class DrainingServer(uvicorn.Server):

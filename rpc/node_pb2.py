@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\x0fpdserve.node.v1\"\xc8\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x02\x88\x01\x01\x12\x42\n\nlogit_bias\x18\x10 \x03(\x0b\x32..pdserve.node.v1.SamplingParams.LogitBiasEntry\x12.\n\x07grammar\x18\x14 \x01(\x0b\x32\x18.pdserve.node.v1.GrammarH\x03\x88\x01\x01\x12\x1d\n\x15resumed_output_tokens\x18\x15 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\n\n\x08_grammar\"%\n\x07Grammar\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"L\n\rPrefillTarget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x03 \x01(\t\"\xe8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.pdserve.node.v1.SamplingParams\x12\x34\n\x07prefill\x18\x04 \x01(\x0b\x32\x1e.pdserve.node.v1.PrefillTargetH\x00\x88\x01\x01\x12\x14\n\x0cmerge_chunks\x18\x05 \x01(\x08\x12\x1c\n\x14resumed_output_chars\x18\x06 \x01(\rB\n\n\x08_prefill\"y\n\rSampledTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0f\n\x07top_ids\x18\x05 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xba\x01\n\x10SpeculateMetrics\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x01 \x01(\r\x12\x17\n\x0frejected_tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x61\x63\x63\x65pt_ratio\x18\x03 \x01(\x02\x12\x1d\n\x15\x61verage_accept_length\x18\x04 \x01(\x02\x12 \n\x18\x61\x63\x63\x65pted_tokens_per_head\x18\x05 \x03(\r\x12\x1d\n\x15\x61\x63\x63\x65pt_ratio_per_head\x18\x06 \x03(\x02\"D\n\nTimingInfo\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\"\x84\x03\n\rGenerateChunk\x12.\n\x06tokens\x18\x01 \x01(\x0b\x32\x1e.pdserve.node.v1.SampledTokens\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.pdserve.node.v1.Usage\x12<\n\x11speculate_metrics\x18\x06 \x01(\x0b\x32!.pdserve.node.v1.SpeculateMetrics\x12+\n\x06timing\x18\x07 \x01(\x0b\x32\x1b.pdserve.node.v1.TimingInfo\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x37\n\x0fprompt_logprobs\x18\t \x01(\x0b\x32\x1e.pdserve.node.v1.SampledTokens\x12,\n\x05\x63\x61use\x18\x14 \x01(\x0e\x32\x1d.pdserve.node.v1.FailureCause\x12\x16\n\x0e\x66\x61iled_node_id\x18\x15 \x01(\t\"\x0e\n\x0cStatsRequest\"\xce\x01\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x02\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\x12\"\n\x1aunreachable_peer_addresses\x18\x14 \x03(\t\"\x0e\n\x0c\x44rainRequest\"3\n\rDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x10\n\x08inflight\x18\x02 \x01(\r*\x92\x02\n\x0c\x46\x61ilureCause\x12\x15\n\x11\x43\x41USE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x41USE_DECODE_NODE_FAILED\x10\x01\x12\x1d\n\x19\x43\x41USE_PREFILL_PEER_FAILED\x10\x02\x12\"\n\x1e\x43\x41USE_PREFILL_PEER_UNREACHABLE\x10\x03\x12\x15\n\x11\x43\x41USE_KV_CAPACITY\x10\x04\x12\x15\n\x11\x43\x41USE_BAD_REQUEST\x10\x05\x12\x12\n\x0e\x43\x41USE_DEADLINE\x10\x06\x12\x11\n\rCAUSE_ABORTED\x10\x07\x12\x12\n\x0e\x43\x41USE_DRAINING\x10\x08\x12!\n\x1d\x43\x41USE_DECODE_NODE_UNREACHABLE\x10\t2\xe2\x01\n\x04Node\x12N\n\x08Generate\x12 .pdserve.node.v1.GenerateRequest\x1a\x1e.pdserve.node.v1.GenerateChunk0\x01\x12\x42\n\x05Stats\x12\x1d.pdserve.node.v1.StatsRequest\x1a\x1a.pdserve.node.v1.NodeStats\x12\x46\n\x05\x44rain\x12\x1d.pdserve.node.v1.DrainRequest\x1a\x1e.pdserve.node.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\x0fpdserve.node.v1\"\xc8\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x02\x88\x01\x01\x12\x42\n\nlogit_bias\x18\x10 \x03(\x0b\x32..pdserve.node.v1.SamplingParams.LogitBiasEntry\x12.\n\x07grammar\x18\x14 \x01(\x0b\x32\x18.pdserve.node.v1.GrammarH\x03\x88\x01\x01\x12\x1d\n\x15resumed_output_tokens\x18\x15 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\n\n\x08_grammar\"%\n\x07Grammar\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"L\n\rPrefillTarget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x03 \x01(\t\"\x92\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.pdserve.node.v1.SamplingParams\x12\x34\n\x07prefill\x18\x04 \x01(\x0b\x32\x1e.pdserve.node.v1.PrefillTargetH\x00\x88\x01\x01\x12\x1c\n\x14resumed_output_chars\x18\x06 \x01(\r\x12\x1d\n\x15\x66irst_token_timeout_s\x18\x07 \x01(\x01\x12\x19\n\x11silence_timeout_s\x18\x08 \x01(\x01\x42\n\n\x08_prefillJ\x04\x08\x05\x10\x06\"y\n\rSampledTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0f\n\x07top_ids\x18\x05 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xba\x01\n\x10SpeculateMetrics\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x01 \x01(\r\x12\x17\n\x0frejected_tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x61\x63\x63\x65pt_ratio\x18\x03 \x01(\x02\x12\x1d\n\x15\x61verage_accept_length\x18\x04 \x01(\x02\x12 \n\x18\x61\x63\x63\x65pted_tokens_per_head\x18\x05 \x03(\r\x12\x1d\n\x15\x61\x63\x63\x65pt_ratio_per_head\x18\x06 \x03(\x02\"V\n\nTimingInfo\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01\"\x84\x03\n\rGenerateChunk\x12.\n\x06tokens\x18\x01 \x01(\x0b\x32\x1e.pdserve.node.v1.SampledTokens\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.pdserve.node.v1.Usage\x12<\n\x11speculate_metrics\x18\x06 \x01(\x0b\x32!.pdserve.node.v1.SpeculateMetrics\x12+\n\x06timing\x18\x07 \x01(\x0b\x32\x1b.pdserve.node.v1.TimingInfo\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x37\n\x0fprompt_logprobs\x18\t \x01(\x0b\x32\x1e.pdserve.node.v1.SampledTokens\x12,\n\x05\x63\x61use\x18\x14 \x01(\x0e\x32\x1d.pdserve.node.v1.FailureCause\x12\x16\n\x0e\x66\x61iled_node_id\x18\x15 \x01(\t\"\x0e\n\x0cStatsRequest\"\xce\x01\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x02\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\x12\"\n\x1aunreachable_peer_addresses\x18\x14 \x03(\t\"\x0e\n\x0c\x44rainRequest\"3\n\rDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x10\n\x08inflight\x18\x02 \x01(\r*\x92\x02\n\x0c\x46\x61ilureCause\x12\x15\n\x11\x43\x41USE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x41USE_DECODE_NODE_FAILED\x10\x01\x12\x1d\n\x19\x43\x41USE_PREFILL_PEER_FAILED\x10\x02\x12\"\n\x1e\x43\x41USE_PREFILL_PEER_UNREACHABLE\x10\x03\x12\x15\n\x11\x43\x41USE_KV_CAPACITY\x10\x04\x12\x15\n\x11\x43\x41USE_BAD_REQUEST\x10\x05\x12\x12\n\x0e\x43\x41USE_DEADLINE\x10\x06\x12\x11\n\rCAUSE_ABORTED\x10\x07\x12\x12\n\x0e\x43\x41USE_DRAINING\x10\x08\x12!\n\x1d\x43\x41USE_DECODE_NODE_UNREACHABLE\x10\t2\xb0\x02\n\x04Node\x12N\n\x08Generate\x12 .pdserve.node.v1.GenerateRequest\x1a\x1e.pdserve.node.v1.GenerateChunk0\x01\x12L\n\x08\x43omplete\x12 .pdserve.node.v1.GenerateRequest\x1a\x1e.pdserve.node.v1.GenerateChunk\x12\x42\n\x05Stats\x12\x1d.pdserve.node.v1.StatsRequest\x1a\x1a.pdserve.node.v1.NodeStats\x12\x46\n\x05\x44rain\x12\x1d.pdserve.node.v1.DrainRequest\x1a\x1e.pdserve.node.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FAILURECAUSE']._serialized_start=2097
-  _globals['_FAILURECAUSE']._serialized_end=2371
+  _globals['_FAILURECAUSE']._serialized_start=2157
+  _globals['_FAILURECAUSE']._serialized_end=2431
   _globals['_SAMPLINGPARAMS']._serialized_start=32
   _globals['_SAMPLINGPARAMS']._serialized_end=616
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=514
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLTARGET']._serialized_start=657
   _globals['_PREFILLTARGET']._serialized_end=733
   _globals['_GENERATEREQUEST']._serialized_start=736
-  _globals['_GENERATEREQUEST']._serialized_end=968
-  _globals['_SAMPLEDTOKENS']._serialized_start=970
-  _globals['_SAMPLEDTOKENS']._serialized_end=1091
-  _globals['_USAGE']._serialized_start=1093
-  _globals['_USAGE']._serialized_end=1150
-  _globals['_SPECULATEMETRICS']._serialized_start=1153
-  _globals['_SPECULATEMETRICS']._serialized_end=1339
-  _globals['_TIMINGINFO']._serialized_start=1341
-  _globals['_TIMINGINFO']._serialized_end=1409
-  _globals['_GENERATECHUNK']._serialized_start=1412
-  _globals['_GENERATECHUNK']._serialized_end=1800
-  _globals['_STATSREQUEST']._serialized_start=1802
-  _globals['_STATSREQUEST']._serialized_end=1816
-  _globals['_NODESTATS']._serialized_start=1819
-  _globals['_NODESTATS']._serialized_end=2025
-  _globals['_DRAINREQUEST']._serialized_start=2027
-  _globals['_DRAINREQUEST']._serialized_end=2041
-  _globals['_DRAINRESPONSE']._serialized_start=2043
-  _globals['_DRAINRESPONSE']._serialized_end=2094
-  _globals['_NODE']._serialized_start=2374
-  _globals['_NODE']._serialized_end=2600
+  _globals['_GENERATEREQUEST']._serialized_end=1010
+  _globals['_SAMPLEDTOKENS']._serialized_start=1012
+  _globals['_SAMPLEDTOKENS']._serialized_end=1133
+  _globals['_USAGE']._serialized_start=1135
+  _globals['_USAGE']._serialized_end=1192
+  _globals['_SPECULATEMETRICS']._serialized_start=1195
+  _globals['_SPECULATEMETRICS']._serialized_end=1381
+  _globals['_TIMINGINFO']._serialized_start=1383
+  _globals['_TIMINGINFO']._serialized_end=1469
+  _globals['_GENERATECHUNK']._serialized_start=1472
+  _globals['_GENERATECHUNK']._serialized_end=1860
+  _globals['_STATSREQUEST']._serialized_start=1862
+  _globals['_STATSREQUEST']._serialized_end=1876
+  _globals['_NODESTATS']._serialized_start=1879
+  _globals['_NODESTATS']._serialized_end=2085
+  _globals['_DRAINREQUEST']._serialized_start=2087
+  _globals['_DRAINREQUEST']._serialized_end=2101
+  _globals['_DRAINRESPONSE']._serialized_start=2103
+  _globals['_DRAINRESPONSE']._serialized_end=2154
+  _globals['_NODE']._serialized_start=2434
+  _globals['_NODE']._serialized_end=2738
 # @@protoc_insertion_point(module_scope)

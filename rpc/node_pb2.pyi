@@ -96,20 +96,22 @@ class PrefillTarget(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., data_address: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill", "merge_chunks", "resumed_output_chars")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill", "resumed_output_chars", "first_token_timeout_s", "silence_timeout_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
-    MERGE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_OUTPUT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    SILENCE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     prefill: PrefillTarget
-    merge_chunks: bool
     resumed_output_chars: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PrefillTarget, _Mapping]] = ..., merge_chunks: _Optional[bool] = ..., resumed_output_chars: _Optional[int] = ...) -> None: ...
+    first_token_timeout_s: float
+    silence_timeout_s: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PrefillTarget, _Mapping]] = ..., resumed_output_chars: _Optional[int] = ..., first_token_timeout_s: _Optional[float] = ..., silence_timeout_s: _Optional[float] = ...) -> None: ...
 
 class SampledTokens(_message.Message):
     __slots__ = ("token_ids", "logprobs", "ranks", "top_k", "top_ids", "top_logprobs")
@@ -152,14 +154,16 @@ class SpeculateMetrics(_message.Message):
     def __init__(self, accepted_tokens: _Optional[int] = ..., rejected_tokens: _Optional[int] = ..., accept_ratio: _Optional[float] = ..., average_accept_length: _Optional[float] = ..., accepted_tokens_per_head: _Optional[_Iterable[int]] = ..., accept_ratio_per_head: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TimingInfo(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "transfer_s")
+    __slots__ = ("queue_s", "prefill_s", "transfer_s", "decode_s")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_S_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     transfer_s: float
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ...) -> None: ...
+    decode_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("tokens", "text", "finish_reason", "usage", "speculate_metrics", "timing", "error", "prompt_logprobs", "cause", "failed_node_id")

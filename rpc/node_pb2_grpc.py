@@ -39,6 +39,11 @@ class NodeStub:
                 request_serializer=node__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=node__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Complete = channel.unary_unary(
+                '/pdserve.node.v1.Node/Complete',
+                request_serializer=node__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=node__pb2.GenerateChunk.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/pdserve.node.v1.Node/Stats',
                 request_serializer=node__pb2.StatsRequest.SerializeToString,
@@ -63,6 +68,17 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Complete(self, request, context):
+        """The same request answered whole, for a caller that reads it whole (a non-streaming HTTP request):
+        the chunks Generate would stream, merged into one. One gRPC message in each direction costs the
+        caller a fraction of a stream's. The node bounds the wait itself (first_token_timeout_s,
+        silence_timeout_s); a failure after the first token answers the tokens made so far with the
+        error, so the caller can continue from them elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -81,6 +97,11 @@ def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
+                    request_deserializer=node__pb2.GenerateRequest.FromString,
+                    response_serializer=node__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Complete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Complete,
                     request_deserializer=node__pb2.GenerateRequest.FromString,
                     response_serializer=node__pb2.GenerateChunk.SerializeToString,
             ),
@@ -120,6 +141,33 @@ class Node:
             request,
             target,
             '/pdserve.node.v1.Node/Generate',
+            node__pb2.GenerateRequest.SerializeToString,
+            node__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.node.v1.Node/Complete',
             node__pb2.GenerateRequest.SerializeToString,
             node__pb2.GenerateChunk.FromString,
             options,

@@ -188,6 +188,41 @@ def test_abort_mid_decode_frees_blocks(nodes: dict[str, Node], prompts: dict[str
         prefill.stats(), decode.stats())
 
 
+# -- 3b. Complete: the same request answered whole ----------------------------------------------------------
+
+@pytest.mark.parametrize("route", ["pd", "mixed"])
+def test_complete_answers_what_generate_streams(nodes: dict[str, Node], prompts: dict[str, list[int]],
+                                               route: str) -> None:
+    head = nodes["decode"] if route == "pd" else nodes["mixed"]
+    prefill = nodes["prefill_shm"].target() if route == "pd" else None
+    params = sampling(24, temperature=0.8, seed=7, logprobs=2)
+    def request(tag: str) -> pb.GenerateRequest:
+        return pb.GenerateRequest(request_id=rid(tag), prompt_token_ids=prompts["medium"], sampling=params,
+                                  prefill=prefill)
+
+    chunks = list(head.stub.Generate(request("stream"), timeout=30.0))
+    answer = head.stub.Complete(request("whole"), timeout=30.0)
+    assert list(answer.tokens.token_ids) == [t for c in chunks for t in c.tokens.token_ids]
+    assert answer.text == "".join(c.text for c in chunks)
+    streamed_logprobs = [lp for c in chunks for lp in c.tokens.logprobs]
+    assert list(answer.tokens.logprobs) == pytest.approx(streamed_logprobs, abs=1e-5)
+    assert answer.finish_reason == chunks[-1].finish_reason == "length"
+    assert answer.usage == chunks[-1].usage and answer.timing.prefill_s > 0 and answer.timing.decode_s > 0
+
+
+def test_complete_past_its_first_token_bound_is_a_deadline_and_frees_blocks(
+        nodes: dict[str, Node], prompts: dict[str, list[int]]) -> None:
+    prefill, decode = nodes["prefill_shm"], nodes["decode"]
+    very_long = (prompts["long"] * 8)[:1500]  # ~24 prefill steps: its first token takes longer than 50 ms
+    answer = decode.stub.Complete(pb.GenerateRequest(
+        request_id=rid("whole-late"), prompt_token_ids=very_long, sampling=sampling(4),
+        prefill=prefill.target(), first_token_timeout_s=0.05, silence_timeout_s=10.0), timeout=30.0)
+    assert answer.finish_reason == "error" and answer.cause == pb.CAUSE_DEADLINE
+    assert "no first token within 0.05 s" in answer.error and not answer.tokens.token_ids
+    assert wait_until(lambda: prefill.all_blocks_free() and decode.all_blocks_free(), 2.0), (
+        prefill.stats(), decode.stats())
+
+
 # -- 4. validation and an unreachable prefill node ----------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [

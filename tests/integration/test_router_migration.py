@@ -91,9 +91,9 @@ def test_a_stream_that_fails_mid_way_continues_on_other_nodes_without_a_seam() -
 
 
 def test_a_non_streaming_request_gets_one_whole_body_across_migrations() -> None:
-    # the stubs merge chunks for a non-streaming caller and fail holding the second: each try gets one
-    # token to the router, the last continuation (2 tokens left) finishes
-    behavior = dict(tokens=5, fail_after_chunks=2)
+    # each Complete answer carries two tokens and an engine failure: the router continues from them
+    # elsewhere, and the last continuation (one token left) finishes
+    behavior = dict(tokens=5, error_after_chunks=2)
     with StubNodeServer("a", behavior=StubBehavior(**behavior)) as a, \
             StubNodeServer("b", behavior=StubBehavior(**behavior)) as b, BackgroundRouter(_config()) as r:
         register_with_router(r.url, a.info())
@@ -101,12 +101,38 @@ def test_a_non_streaming_request_gets_one_whole_body_across_migrations() -> None
         response = httpx.post(r.url + "/v1/completions", timeout=20, json={
             "model": MODEL, "prompt": "def f(", "max_tokens": 5, "temperature": 0})
         assert response.status_code == 200, response.text
-        prompt = list(_node_requests(a, b)[0].prompt_token_ids)
+        requests = _node_requests(a, b)
+        prompt = list(requests[0].prompt_token_ids)
         body = response.json()
         assert body["choices"][0]["text"] == _expected_text(prompt, 5)
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"]["prompt_tokens"] == len(prompt) and body["usage"]["completion_tokens"] == 5
-        assert a.counters.calls + b.counters.calls == 4
+        assert [req.sampling.resumed_output_tokens for req in requests] == [0, 2, 4]
+        metrics = httpx.get(r.url + "/metrics").text
+        assert _metric(metrics, 'pdserve_router_migrations_total{cause="decode_node_failed"}') == 2.0
+
+
+def test_a_non_streaming_request_whose_node_dies_mid_way_is_retried_whole() -> None:
+    # the call itself fails (the node died): its tokens never reached the router, so the next try
+    # starts over, with the same seed, and the client gets what an undisturbed run gives
+    with StubNodeServer("a", behavior=StubBehavior(tokens=6, fail_after_chunks=3)) as a, \
+            StubNodeServer("b", behavior=StubBehavior(tokens=6)) as b, BackgroundRouter(_config()) as r:
+        register_with_router(r.url, a.info())
+        register_with_router(r.url, b.info())
+        texts = []
+        for _ in range(2):  # round robin: one of the two requests goes to the failing node first
+            response = httpx.post(r.url + "/v1/completions", timeout=20, json={
+                "model": MODEL, "prompt": "def f(", "max_tokens": 6, "temperature": 0.8})
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["finish_reason"] == "length"
+            texts.append(response.json()["choices"][0]["text"])
+        prompt = list(b.counters.requests[0].prompt_token_ids)
+        assert texts == [_expected_text(prompt, 6)] * 2
+        assert a.counters.calls >= 1 and a.counters.completed == 0
+        retried = [req for req in b.counters.requests if "/retry-" in req.request_id]
+        assert retried and all(req.sampling.resumed_output_tokens == 0 for req in retried)
+        failed = a.counters.requests[0]
+        assert failed.sampling.HasField("seed") and retried[0].sampling.seed == failed.sampling.seed
 
 
 def test_migrations_are_bounded_then_the_stream_ends_with_an_error_event() -> None:

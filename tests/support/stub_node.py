@@ -27,7 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from pdserve.common.tokens import SampledTokens
 from pdserve.node.registry_client import Heartbeater, registry_client_for
 from pdserve.rpc import node_pb2, node_pb2_grpc
-from pdserve.rpc.chunks import merged_chunks
+from pdserve.rpc.chunks import whole_answer
 from pdserve.rpc.convert import tokens_to_proto
 from pdserve.rpc.keepalive import SERVER_OPTIONS
 from pdserve.rpc.registry import HEARTBEAT_PATH, NodeInfo, RegistryAuth, Role
@@ -57,11 +57,13 @@ class StubBehavior:
     tokens_per_chunk: int = 1  # >1 imitates speculative decoding's multi-token steps
     token_delay_s: float = 0.0
     first_token_delay_s: float = 0.0
-    fail_first_calls: int = 0  # this many Generate calls abort with UNAVAILABLE before any chunk
+    fail_first_calls: int = 0  # this many calls abort with UNAVAILABLE before any chunk
     error_first_chunk: bool = False  # every call answers with a finish_reason "error" chunk
-    error_calls: int = 0  # this many Generate calls (the first ones) answer with an error chunk
+    error_calls: int = 0  # this many calls (the first ones) answer with an error chunk
     error_cause: int = 0  # the FailureCause on error chunks; a prefill peer cause names the request's peer
-    fail_after_chunks: int | None = None  # abort with INTERNAL after this many chunks
+    fail_after_chunks: int | None = None  # abort with INTERNAL after this many chunks (the node died)
+    # after this many chunks, an error chunk (CAUSE_DECODE_NODE_FAILED: the engine died, the node lives)
+    error_after_chunks: int | None = None
     hang: bool = False  # never answer
     speculate: bool = True  # report speculate_metrics on the last chunk
     reported_waiting: int = 0  # what Stats says is queued (load the router reads only from Stats)
@@ -94,6 +96,17 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
 
     async def Generate(self, request: node_pb2.GenerateRequest,  # noqa: N802 - the gRPC method name
                        context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.GenerateChunk]:
+        async for chunk in self._counted(request, context):
+            yield chunk
+
+    async def Complete(self, request: node_pb2.GenerateRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> node_pb2.GenerateChunk:
+        # the decode node's own merge and timeouts (decode_node/server.py)
+        return await whole_answer(self._counted(request, context), request.first_token_timeout_s,
+                                  request.silence_timeout_s)
+
+    async def _counted(self, request: node_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.GenerateChunk]:
         b = self.behavior
         self.counters.calls += 1
         self.counters.requests.append(request)
@@ -101,11 +114,10 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure before the first chunk")
         self.running += 1
         try:
-            chunks = self._chunks(request, b, context)
-            async for chunk in (merged_chunks(chunks) if request.merge_chunks else chunks):
+            async for chunk in self._chunks(request, b, context):
                 yield chunk
             self.counters.completed += 1
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the call was cancelled, or Complete timed out
             self.counters.cancelled += 1
             raise
         finally:
@@ -131,6 +143,10 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
         while sent < total:
             if b.fail_after_chunks is not None and chunks >= b.fail_after_chunks:
                 await context.abort(grpc.StatusCode.INTERNAL, "injected failure mid-stream")
+            if b.error_after_chunks is not None and chunks >= b.error_after_chunks:
+                yield node_pb2.GenerateChunk(finish_reason="error", cause=node_pb2.CAUSE_DECODE_NODE_FAILED,
+                                             error="injected engine failure mid-stream")
+                return
             if sent and b.token_delay_s:
                 await asyncio.sleep(b.token_delay_s)
             ids = [stub_token(prompt, start + i) for i in range(sent, min(sent + b.tokens_per_chunk, total))]
