@@ -197,6 +197,34 @@ class ChaosCluster:
         stop_nodes([node], check=False)
         return code
 
+    # -- placement ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def router_on_its_own_core(self) -> Iterator[set[int]]:
+        """For the block, the router (and this process, the light client that times it) run on CPU 0
+        and every other process of the cluster on the other CPUs, as a router host has CPUs of its own:
+        on a 2-core machine the nodes' engines would otherwise take the router's CPU, and their load
+        would be timed as the router's. Yields the CPUs for processes started in the block
+        (``pin(pid, cpus)``); every affinity is restored after. With one CPU it changes nothing."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            yield set(cpus)
+            return
+        router_cpu, others = {cpus[0]}, set(cpus[1:])
+        placed = {self.router.process.pid: router_cpu, os.getpid(): router_cpu}
+        if self.redis is not None and self.redis.process is not None:
+            placed[self.redis.process.pid] = others
+        for node in self.nodes.values():
+            for pid in {node.process.pid, node.engine_pid, *descendants(node.process.pid)}:
+                placed[pid] = others
+        for pid, where in placed.items():
+            pin(pid, where)
+        try:
+            yield others
+        finally:
+            for pid in [*placed, *descendants(os.getpid())]:
+                pin(pid, set(cpus))
+
     # -- faults --------------------------------------------------------------------------------------
 
     def kill9(self, pid: int) -> float:
@@ -296,6 +324,13 @@ def shm_used_bytes() -> int:
     """Bytes in use on /dev/shm (tmpfs counts files that are deleted but still mapped)."""
     stat = os.statvfs(SHM_DIR)
     return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` on ``cpus`` (sched_setaffinity acts on one thread); gone ones are skipped."""
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.sched_setaffinity(int(task.name), cpus)
 
 
 def descendants(pid: int) -> list[int]:

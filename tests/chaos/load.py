@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -151,9 +152,12 @@ class _ClientProcess:
     slowness: a 4 MB prompt's JSON encoding, or 128 SSE streams read while another burst is timed.
     Outcome times are CLOCK_MONOTONIC, the same in every process."""
 
-    def __init__(self, mode: str, url: str, count: int, shape: RequestShape) -> None:
+    def __init__(self, mode: str, url: str, count: int, shape: RequestShape,
+                 cpus: set[int] | None = None) -> None:
         argv = [sys.executable, "-m", "pdserve.tests.chaos.load", mode, url, str(count)]
-        self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        place = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+        self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                         preexec_fn=place)
         assert self._process.stdin is not None and self._process.stdout is not None
         # the shape on stdin: a 4 MB prompt is beyond what one argv string may hold
         self._process.stdin.write(json.dumps(dataclasses.asdict(shape)) + "\n")
@@ -179,8 +183,8 @@ class ProcessLoad(_ClientProcess):
 class ProcessBurst(_ClientProcess):
     """wire_burst in a process of its own, sent once it is ready; result() waits for its outcomes."""
 
-    def __init__(self, url: str, count: int, shape: RequestShape) -> None:
-        super().__init__("burst", url, count, shape)
+    def __init__(self, url: str, count: int, shape: RequestShape, cpus: set[int] | None = None) -> None:
+        super().__init__("burst", url, count, shape, cpus)
 
     def result(self) -> list[Outcome]:
         return self._outcomes()

@@ -374,26 +374,27 @@ def test_kill9_decode_node(cluster: ChaosCluster, report) -> None:
 def test_overload_200_concurrent_on_1p1d(cluster: ChaosCluster, report) -> None:
     assert cluster.router.wait_usable(1, 1, 10.0)
     shape = RequestShape(PROMPT, max_tokens=32)
-    bound = "excess: 429, p50 < 150 ms, each < 300 ms; no admitted stream silent > 5 s"
-    with report("200 concurrent on 1P1D", bound) as row:
+    bound = "excess: 429 within 50 ms each; no admitted stream silent > 5 s"
+    # The router on a core of its own, the nodes and the first wave's clients on the other: a router
+    # host has CPUs of its own, and on two shared cores the engines' decoding of 64 streams would take
+    # the router's CPU and be timed as the router's slowness (with everything sharing both cores, the
+    # last of the 72 refusals came 36-250 ms after its request).
+    with report("200 concurrent on 1P1D", bound) as row, cluster.router_on_its_own_core() as client_cpus:
         # 128 at once fill the cluster (64 running + 64 queued on 1P1D); a second later, while they
         # stream, 72 more arrive at a full cluster: those are the excess, refused at the door. The
         # first wave's own refusals (if it overfills) queue behind its admissions on the router's
         # loop: reported in the figure, bounded by "no hang" only. The first wave's clients run in a
         # process of their own: reading its 128 streams here would hold the GIL the excess is timed with.
-        first_wave = ProcessBurst(cluster.router.url, 128, shape)
+        first_wave = ProcessBurst(cluster.router.url, 128, shape, cpus=client_cpus)
         time.sleep(1.0)
         excess = wire_burst(cluster.router.url, 72, shape)
         outcomes = first_wave.result() + excess
         row.count(outcomes)
         refused = [o for o in outcomes if o.kind == "failed"]
         admitted = [o for o in outcomes if o.kind == "ok"]
-        # An excess request admitted because a stream ended meanwhile is fine; a refusal must be a fast
-        # 429. The 72 arrive in one instant and the router's one loop answers them in turn, between
-        # the relays of 64 streams: on two shared cores the last answer came 36-90 ms after its
-        # request in most runs, 159-254 ms in a few (p50 25-96 ms). Issue #14 asks for 50 ms each, which
-        # this host does not hold; the suite holds what it measures here and the table shows the figures.
-        late = [o for o in excess if o.kind == "failed" and (o.status != 429 or o.latency_s >= 0.3)]
+        # an excess request admitted because a stream ended meanwhile is fine; a refusal must be a
+        # fast 429
+        late = [o for o in excess if o.kind == "failed" and (o.status != 429 or o.latency_s >= 0.05)]
         silent = max((o.max_gap_s for o in admitted), default=0.0)
         excess_s = [o.latency_s for o in excess if o.kind == "failed"]
         excess_p50_ms, excess_max_ms = median(excess_s or [0.0]) * 1000, max(excess_s, default=0.0) * 1000
@@ -402,7 +403,6 @@ def test_overload_200_concurrent_on_1p1d(cluster: ChaosCluster, report) -> None:
                       f"longest silence {silent:.1f} s")
         assert row.hung == 0
         assert late == [], [(o.status, round(o.latency_s, 3), o.error[:80]) for o in late][:3]
-        assert excess_p50_ms < 150.0, f"excess 429 p50 {excess_p50_ms:.0f} ms"
         assert silent <= 5.0, f"an admitted stream was silent {silent:.1f} s"
 
 
