@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PAIR_CHECK_S = 0.25  # how often a try waiting for its first chunk checks that its pair can still talk
+MIGRATION_ROUTE_WAIT_S = 3.0  # a health pass (2 s) and a check's timeout (1 s), the router's defaults
+ROUTE_POLL_S = 0.1
 
 
 class StreamFailed(RuntimeError):
@@ -158,6 +160,21 @@ class Dispatcher:
         avoid.clear()
         return self._pool.pick(prepared.prompt_token_ids, avoid, keep_decode)
 
+    async def _route(self, prepared: Prepared, avoid: set[str], keep_decode: str | None,
+                     migration: int) -> Route:
+        """A route now; a migration (a client with part of its answer) waits up to
+        MIGRATION_ROUTE_WAIT_S for one: right after the failure that started it, the one node that
+        could take it may be briefly out of rotation (ejected by an at-once health check that timed
+        out under load, back at the next pass)."""
+        deadline = asyncio.get_running_loop().time() + MIGRATION_ROUTE_WAIT_S
+        while True:
+            try:
+                return self._pick(prepared, avoid, keep_decode)
+            except NoRoute:
+                if migration == 0 or asyncio.get_running_loop().time() >= deadline:
+                    raise
+            await asyncio.sleep(ROUTE_POLL_S)
+
     async def generate(self, prepared: Prepared) -> AsyncIterator[node_pb2.GenerateChunk]:
         """Chunks of one request; raises APIError (before any chunk) or StreamFailed (after one)."""
         original = prepared = _with_seed(prepared)
@@ -228,7 +245,7 @@ class Dispatcher:
                 backoff = self._retry.backoff_s * 2 ** (attempt - 1)
                 await asyncio.sleep(min(backoff, self._retry.max_backoff_s))
             try:
-                route = self._pick(prepared, avoid, keep_decode)
+                route = await self._route(prepared, avoid, keep_decode, migration)
             except NoRoute as e:
                 if attempt == 0:  # nothing can serve it now: answer at once rather than back off
                     raise APIError(503, f"no node can serve the request: {e}", None, "no_capacity",

@@ -4,6 +4,7 @@ uninterrupted stream (text, logprobs, usage, finish reason); the number of migra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -133,6 +134,25 @@ def test_a_non_streaming_request_whose_node_dies_mid_way_is_retried_whole() -> N
         assert retried and all(req.sampling.resumed_output_tokens == 0 for req in retried)
         failed = a.counters.requests[0]
         assert failed.sampling.HasField("seed") and retried[0].sampling.seed == failed.sampling.seed
+
+
+def test_a_migration_waits_for_a_node_briefly_out_of_rotation() -> None:
+    # the only node fails the stream as unreachable: it is ejected, and back at the next health pass
+    # (1 s here); the migration waits for it instead of failing the half-sent stream
+    behavior = StubBehavior(tokens=4, error_after_chunks=2,
+                            error_cause=node_pb2.CAUSE_DECODE_NODE_UNREACHABLE)
+    config = dataclasses.replace(_config(), health=HealthConfig(interval_s=1.0, timeout_s=1.0, eject_after=1))
+    with StubNodeServer("a", behavior=behavior) as a, BackgroundRouter(config) as r:
+        register_with_router(r.url, a.info())
+        events = _stream(r, {"max_tokens": 4, "temperature": 0})
+        assert events[-1] == "[DONE]"
+        payloads = [e for e in events[:-1] if isinstance(e, dict) and e.get("choices")]
+        prompt = list(a.counters.requests[0].prompt_token_ids)
+        assert "".join(p["choices"][0]["text"] for p in payloads) == _expected_text(prompt, 4)
+        assert payloads[-1]["choices"][0]["finish_reason"] == "length"
+        assert a.counters.calls == 2
+        metrics = httpx.get(r.url + "/metrics").text
+        assert "pdserve_router_node_ejections_total 1.0" in metrics
 
 
 def test_migrations_are_bounded_then_the_stream_ends_with_an_error_event() -> None:

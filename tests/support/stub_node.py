@@ -62,7 +62,8 @@ class StubBehavior:
     error_calls: int = 0  # this many calls (the first ones) answer with an error chunk
     error_cause: int = 0  # the FailureCause on error chunks; a prefill peer cause names the request's peer
     fail_after_chunks: int | None = None  # abort with INTERNAL after this many chunks (the node died)
-    # after this many chunks, an error chunk (CAUSE_DECODE_NODE_FAILED: the engine died, the node lives)
+    # after this many chunks, an error chunk (error_cause, else CAUSE_DECODE_NODE_FAILED: the engine
+    # died, the node lives)
     error_after_chunks: int | None = None
     hang: bool = False  # never answer
     speculate: bool = True  # report speculate_metrics on the last chunk
@@ -144,7 +145,8 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
             if b.fail_after_chunks is not None and chunks >= b.fail_after_chunks:
                 await context.abort(grpc.StatusCode.INTERNAL, "injected failure mid-stream")
             if b.error_after_chunks is not None and chunks >= b.error_after_chunks:
-                yield node_pb2.GenerateChunk(finish_reason="error", cause=node_pb2.CAUSE_DECODE_NODE_FAILED,
+                cause = b.error_cause or node_pb2.CAUSE_DECODE_NODE_FAILED
+                yield node_pb2.GenerateChunk(finish_reason="error", cause=cause,
                                              error="injected engine failure mid-stream")
                 return
             if sent and b.token_delay_s:
