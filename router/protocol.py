@@ -57,19 +57,22 @@ def unsupported_fields(req: _Body) -> list[str]:
     """Every field of ``req`` that is set but not implemented, as a dotted path
     (``logit_bias``, ``messages[1].tool_calls``, ``stream_options.continuous_usage_stats``)."""
     names = list(req.set_extra_fields())
-    options = getattr(req, "stream_options", None)
+    # declared fields only (``vars``): getattr would also find an undeclared field of that name (a
+    # ``tools`` list sent to /v1/completions, already named above) and raise for a missing one
+    declared = vars(req)
+    options = declared.get("stream_options")
     if options is not None:
         names += [f"stream_options.{name}" for name in options.set_extra_fields()]
-    response_format = getattr(req, "response_format", None)
+    response_format = declared.get("response_format")
     if response_format is not None:
         names += [f"response_format.{name}" for name in response_format.set_extra_fields()]
         if response_format.json_schema is not None:
             names += [f"response_format.json_schema.{name}"
                       for name in response_format.json_schema.set_extra_fields()]
-    for i, tool in enumerate(getattr(req, "tools", None) or ()):
+    for i, tool in enumerate(declared.get("tools") or ()):
         names += [f"tools[{i}].{name}" for name in tool.set_extra_fields()]
         names += [f"tools[{i}].function.{name}" for name in tool.function.set_extra_fields()]
-    for i, message in enumerate(getattr(req, "messages", None) or ()):
+    for i, message in enumerate(declared.get("messages") or ()):
         names += [f"messages[{i}].{name}" for name in message.set_extra_fields()]
         if isinstance(message.content, list):
             # a non-text part is refused for its type (``prepare``), not for its payload's field

@@ -113,6 +113,10 @@ def test_chat_top_logprobs_needs_logprobs(preparer: Preparer) -> None:
     ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
     ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
      "stream_options.continuous_usage_stats"),
+    # chat's fields sent to /v1/completions are undeclared there: named, never read as chat's
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "messages"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_unimplemented_completion_fields_are_refused_by_name(preparer: Preparer, body: dict[str, object],
                                                             param: str) -> None:
