@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 # check) keep it out for as long as either cannot reach the other; this covers the time until those
 # reports arrive, and is short so a healed pair serves again within seconds.
 BROKEN_PAIR_HOLD_S = 2.0
+MAX_ANSWER_BYTES = 256 << 20
+
+
+def node_channel_options(health: HealthConfig) -> list[tuple[str, int]]:
+    """The router's channel to a node: no proxy (node addresses are internal, and an env proxy would
+    add a hop to every token), no 4 MiB cap on a message (a non-streaming answer is one, and a long
+    output or an echoed long prompt with top-20 logprobs carries ~170 bytes per token), and HTTP/2
+    keepalive pings (rpc/keepalive.py)."""
+    return [("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
+            *client_options(health.ping_interval_s, health.ping_timeout_s)]
 
 
 class NoRoute(RuntimeError):
@@ -238,10 +248,7 @@ class NodePool:
     def _channel(self, address: str) -> _Channel:
         entry = self._channels.get(address)
         if entry is None:
-            # no proxies: node addresses are internal, and an env proxy would add a hop to every token
-            options = [("grpc.enable_http_proxy", 0),
-                       *client_options(self._health.ping_interval_s, self._health.ping_timeout_s)]
-            channel = grpc.aio.insecure_channel(address, options=options)
+            channel = grpc.aio.insecure_channel(address, options=node_channel_options(self._health))
             entry = _Channel(channel, NodeClient(node_pb2_grpc.NodeStub(channel), self._call_metadata),
                              health_pb2_grpc.HealthStub(channel))
             self._channels[address] = entry

@@ -3,15 +3,19 @@ ejection and re-admission, drain, client disconnect cancelling the node call, ad
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
 
+import grpc
 import httpx
 import pytest
 
 from pdserve.router.config import AdmissionConfig, HealthConfig, PolicyConfig, RetryConfig, RouterConfig
+from pdserve.router.nodes import node_channel_options
 from pdserve.router.server import BackgroundRouter
+from pdserve.rpc import node_pb2, node_pb2_grpc
 from pdserve.tests.support.secret import TEST_SECRET
 from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, register_with_router
 
@@ -215,3 +219,21 @@ def test_no_node_is_a_fast_503() -> None:
                               json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
         assert response.json()["error"]["type"] == "service_unavailable_error"
+
+
+def test_a_complete_answer_over_4_mib_reaches_the_router() -> None:
+    # one message holds a whole non-streaming answer: 40,000 tokens with top-20 logprobs is ~5 MB,
+    # past gRPC's default 4 MiB receive limit
+    behavior = StubBehavior(tokens=40_000, tokens_per_chunk=2000, speculate=False)
+    request = node_pb2.GenerateRequest(request_id="big", prompt_token_ids=[5],
+                                       sampling=node_pb2.SamplingParams(max_tokens=40_000, logprobs=20))
+
+    async def ask(address: str) -> node_pb2.GenerateChunk:
+        options = node_channel_options(HealthConfig())
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            return await node_pb2_grpc.NodeStub(channel).Complete(request, timeout=60)
+
+    with StubNodeServer("a", behavior=behavior) as a:
+        answer = asyncio.run(ask(a.address))
+    assert answer.ByteSize() > 4 << 20 and len(answer.tokens.token_ids) == 40_000
+    assert answer.finish_reason == "length"
