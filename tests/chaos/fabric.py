@@ -201,17 +201,17 @@ class ChaosCluster:
 
     @contextlib.contextmanager
     def router_on_its_own_core(self) -> Iterator[set[int]]:
-        """For the block, the router (and this process, the light client that times it) run on CPU 0
-        and every other process of the cluster on the other CPUs, as a router host has CPUs of its own:
-        on a 2-core machine the nodes' engines would otherwise take the router's CPU, and their load
-        would be timed as the router's. Yields the CPUs for processes started in the block
-        (``pin(pid, cpus)``); every affinity is restored after. With one CPU it changes nothing."""
+        """For the block, the router runs on CPU 0 and every other process of the cluster (this one
+        and its clients too) on the other CPUs, as a router host has CPUs of its own: on a 2-core
+        machine the nodes' engines would otherwise take the router's CPU, and their load would be timed
+        as the router's. Yields the CPUs for client processes started in the block; every affinity is
+        restored after. With one CPU it changes nothing."""
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             yield set(cpus)
             return
         router_cpu, others = {cpus[0]}, set(cpus[1:])
-        placed = {self.router.process.pid: router_cpu, os.getpid(): router_cpu}
+        placed = {self.router.process.pid: router_cpu, os.getpid(): others}
         if self.redis is not None and self.redis.process is not None:
             placed[self.redis.process.pid] = others
         for node in self.nodes.values():

@@ -153,9 +153,15 @@ class _ClientProcess:
     Outcome times are CLOCK_MONOTONIC, the same in every process."""
 
     def __init__(self, mode: str, url: str, count: int, shape: RequestShape,
-                 cpus: set[int] | None = None) -> None:
+                 cpus: set[int] | None = None, nice: int = 0) -> None:
         argv = [sys.executable, "-m", "pdserve.tests.chaos.load", mode, url, str(count)]
-        place = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+
+        def place() -> None:  # in the child, before it runs: its CPUs and its scheduling priority
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+            if nice:
+                os.nice(nice)
+
         self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                          preexec_fn=place)
         assert self._process.stdin is not None and self._process.stdout is not None
@@ -183,8 +189,9 @@ class ProcessLoad(_ClientProcess):
 class ProcessBurst(_ClientProcess):
     """wire_burst in a process of its own, sent once it is ready; result() waits for its outcomes."""
 
-    def __init__(self, url: str, count: int, shape: RequestShape, cpus: set[int] | None = None) -> None:
-        super().__init__("burst", url, count, shape, cpus)
+    def __init__(self, url: str, count: int, shape: RequestShape, cpus: set[int] | None = None,
+                 nice: int = 0) -> None:
+        super().__init__("burst", url, count, shape, cpus, nice)
 
     def result(self) -> list[Outcome]:
         return self._outcomes()
