@@ -3,8 +3,8 @@ hand the engine the first token.
 
     Generate -> engine ReserveRequest -> KVReserved(block ids) -> reservation in the KV endpoint
              -> PrefillTask to P (our block ids, our data address, a lease; renewed while waiting)
-             <- KV chunks (zmq frames, or in-place notices after P wrote our shared pool)
-             <- FirstToken, strictly after the last chunk (same connection)
+             <- KV chunks (zmq frames, or in-place notices after P wrote our shared pool); the last
+                chunk's header carries the FirstToken (an error comes as a FirstToken of its own)
              -> engine RemoteKVReady(first token, drafts): the request decodes on here.
 
 The inbox thread that receives a good FirstToken for a complete reservation tells the engine at once
@@ -210,7 +210,7 @@ class RemotePrefill:
     def _check_complete(self, request_id: str) -> None:
         reservation = self.endpoint.reservations.get(request_id)
         if reservation is None or not reservation.complete:
-            # FirstToken travels behind the last chunk: this means chunks were rejected on the way.
+            # FirstToken travels with or behind the last chunk: this means chunks were rejected.
             self.metrics.kv_failures.labels(reason="incomplete").inc()
             raise RemotePrefillError("the prefill node's KV did not all arrive", pb.CAUSE_PREFILL_PEER_FAILED)
 
@@ -277,9 +277,20 @@ class RemotePrefill:
     # -- data-plane events (inbox thread -> event loop) -------------------------------------------------
 
     def _from_inbox_thread(self, event) -> None:
+        if isinstance(event, ChunkResult):
+            self._on_chunk(event)  # counters and a log line: no turn of the loop between chunk and token
+            return
         if isinstance(event, FirstToken):
             self._tell_engine_early(event)
         self._loop.call_soon_threadsafe(self._on_event, event)
+
+    def _on_chunk(self, result: ChunkResult) -> None:
+        """On the inbox thread (prometheus metrics are thread-safe)."""
+        if result.accepted:
+            self.metrics.kv_bytes.labels(direction="in", transport="any").inc(result.nbytes)
+        else:
+            self.metrics.kv_failures.labels(reason=str(result.reason)).inc()
+            log.warning("rejected a KV chunk of %r: %s", result.request_id, result.reason)
 
     def _tell_engine_early(self, first: FirstToken) -> None:
         """On the inbox thread: a good first token for a request whose KV all arrived goes to the
@@ -297,13 +308,7 @@ class RemotePrefill:
         pending.engine_told = True
 
     def _on_event(self, event) -> None:
-        if isinstance(event, ChunkResult):
-            if event.accepted:
-                self.metrics.kv_bytes.labels(direction="in", transport="any").inc(event.nbytes)
-            else:
-                self.metrics.kv_failures.labels(reason=str(event.reason)).inc()
-                log.warning("rejected a KV chunk of %r: %s", event.request_id, event.reason)
-        elif isinstance(event, FirstToken):
+        if isinstance(event, FirstToken):
             pending = self._pending.get(event.request_id)
             if pending is not None and not pending.first_token.done():
                 pending.first_token.set_result(event)
