@@ -3,8 +3,8 @@ hand the engine the first token.
 
     Generate -> engine ReserveRequest -> KVReserved(block ids) -> reservation in the KV endpoint
              -> PrefillTask to P (our block ids, our data address, a lease; renewed while waiting)
-             <- KV chunks (zmq frames, or in-place notices after P wrote our shared pool)
-             <- FirstToken, strictly after the last chunk (same connection)
+             <- KV chunks (zmq frames, or in-place notices after P wrote our shared pool); the last
+                chunk's header carries the FirstToken (an error comes as a FirstToken of its own)
              -> engine RemoteKVReady(first token, drafts): the request decodes on here.
 
 The inbox thread that receives a good FirstToken for a complete reservation tells the engine at once
@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from pdserve.common.kv_cache import KVCacheSpec
@@ -84,6 +86,11 @@ class PendingPrefill:
     peer_address: str = ""
     task_sent: bool = False  # the peer took the PrefillTask: losing the peer now fails the request
     engine_told: bool = False  # the inbox thread sent the engine kv_ready (set before first_token is)
+    # The PrefillTask's send, queued by the reader thread once the engine reserved our blocks; from
+    # `abandoned` on, none is queued any more (under `lock`: the reader thread and the loop both look).
+    task_send: Future[None] | None = None
+    abandoned: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class RemotePrefill:
@@ -135,19 +142,18 @@ class RemotePrefill:
                       num_extra_tokens: int) -> tuple[RequestHandle, FirstToken]:
         """Reserve blocks, have the peer fill them; returns the engine handle (now decoding) and the
         peer's first token. Raises RemotePrefillError; on any failure our blocks are freed."""
-        handle = self.bridge.reserve(request_id, prompt, params, num_extra_tokens)
-        pending = PendingPrefill(self._loop.create_future(), handle, peer_address=peer_address)
+        pending = PendingPrefill(self._loop.create_future(), peer_address=peer_address)
+
+        def on_reserved(reserved: KVReserved) -> None:  # on the bridge's reader thread
+            self._send_task(pending, request_id, prompt, params, reserved.block_ids)
+
+        handle = pending.handle = self.bridge.reserve(request_id, prompt, params, num_extra_tokens,
+                                                      on_reserved=on_reserved)
         self._pending[request_id] = pending
         try:
-            block_ids = await self._reserved_blocks(handle)
-            self.endpoint.reservations.reserve(request_id, block_ids, len(prompt), self._reservation_lease_s)
-            task = PrefillTask(
-                request_id=request_id, prompt_token_ids=tuple(prompt), sampling=params,
-                block_ids=tuple(block_ids), decode_node_id=self.config.node_id,
-                kv_target=self.endpoint.target(), lease_ms=int(self.config.kv_lease_s * 1000),
-            )
+            await self._reserved_blocks(handle)
             try:
-                await self._send(peer_address, task)
+                await asyncio.wrap_future(pending.task_send)
             except TransferError as exc:
                 pending.peer_address = ""  # P never got the task: nothing to abort, nothing it writes
                 raise RemotePrefillError(f"prefill node {peer_address} is unreachable: {exc}",
@@ -166,6 +172,27 @@ class RemotePrefill:
         if not pending.engine_told:
             self.bridge.kv_ready(handle, first.token, list(first.draft_token_ids))
         return handle, first
+
+    def _send_task(self, pending: PendingPrefill, request_id: str, prompt: list[int], params: SamplingParams,
+                   block_ids: list[int]) -> None:
+        """On the bridge's reader thread, as the engine's reservation lands: register it and queue the
+        signed PrefillTask on the peer's thread, with no turn of the event loop in between. Nothing is
+        sent for a request already abandoned (its blocks may be another's by now)."""
+        with pending.lock:
+            if pending.abandoned:
+                return
+            try:
+                lease_s = self._reservation_lease_s
+                self.endpoint.reservations.reserve(request_id, block_ids, len(prompt), lease_s)
+                task = PrefillTask(
+                    request_id=request_id, prompt_token_ids=tuple(prompt), sampling=params,
+                    block_ids=tuple(block_ids), decode_node_id=self.config.node_id,
+                    kv_target=self.endpoint.target(), lease_ms=int(self.config.kv_lease_s * 1000),
+                )
+                pending.task_send = self._submit(pending.peer_address, task)
+            except Exception as exc:  # the event loop raises it; the reader thread must go on
+                pending.task_send = Future()
+                pending.task_send.set_exception(exc)
 
     async def _reserved_blocks(self, handle: RequestHandle) -> list[int]:
         item = await handle.items.get()
@@ -210,12 +237,15 @@ class RemotePrefill:
     def _check_complete(self, request_id: str) -> None:
         reservation = self.endpoint.reservations.get(request_id)
         if reservation is None or not reservation.complete:
-            # FirstToken travels behind the last chunk: this means chunks were rejected on the way.
+            # FirstToken travels with or behind the last chunk: this means chunks were rejected.
             self.metrics.kv_failures.labels(reason="incomplete").inc()
             raise RemotePrefillError("the prefill node's KV did not all arrive", pb.CAUSE_PREFILL_PEER_FAILED)
 
     async def abandon(self, request_id: str, handle: RequestHandle, pending: PendingPrefill | None) -> None:
         """Stop the peer, wait for it to confirm (bounded), then free our blocks."""
+        if pending is not None:
+            with pending.lock:
+                pending.abandoned = True  # no PrefillTask goes out from now on
         if pending is not None and pending.peer_address:
             try:
                 # One bound for send and confirmation: a send to a dead peer blocks until the send
@@ -277,9 +307,20 @@ class RemotePrefill:
     # -- data-plane events (inbox thread -> event loop) -------------------------------------------------
 
     def _from_inbox_thread(self, event) -> None:
+        if isinstance(event, ChunkResult):
+            self._on_chunk(event)  # counters and a log line: no turn of the loop between chunk and token
+            return
         if isinstance(event, FirstToken):
             self._tell_engine_early(event)
         self._loop.call_soon_threadsafe(self._on_event, event)
+
+    def _on_chunk(self, result: ChunkResult) -> None:
+        """On the inbox thread (prometheus metrics are thread-safe)."""
+        if result.accepted:
+            self.metrics.kv_bytes.labels(direction="in", transport="any").inc(result.nbytes)
+        else:
+            self.metrics.kv_failures.labels(reason=str(result.reason)).inc()
+            log.warning("rejected a KV chunk of %r: %s", result.request_id, result.reason)
 
     def _tell_engine_early(self, first: FirstToken) -> None:
         """On the inbox thread: a good first token for a request whose KV all arrived goes to the
@@ -297,13 +338,7 @@ class RemotePrefill:
         pending.engine_told = True
 
     def _on_event(self, event) -> None:
-        if isinstance(event, ChunkResult):
-            if event.accepted:
-                self.metrics.kv_bytes.labels(direction="in", transport="any").inc(event.nbytes)
-            else:
-                self.metrics.kv_failures.labels(reason=str(event.reason)).inc()
-                log.warning("rejected a KV chunk of %r: %s", event.request_id, event.reason)
-        elif isinstance(event, FirstToken):
+        if isinstance(event, FirstToken):
             pending = self._pending.get(event.request_id)
             if pending is not None and not pending.first_token.done():
                 pending.first_token.set_result(event)
@@ -316,9 +351,13 @@ class RemotePrefill:
             log.warning("dropped a malformed data-plane message: %s", event.reason)
 
     async def _send(self, address: str, message: PrefillTask | LeaseRenewal | Abort) -> None:
+        await asyncio.wrap_future(self._submit(address, message))
+
+    def _submit(self, address: str, message: PrefillTask | LeaseRenewal | Abort) -> Future[None]:
+        """Queue `message` on the peer's thread, from any thread."""
         if self._signer is not None:  # signed per send: each carries a fresh nonce and expiry
             message = self._signer.sign(message)
-        await self._peers.send(address, message)
+        return self._peers.submit(address, lambda peer: peer.send(message))
 
 
 def fail_expired(reservations: KVReservations, pending: Mapping[str, PendingPrefill],

@@ -1,7 +1,10 @@
 """The asyncio side of an engine process, for node servers.
 
 One reader thread blocks on the engine's record stream and hands each request's records to that
-request's asyncio queue; the event loop never blocks on the engine. Requests are named by their
+request's asyncio queue, or, for a request started with an `on_item` callback, to that callback on the
+reader thread itself (a prefill node queues its KV pushes from there without a turn of the event
+loop; a decode node likewise sends its PrefillTask from an `on_reserved` callback as its engine's
+reservation lands); the event loop never blocks on the engine. Requests are named by their
 request id, the node's one id for them: a request stays in the bridge's one map until the engine's
 last record for it (its finish, or its rejection), so a late record can never reach a newer request
 that reuses the id, and a request id the engine still knows is refused.
@@ -48,11 +51,21 @@ class EngineGone:
 BridgeItem = RequestOutput | RequestRejected | KVReserved | PrefillProgress | EngineGone
 
 
+ItemCallback = Callable[[BridgeItem], None]
+ReservedCallback = Callable[[KVReserved], None]
+
+
 @dataclass
 class RequestHandle:
     request_id: str
     prompt_len: int
     items: asyncio.Queue[BridgeItem] = field(default_factory=asyncio.Queue)
+    # When set, the request's items go here, on the reader thread, instead of to `items`: it must
+    # neither block nor raise (every other request's records wait behind it).
+    on_item: ItemCallback | None = None
+    # When set, called on the reader thread with the request's KVReserved before `items` gets it; the
+    # same rules apply.
+    on_reserved: ReservedCallback | None = None
 
 
 class EngineBridge:
@@ -93,18 +106,21 @@ class EngineBridge:
         return self._start(request_id, prompt_token_ids,
                            lambda: self.client.generate(request_id, prompt_token_ids, params))
 
-    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
-        """Prefill node: PrefillProgress per chunk, then the FINISHED_PREFILLED output (first token)."""
+    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                on_item: ItemCallback | None = None) -> RequestHandle:
+        """Prefill node: PrefillProgress per chunk, then the FINISHED_PREFILLED output (first token);
+        to `on_item` on the reader thread when given (see RequestHandle.on_item)."""
         return self._start(request_id, prompt_token_ids,
-                           lambda: self.client.prefill(request_id, prompt_token_ids, params))
+                           lambda: self.client.prefill(request_id, prompt_token_ids, params), on_item)
 
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                num_extra_tokens: int) -> RequestHandle:
-        """Decode node: KVReserved (or RequestRejected), then after `kv_ready` the request's outputs."""
+                num_extra_tokens: int, on_reserved: ReservedCallback | None = None) -> RequestHandle:
+        """Decode node: KVReserved (or RequestRejected), then after `kv_ready` the request's outputs;
+        `on_reserved` sees the KVReserved first, on the reader thread (see RequestHandle.on_reserved)."""
         def send() -> None:
             self.client.reserve(request_id, prompt_token_ids, params, num_extra_tokens)
 
-        return self._start(request_id, prompt_token_ids, send)
+        return self._start(request_id, prompt_token_ids, send, on_reserved=on_reserved)
 
     def kv_ready(self, handle: RequestHandle, first: SampledTokens, draft_token_ids: list[int]) -> None:
         self.client.kv_ready(handle.request_id, first, draft_token_ids)
@@ -126,13 +142,16 @@ class EngineBridge:
         except EngineError:
             pass  # the engine is gone: its requests are gone with it
 
-    def _start(self, request_id: str, prompt_token_ids: list[int], send: Callable[[], None]) -> RequestHandle:
+    def _start(self, request_id: str, prompt_token_ids: list[int], send: Callable[[], None],
+               on_item: ItemCallback | None = None,
+               on_reserved: ReservedCallback | None = None) -> RequestHandle:
         if not self.alive:
             raise EngineError(self.failure or "engine process is not running")
         with self._lock:
             if request_id in self._handles:
                 raise RequestIdInUse(f"request id {request_id!r} is still in use on this node")
-            handle = RequestHandle(request_id, len(prompt_token_ids))
+            handle = RequestHandle(request_id, len(prompt_token_ids), on_item=on_item,
+                                   on_reserved=on_reserved)
             self._handles[request_id] = handle
         try:
             send()
@@ -172,7 +191,7 @@ class EngineBridge:
                 if self.on_stats is not None:
                     self.on_stats(record)
             elif isinstance(record, KVReserved):
-                self._deliver(record.request_id, record, final=False)
+                self._reserved(record)
             elif isinstance(record, RequestRejected):
                 self._deliver(record.request_id, record, final=True)
             elif isinstance(record, EngineFailed):
@@ -185,13 +204,26 @@ class EngineBridge:
             else:
                 log.warning("unexpected engine record %s ignored", type(record).__name__)
 
+    def _reserved(self, record: KVReserved) -> None:
+        with self._lock:
+            handle = self._handles.get(record.request_id)
+        if handle is not None and handle.on_reserved is not None:
+            handle.on_reserved(record)
+        self._deliver(record.request_id, record, final=False)
+
     def _deliver(self, request_id: str, item: BridgeItem, final: bool) -> None:
         with self._lock:
             handle = self._handles.pop(request_id, None) if final else self._handles.get(request_id)
         if handle is None:
             log.debug("record for unknown request %r dropped", request_id)
             return
-        self._loop.call_soon_threadsafe(handle.items.put_nowait, item)
+        self._hand(handle, item)
+
+    def _hand(self, handle: RequestHandle, item: BridgeItem) -> None:
+        if handle.on_item is not None:
+            handle.on_item(item)
+        else:
+            self._loop.call_soon_threadsafe(handle.items.put_nowait, item)
 
     def _fail(self, message: str) -> None:
         if self._stopping:
@@ -203,4 +235,4 @@ class EngineBridge:
         with self._lock:
             handles, self._handles = list(self._handles.values()), {}
         for handle in handles:
-            self._loop.call_soon_threadsafe(handle.items.put_nowait, EngineGone(message))
+            self._hand(handle, EngineGone(message))

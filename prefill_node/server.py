@@ -1,6 +1,6 @@
 """The prefill node: takes PrefillTasks from decode nodes, prefills, and pushes the KV into the decode
 node's reserved blocks chunk by chunk while prefill continues; the FirstToken (token id, raw logprob,
-rank, top-k) follows the request's last KV chunk on the same connection.
+rank, top-k) travels in the header of the request's last KV chunk.
 
 A task is checked (signature, draining, transport) and handed to the engine on the inbox thread that
 received it, so the prefill starts without waiting for a turn of the event loop; the loop then owns
@@ -9,7 +9,9 @@ live request ids, under a lock, so a duplicate task never reaches the engine.
 
 Every send (KV chunks, FirstToken, Abort acks) to a decode peer goes through that peer's own thread:
 ZMQ sockets belong to one thread, a memcpy of a large chunk must not stall the event loop (gRPC,
-other requests), and a dead peer delays only its own requests.
+other requests), and a dead peer delays only its own requests. The engine's records of a task go from
+the bridge's reader thread straight to that thread (prefill_node/kv_push.py), which pushes each
+computed span and then the FirstToken; the loop waits for the outcome and then frees the blocks.
 
 Liveness: our connection to each decode peer runs heartbeats (transfer/channel.py). When it goes down
 (the decode node was killed, or is cut off), every job for that peer is aborted at once and its
@@ -26,14 +28,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import msgspec
-
 from pdserve.common.kv_cache import KVCacheSpec
-from pdserve.engine.protocol import PrefillProgress, RequestOutput, RequestRejected
-from pdserve.engine.request import RequestStatus
-from pdserve.node.engine_bridge import EngineGone, RequestHandle
+from pdserve.node.engine_bridge import RequestHandle
 from pdserve.node.engine_client import EngineError
 from pdserve.node.server import NodeConfig, NodeServer
+from pdserve.prefill_node.kv_push import KVPush, PrefillFailed
 from pdserve.rpc import node_pb2 as pb
 from pdserve.transfer.auth import MessageVerifier
 from pdserve.transfer.channel import Inbox, TransferError
@@ -47,45 +46,34 @@ from pdserve.transfer.messages import (
     FirstToken,
     LeaseRenewal,
     PrefillTask,
-    PrefillTimings,
 )
-from pdserve.transfer.peers import Peer, PeerSenders
-from pdserve.transfer.transport import KVChunker, check_compatible, choose_transport, local_host_id
+from pdserve.transfer.peers import PeerSenders
+from pdserve.transfer.transport import check_compatible, choose_transport, local_host_id
 
 log = logging.getLogger("pdserve.prefill")
 
-DELIVERY_TIMEOUT_S = 30.0  # a KV chunk's frames not released by libzmq by then: the transfer failed
-DELIVERY_POLL_S = 0.1  # how often a delivery wait checks that its peer is still up
 POOL_SWEEP_S = 2.0  # how often pools of exited decode peers are looked for and unmapped
 PEER_FORGET_S = 60.0  # a decode peer down this long is closed
 
 
-class PrefillFailed(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass(frozen=True)
 class TaskStart:
-    """What the inbox thread did with a genuine task: the engine request it started (and the transport
-    its KV takes), or why it could not start one."""
+    """What the inbox thread did with a genuine task: the engine request it started and the push its
+    records drive, or why it could not start one."""
 
     received_at: float
     handle: RequestHandle | None = None
-    kind: str = ""
+    push: KVPush | None = None
     failure: PrefillFailed | None = None
 
 
 @dataclass
 class PrefillJob:
     task: PrefillTask
-    received_at: float
     deadline: float  # lease: dropped unless renewed (monotonic seconds)
     handle: RequestHandle | None = None
+    push: KVPush | None = None
     aborted: bool = False
-    started_at: float = 0.0
-    transfer_s: float = 0.0
     runner: asyncio.Task | None = field(default=None, repr=False)
 
 
@@ -185,8 +173,9 @@ class PrefillNodeServer(NodeServer):
         try:
             if self.draining:
                 raise PrefillFailed(ErrorCode.OVERLOADED, f"prefill node {self.config.node_id} is draining")
-            kind = self._transport_for(task)
-            return TaskStart(received_at, self._submit(task), kind)
+            push = KVPush(task, self._transport_for(task), self.kv_spec, self.pool, self._peers, self.metrics,
+                          received_at)
+            return TaskStart(received_at, self._submit(task, push), push)
         except PrefillFailed as exc:
             return TaskStart(received_at, failure=exc)
 
@@ -212,9 +201,8 @@ class PrefillNodeServer(NodeServer):
         if start is None:
             log.warning("duplicate PrefillTask %s ignored", task.request_id)
             return
-        received = start.received_at
-        job = PrefillJob(task, received_at=received, deadline=received + task.lease_ms / 1000,
-                         handle=start.handle, started_at=received)
+        job = PrefillJob(task, deadline=start.received_at + task.lease_ms / 1000, handle=start.handle,
+                         push=start.push)
         self.jobs[task.request_id] = job
         self._peers.heard_from(task.kv_target.address)
         job.runner = self._loop.create_task(self._run(job, start))
@@ -226,9 +214,7 @@ class PrefillNodeServer(NodeServer):
         try:
             if start.failure is not None:
                 raise start.failure
-            chunker = KVChunker(task.request_id, task.block_ids, len(task.prompt_token_ids),
-                                self.kv_spec.num_layers, self.kv_spec.block_size)
-            await self._prefill_and_push(job, start.kind, chunker)
+            await asyncio.wrap_future(job.push.outcome)
             self.metrics.outcome("prefilled")
         except PrefillFailed as exc:
             self._fail(job, exc.code, str(exc))
@@ -242,68 +228,12 @@ class PrefillNodeServer(NodeServer):
             with self._live_ids_lock:
                 self._live_ids.discard(task.request_id)
 
-    def _submit(self, task: PrefillTask) -> RequestHandle:
+    def _submit(self, task: PrefillTask, push: KVPush) -> RequestHandle:
         try:
-            return self.bridge.prefill(task.request_id, list(task.prompt_token_ids), task.sampling)
+            return self.bridge.prefill(task.request_id, list(task.prompt_token_ids), task.sampling,
+                                       on_item=push.on_item)
         except EngineError as exc:
             raise PrefillFailed(ErrorCode.PREFILL_FAILED, str(exc)) from exc
-
-    async def _prefill_and_push(self, job: PrefillJob, kind: str, chunker: KVChunker) -> None:
-        """Follow the engine's progress, pushing each newly computed span. The engine reports the last
-        chunk's progress right before the output with the first token: that span and the FirstToken go
-        out together, in one job on the peer's thread."""
-        last_span: PrefillProgress | None = None
-        while True:
-            item = await job.handle.items.get()
-            if job.aborted:
-                raise PrefillFailed(ErrorCode.ABORTED, "aborted")
-            if isinstance(item, PrefillProgress):
-                if item.num_computed_tokens < len(job.task.prompt_token_ids):
-                    await self._push(job, kind, chunker, item.block_ids, item.num_computed_tokens)
-                else:
-                    last_span = item
-            elif isinstance(item, (RequestRejected, EngineGone)):
-                raise PrefillFailed(ErrorCode.PREFILL_FAILED, item.message)
-            elif item.status is RequestStatus.FINISHED_PREFILLED:
-                if last_span is None:
-                    raise PrefillFailed(ErrorCode.PREFILL_FAILED, "first token before the prompt's last KV")
-                await self._push(job, kind, chunker, last_span.block_ids, last_span.num_computed_tokens,
-                                 then=item)
-                return
-            else:
-                # PREEMPTED: blocks already pushed may have been reused; ABORTED/ERROR: gone.
-                raise PrefillFailed(ErrorCode.PREFILL_FAILED, f"prefill {item.status.name.lower()}")
-
-    async def _push(self, job: PrefillJob, kind: str, chunker: KVChunker, block_table: list[int],
-                    token_end: int, then: RequestOutput | None = None) -> None:
-        """Push the span up to token_end; with `then` (the prefilled output), its FirstToken follows on
-        the same thread and connection once the span is delivered, its timings counting this push."""
-        chunk = chunker.next_chunk(block_table, token_end)
-        target = job.task.kv_target
-        started = time.monotonic()
-
-        def send(peer: Peer) -> int:  # on the decode peer's own thread
-            try:
-                sender = peer.kv_sender(kind, target, self.kv_spec)
-            except TransferError as exc:  # e.g. its pool cannot be mapped: the task cannot be served
-                raise PrefillFailed(ErrorCode.INVALID_TASK, str(exc)) from exc
-            delivery = sender.send_chunk(chunk, self.pool)
-            # The source blocks are released after the FirstToken; zero-copy frames must be gone first.
-            deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-            while not delivery.wait(DELIVERY_POLL_S):
-                if peer.down or time.monotonic() > deadline:
-                    raise TransferError(f"KV chunk of {chunk.request_id} not taken by the peer "
-                                        f"({'it is down' if peer.down else 'in time'})")
-            if then is not None:
-                timings = _timings(job, pushing_s=time.monotonic() - started)
-                peer.send(_first_token(job.task.request_id, then, timings))
-            return delivery.nbytes
-
-        nbytes = await self._peers.run(target.address, send)
-        elapsed = time.monotonic() - started
-        job.transfer_s += elapsed
-        self.metrics.kv_bytes.labels(direction="out", transport=kind).inc(nbytes)
-        self.metrics.kv_seconds.labels(direction="out", transport=kind).inc(elapsed)
 
     # -- failures and leases ---------------------------------------------------------------------------
 
@@ -311,7 +241,7 @@ class PrefillNodeServer(NodeServer):
         job.aborted = True
         if job.handle is not None:
             self.bridge.abort(job.handle)
-            job.handle.items.put_nowait(EngineGone(reason))  # wake the runner
+            job.push.stop(reason)  # ends the runner's wait behind any copy already under way
         elif job.runner is not None:
             job.runner.cancel()
 
@@ -378,24 +308,4 @@ class PrefillNodeServer(NodeServer):
         except TransferError as exc:
             raise PrefillFailed(ErrorCode.INVALID_TASK, str(exc)) from exc
         return kind
-
-
-def _first_token(request_id: str, prefilled: RequestOutput, timings: PrefillTimings) -> FirstToken:
-    token = prefilled.tokens
-    if not token.valid_logprobs():
-        # float32 rounding can put a near-certain token's logprob a hair above 0: the wire wants <= 0.
-        token = msgspec.structs.replace(token, logprobs=[min(x, 0.0) for x in token.logprobs],
-                                        top_logprobs=[min(x, 0.0) for x in token.top_logprobs])
-    return FirstToken(request_id=request_id, token=token, draft_token_ids=tuple(prefilled.draft_token_ids),
-                      timings=timings)
-
-
-def _timings(job: PrefillJob, pushing_s: float = 0.0) -> PrefillTimings:
-    """Where the request's time went so far; pushing_s: a push under way, not yet in job.transfer_s."""
-    now = time.monotonic()
-    queue_ms = max(0.0, (job.started_at - job.received_at) * 1000)
-    total_ms = max(0.0, (now - job.started_at) * 1000)
-    transfer_ms = min((job.transfer_s + pushing_s) * 1000, total_ms)
-    return PrefillTimings(queue_ms=queue_ms, prefill_ms=total_ms - transfer_ms, transfer_ms=transfer_ms)
-
 

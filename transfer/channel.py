@@ -1,8 +1,9 @@
 """ZMQ endpoints of the data plane: an `Outbox` (PUSH, connects) and an `Inbox` (PULL, binds, one thread).
 
 A ZMQ message is `[wire message, *payload frames]`; ZMQ delivers multipart messages whole and, per
-connection, in order, which is what lets a prefill node send `FirstToken` right behind a request's
-last KV chunk on the same outbox: when D handles the FirstToken, every chunk before it is handled.
+connection, in order, which is what lets a prefill node send a message right behind a request's KV
+chunks on the same outbox (an error FirstToken, an abort confirmation): when D handles it, every
+chunk before it is handled.
 
 Payload frames go out with `copy=False`: libzmq reads the numpy buffer itself, and the receiver gets
 the frame's memory without a Python-side copy. Each socket belongs to one thread.

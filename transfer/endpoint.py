@@ -1,8 +1,9 @@
 """Decode side of the data plane in one object: pool, reservations, receiver and inbox.
 
 Whatever transport a prefill peer uses, its messages end here: `zmq` chunks carry their payload,
-`shm` chunks arrive as in-place notices after the peer wrote D's shared pool, and `FirstToken`
-follows the last chunk on the same connection. The node server gets every event through one
+`shm` chunks arrive as in-place notices after the peer wrote D's shared pool, and the first token
+rides on the last chunk's header (a failed prefill's `FirstToken` comes as a message of its own,
+on the same connection, after any chunk sent before it). The node server gets every event through one
 callback, on the inbox thread (hand it to the event loop with `loop.call_soon_threadsafe`).
 """
 
@@ -39,7 +40,8 @@ EventCallback = Callable[[InboxEvent], None]
 
 class InboxDispatcher:
     """Decodes inbox messages: KV chunks go to `receiver` (if this node has one) and their results,
-    like every other message, to `on_event`. Runs on the inbox thread."""
+    like every other message, to `on_event`; a chunk's `first_token` follows its result, accepted or
+    not (the decode node then finds the KV incomplete). Runs on the inbox thread."""
 
     def __init__(self, on_event: EventCallback, receiver: KVReceiver | None) -> None:
         self._on_event = on_event
@@ -59,6 +61,8 @@ class InboxDispatcher:
                 self._drop("unexpected_kv_chunk", "this node takes no KV")
                 return
             self._on_event(self._receiver.accept(message, payload))
+            if message.first_token is not None:
+                self._on_event(message.first_token)
         elif payload:
             self._drop("unexpected_payload", f"{type(message).__name__} with {len(payload)} payload frames")
         else:

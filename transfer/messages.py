@@ -22,7 +22,7 @@ from pdserve.common.kv_cache import KVCacheSpec
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.tokens import NO_TOKENS, SampledTokens
 
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 1M-token PrefillTask is ~5 MB of msgpack
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_BLOCKS = 1 << 20
@@ -118,49 +118,6 @@ class PrefillTask(msgspec.Struct, tag="prefill_task", frozen=True):
             raise ValueError("PrefillTask.block_ids must be < kv_target.layout.num_blocks")
 
 
-class KVChunkHeader(msgspec.Struct, tag="kv_chunk", frozen=True):
-    """P -> D: KV of tokens [token_start, token_end) for layers [layer_start, layer_end).
-
-    `block_ids` are D's blocks holding those tokens, in token order (a block partly filled by an
-    earlier chunk is sent again whole). Unless `in_place`, `2 * (layer_end - layer_start)` payload
-    frames follow, one per (layer, K then V), each the chunk's blocks `[n, *block_shape]` in order.
-    `in_place`: the sender already wrote the bytes into D's shared pool (same host), no frames follow.
-    """
-
-    request_id: RequestId
-    seq: Count  # 0, 1, 2, ... per request: D rejects a chunk out of order
-    layer_start: Count
-    layer_end: Positive  # exclusive
-    token_start: Count
-    token_end: Positive  # exclusive
-    block_ids: Annotated[tuple[BlockId, ...], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
-    dtype: DType
-    block_shape: tuple[Positive, Positive, Positive]  # [num_kv_heads, block_size, head_dim]
-    payload_nbytes: Annotated[int, msgspec.Meta(ge=0, lt=2**48)]
-    last: bool  # this chunk completes the request's KV (every layer, every token)
-    in_place: bool = False
-
-    def __post_init__(self) -> None:
-        if self.layer_end <= self.layer_start:
-            raise ValueError("KVChunkHeader.layer_end must be > layer_start")
-        if self.token_end <= self.token_start:
-            raise ValueError("KVChunkHeader.token_end must be > token_start")
-        block_size = self.block_shape[1]
-        expected_blocks = -(-self.token_end // block_size) - self.token_start // block_size
-        if len(self.block_ids) != expected_blocks:
-            raise ValueError(f"KVChunkHeader.block_ids has {len(self.block_ids)} blocks, tokens "
-                             f"[{self.token_start}, {self.token_end}) span {expected_blocks}")
-
-    @property
-    def num_layers(self) -> int:
-        return self.layer_end - self.layer_start
-
-    @property
-    def num_frames(self) -> int:
-        """Payload frames that follow the header (0 when in place)."""
-        return 0 if self.in_place else 2 * self.num_layers
-
-
 class PrefillTimings(msgspec.Struct, frozen=True):
     """Where P spent the request's time, for the TTFT split D reports."""
 
@@ -170,7 +127,8 @@ class PrefillTimings(msgspec.Struct, frozen=True):
 
 
 class FirstToken(msgspec.Struct, tag="first_token", frozen=True):
-    """P -> D, sent only after every KV chunk of the request: the first sampled token, or an error.
+    """P -> D, never before the request's last KV chunk: the first sampled token (carried by that
+    chunk's header, `KVChunkHeader.first_token`), or an error (a message of its own).
 
     `token` is the prefill engine's own record of it (one token, its raw logprob and rank, and the
     top-k the request asked for); the decode engine emits it unchanged as the request's first output.
@@ -202,6 +160,55 @@ class FirstToken(msgspec.Struct, tag="first_token", frozen=True):
     @property
     def ok(self) -> bool:
         return self.error_code == ErrorCode.OK
+
+
+class KVChunkHeader(msgspec.Struct, tag="kv_chunk", frozen=True):
+    """P -> D: KV of tokens [token_start, token_end) for layers [layer_start, layer_end).
+
+    `block_ids` are D's blocks holding those tokens, in token order (a block partly filled by an
+    earlier chunk is sent again whole). Unless `in_place`, `2 * (layer_end - layer_start)` payload
+    frames follow, one per (layer, K then V), each the chunk's blocks `[n, *block_shape]` in order.
+    `in_place`: the sender already wrote the bytes into D's shared pool (same host), no frames follow.
+    `first_token`: only on the `last` chunk, the request's (good) first token, so the request's last
+    KV and its token travel as one message; D takes the token after the chunk, whatever became of it.
+    """
+
+    request_id: RequestId
+    seq: Count  # 0, 1, 2, ... per request: D rejects a chunk out of order
+    layer_start: Count
+    layer_end: Positive  # exclusive
+    token_start: Count
+    token_end: Positive  # exclusive
+    block_ids: Annotated[tuple[BlockId, ...], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
+    dtype: DType
+    block_shape: tuple[Positive, Positive, Positive]  # [num_kv_heads, block_size, head_dim]
+    payload_nbytes: Annotated[int, msgspec.Meta(ge=0, lt=2**48)]
+    last: bool  # this chunk completes the request's KV (every layer, every token)
+    in_place: bool = False
+    first_token: FirstToken | None = None
+
+    def __post_init__(self) -> None:
+        if self.first_token is not None and not (
+                self.last and self.first_token.ok and self.first_token.request_id == self.request_id):
+            raise ValueError("KVChunkHeader.first_token must be the request's good token, on its last chunk")
+        if self.layer_end <= self.layer_start:
+            raise ValueError("KVChunkHeader.layer_end must be > layer_start")
+        if self.token_end <= self.token_start:
+            raise ValueError("KVChunkHeader.token_end must be > token_start")
+        block_size = self.block_shape[1]
+        expected_blocks = -(-self.token_end // block_size) - self.token_start // block_size
+        if len(self.block_ids) != expected_blocks:
+            raise ValueError(f"KVChunkHeader.block_ids has {len(self.block_ids)} blocks, tokens "
+                             f"[{self.token_start}, {self.token_end}) span {expected_blocks}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    @property
+    def num_frames(self) -> int:
+        """Payload frames that follow the header (0 when in place)."""
+        return 0 if self.in_place else 2 * self.num_layers
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):

@@ -7,7 +7,9 @@ a connected peer, so a dead peer is noticed instead of piling messages up); once
 down (its connection lost or refused: channel.ConnectionWatch), sends to it fail at once. With one
 thread per peer address, a dead or stalled peer delays only the requests that involve it. Each Outbox
 (and each KV sender built on it) is created, used and closed on its own peer's thread (ZMQ sockets
-belong to one thread).
+belong to one thread). Work reaches a peer's thread from the event loop (`run`, `send`) or straight
+from another thread (`submit`: a prefill node's engine-record reader queues a KV push without waiting
+for a turn of the loop); either way one peer's work runs in the order it was queued.
 
 A peer stays open through failures, so libzmq keeps reconnecting and `on_liveness(address, up)`
 reports the moment it is back; `retire_down` closes peers down for longer than a given time, so
@@ -20,13 +22,14 @@ peer died or restarted elsewhere), so a prefill node never keeps dead pools' mem
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from pdserve.common.kv_cache import SHM_DIR
-from pdserve.transfer.channel import Outbox
+from pdserve.transfer.channel import Outbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.messages import KVTarget, WireMessage
 from pdserve.transfer.transport import KVSender, ShmKVSender, open_kv_sender
@@ -108,13 +111,16 @@ class Peer:
 
 
 class PeerSenders:
-    """Sends to peers by address, each on its own thread; used from one event loop.
-    `on_liveness(address, up)` hears every peer's connection going down or coming back."""
+    """Sends to peers by address, each on its own thread; used from one event loop, except `submit`,
+    which any thread may call. `on_liveness(address, up)` hears every peer's connection going down or
+    coming back."""
 
     def __init__(self, config: TransferConfig, on_liveness: PeerLivenessCallback | None = None) -> None:
         self._config = config
         self._on_liveness = on_liveness
         self._peers: dict[str, Peer] = {}
+        self._lock = threading.Lock()  # the map: `submit` may run on any thread
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -126,17 +132,28 @@ class PeerSenders:
     async def run(self, address: str, work: Callable[[Peer], T]) -> T:
         """Run `work(peer)` on `address`'s own thread; a TransferError (the peer did not take a send
         in time, or is down) propagates, and the peer stays open to see it come back."""
-        peer = self._peers.get(address)
-        if peer is None:
-            peer = self._peers[address] = Peer(address, self._config, self._on_liveness)
-        return await asyncio.get_running_loop().run_in_executor(peer.thread, work, peer)
+        return await asyncio.wrap_future(self.submit(address, work))
+
+    def submit(self, address: str, work: Callable[[Peer], T]) -> Future[T]:
+        """Queue `work(peer)` on `address`'s own thread, from any thread; the future holds its result or
+        its exception. Raises TransferError once the senders are closed."""
+        with self._lock:
+            peer = self._peer(address)
+            return peer.thread.submit(work, peer)
 
     def heard_from(self, address: str) -> None:
         """`address`'s peer sent us something just now (see Peer.heard_from)."""
+        with self._lock:
+            self._peer(address).heard_from()
+
+    def _peer(self, address: str) -> Peer:
+        """`address`'s peer, opened if new (under the lock)."""
+        if self._closed:
+            raise TransferError("the node is closing its peer connections")
         peer = self._peers.get(address)
         if peer is None:
             peer = self._peers[address] = Peer(address, self._config, self._on_liveness)
-        peer.heard_from()
+        return peer
 
     def knows(self, address: str) -> bool:
         """Whether `address` is a peer of this node (it sent something, or was sent to)."""
@@ -149,21 +166,24 @@ class PeerSenders:
     def retire_down(self, max_down_s: float) -> list[str]:
         """Retire every peer down (or never up) for more than `max_down_s`; returns their addresses."""
         now = time.monotonic()
-        gone = [peer for peer in self._peers.values() if peer.down_for(now) > max_down_s]
-        for peer in gone:
-            self._retire(peer)
+        with self._lock:
+            gone = [peer for peer in self._peers.values() if peer.down_for(now) > max_down_s]
+            for peer in gone:
+                self._retire(peer)
         return [peer.address for peer in gone]
 
     def retire_stale(self) -> list[str]:
         """Retire every peer that maps a pool whose file is gone (its owner exited or restarted), so
         its memory is returned; returns their addresses. A later task to the address opens a new peer."""
-        stale = [peer for peer in self._peers.values()
-                 if any(not (SHM_DIR / name).exists() for name in peer.pools())]
-        for peer in stale:
-            self._retire(peer)
+        with self._lock:
+            stale = [peer for peer in self._peers.values()
+                     if any(not (SHM_DIR / name).exists() for name in peer.pools())]
+            for peer in stale:
+                self._retire(peer)
         return [peer.address for peer in stale]
 
     def _retire(self, peer: Peer) -> None:
+        """Under the lock."""
         if self._peers.get(peer.address) is peer:
             del self._peers[peer.address]
             # Sends already queued on its thread run first (and fail fast or succeed); then it closes.
@@ -173,7 +193,9 @@ class PeerSenders:
     async def close(self) -> None:
         """Close every peer's socket on its own thread and wait for the threads to end."""
         loop = asyncio.get_running_loop()
-        peers, self._peers = list(self._peers.values()), {}
+        with self._lock:
+            self._closed = True
+            peers, self._peers = list(self._peers.values()), {}
         await asyncio.gather(*(loop.run_in_executor(p.thread, p.close) for p in peers))
         for peer in peers:
             peer.thread.shutdown(wait=True)

@@ -10,7 +10,9 @@ sender copies each of its ranks' heads into the peer's ranks that hold them, and
 heads whatever either side's TP size (transfer/head_shards.py).
 
 Both end at the same decode-side receiver (`endpoint.KVEndpoint`), and both send through the
-request's `Outbox`, so a `FirstToken` sent on that outbox after the last chunk reaches D after it.
+request's `Outbox`, so a message sent on that outbox after a chunk reaches D after it. The request's
+first token rides on its last chunk's header (`KVChunkHeader.first_token`): one message, one wake-up
+of D's inbox thread, for the last KV and the token.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -30,7 +32,7 @@ import zmq
 from pdserve.common.kv_cache import SHM_DIR, KVCachePool, KVCacheSpec
 from pdserve.transfer.channel import Outbox, TransferError
 from pdserve.transfer.head_shards import KVRankPools, copy_heads, gather_heads, rank_pools
-from pdserve.transfer.messages import KVChunkHeader, KVTarget
+from pdserve.transfer.messages import FirstToken, KVChunkHeader, KVTarget
 from pdserve.transfer.progress import ChunkRange, KVProgress, blocks_of
 
 
@@ -44,14 +46,15 @@ class KVChunk:
     dst_block_ids: tuple[int, ...]  # the peer's reserved blocks for the same tokens
     last: bool
 
-    def header(self, spec: KVCacheSpec, in_place: bool) -> KVChunkHeader:
+    def header(self, spec: KVCacheSpec, in_place: bool,
+               first_token: FirstToken | None = None) -> KVChunkHeader:
         r = self.range
         nbytes = 2 * (r.layer_end - r.layer_start) * len(self.dst_block_ids) * int(np.prod(spec.block_shape))
         return KVChunkHeader(
             request_id=self.request_id, seq=r.seq, layer_start=r.layer_start, layer_end=r.layer_end,
             token_start=r.token_start, token_end=r.token_end, block_ids=self.dst_block_ids,
             dtype=spec.dtype, block_shape=spec.block_shape, payload_nbytes=nbytes * spec.itemsize,  # type: ignore[arg-type]
-            last=self.last, in_place=in_place)
+            last=self.last, in_place=in_place, first_token=first_token)
 
 
 class KVChunker:
@@ -83,6 +86,9 @@ class KVChunker:
         src = blocks_of(src_block_table, token_start, token_end, self.block_size)
         dst = blocks_of(self.dst_block_ids, token_start, token_end, self.block_size)
         return KVChunk(self.request_id, chunk, src, dst, last)
+
+
+FirstTokenSource = Callable[[], FirstToken]  # builds the token as the last chunk is about to go
 
 
 class Delivery:
@@ -118,8 +124,11 @@ class KVSender(ABC):
         self.spec = local_spec
 
     @abstractmethod
-    def send_chunk(self, chunk: KVChunk, src: KVCachePool | KVRankPools) -> Delivery:
-        """Deliver `chunk` from `src` (this node's pool, or its engine ranks' pools)."""
+    def send_chunk(self, chunk: KVChunk, src: KVCachePool | KVRankPools,
+                   first_token: FirstTokenSource | None = None) -> Delivery:
+        """Deliver `chunk` from `src` (this node's pool, or its engine ranks' pools). On the last chunk,
+        `first_token()` is called once the chunk's bytes are in the peer's pool (shm) or gathered (zmq),
+        and its result travels in the chunk's header."""
 
     def close(self) -> None:  # noqa: B027 - most senders hold nothing beyond the caller's outbox
         """Release what the sender holds (not the outbox, which the caller owns)."""
@@ -142,11 +151,12 @@ class ShmKVSender(KVSender):
             raise TransferError(f"cannot map the decode node's pool {target.shm_name}: {exc}") from exc
         self._dst.prefault()
 
-    def send_chunk(self, chunk: KVChunk, src: KVCachePool | KVRankPools) -> Delivery:
+    def send_chunk(self, chunk: KVChunk, src: KVCachePool | KVRankPools,
+                   first_token: FirstTokenSource | None = None) -> Delivery:
         r = chunk.range
         copy_heads(rank_pools(src).arrays, chunk.src_block_ids, self._dst.arrays, chunk.dst_block_ids,
                    slice(r.layer_start, r.layer_end), self.spec.num_kv_heads)
-        header = chunk.header(self.spec, in_place=True)
+        header = chunk.header(self.spec, in_place=True, first_token=_call(first_token))
         self.outbox.send(header)
         return Delivery(header.payload_nbytes)
 
@@ -157,16 +167,21 @@ class ShmKVSender(KVSender):
 class ZmqKVSender(KVSender):
     """Any host: header + payload frames to the peer's inbox (zero-copy for consecutive block ids)."""
 
-    def send_chunk(self, chunk: KVChunk, src: KVCachePool | KVRankPools) -> Delivery:
+    def send_chunk(self, chunk: KVChunk, src: KVCachePool | KVRankPools,
+                   first_token: FirstTokenSource | None = None) -> Delivery:
         r = chunk.range
         arrays = rank_pools(src).arrays
         frames = [gather_heads(arrays, layer, kv, chunk.src_block_ids, self.spec.num_kv_heads)
                   for layer in range(r.layer_start, r.layer_end) for kv in (0, 1)]
         # A gathered frame is our own copy; only views of the pool need tracking before reuse.
         zero_copy = np.may_share_memory(frames[0], arrays[0])
-        header = chunk.header(self.spec, in_place=False)
+        header = chunk.header(self.spec, in_place=False, first_token=_call(first_token))
         tracker = self.outbox.send(header, frames, track=zero_copy)
         return Delivery(header.payload_nbytes, [tracker] if tracker is not None else [])
+
+
+def _call(first_token: FirstTokenSource | None) -> FirstToken | None:
+    return None if first_token is None else first_token()
 
 
 KV_SENDERS: MappingProxyType[str, type[KVSender]] = MappingProxyType({"shm": ShmKVSender, "zmq": ZmqKVSender})

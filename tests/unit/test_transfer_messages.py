@@ -49,31 +49,36 @@ def prefill_tasks(draw: st.DrawFn) -> PrefillTask:
 
 
 @st.composite
+def first_tokens(draw: st.DrawFn, ids: st.SearchStrategy[str] = request_ids) -> FirstToken:
+    k = draw(st.integers(0, 20))
+    token = SampledTokens([draw(token_ids)], [draw(logprobs)], [draw(st.integers(1, 10**6))], k,
+                          draw(st.lists(token_ids, min_size=k, max_size=k)),
+                          draw(st.lists(logprobs, min_size=k, max_size=k)))
+    return FirstToken(
+        draw(ids), token=token,
+        draft_token_ids=tuple(draw(st.lists(token_ids, max_size=8))),
+        timings=PrefillTimings(draw(st.floats(0, 1e6)), draw(st.floats(0, 1e6)), draw(st.floats(0, 1e6))))
+
+
+@st.composite
 def chunk_headers(draw: st.DrawFn) -> KVChunkHeader:
     block_size = draw(st.integers(1, 16))
     token_start = draw(st.integers(0, 200))
     token_end = draw(st.integers(token_start + 1, token_start + 200))
     n_blocks = -(-token_end // block_size) - token_start // block_size
     layer_start = draw(st.integers(0, 5))
+    request_id = draw(request_ids)
+    last = draw(st.booleans())
+    # the last chunk may carry the request's first token
+    first_token = draw(st.none() | first_tokens(st.just(request_id))) if last else None
     return KVChunkHeader(
-        request_id=draw(request_ids), seq=draw(st.integers(0, 1000)), layer_start=layer_start,
+        request_id=request_id, seq=draw(st.integers(0, 1000)), layer_start=layer_start,
         layer_end=draw(st.integers(layer_start + 1, 8)), token_start=token_start, token_end=token_end,
         block_ids=tuple(draw(st.lists(st.integers(0, 2**31 - 1), min_size=n_blocks, max_size=n_blocks))),
         dtype=draw(st.sampled_from(["float32", "float16", "bfloat16"])),
         block_shape=(draw(st.integers(1, 8)), block_size, draw(st.integers(1, 256))),
-        payload_nbytes=draw(st.integers(0, 2**40)), last=draw(st.booleans()), in_place=draw(st.booleans()))
-
-
-@st.composite
-def first_tokens(draw: st.DrawFn) -> FirstToken:
-    k = draw(st.integers(0, 20))
-    token = SampledTokens([draw(token_ids)], [draw(logprobs)], [draw(st.integers(1, 10**6))], k,
-                          draw(st.lists(token_ids, min_size=k, max_size=k)),
-                          draw(st.lists(logprobs, min_size=k, max_size=k)))
-    return FirstToken(
-        draw(request_ids), token=token,
-        draft_token_ids=tuple(draw(st.lists(token_ids, max_size=8))),
-        timings=PrefillTimings(draw(st.floats(0, 1e6)), draw(st.floats(0, 1e6)), draw(st.floats(0, 1e6))))
+        payload_nbytes=draw(st.integers(0, 2**40)), last=last, in_place=draw(st.booleans()),
+        first_token=first_token)
 
 
 messages = st.one_of(
@@ -176,6 +181,18 @@ def _token(token_id: int = 5, logprob: float = -0.1, rank: int = 1, top_k: int =
 def test_first_token_bounds_are_checked(change: dict[str, object]) -> None:
     base = dict(type="first_token", request_id="r", token=_token())
     assert isinstance(CODEC.decode(_raw(**base)), FirstToken)
+    with pytest.raises(WireError):
+        CODEC.decode(_raw(**(base | change)))
+
+
+@pytest.mark.parametrize("change", [
+    dict(last=False),  # only the last chunk carries the first token
+    dict(first_token=dict(type="first_token", request_id="other", token=_token())),  # another request's
+    dict(first_token=dict(type="first_token", request_id="r", error_code=1)),  # an error travels alone
+])
+def test_a_first_token_rides_only_on_its_requests_last_chunk(change: dict[str, object]) -> None:
+    base = _valid_header_fields() | dict(first_token=dict(type="first_token", request_id="r", token=_token()))
+    assert isinstance(CODEC.decode(_raw(**base)).first_token, FirstToken)  # type: ignore[union-attr]
     with pytest.raises(WireError):
         CODEC.decode(_raw(**(base | change)))
 

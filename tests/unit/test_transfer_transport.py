@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +84,29 @@ def assert_blocks_equal(dst: KVCachePool, dst_ids: list[int], src: KVCachePool, 
         np.testing.assert_array_equal(np.asarray(dst.array[:, :, d]), src.array[:, :, s])
 
 
+def _blocks_equal(dst: KVCachePool, dst_ids: list[int], src: KVCachePool, src_ids: list[int]) -> bool:
+    return all(np.array_equal(np.asarray(dst.array[:, :, d]), src.array[:, :, s])
+               for s, d in zip(src_ids, dst_ids, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["zmq", "shm"])
+def test_a_rejected_last_chunk_still_hands_over_its_first_token(decode: DecodeSide, kind: str) -> None:
+    """The decode node must hear the token to fail the request (its KV is incomplete) at once."""
+    src = prefill_pool(2)
+    outbox = Outbox(decode.endpoint.address, CONFIG)
+    sender = open_kv_sender(kind, outbox, decode.endpoint.target(), SPEC)
+    first = FirstToken("r", token=SampledTokens([7], [-0.25], [1]))
+    try:
+        chunker = KVChunker("r", [1, 2], 8, SPEC.num_layers, SPEC.block_size)  # nothing reserved for "r"
+        sender.send_chunk(chunker.next_chunk([5, 6], 8), src, lambda: first)
+        result = decode.next_event()
+        assert isinstance(result, ChunkResult) and result.reason == RejectReason.UNKNOWN_REQUEST
+        assert decode.next_event() == first
+    finally:
+        sender.close()
+        outbox.close()
+
+
 @pytest.mark.parametrize("kind", ["zmq", "shm"])
 @pytest.mark.parametrize(("src_ids", "dst_ids"), [
     ([0, 1, 2, 3, 4], [10, 11, 12, 13, 14]),  # consecutive: zero-copy frames, one run per copy
@@ -96,13 +120,21 @@ def test_multi_chunk_transfer_delivers_exact_bytes_then_first_token(
     outbox = Outbox(decode.endpoint.address, CONFIG)
     sender = open_kv_sender(kind, outbox, decode.endpoint.target(), SPEC)
     chunker = KVChunker("r", dst_ids, num_tokens, SPEC.num_layers, SPEC.block_size)
+    first = FirstToken("r", token=SampledTokens([7], [-0.25], [1]))
+    built_after_copy = []
+
+    def first_token() -> FirstToken:  # the last chunk's bytes are in place (shm) or gathered by now
+        built_after_copy.append(kind != "shm" or _blocks_equal(decode.pool, dst_ids, src, src_ids))
+        return first
+
     try:
-        for token_end in (6, 13, 19):  # chunk boundaries inside blocks: partial blocks are re-sent
+        for token_end in (6, 13):  # chunk boundaries inside blocks: partial blocks are re-sent
             assert sender.send_chunk(chunker.next_chunk(src_ids, token_end), src).wait(EVENT_TIMEOUT_S)
-        outbox.send(FirstToken("r", token=SampledTokens([7], [-0.25], [1])))
+        assert sender.send_chunk(chunker.next_chunk(src_ids, 19), src, first_token).wait(EVENT_TIMEOUT_S)
         results = [decode.next_event() for _ in range(3)]
         assert [(r.accepted, r.complete) for r in results] == [(True, False), (True, False), (True, True)]
-        assert decode.next_event() == FirstToken("r", token=SampledTokens([7], [-0.25], [1]))
+        assert decode.next_event() == first  # the last chunk's header carried it: after the chunk
+        assert built_after_copy == [True]
     finally:
         sender.close()
         outbox.close()
@@ -358,7 +390,7 @@ def test_inbox_binds_the_configured_interface_and_port(decode: DecodeSide) -> No
     assert decode.endpoint.address.startswith("tcp://127.0.0.1:") and decode.endpoint.inbox.port > 0
     assert decode.endpoint.target() == KVTarget(decode.endpoint.address, local_host_id(), SPEC,
                                                 decode.pool.shm_name)
-    assert WIRE_VERSION == 3
+    assert WIRE_VERSION == 4
 
 
 def test_malloc_tuning_applies_on_glibc_and_can_be_switched_off() -> None:
@@ -369,6 +401,39 @@ def test_malloc_tuning_applies_on_glibc_and_can_be_switched_off() -> None:
 def _mappings(name: str) -> int:
     """How many times this process maps /dev/shm/<name> (also after the file was unlinked)."""
     return sum(name in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_work_submitted_from_any_thread_runs_on_the_peers_thread_in_order(decode: DecodeSide) -> None:
+    """A prefill node's record reader queues pushes with `submit` while its event loop queues sends
+    (abort confirmations) with `run`: one peer's work runs on one thread, in the order it was queued."""
+    async def run() -> None:
+        peers = PeerSenders(CONFIG)
+        address = decode.endpoint.address
+        ran: list[tuple[str, str]] = []
+        gate = threading.Event()
+        try:
+            blocked = peers.submit(address, lambda p: gate.wait(EVENT_TIMEOUT_S))
+            from_thread = []
+            worker = threading.Thread(target=lambda: from_thread.append(peers.submit(
+                address, lambda p: ran.append(("thread", threading.current_thread().name)))))
+            worker.start()
+            worker.join()
+            from_loop = asyncio.ensure_future(peers.run(
+                address, lambda p: ran.append(("loop", threading.current_thread().name))))
+            await asyncio.sleep(0.05)
+            assert ran == []  # both wait behind the blocked work
+            gate.set()
+            await from_loop
+            assert blocked.result() and from_thread[0].result() is None
+            assert [who for who, _ in ran] == ["thread", "loop"]
+            assert len({name for _, name in ran}) == 1 and ran[0][1].startswith("pd-peer")
+        finally:
+            gate.set()
+            await peers.close()
+        with pytest.raises(TransferError):  # closed: nothing more is queued, from any thread
+            peers.submit(address, lambda p: None)
+
+    asyncio.run(run())
 
 
 def test_a_restarted_or_exited_decode_peer_leaves_no_pool_mapped() -> None:
