@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TypeVar
@@ -16,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.router.errors import error_body
+from pdserve.router.json_response import JSONBytes
 from pdserve.router.metrics import RouterMetrics
 
 T = TypeVar("T")
@@ -54,12 +54,8 @@ def content_length(scope: Scope) -> int | None:
 
 
 async def _send_error(send: Send, status: int, message: str, code: str,
-                      headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    body = json.dumps(error_body(status, message, None, code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": body})
+                      headers: dict[str, str] | None = None) -> None:
+    await JSONBytes(error_body(status, message, None, code), status, headers).send_to(send)
 
 
 class GateMiddleware:
@@ -80,7 +76,7 @@ class GateMiddleware:
         path = scope["path"]
         if self._api_keys and path not in OPEN_PATHS and not keys_match(_bearer(scope), self._api_keys):
             await _send_error(send, 401, "a valid API key is required (Authorization: Bearer <key>)",
-                              "invalid_api_key", ((b"www-authenticate", b"Bearer"),))
+                              "invalid_api_key", {"WWW-Authenticate": "Bearer"})
             return
         length = content_length(scope)
         if length is not None and length > self._max_body_bytes:

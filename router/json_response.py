@@ -27,8 +27,12 @@ class JSONBytes(Response):
         self.raw_headers = [(b"content-type", b"application/json"),
                             (b"content-length", str(len(self.body)).encode("latin-1")), *extra]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def send_to(self, send: Send) -> None:
+        """The response's two ASGI messages (what a middleware that answers itself needs)."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.send_to(send)
         if self.background is not None:
             await self.background()
