@@ -9,6 +9,7 @@ mixed node, or a decode node asked to prefill locally — this engine prefills i
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -82,6 +83,11 @@ class DecodeNodeServer(NodeServer):
 
     async def Complete(self, request: pb.GenerateRequest,  # noqa: N802 - the gRPC method name
                        context: grpc.aio.ServicerContext) -> pb.GenerateChunk:
+        for name in ("first_token_timeout_s", "silence_timeout_s"):
+            value = getattr(request, name)
+            if not math.isfinite(value) or value < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{name} must be >= 0 (0: no limit), got {value}")
         return await whole_answer(self._generate(request, context), request.first_token_timeout_s,
                                   request.silence_timeout_s)
 

@@ -210,6 +210,17 @@ def test_complete_answers_what_generate_streams(nodes: dict[str, Node], prompts:
     assert answer.usage == chunks[-1].usage and answer.timing.prefill_s > 0 and answer.timing.decode_s > 0
 
 
+@pytest.mark.parametrize(("name", "value"), [("first_token_timeout_s", -1.0),
+                                           ("silence_timeout_s", float("nan"))])
+def test_complete_refuses_a_bad_bound(nodes: dict[str, Node], prompts: dict[str, list[int]], name: str,
+                                      value: float) -> None:
+    request = pb.GenerateRequest(request_id=rid("whole-bad"), prompt_token_ids=prompts["short"],
+                                 sampling=sampling(4), **{name: value})
+    with pytest.raises(grpc.RpcError) as err:
+        nodes["mixed"].stub.Complete(request, timeout=10.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and name in err.value.details()
+
+
 def test_complete_past_its_first_token_bound_is_a_deadline_and_frees_blocks(
         nodes: dict[str, Node], prompts: dict[str, list[int]]) -> None:
     prefill, decode = nodes["prefill_shm"], nodes["decode"]
