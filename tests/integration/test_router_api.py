@@ -242,6 +242,7 @@ def test_api_keys_guard_every_route_but_health(node: StubNodeServer,
         for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": f"Basic {KEY}"}):
             response = httpx.get(r.url + "/v1/models", headers=headers)
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+            assert response.headers["www-authenticate"] == "Bearer"
         assert httpx.get(r.url + "/metrics").status_code == 401
         bad = openai.OpenAI(base_url=r.url + "/v1", api_key="sk-wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
