@@ -76,12 +76,27 @@ def reject_cause(rejected: RequestRejected) -> Cause:
     return pb.CAUSE_KV_CAPACITY if rejected.retryable else pb.CAUSE_BAD_REQUEST
 
 
+def missing_logprobs(first: FirstToken, logprobs: int | None) -> str:
+    """What the peer's first token lacks of the logprobs the request asks for ('' when nothing): a
+    prefill node computes them only when asked, so a token without them must not be streamed as if
+    the request had none. More than asked is harmless: the request's stream drops what it did not ask."""
+    if logprobs is None:
+        return ""
+    token = first.token
+    if not token.logprobs:
+        return "without its logprob"
+    if token.top_k < logprobs:
+        return f"with {token.top_k} top logprobs where the request asks for {logprobs}"
+    return ""
+
+
 @dataclass
 class PendingPrefill:
     """A request waiting for its prefill peer: the FirstToken (or an error) lands in `first_token`."""
 
     first_token: asyncio.Future[FirstToken]
     handle: RequestHandle | None = None  # the engine's reservation (None in tests without an engine)
+    logprobs: int | None = None  # the request's top-k logprobs (None: none), which its first token carries
     abort_confirmed: asyncio.Event = field(default_factory=asyncio.Event)
     peer_address: str = ""
     task_sent: bool = False  # the peer took the PrefillTask: losing the peer now fails the request
@@ -142,7 +157,8 @@ class RemotePrefill:
                       num_extra_tokens: int) -> tuple[RequestHandle, FirstToken]:
         """Reserve blocks, have the peer fill them; returns the engine handle (now decoding) and the
         peer's first token. Raises RemotePrefillError; on any failure our blocks are freed."""
-        pending = PendingPrefill(self._loop.create_future(), peer_address=peer_address)
+        pending = PendingPrefill(self._loop.create_future(), peer_address=peer_address,
+                                 logprobs=params.logprobs)
 
         def on_reserved(reserved: KVReserved) -> None:  # on the bridge's reader thread
             self._send_task(pending, request_id, prompt, params, reserved.block_ids)
@@ -163,6 +179,10 @@ class RemotePrefill:
                 self._fail_waiting_on(peer_address)
             first = await self._await_first_token(request_id, pending)
             self._check_complete(request_id)
+            missing = missing_logprobs(first, pending.logprobs)
+            if missing:
+                raise RemotePrefillError(f"prefill node {peer_address} sent a first token {missing}",
+                                         pb.CAUSE_PREFILL_PEER_FAILED)
         except BaseException:
             # Keep the pending entry until the peer confirms: abandon() waits for its Abort.
             self._loop.create_task(self.abandon(request_id, handle, pending))
@@ -327,6 +347,8 @@ class RemotePrefill:
         engine now. Anything else is left to the loop, which checks and fails it as before."""
         pending = self._pending.get(first.request_id)
         if pending is None or pending.handle is None or not first.ok or pending.first_token.done():
+            return
+        if missing_logprobs(first, pending.logprobs):
             return
         reservation = self.endpoint.reservations.get(first.request_id)
         if reservation is None or not reservation.complete:

@@ -104,8 +104,9 @@ class LLMEngine:
 
     def on_remote_kv(self, request_id: str, first: SampledTokens,
                      draft_token_ids: Sequence[int] = ()) -> RequestOutput | None:
-        """The peer delivered the prompt's KV and sampled the first token (`first`, with its logprobs):
-        decode from here. Returns the request's first output; None if the request is unknown."""
+        """The peer delivered the prompt's KV and sampled the first token (`first`, with the logprobs
+        the request asked for): decode from here. Returns the request's first output; None if the
+        request is unknown."""
         update = self.scheduler.on_remote_kv(request_id, first.token_ids[0], draft_token_ids)
         if update is None:
             return None
@@ -117,8 +118,8 @@ class LLMEngine:
 
     def add_prefill_request(self, request_id: str, prompt_token_ids: Sequence[int],
                             params: SamplingParams) -> Request:
-        """Prefill the prompt and sample the first token (with logprobs), then hold the blocks for the
-        transfer agent until `release`."""
+        """Prefill the prompt and sample the first token (with the logprobs asked for), then hold the
+        blocks for the transfer agent until `release`."""
         request = self._new_request(request_id, prompt_token_ids, params)
         request.prefill_only = True
         self.scheduler.add(request)

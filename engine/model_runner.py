@@ -83,7 +83,7 @@ class ModelRunner:
         if not sampling_chunks:
             return {}
         drafts = [_drafts_of(c) for c in sampling_chunks]
-        ks = [_logprobs_k(c.request) for c in sampling_chunks]
+        ks = [c.request.sampling_params.logprobs for c in sampling_chunks]
         sampling_hidden = take_rows(hidden, rows)  # [R, hidden]
         if all(_is_plain_greedy(c.request) for c in sampling_chunks):
             # No per-row sampling state: the argmax of the raw logits, scored only for emitted rows.
@@ -112,13 +112,6 @@ class ModelRunner:
             facts = prompt_logprobs(logits, paddle.to_tensor(np.asarray(next_ids, dtype=np.int64)), k)
             result[request_id] = (first_position, _LogprobColumns(facts).take(next_ids, len(rows), k))
         return result
-
-
-def _logprobs_k(request: Request) -> int | None:
-    """Top-k logprobs to gather for the request's tokens; None = none at all. A prefill node always
-    reports the first token's logprob and rank: the decode node streams them as if it sampled it."""
-    k = request.sampling_params.logprobs
-    return (k or 0) if request.prefill_only else k
 
 
 PromptRows = dict[str, tuple[int, list[int], list[int]]]  # request id -> (first position, rows, next ids)

@@ -133,8 +133,8 @@ class ReserveTask(msgspec.Struct, tag="reserve", frozen=True):
 
 
 class RemoteKVReadyTask(msgspec.Struct, tag="kv_ready", frozen=True):
-    """Decode node: the reserved blocks hold the prompt's KV; the peer sampled `first` (one token with
-    its logprobs). The engine emits it as the request's first output and decodes on."""
+    """Decode node: the reserved blocks hold the prompt's KV; the peer sampled `first` (one token, with
+    the logprobs the request asked for). The engine emits it as the request's first output and decodes on."""
 
     request_id: RequestId
     first: SampledTokens

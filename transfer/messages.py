@@ -22,7 +22,7 @@ from pdserve.common.kv_cache import KVCacheSpec
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.tokens import NO_TOKENS, SampledTokens
 
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a 1M-token PrefillTask is ~5 MB of msgpack
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_BLOCKS = 1 << 20
@@ -130,8 +130,9 @@ class FirstToken(msgspec.Struct, tag="first_token", frozen=True):
     """P -> D, never before the request's last KV chunk: the first sampled token (carried by that
     chunk's header, `KVChunkHeader.first_token`), or an error (a message of its own).
 
-    `token` is the prefill engine's own record of it (one token, its raw logprob and rank, and the
-    top-k the request asked for); the decode engine emits it unchanged as the request's first output.
+    `token` is the prefill engine's own record of it: one token, with its raw logprob, rank and the
+    top-k exactly when the request asked for logprobs (a prefill node computes no more than a mixed
+    node would); the decode engine emits it unchanged as the request's first output.
     When `error_code` is not OK the token fields carry nothing and must be left at their defaults.
     """
 
@@ -148,11 +149,11 @@ class FirstToken(msgspec.Struct, tag="first_token", frozen=True):
                 raise ValueError("FirstToken with an error must carry no token data")
             return
         token = self.token
-        if len(token) != 1 or not token.logprobs:
-            raise ValueError("FirstToken.token must be one token with its logprob and rank")
+        if len(token) != 1:
+            raise ValueError("FirstToken.token must be one token")
         if not 0 <= token.token_ids[0] < 2**31 or not all(0 <= t < 2**31 for t in token.top_ids):
             raise ValueError("FirstToken.token ids must be in [0, 2**31)")
-        if token.ranks[0] < 1:
+        if token.ranks and token.ranks[0] < 1:
             raise ValueError("FirstToken.token rank must be >= 1")
         if not token.valid_logprobs():
             raise ValueError("FirstToken logprobs must be <= 0 and not NaN")

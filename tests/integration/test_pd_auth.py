@@ -8,7 +8,8 @@ concurrent greedy requests through the pair return exactly what they return with
 genuine task replayed to the prefill node is refused too and writes nothing into the pool it names
 (a same-host pool, which the prefill node would write in place). A peer without the secret gets no
 CURVE handshake on either node's data port. Node RPCs without the cluster credential are refused; a
-node without a secret does not start.
+node without a secret does not start. A signed task gets its first token with the logprobs it asks
+for, and none when it asks for none.
 """
 
 from __future__ import annotations
@@ -222,6 +223,43 @@ def test_a_renewal_for_a_task_the_prefill_node_does_not_hold_is_answered(nodes: 
         outbox.close()
         endpoint.close()
         pool.close()
+
+
+def test_the_first_token_carries_the_logprobs_the_task_asks_for(nodes: dict[str, Node],
+                                                                 layout: KVCacheSpec) -> None:
+    """The prefill node computes the first token's logprob, rank and top-k only for a task that asks
+    (as a mixed node would): none, the rank alone, or the top 3; the greedy token is the same."""
+    prefill = nodes["prefill"]
+    events: queue.Queue[object] = queue.Queue()
+    pool = KVCachePool.create_shared(layout)
+    endpoint = KVEndpoint(pool, TransferConfig(curve=CurveKeys.from_cluster_secret(TEST_SECRET)),
+                          events.put).start()
+    outbox = cluster_outbox(prefill.info["data"])
+    signer = MessageSigner(TEST_SECRET)
+    firsts = {}
+    try:
+        for i, logprobs in enumerate((None, 0, 3)):
+            request_id = f"logprobs-{logprobs}"
+            blocks = (2 * i, 2 * i + 1)
+            endpoint.reservations.reserve(request_id, blocks, 2 * BLOCK_SIZE, lease_s=30.0)
+            task = msgspec.structs.replace(task_at(endpoint.target(), request_id, blocks),
+                                           sampling=SamplingParams(max_tokens=4, temperature=0.0,
+                                                                           logprobs=logprobs))
+            outbox.send(signer.sign(task))
+            first = _first_token(events, 30.0)
+            assert first.ok and first.request_id == request_id, first
+            firsts[logprobs] = first.token
+    finally:
+        outbox.close()
+        endpoint.close()
+        pool.close()
+    assert firsts[None].logprobs == [] and firsts[None].top_k == 0
+    assert len(firsts[0].logprobs) == 1 and firsts[0].ranks[0] >= 1 and firsts[0].top_k == 0
+    assert firsts[3].top_k == 3 and len(firsts[3].top_ids) == 3
+    # the rank-only path computes on the host, the top-k path in Paddle: float32 apart
+    assert firsts[3].logprobs == pytest.approx(firsts[0].logprobs, abs=1e-4)
+    assert firsts[3].ranks == firsts[0].ranks
+    assert len({tuple(t.token_ids) for t in firsts.values()}) == 1
 
 
 def _first_token(events: queue.Queue[object], timeout_s: float) -> FirstToken:

@@ -195,6 +195,31 @@ def test_requests_without_logprobs_get_no_infos(model: LlamaForCausalLM, prompt_
     assert plain.infos == [] and len(wanted.infos) == 4
 
 
+def test_a_prefill_nodes_first_token_carries_the_logprobs_asked_for_and_no_more(
+        model: LlamaForCausalLM, prompt_ids: list[list[int]]) -> None:
+    """A prefill-only request's first token is what a mixed node's would be: no logprob when none was
+    asked for (P computes no log-softmax for it), the top-k when it was; the same token either way."""
+    cases = {"plain": greedy(4), "rank-only": greedy(4, logprobs=0), "top-3": greedy(4, logprobs=3)}
+    engine = make_engine(model)
+    for name, params in cases.items():
+        engine.add_prefill_request(name, prompt_ids[0], params)
+    firsts = {}
+    for _ in range(MAX_STEPS):
+        for out in engine.step():
+            assert out.status is RequestStatus.FINISHED_PREFILLED, out
+            firsts[out.request_id] = out.tokens
+        if len(firsts) == len(cases):
+            break
+    assert firsts["plain"].logprobs == [] and firsts["plain"].top_k == 0
+    assert len(firsts["rank-only"].logprobs) == 1 and firsts["rank-only"].top_k == 0
+    assert firsts["rank-only"].ranks == [1]  # greedy: the argmax
+    assert firsts["top-3"].top_k == 3 and firsts["top-3"].top_ids[0] == firsts["top-3"].token_ids[0]
+    assert len({tuple(t.token_ids) for t in firsts.values()}) == 1
+    mixed = generate(model, [(prompt_ids[0], greedy(1, logprobs=3))])[0]
+    assert mixed.token_ids == firsts["top-3"].token_ids
+    assert mixed.infos == token_infos(firsts["top-3"])
+
+
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampling"])
 def test_preemption_in_a_tiny_pool_gives_the_same_outputs_as_a_big_pool(
         model: LlamaForCausalLM, prompt_ids: list[list[int]], sampled: bool) -> None:

@@ -50,10 +50,13 @@ def prefill_tasks(draw: st.DrawFn) -> PrefillTask:
 
 @st.composite
 def first_tokens(draw: st.DrawFn, ids: st.SearchStrategy[str] = request_ids) -> FirstToken:
-    k = draw(st.integers(0, 20))
-    token = SampledTokens([draw(token_ids)], [draw(logprobs)], [draw(st.integers(1, 10**6))], k,
-                          draw(st.lists(token_ids, min_size=k, max_size=k)),
-                          draw(st.lists(logprobs, min_size=k, max_size=k)))
+    if draw(st.booleans()):  # the request asked for no logprobs: the token alone
+        token = SampledTokens([draw(token_ids)])
+    else:
+        k = draw(st.integers(0, 20))
+        token = SampledTokens([draw(token_ids)], [draw(logprobs)], [draw(st.integers(1, 10**6))], k,
+                              draw(st.lists(token_ids, min_size=k, max_size=k)),
+                              draw(st.lists(logprobs, min_size=k, max_size=k)))
     return FirstToken(
         draw(ids), token=token,
         draft_token_ids=tuple(draw(st.lists(token_ids, max_size=8))),
@@ -173,7 +176,8 @@ def _token(token_id: int = 5, logprob: float = -0.1, rank: int = 1, top_k: int =
     dict(token=_token(token_id=-1)),
     dict(token=_token(token_id=2**31)),
     dict(token=[[5, 6], [-0.1, -0.2], [1, 1], 0, [], []]),  # two tokens
-    dict(token=[[5], [], [], 0, [], []]),  # no logprob
+    dict(token=[[5], [], [1], 0, [], []]),  # a rank without its logprob
+    dict(token=[[], [], [], 0, [], []]),  # no token
     dict(error_code=99),
     dict(error_code=1),  # an error that still carries a token
     dict(draft_token_ids=list(range(33))),
@@ -183,6 +187,13 @@ def test_first_token_bounds_are_checked(change: dict[str, object]) -> None:
     assert isinstance(CODEC.decode(_raw(**base)), FirstToken)
     with pytest.raises(WireError):
         CODEC.decode(_raw(**(base | change)))
+
+
+def test_a_first_token_without_logprobs_is_the_token_alone() -> None:
+    """A request that asked for no logprobs: P sends the token without them (and D checks that its
+    request asked for none: decode_node.remote_prefill.missing_logprobs)."""
+    decoded = CODEC.decode(_raw(type="first_token", request_id="r", token=[[5], [], [], 0, [], []]))
+    assert isinstance(decoded, FirstToken) and decoded.token == SampledTokens([5])
 
 
 @pytest.mark.parametrize("change", [

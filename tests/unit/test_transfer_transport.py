@@ -390,7 +390,7 @@ def test_inbox_binds_the_configured_interface_and_port(decode: DecodeSide) -> No
     assert decode.endpoint.address.startswith("tcp://127.0.0.1:") and decode.endpoint.inbox.port > 0
     assert decode.endpoint.target() == KVTarget(decode.endpoint.address, local_host_id(), SPEC,
                                                 decode.pool.shm_name)
-    assert WIRE_VERSION == 4
+    assert WIRE_VERSION == 5
 
 
 def test_malloc_tuning_applies_on_glibc_and_can_be_switched_off() -> None:
