@@ -28,7 +28,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
@@ -44,7 +44,7 @@ from pdserve.transfer.channel import TransferError
 from pdserve.transfer.endpoint import KVEndpoint, Malformed
 from pdserve.transfer.head_shards import KVRankPools
 from pdserve.transfer.messages import Abort, FirstToken, LeaseRenewal, PrefillTask
-from pdserve.transfer.peers import PeerSenders
+from pdserve.transfer.peers import Peer, PeerSenders
 from pdserve.transfer.receiver import ChunkResult
 from pdserve.transfer.reservations import KVReservations
 
@@ -209,7 +209,8 @@ class RemotePrefill:
                     block_ids=tuple(block_ids), decode_node_id=self.config.node_id,
                     kv_target=self.endpoint.target(), lease_ms=int(self.config.kv_lease_s * 1000),
                 )
-                pending.task_send = self._submit(pending.peer_address, task)
+                # in place when the peer's connection takes it now: no wake-up of the peer's thread
+                pending.task_send = self._submit(pending.peer_address, task, in_place=Peer.ready_to_send)
             except Exception as exc:  # the event loop raises it; the reader thread must go on
                 pending.task_send = Future()
                 pending.task_send.set_exception(exc)
@@ -375,11 +376,12 @@ class RemotePrefill:
     async def _send(self, address: str, message: PrefillTask | LeaseRenewal | Abort) -> None:
         await asyncio.wrap_future(self._submit(address, message))
 
-    def _submit(self, address: str, message: PrefillTask | LeaseRenewal | Abort) -> Future[None]:
-        """Queue `message` on the peer's thread, from any thread."""
+    def _submit(self, address: str, message: PrefillTask | LeaseRenewal | Abort,
+                in_place: Callable[[Peer], bool] | None = None) -> Future[None]:
+        """Queue `message` on the peer's thread, from any thread (see PeerSenders.submit's `in_place`)."""
         if self._signer is not None:  # signed per send: each carries a fresh nonce and expiry
             message = self._signer.sign(message)
-        return self._peers.submit(address, lambda peer: peer.send(message))
+        return self._peers.submit(address, lambda peer: peer.send(message), in_place)
 
 
 def fail_expired(reservations: KVReservations, pending: Mapping[str, PendingPrefill],

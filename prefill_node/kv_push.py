@@ -2,7 +2,10 @@
 
 The engine bridge's reader thread hands every record of the request to `KVPush.on_item`, which queues
 it on the peer's thread (transfer/peers.py): the span a step computed is pushed one thread wake-up
-after the engine reported it, with no turn of the event loop in between. Each chunk's span is pushed
+after the engine reported it, with no turn of the event loop in between. When the push cannot wait
+(same-host copy of a prompt's KV under IN_PLACE_MAX_BYTES into a peer already mapped and connected,
+nothing of the peer's queued), the reader thread pushes it itself, without even that wake-up: a
+copy that small takes less time than the hop. Each chunk's span is pushed
 as its progress arrives; the engine reports the last chunk's progress right before the output with
 the first token, and that span goes out with the FirstToken in its header: one message, so the
 decode node has all the KV when it reads the token.
@@ -36,6 +39,9 @@ log = logging.getLogger("pdserve.prefill")
 
 DELIVERY_TIMEOUT_S = 30.0  # a KV chunk's frames not released by libzmq by then: the transfer failed
 DELIVERY_POLL_S = 0.1  # how often a delivery wait checks that its peer is still up
+# Largest prompt KV (bytes, every layer) the reader thread copies itself; larger copies run on the
+# peer's thread, so records of other requests never wait behind a long copy.
+IN_PLACE_MAX_BYTES = 1 << 20
 
 
 class PrefillFailed(Exception):
@@ -47,7 +53,7 @@ class PrefillFailed(Exception):
 class KVPush:
     """Pushes one request's KV (transport `kind`: shm or zmq) and then its FirstToken to the task's
     decode peer. `on_item` runs on the bridge's reader thread, `stop` on the event loop, everything
-    else on the peer's thread."""
+    else under the peer's `owner`: on the peer's thread, or in place on the reader thread."""
 
     def __init__(self, task: PrefillTask, kind: str, spec: KVCacheSpec, pool: KVRankPools,
                  peers: PeerSenders, metrics: NodeMetrics, received_at: float) -> None:
@@ -64,13 +70,21 @@ class KVPush:
         self._last_span: PrefillProgress | None = None
         self._transfer_s = 0.0
         self._stopped = False
+        prompt_blocks = -(-len(task.prompt_token_ids) // spec.block_size)
+        # zmq frames may be held by libzmq after the send (a delivery wait): only shm copies run in place
+        self._small_copy = kind == "shm" and prompt_blocks * spec.bytes_per_block <= IN_PLACE_MAX_BYTES
 
     def on_item(self, item: BridgeItem) -> None:
-        """On the reader thread: queue the record on the peer's thread (never blocks)."""
+        """On the reader thread: push the record's span in place when that cannot wait, else queue it on
+        the peer's thread (never blocks)."""
         try:
-            self._peers.submit(self.task.kv_target.address, lambda peer: self._on_item(peer, item))
+            self._peers.submit(self.task.kv_target.address, lambda peer: self._on_item(peer, item),
+                               in_place=self._can_push_in_place if self._small_copy else None)
         except TransferError as exc:  # the node is closing its peers
             self._end(exc)
+
+    def _can_push_in_place(self, peer: Peer) -> bool:
+        return peer.has_kv_sender(self.kind, self.task.kv_target) and peer.ready_to_send()
 
     def stop(self, reason: str) -> None:
         """On the event loop: push nothing more; the outcome (ABORTED) follows the work queued so far."""
@@ -81,7 +95,7 @@ class KVPush:
         except TransferError:  # no peer thread is left to wait for
             self._end(PrefillFailed(ErrorCode.ABORTED, reason))
 
-    # -- on the peer's thread ----------------------------------------------------------------------------
+    # -- under the peer's owner lock -----------------------------------------------------------------
 
     def _on_item(self, peer: Peer, item: BridgeItem) -> None:
         if self._stopped or self.outcome.done():

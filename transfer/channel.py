@@ -6,7 +6,8 @@ chunks on the same outbox (an error FirstToken, an abort confirmation): when D h
 chunk before it is handled.
 
 Payload frames go out with `copy=False`: libzmq reads the numpy buffer itself, and the receiver gets
-the frame's memory without a Python-side copy. Each socket belongs to one thread.
+the frame's memory without a Python-side copy. A socket is used by one thread at a time (an Outbox:
+under its peer's `owner` lock, transfer/peers.py; an Inbox: by its own thread).
 
 Liveness: every connection runs ZMTP heartbeats (a PING each `heartbeat_interval_s`; no traffic for
 `heartbeat_timeout_s` closes it), and an Outbox follows its connection through a socket monitor on a
@@ -184,6 +185,11 @@ class Outbox:
                                     f"({self._send_timeout_s} s): unreachable, stalled, or refused "
                                     "the handshake")
             self._socket.poll(SEND_POLL_MS, zmq.POLLOUT)
+
+    def can_send_now(self) -> bool:
+        """A `send` now would not wait: the connection is up (handshake done) and the socket has room
+        for a message (with IMMEDIATE, POLLOUT means a connected pipe below its high-water mark)."""
+        return self.watch.up and bool(self._socket.get(zmq.EVENTS) & zmq.POLLOUT)
 
     def close(self) -> None:
         self._socket.disable_monitor()

@@ -22,7 +22,7 @@ from pdserve.tests.support.cluster import free_port
 from pdserve.transfer.channel import Inbox, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.messages import MAX_MESSAGE_BYTES, LeaseRenewal, WireCodec, WireMessage
-from pdserve.transfer.peers import PeerSenders
+from pdserve.transfer.peers import Peer, PeerSenders
 
 SEND_TIMEOUT_S = 1.5
 CONFIG = TransferConfig(send_timeout_s=SEND_TIMEOUT_S)
@@ -215,3 +215,69 @@ def test_close_ends_every_peer_thread(live_peer: LivePeer) -> None:
 
     asyncio.run(asyncio.wait_for(scenario(), 4 * SEND_TIMEOUT_S))
     assert not {t for t in pd_threads() - before if t.is_alive()}
+
+
+def _on_thread(peer: Peer) -> str:
+    return threading.current_thread().name
+
+
+def test_work_runs_in_place_only_when_nothing_is_queued_and_it_cannot_wait(live_peer: LivePeer) -> None:
+    """`submit(in_place=...)` runs the work on the caller's thread when the peer's thread has nothing
+    queued and the check holds (connection up, room to send), and queues it otherwise: behind work
+    queued before it, so one peer's messages keep their order."""
+    senders = PeerSenders(CONFIG)
+    caller = threading.current_thread().name
+    try:
+        # No connection yet: the first send must wait for it, on the peer's thread.
+        assert not senders.submit(live_peer.address, Peer.ready_to_send).result(2.0)
+        first = senders.submit(live_peer.address, lambda p: p.send(LeaseRenewal("0", 1000)),
+                               in_place=Peer.ready_to_send)
+        first.result(2.0)
+        deadline = time.monotonic() + 2.0
+        while not senders.submit(live_peer.address, Peer.ready_to_send).result(2.0):
+            assert time.monotonic() < deadline, "the connection never came up"
+            time.sleep(0.01)
+        assert senders.submit(live_peer.address, _on_thread).result(2.0).startswith("pd-peer")
+        # Idle and connected: in place, its future already settled.
+        done = senders.submit(live_peer.address, _on_thread, in_place=Peer.ready_to_send)
+        assert done.done() and done.result() == caller
+        # The check says no: queued.
+        assert senders.submit(live_peer.address, _on_thread, in_place=lambda p: False).result(2.0) != caller
+        # Work queued and not finished: the next one queues behind it, whatever the check says.
+        release = threading.Event()
+        blocker = senders.submit(live_peer.address, lambda p: release.wait(2.0))
+        order: list[str] = []
+        later = senders.submit(live_peer.address, lambda p: order.append(_on_thread(p)),
+                               in_place=Peer.ready_to_send)
+        assert not later.done()
+        release.set()
+        blocker.result(2.0)
+        later.result(2.0)
+        assert order and order[0] != caller
+        # A failure in place lands in the future, as on the thread.
+        failed = senders.submit(live_peer.address, lambda p: 1 / 0, in_place=Peer.ready_to_send)
+        assert isinstance(failed.exception(0), ZeroDivisionError)
+        for i in range(1, 4):
+            senders.submit(live_peer.address, lambda p, i=i: p.send(LeaseRenewal(str(i), 1000)),
+                           in_place=Peer.ready_to_send).result(2.0)
+    finally:
+        asyncio.run(senders.close())
+    assert [live_peer.next_message(1.0)[1].request_id for _ in range(4)] == ["0", "1", "2", "3"]
+
+
+def test_in_place_work_waits_for_nothing_on_a_stalled_peer(stalled_address: str) -> None:
+    """A peer whose connection never completes its handshake: `ready_to_send` never holds, so the
+    caller's thread is never the one that waits; the send waits (and fails) on the peer's thread."""
+    senders = PeerSenders(CONFIG)
+    try:
+        started = time.monotonic()
+        sent = senders.submit(stalled_address, lambda p: p.send(LeaseRenewal("x", 1000)),
+                              in_place=Peer.ready_to_send)
+        assert time.monotonic() - started < 0.2 and not sent.done()
+        again = senders.submit(stalled_address, lambda p: p.send(LeaseRenewal("y", 1000)),
+                               in_place=Peer.ready_to_send)
+        assert time.monotonic() - started < 0.2 and not again.done()
+        with pytest.raises(TransferError):
+            sent.result(SEND_TIMEOUT_S + 1.0)
+    finally:
+        asyncio.run(senders.close())

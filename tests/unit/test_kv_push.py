@@ -19,11 +19,12 @@ from pdserve.engine.protocol import PrefillProgress, RequestOutput
 from pdserve.engine.request import RequestStatus
 from pdserve.node.engine_bridge import BridgeItem, EngineGone
 from pdserve.node.server import NodeMetrics
+from pdserve.prefill_node import kv_push
 from pdserve.prefill_node.kv_push import KVPush, PrefillFailed
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import KVEndpoint
 from pdserve.transfer.messages import ErrorCode, FirstToken, PrefillTask
-from pdserve.transfer.peers import PeerSenders
+from pdserve.transfer.peers import Peer, PeerSenders
 from pdserve.transfer.receiver import ChunkResult
 
 SPEC = KVCacheSpec(num_layers=3, num_blocks=32, block_size=4, num_kv_heads=2, head_dim=8)
@@ -118,3 +119,61 @@ def test_stop_ends_the_push_only_after_the_work_under_way_and_pushes_nothing_mor
     with pytest.raises(queue.Empty):
         setup.events.get(timeout=0.2)
     assert not setup.delivered()
+
+
+def _wait_ready(setup: Setup) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not setup.peers.submit(setup.endpoint.address, Peer.ready_to_send).result(TIMEOUT_S):
+        assert time.monotonic() < deadline, "the connection to the decode endpoint never came up"
+        time.sleep(0.01)
+
+
+def _threads_pushing(push: KVPush) -> list[str]:
+    """Names of the threads that run each of `push`'s spans."""
+    names: list[str] = []
+    push_span = push._push
+
+    def recorded(*args: object, **kwargs: object) -> None:
+        names.append(threading.current_thread().name)
+        push_span(*args, **kwargs)  # type: ignore[arg-type]
+
+    push._push = recorded  # type: ignore[method-assign]
+    return names
+
+
+def test_a_small_same_host_push_to_a_ready_peer_runs_on_the_reader_thread(setup: Setup) -> None:
+    """The first span waits for the connection and the pool's mapping on the peer's thread; once both
+    are there, the last span and its FirstToken go out from the reader thread itself."""
+    threads = _threads_pushing(setup.push)
+    setup.from_reader(PrefillProgress("r", 4, SRC_BLOCKS[:1]))
+    assert isinstance(setup.next_event(), ChunkResult)
+    _wait_ready(setup)
+    reader = threading.Thread(name="reader", target=lambda: [setup.push.on_item(item) for item in (
+        PrefillProgress("r", 8, SRC_BLOCKS), RequestOutput("r", RequestStatus.FINISHED_PREFILLED, TOKEN))])
+    reader.start()
+    reader.join()
+    assert setup.push.outcome.done() and setup.push.outcome.result() is None  # settled in place
+    assert threads[0].startswith("pd-peer") and threads[1:] == ["reader"]
+    last, token = setup.next_event(), setup.next_event()
+    assert isinstance(last, ChunkResult) and last.complete and isinstance(token, FirstToken)
+    assert setup.delivered()
+
+
+def test_a_large_or_zmq_push_stays_on_the_peers_thread(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy over IN_PLACE_MAX_BYTES (it would hold the reader back from other requests' records),
+    and any zmq push (libzmq may still hold its frames after the send), run on the peer's thread."""
+    monkeypatch.setattr(kv_push, "IN_PLACE_MAX_BYTES", 2 * SPEC.bytes_per_block - 1)  # the prompt: 2 blocks
+    setup.push = KVPush(setup.push.task, "shm", SPEC, setup.src, setup.peers, NodeMetrics("prefill"),
+                        time.monotonic())
+    threads = _threads_pushing(setup.push)
+    setup.from_reader(PrefillProgress("r", 4, SRC_BLOCKS[:1]))
+    assert isinstance(setup.next_event(), ChunkResult)
+    _wait_ready(setup)
+    setup.from_reader(PrefillProgress("r", 8, SRC_BLOCKS),
+                      RequestOutput("r", RequestStatus.FINISHED_PREFILLED, TOKEN))
+    assert setup.push.outcome.result(TIMEOUT_S) is None
+    assert len(threads) == 2 and all(name.startswith("pd-peer") for name in threads)
+    monkeypatch.undo()
+    zmq_push = KVPush(setup.push.task, "zmq", SPEC, setup.src, setup.peers, NodeMetrics("prefill"),
+                      time.monotonic())
+    assert not zmq_push._small_copy
