@@ -9,11 +9,13 @@ gRPC ``Generate`` stream to the first chunk that carries a token, as a router wo
 
 Requests run one at a time. Each repetition sends the same fresh prompt (random token ids, so no two
 repetitions share a prefix) through every path in turn — PD over shm, PD over zmq, mixed — so load
-from other jobs on this shared machine hits all paths alike; tables report medians, and the ratio
-column is the median of per-repetition ratios. The decode node's split of a PD first token
-(``GenerateChunk.timing``, measured on the prefill node: queue, prefill compute, KV transfer) is shown
-beside it; "other" is the rest of PD TTFT: the reservation on D, the PrefillTask and FirstToken
-messages, D's engine taking the request, and the gRPC stream.
+from other jobs on this shared machine hits all paths alike; tables report medians, the ratio
+column is the median of per-repetition ratios, and "paired added - transfer" is the median over
+repetitions of PD TTFT - mixed TTFT - KV transfer of the same prompt (issue #13's measure: pairs
+taken seconds apart cancel the drift that moves either path's median between runs). The decode
+node's split of a PD first token (``GenerateChunk.timing``, measured on the prefill node: queue,
+prefill compute, KV transfer) is shown beside it; "other" is the rest of PD TTFT: the reservation on
+D, the PrefillTask and FirstToken messages, D's engine taking the request, and the gRPC stream.
 """
 
 from __future__ import annotations
@@ -108,9 +110,15 @@ def ratio(cells: dict[tuple[int, str], Cell], n: int, path: str) -> float:
     return statistics.median(a.ttft_s / b.ttft_s for a, b in zip(pd, mixed, strict=True))
 
 
+def paired_added_beyond_transfer_ms(cells: dict[tuple[int, str], Cell], n: int, path: str) -> float:
+    pd, mixed = cells[n, path].samples, cells[n, "mixed"].samples
+    return statistics.median(a.ttft_s - b.ttft_s - a.timing.transfer_s
+                             for a, b in zip(pd, mixed, strict=True)) * 1000
+
+
 def table(cells: dict[tuple[int, str], Cell], lengths: list[int]) -> list[str]:
     header = ["prompt tokens", "transport", "PD TTFT ms", "mixed TTFT ms", "added ms", "PD/mixed",
-              "P queue ms", "P prefill ms", "KV transfer ms", "other ms"]
+              "P queue ms", "P prefill ms", "KV transfer ms", "other ms", "paired added - transfer ms"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for n in lengths:
         mixed = cells[n, "mixed"].median_ms()
@@ -120,7 +128,8 @@ def table(cells: dict[tuple[int, str], Cell], lengths: list[int]) -> list[str]:
             row = [str(n), path.split()[1], f"{pd:.1f}", f"{mixed:.1f}", f"{pd - mixed:+.1f}",
                    f"{ratio(cells, n, path):.2f}", f"{cell.median_ms('queue'):.1f}",
                    f"{cell.median_ms('prefill'):.1f}", f"{cell.median_ms('transfer'):.1f}",
-                   f"{cell.median_ms('other'):.1f}"]
+                   f"{cell.median_ms('other'):.1f}",
+                   f"{paired_added_beyond_transfer_ms(cells, n, path):+.1f}"]
             lines.append("| " + " | ".join(row) + " |")
     return lines
 
