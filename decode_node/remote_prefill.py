@@ -77,15 +77,17 @@ def reject_cause(rejected: RequestRejected) -> Cause:
 
 
 def missing_logprobs(first: FirstToken, logprobs: int | None) -> str:
-    """What the peer's first token lacks of the logprobs the request asks for ('' when nothing): a
-    prefill node computes them only when asked, so a token without them must not be streamed as if
-    the request had none. More than asked is harmless: the request's stream drops what it did not ask."""
+    """How the peer's first token differs from the logprobs the request asks for ('' when it does
+    not): a prefill node computes them only when asked, so a token without them must not be streamed
+    as if the request had none, and its top-k must be the request's (the stream joins it with the
+    decode engine's tokens, column by column). Logprobs on a token of a request that asked for none
+    are harmless: its stream drops them."""
     if logprobs is None:
         return ""
     token = first.token
     if not token.logprobs:
         return "without its logprob"
-    if token.top_k < logprobs:
+    if token.top_k != logprobs:
         return f"with {token.top_k} top logprobs where the request asks for {logprobs}"
     return ""
 

@@ -49,6 +49,11 @@ class TransferError(RuntimeError):
     """A send could not be completed (peer unreachable, stalled, or refused the handshake)."""
 
 
+class SendWouldWait(TransferError):
+    """A send made where waiting is not allowed (`Outbox.may_wait` off) found the peer unable to take
+    the message now; nothing was sent."""
+
+
 def keep_message_buffers(config: TransferConfig) -> bool:
     """Let glibc malloc reuse freed message buffers instead of returning them to the kernel.
 
@@ -152,6 +157,9 @@ class Outbox:
         # peer that is down or refused us fails instead of piling up silently.
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
         self._send_timeout_s = config.send_timeout_s
+        # Off while its user must not block (work run in place on another thread: transfer/peers.py):
+        # a send the peer cannot take now raises SendWouldWait instead of waiting for it.
+        self.may_wait = True
         self.heard_from_at = float("-inf")  # monotonic time the peer was last known alive by other means
         self._socket.setsockopt(zmq.SNDHWM, config.send_hwm)
         self._socket.setsockopt(zmq.LINGER, int(config.send_timeout_s * 1000))
@@ -176,7 +184,8 @@ class Outbox:
             try:
                 return self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False, track=track)
             except zmq.Again:
-                pass
+                if not self.may_wait:
+                    raise SendWouldWait(f"peer {self.address} cannot take a message now") from None
             if self.watch.down and time.monotonic() - self.heard_from_at > self._send_timeout_s:
                 raise TransferError(f"peer {self.address} is down (connection lost or refused, "
                                     "or it refused the handshake)")

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from pdserve.tests.support.cluster import free_port
-from pdserve.transfer.channel import Inbox, TransferError
+from pdserve.transfer.channel import Inbox, SendWouldWait, TransferError
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.messages import MAX_MESSAGE_BYTES, LeaseRenewal, WireCodec, WireMessage
 from pdserve.transfer.peers import Peer, PeerSenders
@@ -279,5 +279,49 @@ def test_in_place_work_waits_for_nothing_on_a_stalled_peer(stalled_address: str)
         assert time.monotonic() - started < 0.2 and not again.done()
         with pytest.raises(TransferError):
             sent.result(SEND_TIMEOUT_S + 1.0)
+    finally:
+        asyncio.run(senders.close())
+
+
+def test_work_cancelled_before_its_turn_does_not_hold_back_in_place_work(live_peer: LivePeer) -> None:
+    """A queued send whose caller stopped waiting (its future cancelled before the thread reached it)
+    never runs; the peer must not count it as queued for ever."""
+    senders = PeerSenders(CONFIG)
+    caller = threading.current_thread().name
+    try:
+        senders.submit(live_peer.address, lambda p: p.send(LeaseRenewal("0", 1000))).result(2.0)
+        deadline = time.monotonic() + 2.0
+        while not senders.submit(live_peer.address, Peer.ready_to_send).result(2.0):
+            assert time.monotonic() < deadline, "the connection never came up"
+            time.sleep(0.01)
+        release = threading.Event()
+        blocker = senders.submit(live_peer.address, lambda p: release.wait(2.0))
+        cancelled = senders.submit(live_peer.address, _on_thread)
+        assert cancelled.cancel()
+        release.set()
+        blocker.result(2.0)
+        done = senders.submit(live_peer.address, _on_thread, in_place=Peer.ready_to_send)
+        assert done.done() and done.result() == caller
+    finally:
+        asyncio.run(senders.close())
+
+
+def test_a_send_in_place_that_would_wait_is_queued_instead(stalled_address: str) -> None:
+    """The check said the send would not wait, but the peer cannot take it (here: a connection that
+    never completed its handshake, checked by a `can_run` that says yes): the caller's thread does
+    not wait; the send goes to the peer's thread, which gives its own verdict on the peer."""
+    senders = PeerSenders(CONFIG)
+    try:
+        with pytest.raises(TransferError):  # opens the outbox; the peer never answers
+            senders.submit(stalled_address, lambda p: p.send(LeaseRenewal("first", 1000))).result(
+                SEND_TIMEOUT_S + 1.0)
+        started = time.monotonic()
+        sent = senders.submit(stalled_address, lambda p: p.send(LeaseRenewal("x", 1000)),
+                              in_place=lambda p: True)
+        assert time.monotonic() - started < 0.2
+        with pytest.raises(TransferError) as failed:
+            sent.result(SEND_TIMEOUT_S + 1.0)
+        assert not isinstance(failed.value, SendWouldWait)  # the peer thread's own verdict
+        assert "cannot take a message now" not in str(failed.value)
     finally:
         asyncio.run(senders.close())

@@ -23,7 +23,7 @@ from pdserve.prefill_node import kv_push
 from pdserve.prefill_node.kv_push import KVPush, PrefillFailed
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.endpoint import KVEndpoint
-from pdserve.transfer.messages import ErrorCode, FirstToken, PrefillTask
+from pdserve.transfer.messages import Abort, ErrorCode, FirstToken, PrefillTask
 from pdserve.transfer.peers import Peer, PeerSenders
 from pdserve.transfer.receiver import ChunkResult
 
@@ -177,3 +177,32 @@ def test_a_large_or_zmq_push_stays_on_the_peers_thread(setup: Setup, monkeypatch
     zmq_push = KVPush(setup.push.task, "zmq", SPEC, setup.src, setup.peers, NodeMetrics("prefill"),
                       time.monotonic())
     assert not zmq_push._small_copy
+
+
+def test_a_message_queued_while_a_push_runs_in_place_reaches_the_peer_after_it(setup: Setup) -> None:
+    """The abort confirmation's rule holds for in-place pushes too: anything queued for the peer while
+    the reader thread copies into its pool goes out only after that copy and its notice."""
+    setup.from_reader(PrefillProgress("r", 4, SRC_BLOCKS[:1]))
+    assert isinstance(setup.next_event(), ChunkResult)
+    _wait_ready(setup)
+    copying, gate = threading.Event(), threading.Event()
+    push_span = setup.push._push
+
+    def slow_push(*args: object, **kwargs: object) -> None:
+        copying.set()
+        assert gate.wait(TIMEOUT_S)
+        push_span(*args, **kwargs)  # type: ignore[arg-type]
+
+    setup.push._push = slow_push  # type: ignore[method-assign]
+    reader = threading.Thread(name="reader", target=lambda: [setup.push.on_item(item) for item in (
+        PrefillProgress("r", 8, SRC_BLOCKS), RequestOutput("r", RequestStatus.FINISHED_PREFILLED, TOKEN))])
+    reader.start()
+    assert copying.wait(TIMEOUT_S)
+    confirmation = setup.peers.submit(setup.endpoint.address, lambda p: p.send(Abort("r", "abort confirmed")))
+    time.sleep(0.1)
+    assert not confirmation.done()
+    gate.set()
+    reader.join()
+    confirmation.result(TIMEOUT_S)
+    events = [setup.next_event() for _ in range(3)]
+    assert [type(e).__name__ for e in events] == ["ChunkResult", "FirstToken", "Abort"]

@@ -1,8 +1,9 @@
 """The decode node's check of a peer's first token against the logprobs its request asks for.
 
 A prefill node computes the first token's logprob, rank and top-k only when the request asked for
-them; a token short of what the decode node's own copy of the request asks for fails the request
-(the router then tries another pair) instead of being streamed without its logprobs."""
+them; a token that differs from what the decode node's own copy of the request asks for fails the
+request (the router then tries another pair) instead of being streamed without its logprobs or with
+a top-k the decode engine's tokens do not share."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ TOP_2 = SampledTokens([7], [-0.1], [1], 2, [7, 9], [-0.1, -2.5])
     (TOP_2, None, ""),
     (RANKED, 0, ""),
     (TOP_2, 2, ""),
-    (TOP_2, 1, ""),
+    (TOP_2, 1, "with 2 top logprobs where the request asks for 1"),
     (BARE, 0, "without its logprob"),
     (BARE, 5, "without its logprob"),
     (RANKED, 2, "with 0 top logprobs where the request asks for 2"),
