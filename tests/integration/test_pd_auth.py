@@ -193,19 +193,35 @@ def test_a_replayed_task_is_refused_and_writes_nothing(nodes: dict[str, Node], m
         pool.close()
 
 
+class FakeDecode:
+    """A decode node's data plane in this process: a shared pool, a KV endpoint whose events land in a
+    queue, and an outbox to the prefill node holding the CURVE key (tasks still need signing)."""
+
+    def __init__(self, prefill: Node, layout: KVCacheSpec) -> None:
+        self._prefill = prefill
+        self._layout = layout
+
+    def __enter__(self) -> tuple[queue.Queue[object], KVEndpoint, Outbox]:
+        events: queue.Queue[object] = queue.Queue()
+        self._pool = KVCachePool.create_shared(self._layout)
+        config = TransferConfig(curve=CurveKeys.from_cluster_secret(TEST_SECRET))
+        self._endpoint = KVEndpoint(self._pool, config, events.put).start()
+        self._outbox = cluster_outbox(self._prefill.info["data"])
+        return events, self._endpoint, self._outbox
+
+    def __exit__(self, *exc: object) -> None:
+        self._outbox.close()
+        self._endpoint.close()
+        self._pool.close()
+
+
 def test_a_renewal_for_a_task_the_prefill_node_does_not_hold_is_answered(nodes: dict[str, Node],
                                                                         layout: KVCacheSpec) -> None:
     """A decode node whose task or FirstToken was lost with a closed connection learns it from its next
     renewal (UNKNOWN_TASK) instead of waiting out its prefill timeout; a renewal naming an address
     that is not the prefill node's peer gets no answer (no reflection to addresses a signer names)."""
-    prefill = nodes["prefill"]
-    events: queue.Queue[object] = queue.Queue()
-    pool = KVCachePool.create_shared(layout)
-    endpoint = KVEndpoint(pool, TransferConfig(curve=CurveKeys.from_cluster_secret(TEST_SECRET)),
-                          events.put).start()
-    outbox = cluster_outbox(prefill.info["data"])
-    signer = MessageSigner(TEST_SECRET)
-    try:
+    with FakeDecode(nodes["prefill"], layout) as (events, endpoint, outbox):
+        signer = MessageSigner(TEST_SECRET)
         endpoint.reservations.reserve("renewed-0", range(2), 2 * BLOCK_SIZE, lease_s=30.0)
         outbox.send(signer.sign(task_at(endpoint.target(), "renewed-0", (0, 1))))
         assert _first_token(events, 30.0).ok  # done: the prefill node holds the task no more
@@ -219,40 +235,25 @@ def test_a_renewal_for_a_task_the_prefill_node_does_not_hold_is_answered(nodes: 
         outbox.send(LeaseRenewal("never-sent", 1000, reply_to=endpoint.address))  # unsigned
         time.sleep(QUIET_S)
         assert events.empty(), events.get()
-    finally:
-        outbox.close()
-        endpoint.close()
-        pool.close()
 
 
 def test_the_first_token_carries_the_logprobs_the_task_asks_for(nodes: dict[str, Node],
                                                                  layout: KVCacheSpec) -> None:
     """The prefill node computes the first token's logprob, rank and top-k only for a task that asks
     (as a mixed node would): none, the rank alone, or the top 3; the greedy token is the same."""
-    prefill = nodes["prefill"]
-    events: queue.Queue[object] = queue.Queue()
-    pool = KVCachePool.create_shared(layout)
-    endpoint = KVEndpoint(pool, TransferConfig(curve=CurveKeys.from_cluster_secret(TEST_SECRET)),
-                          events.put).start()
-    outbox = cluster_outbox(prefill.info["data"])
-    signer = MessageSigner(TEST_SECRET)
     firsts = {}
-    try:
+    with FakeDecode(nodes["prefill"], layout) as (events, endpoint, outbox):
+        signer = MessageSigner(TEST_SECRET)
         for i, logprobs in enumerate((None, 0, 3)):
             request_id = f"logprobs-{logprobs}"
             blocks = (2 * i, 2 * i + 1)
             endpoint.reservations.reserve(request_id, blocks, 2 * BLOCK_SIZE, lease_s=30.0)
-            task = msgspec.structs.replace(task_at(endpoint.target(), request_id, blocks),
-                                           sampling=SamplingParams(max_tokens=4, temperature=0.0,
-                                                                           logprobs=logprobs))
+            sampling = SamplingParams(max_tokens=4, temperature=0.0, logprobs=logprobs)
+            task = msgspec.structs.replace(task_at(endpoint.target(), request_id, blocks), sampling=sampling)
             outbox.send(signer.sign(task))
             first = _first_token(events, 30.0)
             assert first.ok and first.request_id == request_id, first
             firsts[logprobs] = first.token
-    finally:
-        outbox.close()
-        endpoint.close()
-        pool.close()
     assert firsts[None].logprobs == [] and firsts[None].top_k == 0
     assert len(firsts[0].logprobs) == 1 and firsts[0].ranks[0] >= 1 and firsts[0].top_k == 0
     assert firsts[3].top_k == 3 and len(firsts[3].top_ids) == 3
