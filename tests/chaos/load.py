@@ -179,8 +179,8 @@ class _ClientProcess:
 class ProcessLoad(_ClientProcess):
     """A Load in a process of its own; stop() as Load's."""
 
-    def __init__(self, url: str, streams: int, shape: RequestShape) -> None:
-        super().__init__("load", url, streams, shape)
+    def __init__(self, url: str, streams: int, shape: RequestShape, nice: int = 0) -> None:
+        super().__init__("load", url, streams, shape, nice=nice)
 
     def stop(self) -> list[Outcome]:
         return self._outcomes("stop\n")

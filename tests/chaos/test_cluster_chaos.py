@@ -220,27 +220,36 @@ def test_forged_and_replayed_tasks_write_nothing(cluster: ChaosCluster, report) 
 
 def test_oversized_prompt_flood(cluster: ChaosCluster, report, figures: dict[str, float]) -> None:
     flood_shape = RequestShape("x " * (2 << 20), max_tokens=1)  # ~4 MB of prompt per request
-    with report("4 MB-prompt flood, 1 client", "others' TTFT p50 <= 1.5x no flood") as row:
-        quiet = run_load(cluster, warm_ok=8, streams=8)
+
+    others: list[Outcome] = []
+
+    def others_ttft() -> list[float]:
+        load = run_load(cluster, warm_ok=8, streams=8)
         time.sleep(6.0)
-        before = quiet.stop()
-        ttft_quiet = median(o.first_token - o.started for o in before if o.first_token)
-        flood = ProcessLoad(cluster.router.url, 2, flood_shape)
+        outcomes = load.stop()
+        others.extend(outcomes)
+        return [o.first_token - o.started for o in outcomes if o.first_token]
+
+    with report("4 MB-prompt flood, 1 client", "others' TTFT p50 <= 1.5x no flood") as row:
+        before = others_ttft()
+        # The flooding client stands for one on another host: niced, so that the JSON encoding of its
+        # 4 MB bodies on this machine's two cores is not measured as the cluster's slowness.
+        flood = ProcessLoad(cluster.router.url, 2, flood_shape, nice=19)
         try:
             time.sleep(2.0)
-            loud = run_load(cluster, warm_ok=8, streams=8)
-            time.sleep(6.0)
-            during = loud.stop()
+            during = others_ttft()
         finally:
             flooded = flood.stop()
-        row.count(during)
-        ttft_flood = median(o.first_token - o.started for o in during if o.first_token)
+        # the baseline brackets the flood, so that drift in a shared machine's speed is not blamed on it
+        ttft_quiet = median(before + others_ttft())
+        ttft_flood = median(during)
         ratio = ttft_flood / ttft_quiet
         statuses = sorted({o.status for o in flooded})
+        row.count(others)
         row.figure = (f"TTFT p50 {ttft_quiet:.2f} -> {ttft_flood:.2f} s ({ratio:.2f}x); "
                       f"{len(flooded)} floods answered {statuses}")
-        assert row.failed == row.hung == 0, [o.error for o in during if o.kind != "ok"][:3]
-        assert all(o.kind == "failed" and 400 <= o.status < 500 for o in flooded), \
+        assert row.failed == row.hung == 0, [o.error for o in others if o.kind != "ok"][:3]
+        assert flooded and all(o.kind == "failed" and 400 <= o.status < 500 for o in flooded), \
             [(o.kind, o.status) for o in flooded][:5]
         assert ratio <= 1.5, f"TTFT p50 under the flood is {ratio:.2f}x the quiet one"
 
