@@ -96,6 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-tensor-parallel-size", type=int, default=None, help="overrides it for decode")
     up.add_argument("--drain-timeout", type=float, default=None,
                     help="SIGTERM: seconds in-flight requests get to finish (default 30)")
+    up.add_argument("--engine-stall-timeout", type=float, default=None,
+                    help="seconds a node lets its engine stay silent before killing it (default 30)")
     up.add_argument("--cluster-secret-file", default=None,
                     help="the cluster secret (mode 0600); default: a fresh one in the run directory")
     up.add_argument("--insecure", action="store_true", default=None,
@@ -118,7 +120,7 @@ def _up(args: argparse.Namespace) -> int:
         "tensor_parallel_size": args.tensor_parallel_size,
         "prefill_tensor_parallel_size": args.prefill_tensor_parallel_size,
         "decode_tensor_parallel_size": args.decode_tensor_parallel_size,
-        "drain_timeout_s": args.drain_timeout,
+        "drain_timeout_s": args.drain_timeout, "engine_stall_timeout_s": args.engine_stall_timeout,
         "log_level": args.log_level, "cluster_secret_file": args.cluster_secret_file,
         "insecure": args.insecure,
     }
@@ -153,6 +155,10 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
                        help="decode node when its prefill peer fails: fail the request or prefill here")
     group.add_argument("--drain-timeout", type=float, default=30.0,
                        help="SIGTERM: seconds in-flight requests get to finish before the node exits")
+    group.add_argument("--engine-stall-timeout", type=float, default=30.0,
+                       help="seconds without a record from a running engine (stopped, or hung in a step) "
+                            "before the node kills it and fails its requests as a dead engine's; must "
+                            "exceed the longest step")
 
 
 def _node_config(args: argparse.Namespace):
@@ -178,7 +184,8 @@ def _node_config(args: argparse.Namespace):
         registry_api_key=registry_api_key,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
         prefill_fallback=args.prefill_fallback, drain_timeout_s=args.drain_timeout,
-        log_level=args.log_level, cluster_secret=secret, insecure=args.insecure,
+        engine_stall_timeout_s=args.engine_stall_timeout, log_level=args.log_level, cluster_secret=secret,
+        insecure=args.insecure,
     )
 
 

@@ -67,6 +67,7 @@ class ClusterSpec:
     num_blocks: int = 1024
     startup_timeout_s: float = 180.0
     drain_timeout_s: float = 30.0  # SIGTERM: what in-flight requests get to finish, router and nodes
+    engine_stall_timeout_s: float = 30.0  # a node kills its engine when it is silent this long
     restart_backoff_s: float = 1.0  # first restart delay of a child that exited; doubled per failure
     restart_max_backoff_s: float = 30.0
     restart_reset_s: float = 60.0  # a child up this long is stable again: its failure count resets
@@ -91,6 +92,9 @@ class ClusterSpec:
             raise ValueError(f"port must be in [1, 65535] (got {self.port})")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0 (got {self.drain_timeout_s})")
+        if not 1.0 < self.engine_stall_timeout_s <= 3600:
+            raise ValueError(f"engine_stall_timeout_s must be in (1, 3600] "
+                             f"(got {self.engine_stall_timeout_s})")
         if not 0 < self.restart_backoff_s <= self.restart_max_backoff_s:
             raise ValueError("restart_backoff_s must be > 0 and <= restart_max_backoff_s "
                              f"(got {self.restart_backoff_s}, {self.restart_max_backoff_s})")
@@ -187,7 +191,8 @@ class Cluster:
         argv = [sys.executable, "-m", "pdserve.cli", "--log-level", s.log_level, role,
                 "--node-id", f"{role}-{index}", "--host", s.host, "--model-name", s.model_name,
                 "--registry", s.registry_target, "--threads", str(s.threads_per_node),
-                "--num-blocks", str(s.num_blocks), "--drain-timeout", str(s.drain_timeout_s)]
+                "--num-blocks", str(s.num_blocks), "--drain-timeout", str(s.drain_timeout_s),
+                "--engine-stall-timeout", str(s.engine_stall_timeout_s)]
         if s.tensor_parallel_size_of(role) > 1:
             argv += ["--tensor-parallel-size", str(s.tensor_parallel_size_of(role))]
         argv += ["--model", s.model] if s.model else []

@@ -55,7 +55,8 @@ def node_argv(spec: ClusterFile, host: HostSpec, node: NodeSpec, secret: str | N
             "--data-port", str(node.data_port), "--model-name", spec.model_name,
             "--registry", spec.registry_target, "--threads", str(node.threads),
             "--num-blocks", str(node.num_blocks), "--max-num-seqs", str(node.max_num_seqs),
-            "--transport", node.transport, "--drain-timeout", str(spec.drain_timeout_s)]
+            "--transport", node.transport, "--drain-timeout", str(spec.drain_timeout_s),
+            "--engine-stall-timeout", str(spec.engine_stall_timeout_s)]
     argv += ["--metrics-port", str(node.metrics_port)] if node.metrics_port is not None else []
     argv += ["--model", spec.model] if spec.model else []
     argv += ["--speculative-config", spec.speculative_config] if spec.speculative_config else []

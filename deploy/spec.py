@@ -7,6 +7,7 @@
     registry: embedded               # the router's own registry, or redis://ADDRESS:PORT/DB
     secret: {file: /etc/pdserve/secret}   # or {env: VARIABLE}; required unless `insecure: true`
     drain_timeout_s: 30              # after SIGTERM, how long in-flight requests may take to finish
+    engine_stall_timeout_s: 30       # a node kills its engine when it sends nothing this long
     hosts:
       r1: {address: 10.0.0.1, router: {port: 8000}}
       p1:
@@ -111,6 +112,7 @@ class ClusterFile:
     secret: SecretSource | None = field(default=None, repr=False)
     insecure: bool = False  # no secret: every process runs with --insecure
     drain_timeout_s: float = 30.0
+    engine_stall_timeout_s: float = 30.0
     startup_timeout_s: float = 180.0
     log_level: str = "WARNING"
 
@@ -155,7 +157,8 @@ def parse_spec(data: Any, path: Path) -> ClusterFile:
     c = _Checker(path)
     top = c.mapping(data, "", required={"name", "hosts"},
                     optional={"model", "model_name", "speculative_config", "registry", "secret",
-                              "insecure", "drain_timeout_s", "startup_timeout_s", "log_level"})
+                              "insecure", "drain_timeout_s", "engine_stall_timeout_s", "startup_timeout_s",
+                              "log_level"})
     name = c.name(top["name"], "name")
     registry = c.string(top.get("registry", "embedded"), "registry")
     if not (registry == "embedded" or registry.startswith(("redis://", "rediss://"))):
@@ -173,12 +176,20 @@ def parse_spec(data: Any, path: Path) -> ClusterFile:
         secret=_parse_secret(c, top.get("secret")),
         insecure=_parse_insecure(c, top.get("insecure", False), top.get("secret")),
         drain_timeout_s=c.positive(top.get("drain_timeout_s", 30.0), "drain_timeout_s"),
+        engine_stall_timeout_s=_parse_stall_timeout(c, top.get("engine_stall_timeout_s", 30.0)),
         startup_timeout_s=c.positive(top.get("startup_timeout_s", 180.0), "startup_timeout_s"),
         log_level=c.choice(top.get("log_level", "WARNING"), "log_level",
                            ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
     )
     _check_cluster(c, spec)
     return spec
+
+
+def _parse_stall_timeout(c: _Checker, value: Any) -> float:
+    seconds = c.positive(value, "engine_stall_timeout_s")
+    if not 1.0 < seconds <= 3600:  # a running engine reports every second
+        c.fail("engine_stall_timeout_s", f"must be in (1, 3600] (got {seconds})")
+    return seconds
 
 
 def _parse_host(c: _Checker, cluster: str, name: Any, body: Any) -> HostSpec:

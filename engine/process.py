@@ -32,6 +32,7 @@ from pdserve.engine.output_stream import ReaderGoneError, RecordWriter
 from pdserve.engine.protocol import (
     FRAME_LENGTH,
     MAX_FRAME_BYTES,
+    STATS_MAX_INTERVAL_S,
     AbortTask,
     EngineFailed,
     EngineProcessConfig,
@@ -63,7 +64,6 @@ log = logging.getLogger("pdserve.engine")
 
 STATS_MIN_INTERVAL_S = 0.05
 IDLE_WAIT_S = 0.05  # an idle engine still reports load changes (e.g. an abort) this quickly
-STATS_MAX_INTERVAL_S = 1.0
 
 
 class TaskInbox:

@@ -239,6 +239,11 @@ class EngineFailed(msgspec.Struct, tag="failed", frozen=True):
     message: str  # the engine loop stopped on this error; the process exits after sending it
 
 
+# An engine sends its stats at least this often between steps, whatever changed: a reader can tell a
+# quiet engine from a stuck one (node/engine_client.py's stall watchdog).
+STATS_MAX_INTERVAL_S = 1.0
+
+
 class EngineStats(msgspec.Struct, tag="stats", frozen=True):
     running: int
     waiting: int

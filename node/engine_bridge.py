@@ -197,8 +197,8 @@ class EngineBridge:
             elif isinstance(record, EngineFailed):
                 engine_failure = record.message  # the process exits next; its exit notice follows
             elif isinstance(record, EngineExited):
-                why = f"engine failed: {engine_failure}" if engine_failure else (
-                    f"engine process exited with code {record.returncode}")
+                why = (self.client.stalled or (f"engine failed: {engine_failure}" if engine_failure
+                                               else f"engine process exited with code {record.returncode}"))
                 self._fail(why)
                 return
             else:

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from pdserve.common.kv_cache import SHM_DIR
@@ -28,6 +29,7 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.tokens import SampledTokens
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.protocol import (
+    STATS_MAX_INTERVAL_S,
     AbortTask,
     EngineFailed,
     EngineProcessConfig,
@@ -53,6 +55,8 @@ from pdserve.node.engine_stream import EngineExited, RecordReader
 log = logging.getLogger("pdserve.node.engine")
 
 DTYPES = ("float32", "bfloat16", "float16")
+STALL_CHECK_INTERVAL_S = 0.25
+WATCHDOG_PAUSE_S = 1.0  # a stall check this much later than planned means the node itself was paused
 
 
 class EngineError(RuntimeError):
@@ -68,6 +72,10 @@ class EngineClientConfig:
     shared_kv_pool: bool = False
     omp_num_threads: int = 1  # each engine rank's share of the host's cores (PADDLE_CPU.md)
     startup_timeout_s: float = 120.0  # loading the model; an engine not ready by then is killed
+    # A running engine writes a record at least every STATS_MAX_INTERVAL_S between steps; one silent
+    # this long (stopped, hung in a step, a rank stuck in a collective) is killed, as if it had died.
+    # It must exceed the longest legitimate step.
+    stall_timeout_s: float = 30.0
     log_level: str = "WARNING"
     tensor_parallel_size: int = 1  # engine rank processes, each with omp_num_threads threads
 
@@ -78,6 +86,9 @@ class EngineClientConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1 (got {self.tensor_parallel_size})")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be > 0 (got {self.startup_timeout_s})")
+        if not STATS_MAX_INTERVAL_S < self.stall_timeout_s <= 3600:
+            raise ValueError(f"stall_timeout_s must be in ({STATS_MAX_INTERVAL_S}, 3600]: a running engine "
+                             f"reports every {STATS_MAX_INTERVAL_S} s (got {self.stall_timeout_s})")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES} (got {self.dtype!r})")
 
@@ -93,6 +104,9 @@ class EngineClient:
         self._exit_lock = threading.Lock()
         self._first_returncode: int | None = None
         self._write_lock = threading.Lock()
+        self._last_record_at = time.monotonic()
+        self._watching = threading.Event()  # cleared by close(): the stall watchdog ends
+        self.stalled: str | None = None  # why the stall watchdog killed the engine
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -135,7 +149,30 @@ class EngineClient:
             raise
         finally:
             watchdog.cancel()
+        self._watching.set()
+        threading.Thread(target=self._watch_for_stall, name="engine-stall-watchdog", daemon=True).start()
         return self.ready
+
+    def _watch_for_stall(self) -> None:
+        """Kill an engine whose record stream has been silent for stall_timeout_s: its requests then
+        fail as a dead engine's do (the reaper reports the exit), instead of waiting on it forever."""
+        timeout_s = self.config.stall_timeout_s
+        checked_at = time.monotonic()
+        while self._watching.is_set() and self.alive():
+            now = time.monotonic()
+            if now - checked_at > STALL_CHECK_INTERVAL_S + WATCHDOG_PAUSE_S:
+                # This thread did not run either (the whole node was stopped, or the host paused): the
+                # engine's silence it did not watch is not held against it.
+                self._last_record_at = max(self._last_record_at, now)
+            checked_at = now
+            silent_s = now - self._last_record_at
+            if silent_s >= timeout_s:
+                self.stalled = (f"engine stalled: no record for {silent_s:.1f} s (a running engine reports "
+                                f"every {STATS_MAX_INTERVAL_S} s); killed")
+                log.error("%s (pids %s)", self.stalled, self.rank_pids)
+                self._kill_all()
+                return
+            time.sleep(min(timeout_s - silent_s, STALL_CHECK_INTERVAL_S))
 
     def _wait_ready(self) -> EngineReady:
         """The first record is ready or failed (a model that cannot load); a process that dies before
@@ -196,6 +233,7 @@ class EngineClient:
         """Stop the engine (Shutdown, then SIGTERM, then SIGKILL; every rank) and remove the record stream."""
         process, ranks = self._process, self._ranks
         self._closing = True
+        self._watching.clear()  # a shutdown that takes a while is no stall
         self._process = None
         if process is not None:
             try:
@@ -259,7 +297,9 @@ class EngineClient:
         record it wrote comes first). Raises ProtocolError if the stream breaks or is closed."""
         if self._records is None:
             raise EngineError("engine client is not started")
-        return self._records.receive()
+        record = self._records.receive()
+        self._last_record_at = time.monotonic()
+        return record
 
     def _require_process(self) -> subprocess.Popen[bytes]:
         if self._process is None or self._process.poll() is not None:

@@ -64,6 +64,7 @@ class NodeConfig:
     prefill_fallback: str = "fail"  # decode node when its prefill peer fails: "fail" | "local"
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+    engine_stall_timeout_s: float = 30.0  # an engine silent this long is killed (EngineClientConfig)
     log_level: str = "WARNING"
     # authenticates the data plane (CURVE), signed tasks, registry entries and node RPCs
     cluster_secret: ClusterSecret | None = field(default=None, repr=False)
@@ -91,6 +92,7 @@ class NodeConfig:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1 (got {self.tensor_parallel_size})")
         require_secret_or_insecure(self.cluster_secret, self.insecure, f"node {self.node_id}")
+        self.engine_client_config()  # its own checks (dtype, stall timeout) fail here, not at start
 
     def transfer_config(self) -> TransferConfig:
         """The KV data plane binds the node's interface, on data_port."""
@@ -102,6 +104,7 @@ class NodeConfig:
             model_dir=self.model_dir, engine=self.engine, eos_token_ids=self.eos_token_ids, dtype=self.dtype,
             shared_kv_pool=self.role is not Role.MIXED, omp_num_threads=self.omp_num_threads,
             log_level=self.log_level, tensor_parallel_size=self.tensor_parallel_size,
+            stall_timeout_s=self.engine_stall_timeout_s,
         )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +58,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0,
 
 PREFILL, DECODE = ["prefill-0", "prefill-1"], ["decode-0", "decode-1"]
 NUM_BLOCKS = 512
-NODE_FLAGS: tuple[str, ...] = ("--num-blocks", str(NUM_BLOCKS))  # start_nodes adds the cluster secret
+ENGINE_STALL_S = 3.0  # a node kills an engine silent this long (an engine reports every second)
+# start_nodes adds the cluster secret
+NODE_FLAGS: tuple[str, ...] = ("--num-blocks", str(NUM_BLOCKS), "--engine-stall-timeout", str(ENGINE_STALL_S))
 ROUTER_FLAGS: tuple[str, ...] = secret_flags()
 STREAMS = 16
 PROMPT = ("def fibonacci(n):\n    if n < 2:\n        return n\n"
@@ -478,3 +481,26 @@ def test_sigterm_decode_node_under_load_drains(cluster: ChaosCluster, report) ->
         assert code == 0, f"exit code {code}"
         assert row.failed == row.hung == 0, [o.error for o in outcomes if o.kind != "ok"][:3]
         assert orphans == [] and not new_leftovers, (orphans, new_leftovers)
+
+
+def test_sigstop_decode_engine_alone(cluster: ChaosCluster, report) -> None:
+    cluster.start([("decode-1", "decode")])  # the drain scenario stopped it
+    decode = cluster.nodes["decode-1"]
+    bound = f"0 failed (its streams migrate), none > 10 s, engine killed after {ENGINE_STALL_S:.0f} s"
+    with report("SIGSTOP decode-1's engine alone", bound) as row:
+        load = run_load(cluster)
+        assert wait_until(lambda: cluster.router.inflight("decode-1") > 0, 10.0), "decode-1 got no streams"
+        streaming = cluster.router.inflight("decode-1")
+        decode.expect_clean_exit = False
+        os.kill(decode.engine_pid, signal.SIGSTOP)  # alive, holding its streams, silent
+        stopped = time.monotonic()
+        assert wait_until(lambda: not pid_alive(decode.engine_pid), ENGINE_STALL_S + 3.0), "engine not killed"
+        killed_after = time.monotonic() - stopped
+        time.sleep(6.0)
+        outcomes = load.stop()
+        row.count(outcomes, fault_at=stopped)
+        row.recovery_s = recovery(outcomes, stopped)
+        row.figure = f"{streaming:.0f} on decode-1 at the stop; its engine killed {killed_after:.1f} s after"
+        assert row.hung == 0 and row.failed == 0, [o.error for o in outcomes if o.kind != "ok"][:3]
+        assert slowest(outcomes) <= SLOW_S, f"slowest request {slowest(outcomes):.1f} s"
+        assert wait_until(lambda: node_gone(decode), 15.0), "the engineless node server lingers"

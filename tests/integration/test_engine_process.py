@@ -366,3 +366,49 @@ def test_killed_engine_makes_receive_raise_and_close_cleans_up(resources: Resour
             client.generate("late", [1, 2, 3], SamplingParams(max_tokens=2))
     finally:
         client.close()
+
+
+# -- the stall watchdog --------------------------------------------------------------------------------
+
+
+def test_a_stopped_engine_is_killed_after_the_stall_timeout(resources: Resources,
+                                                            tokenizer: Tokenizer) -> None:
+    client = EngineClient(client_config(shared_kv_pool=True, stall_timeout_s=2.0))
+    client.start()
+    try:
+        resources.track_client(client)
+        client.generate("r", tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=400, temperature=0.0,
+                                                                         ignore_eos=True))
+        while not isinstance(client.receive(), StepOutputs):
+            pass
+        os.kill(client.pid, signal.SIGSTOP)  # alive, holding its request, silent
+        stopped_at = time.monotonic()
+        while not isinstance(record := client.receive(), EngineExited):
+            pass  # what it wrote before the stop
+        waited = time.monotonic() - stopped_at
+        assert record.returncode == -signal.SIGKILL
+        assert 2.0 <= waited < 2.0 + 1.5, f"killed {waited:.2f} s after it stopped"
+        assert client.stalled is not None and "no record for" in client.stalled, client.stalled
+    finally:
+        client.close()
+
+
+def test_an_idle_engine_is_not_taken_for_a_stalled_one(tokenizer: Tokenizer) -> None:
+    # A stall timeout just above the engine's one-second stats: only those keep this engine alive.
+    client = EngineClient(client_config(stall_timeout_s=1.6))
+    client.start()
+    try:
+        until = time.monotonic() + 4.0
+        while time.monotonic() < until:  # idle: nothing but stats records
+            assert not isinstance(client.receive(), EngineExited), client.stalled
+        assert client.alive() and client.stalled is None
+        client.generate("after", tokenizer.encode(PROMPTS[1]), SamplingParams(max_tokens=4, temperature=0.0))
+        assert receive_until_done(client, {"after"})["after"][-1].is_finished
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("stall_timeout_s", [0.5, 1.0, 4000.0])
+def test_a_stall_timeout_the_engine_cannot_meet_is_refused(stall_timeout_s: float) -> None:
+    with pytest.raises(ValueError, match="stall_timeout_s"):
+        client_config(stall_timeout_s=stall_timeout_s)

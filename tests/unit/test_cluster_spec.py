@@ -73,6 +73,8 @@ def test_the_example_spec_parses() -> None:
     ("secret", {"file": "/a", "env": "B"}, "secret"),
     ("speculative_config", {"method": "eagle", "num_speculative_tokens": 1}, "speculative_config"),
     ("drain_timeout_s", -1, "drain_timeout_s"),
+    ("engine_stall_timeout_s", 1, "engine_stall_timeout_s"),
+    ("engine_stall_timeout_s", "30", "engine_stall_timeout_s"),
     ("replicas", 3, "replicas"),
 ])
 def test_a_malformed_field_is_refused_by_name(path: str, value: object, field: str) -> None:
@@ -130,6 +132,10 @@ def test_argv_follows_the_spec() -> None:
     decode = node_argv(spec, spec.host("d"), spec.host("d").nodes[0], None)
     assert decode[0].endswith("python") or "python" in Path(decode[0]).name
     assert decode[decode.index("--threads") + 1] == "2"
+    assert decode[decode.index("--engine-stall-timeout") + 1] == "30.0"
+    slow = _parse({**BASE, "engine_stall_timeout_s": 90})
+    slow_decode = node_argv(slow, slow.host("d"), slow.host("d").nodes[0], None)
+    assert slow_decode[slow_decode.index("--engine-stall-timeout") + 1] == "90.0"
     assert "--registry-api-key-is-cluster-secret" not in decode
     redis = _parse({**BASE, "registry": "redis://10.0.0.9:6379/0"})
     argv = node_argv(redis, redis.host("d"), redis.host("d").nodes[0], "key")
@@ -173,3 +179,12 @@ def test_children_get_the_secret_by_file_or_variable_name_never_by_value(tmp_pat
     no_secret = _parse(BASE)  # the operator's choice, spelled out on every child
     assert "--insecure" in router_argv(no_secret, no_secret.host("r"), None)
     assert "--insecure" in node_argv(no_secret, no_secret.host("d"), no_secret.host("d").nodes[0], None)
+
+
+def test_up_passes_the_engine_stall_timeout_to_every_node() -> None:
+    from pdserve.deploy.cluster import Cluster, ClusterSpec
+
+    argv = Cluster(ClusterSpec(insecure=True, engine_stall_timeout_s=12.5)).node_argv("decode", 0)
+    assert argv[argv.index("--engine-stall-timeout") + 1] == "12.5"
+    with pytest.raises(ValueError, match="engine_stall_timeout_s"):
+        ClusterSpec(insecure=True, engine_stall_timeout_s=1.0)  # the engine reports only every second
