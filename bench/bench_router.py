@@ -114,19 +114,32 @@ class _HTTPConnection:
 
 
 class _ConnectionPool:
+    """Idle keep-alive connections, the most recently used first. One idle for REUSE_IDLE_S is closed
+    instead of reused: the server closes it after its own keep-alive timeout (uvicorn's 5 s), and a
+    request sent on it then would read an empty answer."""
+
+    REUSE_IDLE_S = 4.0
+
     def __init__(self, url: str) -> None:
         self._url = url
-        self._idle: list[_HTTPConnection] = []
+        self._idle: list[tuple[float, _HTTPConnection]] = []  # (when it became idle, connection)
 
     async def post(self, path: str, body: bytes,
                    on_chunk: Callable[[bytes], None] | None = None) -> tuple[int, bytes]:
-        conn = self._idle.pop() if self._idle else _HTTPConnection(self._url)
+        conn = None
+        while self._idle and conn is None:
+            idle_since, candidate = self._idle.pop()
+            if time.monotonic() - idle_since < self.REUSE_IDLE_S:
+                conn = candidate
+            else:
+                candidate.close()
+        conn = conn or _HTTPConnection(self._url)
         status, data = await conn.post(path, body, on_chunk)
-        self._idle.append(conn)
+        self._idle.append((time.monotonic(), conn))
         return status, data
 
     def close(self) -> None:
-        for conn in self._idle:
+        for _, conn in self._idle:
             conn.close()
 
 
