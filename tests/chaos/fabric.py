@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdserve.common.leftovers import POOL_PREFIX, QUEUE_MARKER_PREFIX, SHM_DIR, pid_alive
+from pdserve.rpc.registry import NODES_PATH
 from pdserve.tests.integration.netns import HostNetwork
 from pdserve.tests.support.cluster import Node, NodeSpec, start_nodes, stop_nodes, wait_until
 
@@ -113,6 +114,13 @@ class RouterProcess:
             counts = self.usable_nodes()
             return counts.get("prefill", 0) >= prefill and counts.get("decode", 0) >= decode
         return wait_until(enough, timeout_s, 0.2)
+
+    def unreachable_peers(self, node_id: str) -> list[str] | None:
+        """The data addresses `node_id` last reported it cannot reach, as the router routes by them
+        (None while the router does not list the node)."""
+        with urllib.request.urlopen(self.url + NODES_PATH, timeout=5.0) as reply:
+            nodes = json.loads(reply.read())["nodes"]
+        return next((n["unreachable_peer_addresses"] for n in nodes if n["node_id"] == node_id), None)
 
     def inflight(self, node_id: str) -> float:
         """Requests the router has on a node now (its pdserve_router_node_inflight gauge)."""

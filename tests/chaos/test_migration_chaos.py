@@ -187,6 +187,11 @@ def back_in_rotation(cluster: ChaosCluster, node: Node) -> None:
             return False
 
     assert cluster.router.wait_usable(len(PREFILL), len(DECODE), 30.0), cluster.router.usable_nodes()
+    # Back in the pool is not yet back in rotation: after a stop or a cut the node reports its prefill
+    # peer unreachable until its data-plane connection is up again, and until the router has that
+    # report no request goes to the pair, so the next scenario's victim would get no stream.
+    assert wait_until(lambda: cluster.router.unreachable_peers(node.name) == [], 30.0, 0.2), \
+        cluster.router.unreachable_peers(node.name)
     assert wait_until(holds_no_kv, 30.0, 0.2), f"{node.name} keeps KV blocks: {node.stats()}"
 
 
