@@ -25,6 +25,7 @@ from pdserve.tests.support.http_burst import burst
 
 SHM = Path("/dev/shm")
 MODEL = "pdserve-demo"
+DRAIN_TOKENS = 600  # each in-flight stream at the SIGTERM
 
 
 def _children(pid: int) -> list[int]:
@@ -142,7 +143,9 @@ def test_up_restarts_a_killed_node_and_drains_in_flight_streams_on_sigterm() -> 
 
         # SIGTERM under load: every in-flight stream finishes, new requests get 503 + Retry-After
         processes = _tree(up.pid)
-        streams = [_Stream(url, max_tokens=96) for _ in range(6)]
+        # long enough to be in flight well past the 503 check below: at six streams the demo model
+        # decodes 96 tokens in under half a second on a quiet host, and an idle router exits at once
+        streams = [_Stream(url, max_tokens=DRAIN_TOKENS) for _ in range(6)]
         for stream in streams:
             stream.start()
         for stream in streams:
@@ -156,7 +159,7 @@ def test_up_restarts_a_killed_node_and_drains_in_flight_streams_on_sigterm() -> 
             stream.join(timeout=60)
         assert up.wait(timeout=60) == 0
         drained_s = time.monotonic() - sigterm_at
-        assert all(s.done and s.error is None and s.finish_reason == "length" and s.tokens == 96
+        assert all(s.done and s.error is None and s.finish_reason == "length" and s.tokens == DRAIN_TOKENS
                    for s in streams), [(s.done, s.error, s.finish_reason, s.tokens) for s in streams]
         print(f"drain: {len(streams)}/{len(streams)} in-flight streams completed; up exited "
               f"{drained_s:.1f} s after SIGTERM")
