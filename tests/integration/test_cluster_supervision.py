@@ -25,7 +25,7 @@ from pdserve.tests.support.http_burst import burst
 
 SHM = Path("/dev/shm")
 MODEL = "pdserve-demo"
-DRAIN_TOKENS = 600  # each in-flight stream at the SIGTERM
+DRAIN_TOKENS = 300  # each in-flight stream at the SIGTERM (6 x 300 tokens fit the 128 blocks)
 
 
 def _children(pid: int) -> list[int]:
