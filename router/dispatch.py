@@ -32,8 +32,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -67,16 +67,22 @@ class _StreamBroke(RuntimeError):
         self.decision = decision
 
 
-@dataclasses.dataclass
 class _Relayed:
-    """What the client has of one request: the tokens and characters every chunk relayed so far."""
+    """What the client has of one request: the tokens and characters every chunk relayed so far. The
+    chunks' token columns are kept as they came and joined only when a migration needs them: copying
+    them out of each message would cost every stream for the few that fail."""
 
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    chars: int = 0
+    def __init__(self) -> None:
+        self._pieces: list[Sequence[int]] = []
+        self.chars = 0
 
     def add(self, chunk: node_pb2.GenerateChunk) -> None:
-        self.token_ids.extend(chunk.tokens.token_ids)
+        self._pieces.append(chunk.tokens.token_ids)
         self.chars += len(chunk.text)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [token for piece in self._pieces for token in piece]
 
 
 def continuation(prepared: Prepared, relayed: _Relayed) -> Prepared | None:
@@ -140,6 +146,58 @@ def _request_for(prepared: Prepared, route: Route, attempt: int, migration: int)
         request.prefill.CopyFrom(node_pb2.PrefillTarget(node_id=p.node_id, grpc_address=p.grpc_address,
                                                         data_address=p.data_address))
     return request
+
+
+class _SilenceWatch:
+    """Reads of one node stream, each bounded by ``timeout_s`` (TimeoutError past it), with one timer
+    for the whole stream rather than one armed and cancelled per chunk as ``asyncio.timeout`` does: a
+    read only notes its start. The timer re-arms itself lazily: when it fires before the current
+    read's deadline it moves to that deadline; when it fires between reads it stops, and the next read
+    arms it again."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._started = 0.0
+        self._reading = False
+        self._fired = False
+
+    async def read(self, call: grpc.aio.UnaryStreamCall) -> Any:
+        """The call's next chunk, or grpc.aio.EOF."""
+        self._task = asyncio.current_task()
+        self._started = self._loop.time()
+        self._reading = True
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._started + self._timeout_s, self._check)
+        try:
+            return await call.read()
+        except BaseException as e:
+            if self._fired:  # our cancellation: a timeout, unless someone else cancelled the task too
+                self._fired = False
+                assert self._task is not None
+                if self._task.uncancel() == 0 and isinstance(e, asyncio.CancelledError):
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._reading = False
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._reading:
+            return
+        deadline = self._started + self._timeout_s
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._check)
+        elif self._task is not None:
+            self._fired = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class Dispatcher:
@@ -303,11 +361,6 @@ class Dispatcher:
             self._pool.mark_pair_broken(*decision.broken_pair)
         return decision
 
-    async def _read(self, call: grpc.aio.UnaryStreamCall, timeout_s: float) -> node_pb2.GenerateChunk | None:
-        async with asyncio.timeout(timeout_s):  # no extra task per chunk, unlike wait_for on 3.11
-            chunk = await call.read()
-        return None if chunk is grpc.aio.EOF else chunk
-
     async def _watched(self, call: grpc.aio.Call, pending: Awaitable[T], route: Route,
                        timeout_s: float | None) -> T:
         """What ``pending`` (the call's first read, or a Complete call's answer) gives; gives up
@@ -368,23 +421,27 @@ class Dispatcher:
     async def _rest(self, call: grpc.aio.UnaryStreamCall,
                     route: Route) -> AsyncIterator[node_pb2.GenerateChunk]:
         decode_id = route.decode.node_id
-        while True:
-            try:
-                chunk = await self._read(call, self._retry.chunk_timeout_s)
-            except TimeoutError:
-                failure = Failure(node_pb2.CAUSE_DEADLINE, decode_id,
-                                  f"the node sent nothing for {self._retry.chunk_timeout_s} s")
-                raise _StreamBroke(failure, self._act(failure, route)) from None
-            except grpc.aio.AioRpcError as e:
-                failure = failure_of_status(e, decode_id)
-                raise _StreamBroke(failure, self._act(failure, route)) from e
-            if chunk is None:
-                failure = Failure(node_pb2.CAUSE_UNSPECIFIED, decode_id,
-                                  "the node ended the stream without a finish reason")
-                raise _StreamBroke(failure, self._act(failure, route))
-            if chunk.finish_reason in ("error", "abort"):
-                failure = failure_of_chunk(chunk, decode_id, None)
-                raise _StreamBroke(failure, self._act(failure, route))
-            yield chunk
-            if chunk.finish_reason:
-                return
+        watch = _SilenceWatch(self._retry.chunk_timeout_s)
+        try:
+            while True:
+                try:
+                    chunk = await watch.read(call)
+                except TimeoutError:
+                    failure = Failure(node_pb2.CAUSE_DEADLINE, decode_id,
+                                      f"the node sent nothing for {self._retry.chunk_timeout_s} s")
+                    raise _StreamBroke(failure, self._act(failure, route)) from None
+                except grpc.aio.AioRpcError as e:
+                    failure = failure_of_status(e, decode_id)
+                    raise _StreamBroke(failure, self._act(failure, route)) from e
+                if chunk is grpc.aio.EOF:
+                    failure = Failure(node_pb2.CAUSE_UNSPECIFIED, decode_id,
+                                      "the node ended the stream without a finish reason")
+                    raise _StreamBroke(failure, self._act(failure, route))
+                if chunk.finish_reason in ("error", "abort"):
+                    failure = failure_of_chunk(chunk, decode_id, None)
+                    raise _StreamBroke(failure, self._act(failure, route))
+                yield chunk
+                if chunk.finish_reason:
+                    return
+        finally:
+            watch.close()

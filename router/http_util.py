@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TypeVar
 
-import anyio
 from prometheus_client import Counter
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -142,17 +141,9 @@ class SSEResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with anyio.create_task_group() as tg:
-                async def stream() -> None:
-                    try:
-                        await self._stream(send)
-                    except OSError:  # the client went away mid-write
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await wait_disconnect(receive)
-                tg.cancel_scope.cancel()
+            await unless_disconnected(receive, self._stream(send))
+        except (ClientGone, OSError):  # gone before the end, noticed by the watcher or mid-write
+            pass
         finally:
             self._on_close()
 

@@ -72,7 +72,8 @@ def speculate_metrics_json(m: node_pb2.SpeculateMetrics) -> dict[str, Any]:
 @dataclass
 class _Accumulated:
     text: list[str] = field(default_factory=list)
-    tokens: list[SampledTokens] = field(default_factory=list)
+    # each chunk's tokens as the node sent them: converted only when logprobs are asked for
+    token_msgs: list[node_pb2.SampledTokens] = field(default_factory=list)
     prompt_logprobs: SampledTokens = NO_TOKENS
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -81,7 +82,7 @@ class _Accumulated:
 
     def add(self, chunk: node_pb2.GenerateChunk) -> None:
         self.text.append(chunk.text)
-        self.tokens.append(tokens_from_proto(chunk.tokens))
+        self.token_msgs.append(chunk.tokens)
         if chunk.HasField("prompt_logprobs"):
             self.prompt_logprobs = tokens_from_proto(chunk.prompt_logprobs)
         self.completion_tokens += len(chunk.tokens.token_ids)
@@ -119,7 +120,7 @@ class _ChoiceFormatter:
 
     def total_logprob(self) -> float:
         """The generated tokens' total logprob (best_of's ranking)."""
-        return sum(lp for tokens in self.acc.tokens for lp in tokens.logprobs)
+        return sum(lp for tokens in self.acc.token_msgs for lp in tokens.logprobs)
 
     def _chat_logprobs(self, entries: SampledTokens) -> dict[str, Any]:
         def item(token_id: int, logprob: float) -> dict[str, Any]:
@@ -189,7 +190,9 @@ class _ChoiceFormatter:
         """The whole answer as one choice (a non-streaming response, or a prompt-only stream's event)."""
         acc = self.acc
         text = "" if self._p.prompt_only else "".join(acc.text)
-        generated = NO_TOKENS if self._p.prompt_only or not acc.tokens else SampledTokens.concat(acc.tokens)
+        generated = NO_TOKENS
+        if self._p.top_logprobs is not None and not self._p.prompt_only and acc.token_msgs:
+            generated = SampledTokens.concat([tokens_from_proto(m) for m in acc.token_msgs])
         prompt_ids: Sequence[int] = ()
         if self._p.echo:
             text = self._p.prompt_text + text
@@ -221,7 +224,9 @@ class _ChoiceFormatter:
             if first and self._p.echo:  # the prompt's logprobs come with the first chunk
                 echoed = self._logprobs(NO_TOKENS, self._p.prompt_token_ids, self.acc.prompt_logprobs)
                 yield self._choice(self._p.prompt_text, echoed, None)
-            logprobs = self._logprobs(self.acc.tokens[-1])
+            logprobs = None
+            if self._p.top_logprobs is not None:
+                logprobs = self._logprobs(tokens_from_proto(chunk.tokens))
             if self._tool_stream is not None:
                 choice = self._tool_stream.choice(self._p.index, chunk.text, logprobs,
                                                   chunk.finish_reason or None, first)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 
 import httpx
 
@@ -19,11 +20,11 @@ from pdserve.tests.support.stub_node import StubBehavior, StubNodeServer, regist
 MODEL = "pdserve-demo"
 
 
-def _config(migrations: int = 3) -> RouterConfig:
+def _config(migrations: int = 3, chunk_timeout_s: float = 2.0) -> RouterConfig:
     return RouterConfig(port=0, model_name=MODEL, cluster_secret=TEST_SECRET,
                         health=HealthConfig(interval_s=0.1, timeout_s=2.0, eject_after=1),
                         retry=RetryConfig(attempts=3, backoff_s=0.01, first_chunk_timeout_s=2.0,
-                                          chunk_timeout_s=2.0, migrations=migrations),
+                                          chunk_timeout_s=chunk_timeout_s, migrations=migrations),
                         policy=PolicyConfig(decode="round_robin"))
 
 
@@ -89,6 +90,32 @@ def test_a_stream_that_fails_mid_way_continues_on_other_nodes_without_a_seam() -
         metrics = httpx.get(r.url + "/metrics").text
         assert _metric(metrics, 'pdserve_router_migrations_total{cause="decode_node_failed"}') == 3.0
         assert _metric(metrics, "pdserve_router_migration_latency_seconds_count") == 3.0
+
+
+def test_a_stream_that_goes_silent_mid_way_is_migrated_after_the_chunk_timeout() -> None:
+    # every node stops after 2 chunks: 6 tokens take the first try and 2 migrations, each started by
+    # 0.5 s of silence; the chunks before it come 0.3 s apart, each within the timeout, and the time
+    # spent across them does not add up to one
+    behavior = dict(tokens=6, silent_after_chunks=2, token_delay_s=0.3)
+    with StubNodeServer("a", behavior=StubBehavior(**behavior)) as a, \
+            StubNodeServer("b", behavior=StubBehavior(**behavior)) as b, \
+            BackgroundRouter(_config(chunk_timeout_s=0.5)) as r:
+        register_with_router(r.url, a.info())
+        register_with_router(r.url, b.info())
+        started = time.monotonic()
+        events = _stream(r, {"max_tokens": 6, "temperature": 0})
+        elapsed = time.monotonic() - started
+        payloads = [e for e in events[:-1] if isinstance(e, dict)]
+        assert events[-1] == "[DONE]" and not any("error" in p for p in payloads), payloads
+        requests = _node_requests(a, b)
+        prompt = list(requests[0].prompt_token_ids)
+        assert "".join(p["choices"][0]["text"] for p in payloads if p["choices"]) == _expected_text(prompt, 6)
+        assert [req.sampling.resumed_output_tokens for req in requests] == [0, 2, 4]
+        metrics = httpx.get(r.url + "/metrics").text
+        assert _metric(metrics, 'pdserve_router_migrations_total{cause="deadline"}') == 2.0
+        assert a.counters.cancelled + b.counters.cancelled == 2  # the silent calls were cancelled
+        # two silences of 0.5 s and three chunk gaps of 0.3 s, with room for a slow host
+        assert 1.9 <= elapsed < 6.0, elapsed
 
 
 def test_a_non_streaming_request_gets_one_whole_body_across_migrations() -> None:

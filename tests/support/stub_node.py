@@ -66,6 +66,7 @@ class StubBehavior:
     # died, the node lives)
     error_after_chunks: int | None = None
     hang: bool = False  # never answer
+    silent_after_chunks: int | None = None  # after this many chunks, send nothing more (a stopped node)
     speculate: bool = True  # report speculate_metrics on the last chunk
     reported_waiting: int = 0  # what Stats says is queued (load the router reads only from Stats)
     total_blocks: int = 0  # the KV blocks Stats reports (0: none reported)
@@ -149,6 +150,8 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
                 yield node_pb2.GenerateChunk(finish_reason="error", cause=cause,
                                              error="injected engine failure mid-stream")
                 return
+            if b.silent_after_chunks is not None and chunks >= b.silent_after_chunks:
+                await asyncio.Event().wait()
             if sent and b.token_delay_s:
                 await asyncio.sleep(b.token_delay_s)
             ids = [stub_token(prompt, start + i) for i in range(sent, min(sent + b.tokens_per_chunk, total))]
