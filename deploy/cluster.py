@@ -37,6 +37,7 @@ import yaml
 
 from pdserve.common.leftovers import remove_leftovers
 from pdserve.common.secret import ClusterSecret
+from pdserve.engine.protocol import STATS_MAX_INTERVAL_S
 
 READY_PREFIX = "PDSERVE_READY "
 PR_SET_PDEATHSIG = 1
@@ -92,8 +93,8 @@ class ClusterSpec:
             raise ValueError(f"port must be in [1, 65535] (got {self.port})")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0 (got {self.drain_timeout_s})")
-        if not 1.0 < self.engine_stall_timeout_s <= 3600:
-            raise ValueError(f"engine_stall_timeout_s must be in (1, 3600] "
+        if not STATS_MAX_INTERVAL_S < self.engine_stall_timeout_s <= 3600:
+            raise ValueError(f"engine_stall_timeout_s must be in ({STATS_MAX_INTERVAL_S}, 3600] "
                              f"(got {self.engine_stall_timeout_s})")
         if not 0 < self.restart_backoff_s <= self.restart_max_backoff_s:
             raise ValueError("restart_backoff_s must be > 0 and <= restart_max_backoff_s "

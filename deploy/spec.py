@@ -38,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from pdserve.engine.protocol import STATS_MAX_INTERVAL_S
+
 ROLES = ("prefill", "decode", "mixed")
 TRANSPORTS = ("auto", "shm", "zmq")
 _CPU_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -187,8 +189,8 @@ def parse_spec(data: Any, path: Path) -> ClusterFile:
 
 def _parse_stall_timeout(c: _Checker, value: Any) -> float:
     seconds = c.positive(value, "engine_stall_timeout_s")
-    if not 1.0 < seconds <= 3600:  # a running engine reports every second
-        c.fail("engine_stall_timeout_s", f"must be in (1, 3600] (got {seconds})")
+    if not STATS_MAX_INTERVAL_S < seconds <= 3600:  # a running engine is never silent longer
+        c.fail("engine_stall_timeout_s", f"must be in ({STATS_MAX_INTERVAL_S}, 3600] (got {seconds})")
     return seconds
 
 
