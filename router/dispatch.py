@@ -368,6 +368,8 @@ class Dispatcher:
         route's pair is reported unable to reach each other: a prefill node that cannot reach its decode
         node is seen by the prefill node alone, and its report is the only sign of it."""
         if route.prefill is None:
+            if timeout_s is None:  # a Complete call: the node bounds it
+                return await pending
             async with asyncio.timeout(timeout_s):
                 return await pending
         # a task of its own: cancelling a grpc.aio read would cancel the call
