@@ -158,15 +158,15 @@ class _SilenceWatch:
     def __init__(self, timeout_s: float) -> None:
         self._timeout_s = timeout_s
         self._loop = asyncio.get_running_loop()
+        # the task that reads: a stream's chunks are read by the one task that iterates it
+        self._task = asyncio.current_task()
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[Any] | None = None
         self._started = 0.0
         self._reading = False
         self._fired = False
 
     async def read(self, call: grpc.aio.UnaryStreamCall) -> Any:
         """The call's next chunk, or grpc.aio.EOF."""
-        self._task = asyncio.current_task()
         self._started = self._loop.time()
         self._reading = True
         if self._timer is None:
