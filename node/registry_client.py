@@ -118,6 +118,9 @@ def registry_client_for(target: str, auth: RegistryAuth, api_key: str | None = N
     raise ValueError(f"registry target must be an http(s):// router URL or a redis:// URL (got {target!r})")
 
 
+STOP_TIMEOUT_S = 5.0  # past the clients' own request timeouts (1 s Redis, 2 s HTTP)
+
+
 class Heartbeater:
     """An asyncio task that renews this node's entry every ``interval_s``.
 
@@ -125,12 +128,16 @@ class Heartbeater:
     beat is logged and retried at the next interval (the router may be starting or restarting).
     """
 
-    def __init__(self, client: RegistryClient, info: Callable[[], NodeInfo], interval_s: float) -> None:
+    def __init__(self, client: RegistryClient, info: Callable[[], NodeInfo], interval_s: float,
+                 stop_timeout_s: float = STOP_TIMEOUT_S) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0 (got {interval_s!r})")
+        if stop_timeout_s <= 0:
+            raise ValueError(f"stop_timeout_s must be > 0 (got {stop_timeout_s!r})")
         self._client = client
         self._info = info
         self._interval_s = interval_s
+        self._stop_timeout_s = stop_timeout_s
         self._task: asyncio.Task[None] | None = None
         self.beats = 0  # successful heartbeats, for status and tests
         self._warned = False
@@ -152,16 +159,24 @@ class Heartbeater:
         return True
 
     async def stop(self, deregister: bool = True) -> None:
+        """Stop beating, remove the entry (``deregister``) and close the client, in at most
+        ``stop_timeout_s``: a node's shutdown does not wait on a slow or hung registry, whose entry
+        for it expires on its own."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if deregister:
-            try:
-                await self._client.deregister(self._info().node_id)
-            except RegistryUnavailable as e:
-                log.warning("registry deregister failed (the entry will expire): %s", e)
-        await self._client.close()
+        try:
+            async with asyncio.timeout(self._stop_timeout_s):
+                if deregister:
+                    try:
+                        await self._client.deregister(self._info().node_id)
+                    except RegistryUnavailable as e:
+                        log.warning("registry deregister failed (the entry will expire): %s", e)
+                await self._client.close()
+        except TimeoutError:
+            log.warning("registry deregister and close took over %.1f s: given up (the entry will expire)",
+                        self._stop_timeout_s)
 
     async def _run(self) -> None:
         while True:
