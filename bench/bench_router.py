@@ -6,10 +6,12 @@ Starts a stub node (``pdserve.tests.support.stub_node``) and the router (``pdser
 one core) as subprocesses; the stub and this load generator share the other core, so the router's core
 does nothing else. For concurrency 1, 10 and 50 it measures TTFT and end-to-end latency of
 streaming requests through the router (HTTP/SSE) and directly on the node's gRPC Generate, side by
-side in one run; overhead = router median - direct median. Then the router's request rate: as many
+side in one run; overhead = router median - direct median; and
+the router's CPU time per streamed request (from /proc). Then the router's request rate: as many
 non-streaming requests as it completes per second at concurrency 50, ``--rate-rounds`` times back to back
 (the medians are reported: on a shared machine one round can be a third off). Prints a table and writes
-bench_out/bench_router.{md,png}.
+bench_out/bench_router.{md,png}. ``--router-pythonpath`` runs another checkout's router against the same
+stub and client, for before/after tables.
 
 The HTTP side is a minimal HTTP/1.1 keep-alive client on raw asyncio streams (``_HTTPConnection``):
 a general-purpose client costs more CPU per request than the router under test, and on a 2-core
@@ -50,9 +52,12 @@ class Sample:
     e2e_s: float
 
 
-def _spawn(cmd: list[str], cpu: int | None) -> tuple[subprocess.Popen[str], str]:
+def _spawn(cmd: list[str], cpu: int | None,
+           pythonpath: str | None = None) -> tuple[subprocess.Popen[str], str]:
     """Start a process that prints its address as its first stdout line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(proc.pid, {cpu})
@@ -228,8 +233,10 @@ async def _bench(router_url: str, router_pid: int, node_address: str,
         for concurrency in (1, 10, 50):
             n = max(args.requests, concurrency * 4)
             direct = await _run_at(concurrency, n, lambda: _direct_one(stub, prompt_ids, args.tokens))
+            cpu0 = _cpu_seconds(router_pid)
             routed = await _run_at(concurrency, n, lambda: _router_one(client, args.tokens))
-            row = {"concurrency": concurrency, "requests": n}
+            row = {"concurrency": concurrency, "requests": n,
+                   "router_cpu_ms": (_cpu_seconds(router_pid) - cpu0) / n * 1000}
             for field in ("ttft_s", "e2e_s"):
                 row[f"direct_{field}"] = _median_ms(direct, field)
                 row[f"router_{field}"] = _median_ms(routed, field)
@@ -246,14 +253,12 @@ def _report(rows: list[dict], rates: list[Rate], tokens: int) -> str:
              "medians, ms)",
              "",
              "| concurrency | requests | TTFT direct | TTFT router | TTFT overhead | E2E direct | "
-             "E2E router | "
-             "E2E overhead |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "E2E router | E2E overhead | router CPU per request |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['direct_ttft_s']:.2f} | "
                      f"{r['router_ttft_s']:.2f} | {r['overhead_ttft_s']:+.2f} | {r['direct_e2e_s']:.2f} | "
-                     f"{r['router_e2e_s']:.2f} | "
-                     f"{r['overhead_e2e_s']:+.2f} |")
+                     f"{r['router_e2e_s']:.2f} | {r['overhead_e2e_s']:+.2f} | {r['router_cpu_ms']:.2f} |")
     per_second = statistics.median(r.per_second for r in rates)
     per_cpu_second = statistics.median(r.per_cpu_second for r in rates)
     lines += ["", f"Router request rate (non-streaming, concurrency 50): **{per_second:.0f} req/s** on "
@@ -298,6 +303,9 @@ def main() -> int:
     parser.add_argument("--load-cpu", type=int, default=1, help="the core of the stub node and this client")
     parser.add_argument("--router-workers", type=int, default=1,
                         help="router processes (all on --router-cpu)")
+    parser.add_argument("--router-pythonpath", default=None,
+                        help="PYTHONPATH for the router alone: a folder holding another checkout as "
+                             "'pdserve', to measure that code's router against the same stub and client")
     args = parser.parse_args()
     if args.rate_rounds < 1:
         parser.error("--rate-rounds must be >= 1")
@@ -306,7 +314,7 @@ def main() -> int:
     router, router_url = _spawn([sys.executable, "-m", "pdserve.cli", "router", "--port", "0",
                                  "--health-interval", "5", "--workers", str(args.router_workers),
                                  *secret_flags()],  # the stub node registers with the test secret
-                                cpu=args.router_cpu)
+                                cpu=args.router_cpu, pythonpath=args.router_pythonpath)
     node = None
     try:
         node, node_address = _spawn([sys.executable, "-m", "pdserve.tests.support.stub_node", "--tokens",
