@@ -1,4 +1,5 @@
-"""``unless_disconnected``: the request's work against its client's disconnect, in one task."""
+"""``unless_disconnected``: the request's work against its client's disconnect, in one task, with a
+watcher only for work that outlasts ``watch_after_s``."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ class _Client:
 
     def __init__(self) -> None:
         self._gone = asyncio.Event()
+        self.receives = 0
 
     def leave(self) -> None:
         self._gone.set()
 
     async def receive(self) -> dict[str, object]:
+        self.receives += 1
         await self._gone.wait()
         return {"type": "http.disconnect"}
 
@@ -37,12 +40,40 @@ def test_work_result_returns_and_leaves_the_task_uncancelled() -> None:
             await asyncio.sleep(0.01)
             return "done"
 
-        result = await unless_disconnected(client.receive, work())
+        result = await unless_disconnected(client.receive, work(), watch_after_s=0.005)
         client.leave()  # after the work: nothing may cancel the task now
         await asyncio.sleep(0.01)
         return result, await _left_over_cancellations()
 
     assert asyncio.run(main()) == ("done", 0)
+
+
+def test_work_shorter_than_the_watch_delay_never_starts_a_watcher() -> None:
+    async def main() -> tuple[str, int, int]:
+        client = _Client()
+
+        async def work() -> str:
+            await asyncio.sleep(0.01)
+            return "done"
+
+        result = await unless_disconnected(client.receive, work(), watch_after_s=0.2)
+        await asyncio.sleep(0.3)  # past the delay: the watcher's timer was cancelled with the work
+        return result, client.receives, await _left_over_cancellations()
+
+    assert asyncio.run(main()) == ("done", 0, 0)
+
+
+def test_a_disconnect_before_the_watcher_starts_is_noticed_when_it_does() -> None:
+    async def main() -> tuple[float, int]:
+        client = _Client()
+        client.leave()  # gone at once; the server answers http.disconnect from then on
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ClientGone):
+            await unless_disconnected(client.receive, asyncio.sleep(10), watch_after_s=0.1)
+        return asyncio.get_running_loop().time() - started, await _left_over_cancellations()
+
+    took, left_over = asyncio.run(main())
+    assert 0.1 <= took < 1.0 and left_over == 0, took
 
 
 def test_a_disconnect_cancels_the_work_and_raises_client_gone() -> None:
@@ -61,7 +92,7 @@ def test_a_disconnect_cancels_the_work_and_raises_client_gone() -> None:
 
         asyncio.get_running_loop().call_later(0.01, client.leave)
         with pytest.raises(ClientGone):
-            await unless_disconnected(client.receive, work())
+            await unless_disconnected(client.receive, work(), watch_after_s=0.005)
         await asyncio.sleep(0)  # the task goes on awaiting after ClientGone
         return cancelled, await _left_over_cancellations()
 
@@ -80,7 +111,7 @@ def test_work_that_ends_despite_the_disconnect_returns_its_result() -> None:
             return "never"
 
         asyncio.get_running_loop().call_later(0.01, client.leave)
-        result = await unless_disconnected(client.receive, work())
+        result = await unless_disconnected(client.receive, work(), watch_after_s=0.005)
         await asyncio.sleep(0)
         return result, await _left_over_cancellations()
 
@@ -90,7 +121,8 @@ def test_work_that_ends_despite_the_disconnect_returns_its_result() -> None:
 def test_a_cancellation_from_outside_propagates() -> None:
     async def main() -> bool:
         client = _Client()
-        outer = asyncio.create_task(unless_disconnected(client.receive, asyncio.sleep(10)))
+        outer = asyncio.create_task(unless_disconnected(client.receive, asyncio.sleep(10),
+                                                        watch_after_s=0.005))
         await asyncio.sleep(0.01)
         outer.cancel()
         try:
