@@ -217,12 +217,50 @@ async def _request_rate(pool: _ConnectionPool, router_pid: int, seconds: float, 
     return Rate(done / wall, done / cpu if cpu else float("inf"))
 
 
+async def _floor_client(address: str, seconds: float, concurrency: int, tokens: int) -> float:
+    """Complete calls per CPU-second of this process, a bare grpc.aio client at ``concurrency``."""
+    prompt_ids = Tokenizer.from_dir(default_model_dir()).encode(PROMPT)
+    request = node_pb2.GenerateRequest(request_id="floor", prompt_token_ids=prompt_ids,
+                                       sampling=node_pb2.SamplingParams(max_tokens=tokens, temperature=1.0))
+    done = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        await stub.Complete(request)  # connected and warm
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                await stub.Complete(request)
+                done += 1
+
+        deadline = time.perf_counter() + seconds
+        cpu0 = time.process_time()  # every thread of this process: gRPC's own included
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        cpu = time.process_time() - cpu0
+    return done / cpu
+
+
+def _grpc_floor(node_address: str, cpu: int, seconds: float, tokens: int) -> float:
+    """Complete calls per CPU-second of a bare grpc.aio client on the router's core, against the same
+    stub: the part of a non-streaming request's cost that no router built on grpc.aio avoids. Run in
+    its own process, between the router's rounds, so the two figures share the host's mood."""
+    proc = subprocess.Popen([sys.executable, __file__, "--floor-client", node_address, "--rate-seconds",
+                             str(seconds), "--tokens", str(tokens)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # pinned while it still imports (no preexec_fn: a fork of this gRPC-using process may not run Python)
+    os.sched_setaffinity(proc.pid, {cpu})
+    out, _ = proc.communicate(timeout=seconds + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the bare gRPC client exited {proc.returncode}")
+    return float(out.split()[-1])
+
+
 def _median_ms(samples: list[Sample], field: str) -> float:
     return statistics.median(getattr(s, field) for s in samples) * 1000
 
 
 async def _bench(router_url: str, router_pid: int, node_address: str,
-                 args: argparse.Namespace) -> tuple[list[dict], list[Rate]]:
+                 args: argparse.Namespace) -> tuple[list[dict], list[Rate], list[float]]:
     prompt_ids = Tokenizer.from_dir(default_model_dir()).encode(PROMPT)
     rows = []
     client = _ConnectionPool(router_url)
@@ -242,13 +280,15 @@ async def _bench(router_url: str, router_pid: int, node_address: str,
                 row[f"router_{field}"] = _median_ms(routed, field)
                 row[f"overhead_{field}"] = row[f"router_{field}"] - row[f"direct_{field}"]
             rows.append(row)
-        rates = [await _request_rate(client, router_pid, args.rate_seconds, 50, args.tokens)
-                 for _ in range(args.rate_rounds)]
+        rates, floors = [], []
+        for _ in range(args.rate_rounds):
+            rates.append(await _request_rate(client, router_pid, args.rate_seconds, 50, args.tokens))
+            floors.append(_grpc_floor(node_address, args.router_cpu, args.rate_seconds, args.tokens))
     client.close()
-    return rows, rates
+    return rows, rates, floors
 
 
-def _report(rows: list[dict], rates: list[Rate], tokens: int) -> str:
+def _report(rows: list[dict], rates: list[Rate], floors: list[float], tokens: int) -> str:
     lines = [f"Router overhead, stub node answering at once ({tokens} tokens per request, streaming, "
              "medians, ms)",
              "",
@@ -266,6 +306,12 @@ def _report(rows: list[dict], rates: list[Rate], tokens: int) -> str:
     if len(rates) > 1:
         lines.append(f"(medians of {len(rates)} rounds; per CPU-second: "
                      f"{', '.join(f'{r.per_cpu_second:.0f}' for r in rates)})")
+    floor = statistics.median(floors)
+    floor_rounds = ", ".join(f"{f:.0f}" for f in floors)
+    ratios = ", ".join(f"{f / r.per_cpu_second:.2f}" for f, r in zip(floors, rates, strict=True))
+    lines += ["", f"A bare grpc.aio client on the same core, the same Complete calls, its rounds alternated "
+              f"with the router's: **{floor:.0f} calls per CPU-second** (rounds: {floor_rounds}). The "
+              f"router's request costs **{floor / per_cpu_second:.2f}x** that call (per round: {ratios})."]
     return "\n".join(lines)
 
 
@@ -303,10 +349,15 @@ def main() -> int:
     parser.add_argument("--load-cpu", type=int, default=1, help="the core of the stub node and this client")
     parser.add_argument("--router-workers", type=int, default=1,
                         help="router processes (all on --router-cpu)")
+    parser.add_argument("--floor-client", metavar="ADDRESS", default=None,
+                        help=argparse.SUPPRESS)  # the bare gRPC client of _grpc_floor, in its own process
     parser.add_argument("--router-pythonpath", default=None,
                         help="PYTHONPATH for the router alone: a folder holding another checkout as "
                              "'pdserve', to measure that code's router against the same stub and client")
     args = parser.parse_args()
+    if args.floor_client is not None:
+        print(uvloop.run(_floor_client(args.floor_client, args.rate_seconds, 50, args.tokens)))
+        return 0
     if args.rate_rounds < 1:
         parser.error("--rate-rounds must be >= 1")
     if hasattr(os, "sched_setaffinity"):
@@ -326,13 +377,13 @@ def main() -> int:
                 raise RuntimeError("the router never became ready")
             time.sleep(0.05)
         time.sleep(0.5)  # several workers: every one has read the node's registration
-        rows, rates = uvloop.run(_bench(router_url, router.pid, node_address, args))
+        rows, rates, floors = uvloop.run(_bench(router_url, router.pid, node_address, args))
     finally:
         for proc in (node, router):
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=10)
-    report = _report(rows, rates, args.tokens)
+    report = _report(rows, rates, floors, args.tokens)
     print(report)
     OUT_DIR.mkdir(exist_ok=True)
     (OUT_DIR / "bench_router.md").write_text(report + "\n")
