@@ -8,6 +8,9 @@ from dataclasses import dataclass
 MAX_TOP_LOGPROBS = 20
 MAX_GRAMMAR_CHARS = 1 << 20  # a grammar's text; a schema past a megabyte is a mistake, not a request
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token in practice, +100 all but forces it
+# the messages that need formatting, formatted once rather than on every request's checks
+_LOGPROBS_RANGE = f"must be in [0, {MAX_TOP_LOGPROBS}]"
+_LOGIT_BIAS_RANGE = f"must map token ids to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
 
 
 class SamplingParamsError(ValueError):
@@ -93,14 +96,13 @@ class SamplingParams:
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
-             f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, _LOGPROBS_RANGE),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
-             f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+             _LOGPROBS_RANGE),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be non-negative ids"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("logit_bias", all(t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias),
-             f"must map token ids to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
+             _LOGIT_BIAS_RANGE),
             ("grammar", self.grammar is None or isinstance(self.grammar, GrammarSpec),
              "must be a GrammarSpec"),
             ("resumed_output_tokens", self.resumed_output_tokens >= 0, "must be >= 0"),

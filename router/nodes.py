@@ -74,7 +74,9 @@ class NodeClient:
 
     def __init__(self, stub: node_pb2_grpc.NodeStub, metadata: tuple[tuple[str, str], ...]) -> None:
         self._stub = stub
-        self._metadata = metadata or None
+        # built once: grpc.aio turns a tuple into its Metadata on every call, after a slow
+        # isinstance check against typing.Sequence
+        self._metadata = grpc.aio.Metadata(*metadata) if metadata else None
 
     def Generate(self, request: node_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:  # noqa: N802 - the RPC's name
         return self._stub.Generate(request, metadata=self._metadata)
