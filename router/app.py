@@ -44,6 +44,7 @@ from pdserve.router.http_util import (
     GateMiddleware,
     SSEResponse,
     content_length,
+    read_body,
     unless_disconnected,
 )
 from pdserve.router.json_response import JSONBytes
@@ -204,7 +205,7 @@ def at_the_door(state: RouterState) -> APIError | None:
     return None
 
 
-async def _serve(state: RouterState, batch: PreparedBatch, chat: bool, request: Request,
+async def _serve(state: RouterState, batch: PreparedBatch, chat: bool, receive: Receive,
                  passed_door: bool = False) -> Response:
     """Admit and run one prepared request. A request that ``passed_door`` (the hot path checked it
     before reading its body) is not turned away by a drain that began since: it was in flight."""
@@ -217,12 +218,12 @@ async def _serve(state: RouterState, batch: PreparedBatch, chat: bool, request: 
     handed_over = False  # the SSE response owns the slot and streams from then on
     try:
         if not batch.stream:
-            body = await unless_disconnected(request.receive, _collect(state, batch, builder, held))
+            body = await unless_disconnected(receive, _collect(state, batch, builder, held))
             return JSONBytes(body)
         opening = asyncio.ensure_future(_open(state, batch, held))
         keepalive_s = state.config.admission.keepalive_s
         try:
-            await unless_disconnected(request.receive, asyncio.wait({opening}, timeout=keepalive_s))
+            await unless_disconnected(receive, asyncio.wait({opening}, timeout=keepalive_s))
         except ClientGone:
             opening.cancel()
             await asyncio.gather(opening, return_exceptions=True)
@@ -309,7 +310,6 @@ class HotPaths:
         if refusal is not None:
             await refusal.response()(scope, receive, send)
             return
-        request = Request(scope, receive)
         admission = self.state.admission
         try:
             admission.arriving += 1
@@ -318,13 +318,15 @@ class HotPaths:
                 # with this one meets the door (and the excess its 429) before the admitted ones'
                 # bodies are parsed and tokenized.
                 await asyncio.sleep(0)
-                body = await request.body()
+                body = await read_body(receive)
                 batch = await _prepare(self.state, model, prepare, body)
             finally:
                 admission.arriving -= 1  # _serve reaches acquire without awaiting first
-            response = await _serve(self.state, batch, chat, request, passed_door=True)
+            response = await _serve(self.state, batch, chat, receive, passed_door=True)
         except APIError as e:
             response = e.response()
+        except ClientGone:  # left before sending its whole body: nobody receives an answer
+            response = Response(status_code=CLIENT_CLOSED)
         await response(scope, receive, send)
 
 
@@ -379,11 +381,11 @@ def _add_openai_routes(app: FastAPI, state: RouterState) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         # served by HotPaths in front of this app; declared here for the OpenAPI schema
-        return await _serve(state, state.preparer.completion(body), False, request)
+        return await _serve(state, state.preparer.completion(body), False, request.receive)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _serve(state, state.preparer.chat(body), True, request)
+        return await _serve(state, state.preparer.chat(body), True, request.receive)
 
     def model_card() -> dict[str, Any]:
         return {"id": state.config.model_name, "object": "model", "created": int(time.time()),

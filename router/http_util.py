@@ -148,6 +148,20 @@ class SSEResponse(Response):
             self._on_close()
 
 
+async def read_body(receive: Receive) -> bytes:
+    """The request's whole body, or ClientGone when the client disconnects before sending it all.
+    What starlette's ``Request.body`` does, without its async-generator stream (registered with the
+    loop and closed per request) on the path every request takes."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 async def wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -230,6 +231,29 @@ def test_metrics_expose_latency_status_and_node_inflight(client: openai.OpenAI,
                  'pdserve_router_requests_total{status="404"}',
                  'pdserve_router_node_inflight{node_id="mixed-0",role="mixed"} 0.0'):
         assert name in text
+
+
+def _requests_with_status(router: BackgroundRouter, status: int) -> float:
+    prefix = f'pdserve_router_requests_total{{status="{status}"}} '
+    lines = [line for line in httpx.get(router.url + "/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
+
+def test_a_client_gone_before_its_whole_body_is_counted_499_and_logs_no_error(
+        client: openai.OpenAI, router: BackgroundRouter, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    before = _requests_with_status(router, 499)
+    host, port = router.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        time.sleep(0.2)  # the router has the headers and part of the body
+    deadline = time.monotonic() + 5
+    while _requests_with_status(router, 499) == before:
+        assert time.monotonic() < deadline, "the abandoned request was never counted"
+        time.sleep(0.02)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert client.completions.create(model=MODEL, prompt="m", max_tokens=2).choices[0].text
 
 
 def test_api_keys_guard_every_route_but_health(node: StubNodeServer,

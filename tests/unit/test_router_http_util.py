@@ -1,5 +1,6 @@
 """``unless_disconnected``: the request's work against its client's disconnect, in one task, with a
-watcher only for work that outlasts ``watch_after_s``."""
+watcher only for work that outlasts ``watch_after_s``; ``read_body``: a body in parts, or a client gone
+before its end."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 
 import pytest
 
-from pdserve.router.http_util import ClientGone, unless_disconnected
+from pdserve.router.http_util import ClientGone, read_body, unless_disconnected
 
 
 class _Client:
@@ -132,3 +133,26 @@ def test_a_cancellation_from_outside_propagates() -> None:
         return False
 
     assert asyncio.run(main())
+
+
+def _messages(*messages: dict[str, object]) -> object:
+    queue = list(messages)
+
+    async def receive() -> dict[str, object]:
+        return queue.pop(0)
+    return receive
+
+
+def test_read_body_joins_the_parts_of_a_body() -> None:
+    receive = _messages({"type": "http.request", "body": b'{"a": ', "more_body": True},
+                        {"type": "http.request", "body": b"", "more_body": True},
+                        {"type": "http.request", "body": b"1}", "more_body": False})
+    assert asyncio.run(read_body(receive)) == b'{"a": 1}'  # type: ignore[arg-type]
+    assert asyncio.run(read_body(_messages({"type": "http.request", "body": b"x"}))) == b"x"  # type: ignore[arg-type]
+
+
+def test_read_body_raises_client_gone_when_the_client_leaves_mid_body() -> None:
+    receive = _messages({"type": "http.request", "body": b'{"a": ', "more_body": True},
+                        {"type": "http.disconnect"})
+    with pytest.raises(ClientGone):
+        asyncio.run(read_body(receive))  # type: ignore[arg-type]
