@@ -155,6 +155,9 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
                        help="decode node when its prefill peer fails: fail the request or prefill here")
     group.add_argument("--drain-timeout", type=float, default=30.0,
                        help="SIGTERM: seconds in-flight requests get to finish before the node exits")
+    group.add_argument("--stop-timeout", type=float, default=30.0,
+                       help="seconds after the drain the node's orderly stop may take; past them the node "
+                            "writes every thread's stack to its log and exits with status 1")
     group.add_argument("--engine-stall-timeout", type=float, default=30.0,
                        help="seconds without a record from a running engine (stopped, or hung in a step) "
                             "before the node kills it and fails its requests as a dead engine's; must "
@@ -184,7 +187,8 @@ def _node_config(args: argparse.Namespace):
         registry_api_key=registry_api_key,
         transport=args.transport, prefill_timeout_s=args.prefill_timeout, kv_lease_s=args.kv_lease,
         prefill_fallback=args.prefill_fallback, drain_timeout_s=args.drain_timeout,
-        engine_stall_timeout_s=args.engine_stall_timeout, log_level=args.log_level, cluster_secret=secret,
+        stop_timeout_s=args.stop_timeout, engine_stall_timeout_s=args.engine_stall_timeout,
+        log_level=args.log_level, cluster_secret=secret,
         insecure=args.insecure,
     )
 

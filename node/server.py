@@ -8,10 +8,12 @@ bound (ports chosen by the OS when configured as 0). Launchers and tests read it
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -64,6 +66,12 @@ class NodeConfig:
     prefill_fallback: str = "fail"  # decode node when its prefill peer fails: "fail" | "local"
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+    # After the drain, the longest the orderly stop may take; the default is more than the sum of its
+    # own bounded steps (registry 5 s, gRPC grace 2 s, data-plane linger, engine shutdown 12 s, reader
+    # join 5 s). A node still alive past drain_timeout_s plus this is stuck: it writes every thread's
+    # stack to its log and exits with status 1 (its engine follows when its stdin closes), so whoever
+    # supervises it sees a failure with its cause rather than a hang.
+    stop_timeout_s: float = 30.0
     engine_stall_timeout_s: float = 30.0  # an engine silent this long is killed (EngineClientConfig)
     log_level: str = "WARNING"
     # authenticates the data plane (CURVE), signed tasks, registry entries and node RPCs
@@ -87,6 +95,8 @@ class NodeConfig:
             raise ValueError("prefill_timeout_s and kv_lease_s must be > 0")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0 (got {self.drain_timeout_s})")
+        if self.stop_timeout_s <= 0:
+            raise ValueError(f"stop_timeout_s must be > 0 (got {self.stop_timeout_s})")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0 (got {self.heartbeat_interval_s})")
         if self.tensor_parallel_size < 1:
@@ -173,6 +183,7 @@ class NodeServer(node_pb2_grpc.NodeServicer):
         self._heartbeater = None
         self._stop = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
+        self._signalled_at: float | None = None
 
     # -- the shared RPCs -------------------------------------------------------------------------------
 
@@ -319,6 +330,9 @@ class NodeServer(node_pb2_grpc.NodeServicer):
     def _on_signal(self) -> None:
         """The first SIGTERM/SIGINT drains, then stops; a second one stops at once."""
         if self._drain_task is None:
+            self._signalled_at = time.monotonic()
+            watchdog_s = self.config.drain_timeout_s + self.config.stop_timeout_s
+            faulthandler.dump_traceback_later(watchdog_s, exit=True)
             self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_stop())
         else:
             self._stop.set()
@@ -336,7 +350,12 @@ class NodeServer(node_pb2_grpc.NodeServicer):
         await self._stop.wait()
         if self._drain_task is not None and not self._drain_task.done():
             self._drain_task.cancel()
+        stopping_at = time.monotonic()
         await self.stop()
+        if self._signalled_at is not None:
+            log.warning("node %s stopped %.1f s after the signal (drain %.1f s, stop %.1f s)",
+                        self.config.node_id, time.monotonic() - self._signalled_at,
+                        stopping_at - self._signalled_at, time.monotonic() - stopping_at)
 
 
 def run_node(server: NodeServer) -> int:
