@@ -198,11 +198,20 @@ class ChaosCluster:
         stop_nodes(retired, check=False)  # killed earlier: reap them before their id starts again
         self.nodes.update(start_nodes(specs, log_dir))
 
-    def stop_node(self, name: str) -> int:
-        """SIGTERM one node and wait: its exit code."""
+    def stop_node(self, name: str, timeout_s: float = 75.0) -> int:
+        """SIGTERM one node and wait: its exit code. The default wait is past the node's own bound (a
+        30 s drain, then a 30 s stop, after which it dumps its threads and exits 1). A node still
+        running after `timeout_s` is killed (a lingering one would hold its node id against the
+        scenarios after) and fails with its log."""
         node = self.nodes.pop(name)
         node.process.terminate()
-        code = node.process.wait(timeout=60)
+        try:
+            code = node.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            node.expect_clean_exit = False
+            stop_nodes([node], check=False)
+            raise AssertionError(f"{name} did not exit within {timeout_s:.0f} s of SIGTERM; its log ends:\n"
+                                 f"{node.log_tail()}") from None
         stop_nodes([node], check=False)
         return code
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -473,7 +474,9 @@ def test_sigterm_decode_node_under_load_drains(cluster: ChaosCluster, report) ->
         leftovers_before = set(dead_owner_leftovers())
         signalled = time.monotonic()
         code = cluster.stop_node("decode-1")
-        row.recovery_s = time.monotonic() - signalled  # how long the drain took
+        row.recovery_s = time.monotonic() - signalled  # how long the drain and the stop took
+        phases = re.search(r"\(drain (\S+) s, stop (\S+) s\)", decode.log_tail())
+        row.figure = f"drain {phases[1]} s, stop {phases[2]} s" if phases else "no stop line in its log"
         outcomes = load.stop()
         row.count(outcomes, fault_at=signalled)
         orphans = [pid for pid in pids if pid_alive(pid)]

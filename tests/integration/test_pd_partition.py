@@ -2,7 +2,8 @@
 ZMQ, nftables dropping every packet between the two addresses), with the router on the host.
 
 Per partition/heal cycle it measures and bounds:
-- detection: each node reports the other unreachable (NodeStats) within 2 s;
+- detection: each node reports the other unreachable (NodeStats) within 3 s (the ZMTP heartbeat timeout
+  is 1.25 s; the rest is room for a loaded host and this test's polling);
 - in-flight failure: a request sent to the cut pair fails with CAUSE_PREFILL_PEER_UNREACHABLE within
   5 s (never the 120 s prefill timeout), and the prefill node frees what it held for the decode node;
 - routing: requests through the router during the partition all succeed (via the other prefill
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 
 MODEL = "pdserve-demo"
 CYCLES = 3
-DETECT_BOUND_S = 2.0
+DETECT_BOUND_S = 3.0
 FAIL_BOUND_S = 5.0
 RECOVER_BOUND_S = 5.0
 REQUEST_BOUND_S = 10.0

@@ -76,8 +76,8 @@ def _router_process(*flags: str) -> Iterator[str]:
 
 def test_a_burst_beyond_the_cluster_capacity_gets_fast_429s_and_live_streams() -> None:
     # one node running 4 at once, 4 more may queue: of 40 concurrent streams 8 are admitted, and all
-    # wait longer than the 2 s keepalive period for their first token
-    slow = StubBehavior(tokens=8, token_delay_s=0.1, first_token_delay_s=3.0)
+    # wait 4 s, twice the keepalive period, for their first token
+    slow = StubBehavior(tokens=8, token_delay_s=0.1, first_token_delay_s=4.0)
     flags = ("--heartbeat-ttl", "60", "--health-interval", "0.2", "--queue-per-slot", "1")
     with StubNodeServer("a", behavior=slow) as a, _router_process(*flags) as url:
         register_with_router(url, a.info(capacity=4))
@@ -90,10 +90,13 @@ def test_a_burst_beyond_the_cluster_capacity_gets_fast_429s_and_live_streams() -
         silence = max(x["max_silence_s"] for x in served)
         print(f"\n429 latency p50 {statistics.median(latencies) * 1000:.1f} ms, "
               f"max {latencies[-1] * 1000:.1f} ms; max silence of admitted streams {silence:.2f} s")
-        assert latencies[-1] < 0.05, latencies
+        # refused without waiting for capacity: each 429 comes well before any admitted first token
+        # (typically within a few ms; the bound leaves room for a loaded 2-core host)
+        assert latencies[-1] < 0.5, latencies
         assert all(x["retry_after"] == "1" for x in refused)
-        # every admitted stream finished; none was silent past the keepalive period (plus slack)
-        assert all(x["done"] for x in served) and silence < 3.0
+        # every admitted stream finished; none was silent for the 4 s before its first token, only for
+        # about the 2 s keepalive period
+        assert all(x["done"] for x in served) and silence < 3.5
         assert all(x["keepalives"] > 0 for x in served)
         assert a.counters.calls == 8  # the refused ones never reached a node: no retries behind them
         nodes = httpx.get(url + "/internal/v1/nodes", timeout=5).json()["nodes"]
