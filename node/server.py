@@ -330,12 +330,19 @@ class NodeServer(node_pb2_grpc.NodeServicer):
     def _on_signal(self) -> None:
         """The first SIGTERM/SIGINT drains, then stops; a second one stops at once."""
         if self._drain_task is None:
-            self._signalled_at = time.monotonic()
-            watchdog_s = self.config.drain_timeout_s + self.config.stop_timeout_s
-            faulthandler.dump_traceback_later(watchdog_s, exit=True)
             self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_stop())
         else:
             self._stop.set()
+
+    def _signal_received(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A plain signal handler, run on the main thread as soon as the signal comes, whatever the loop
+        is doing: the first signal arms the exit watchdog here, so it holds even when the loop is
+        blocked and never gets to drain; the drain itself runs on the loop."""
+        if self._signalled_at is None:
+            self._signalled_at = time.monotonic()
+            faulthandler.dump_traceback_later(self.config.drain_timeout_s + self.config.stop_timeout_s,
+                                              exit=True)
+        loop.call_soon_threadsafe(self._on_signal)
 
     async def _drain_then_stop(self) -> None:
         await self.drain()
@@ -344,7 +351,7 @@ class NodeServer(node_pb2_grpc.NodeServicer):
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal)
+            signal.signal(sig, lambda _signum, _frame: self._signal_received(loop))
         await self.start()
         print(READY_PREFIX + json.dumps(self.ready_info()), flush=True)
         await self._stop.wait()
