@@ -206,14 +206,12 @@ class ChaosCluster:
         node = self.nodes.pop(name)
         node.process.terminate()
         try:
-            code = node.process.wait(timeout=timeout_s)
+            return node.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            node.expect_clean_exit = False
-            stop_nodes([node], check=False)
             raise AssertionError(f"{name} did not exit within {timeout_s:.0f} s of SIGTERM; its log ends:\n"
                                  f"{node.log_tail()}") from None
-        stop_nodes([node], check=False)
-        return code
+        finally:
+            stop_nodes([node], check=False)
 
     # -- placement ---------------------------------------------------------------------------------
 
