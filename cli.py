@@ -137,7 +137,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--host", default="127.0.0.1", help="interface every socket of the node binds")
     group.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     group.add_argument("--data-port", type=int, default=0, help="KV data-plane port (0: any free port)")
-    group.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: none)")
+    group.add_argument("--metrics-port", type=int, default=None,
+                       help="Prometheus port (default: none; 0: one the OS picks, in the ready line)")
     group.add_argument("--model-name", default="pdserve-demo", help="the name clients ask for")
     group.add_argument("--registry", default=None,
                        help="router URL (http://...) or redis://... to register with")

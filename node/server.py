@@ -53,7 +53,7 @@ class NodeConfig:
     host: str = "127.0.0.1"  # every socket of the node binds here
     grpc_port: int = 0
     data_port: int = 0  # KV data plane: decode nodes receive KV here, prefill nodes take tasks here
-    metrics_port: int | None = None  # Prometheus; None = no metrics endpoint
+    metrics_port: int | None = None  # Prometheus; None = no metrics endpoint, 0 = a port the OS picks
     omp_num_threads: int = 1  # per engine rank
     tensor_parallel_size: int = 1  # engine rank processes
     dtype: str = "float32"  # the model's dtype in the engine (an engine that cannot run it refuses to start)
@@ -180,6 +180,7 @@ class NodeServer(node_pb2_grpc.NodeServicer):
         self._server: grpc.aio.Server | None = None
         self.grpc_address = ""
         self.data_address = ""  # set by roles with a KV data plane
+        self.metrics_address = ""  # host:port of the Prometheus endpoint, when it has one
         self._heartbeater = None
         self._stop = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
@@ -254,7 +255,9 @@ class NodeServer(node_pb2_grpc.NodeServicer):
         await self._server.start()
         await self._set_health(serving=True)
         if self.config.metrics_port is not None:
-            start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
+            http_server, _ = start_http_server(self.config.metrics_port, addr=self.config.host,
+                                               registry=self.metrics.registry)
+            self.metrics_address = f"{self.config.host}:{http_server.server_port}"
         asyncio.get_running_loop().create_task(self._watch_engine())
         if self.config.registry_url:
             await self._start_heartbeats()
@@ -295,7 +298,7 @@ class NodeServer(node_pb2_grpc.NodeServicer):
 
     def ready_info(self) -> dict:
         return {"node_id": self.config.node_id, "role": self.config.role, "grpc": self.grpc_address,
-                "data": self.data_address, "pid": self.bridge.client.pid}
+                "data": self.data_address, "metrics": self.metrics_address, "pid": self.bridge.client.pid}
 
     async def _set_health(self, serving: bool) -> None:
         states = health_pb2.HealthCheckResponse

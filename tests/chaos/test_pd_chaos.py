@@ -29,7 +29,6 @@ from pdserve.tests.support.cluster import (
     Node,
     NodeSpec,
     Result,
-    free_port,
     generate,
     leftovers,
     pid_alive,
@@ -51,24 +50,24 @@ PROMPT_TEXT = ("def fibonacci(n):\n    if n < 2:\n        return n\n"
 
 
 @pytest.fixture(scope="module")
-def metrics_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory, metrics_port: int) -> Iterator[dict[str, Node]]:
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
     timeout = ("--prefill-timeout", str(PREFILL_TIMEOUT_S))
     specs = [
         # A small step budget: a long prompt takes many steps, so a kill lands mid-prefill.
         NodeSpec("prefill_kill", "prefill", ("--max-num-batched-tokens", "32")),
         NodeSpec("prefill_stop", "prefill", ("--max-num-batched-tokens", "64")),
-        NodeSpec("decode", "decode", (*timeout, "--metrics-port", str(metrics_port))),
+        NodeSpec("decode", "decode", (*timeout, "--metrics-port", "0")),
         NodeSpec("decode_engine_kill", "decode", timeout),
         NodeSpec("decode_server_kill", "decode", timeout),
     ]
     started = start_nodes(specs, tmp_path_factory.mktemp("chaos_nodes"))
     yield started
     stop_nodes(started.values())
+
+
+@pytest.fixture(scope="module")
+def metrics_port(nodes: dict[str, Node]) -> int:
+    return nodes["decode"].metrics_port
 
 
 @pytest.fixture(scope="module")

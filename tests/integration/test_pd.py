@@ -50,20 +50,14 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def metrics_ports() -> dict[str, int]:
-    return {"prefill_shm": free_port(), "prefill_zmq": free_port()}
-
-
-@pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory,
-          metrics_ports: dict[str, int]) -> Iterator[dict[str, Node]]:
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
     budget = ("--max-num-batched-tokens", str(CHUNK_BUDGET))
     timeout = ("--prefill-timeout", str(PREFILL_TIMEOUT_S))
     specs = [
         NodeSpec("prefill_shm", "prefill",
-                 (*budget, "--transport", "auto", "--metrics-port", str(metrics_ports["prefill_shm"]))),
+                 (*budget, "--transport", "auto", "--metrics-port", "0")),
         NodeSpec("prefill_zmq", "prefill",
-                 (*budget, "--transport", "zmq", "--metrics-port", str(metrics_ports["prefill_zmq"]))),
+                 (*budget, "--transport", "zmq", "--metrics-port", "0")),
         NodeSpec("decode", "decode", timeout),
         NodeSpec("decode_fallback", "decode", (*budget, *timeout, "--prefill-fallback", "local")),
         NodeSpec("decode_small", "decode", (*timeout, "--num-blocks", str(SMALL_DECODE_BLOCKS))),
@@ -94,7 +88,7 @@ def rid(tag: str) -> str:
 
 @pytest.mark.parametrize("prefill_name", ["prefill_shm", "prefill_zmq"])
 def test_pd_greedy_and_seeded_equal_mixed(nodes: dict[str, Node], prompts: dict[str, list[int]],
-                                          metrics_ports: dict[str, int], prefill_name: str) -> None:
+                                          prefill_name: str) -> None:
     prefill, decode, mixed = nodes[prefill_name], nodes["decode"], nodes["mixed"]
     greedy = sampling(16, logprobs=5)
     seeded = sampling(16, temperature=0.8, seed=1234, logprobs=5)
@@ -116,7 +110,7 @@ def test_pd_greedy_and_seeded_equal_mixed(nodes: dict[str, Node], prompts: dict[
             assert timing.prefill_s > 0 and timing.transfer_s > 0
     # The transport really was the one the prefill node was told to use.
     sender = {"prefill_shm": "shm", "prefill_zmq": "zmq"}[prefill_name]
-    sent = scrape_metric(metrics_ports[prefill_name], "pdserve_kv_transfer_bytes_total",
+    sent = scrape_metric(prefill.metrics_port, "pdserve_kv_transfer_bytes_total",
                          {"direction": "out", "transport": sender})
     assert sent > 0
 

@@ -39,7 +39,6 @@ from pdserve.rpc import node_pb2_grpc
 from pdserve.tests.support.cluster import (
     Node,
     NodeSpec,
-    free_port,
     generate,
     sampling,
     scrape_metric,
@@ -66,18 +65,18 @@ RENEW_EVERY_S = 1.0  # the fake decode node's renewal interval, while it waits f
 
 
 @pytest.fixture(scope="module")
-def metrics_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory, metrics_port: int) -> Iterator[dict[str, Node]]:
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
     blocks = ("--num-blocks", str(NUM_BLOCKS), "--block-size", str(BLOCK_SIZE))
-    specs = [NodeSpec("prefill", "prefill", (*blocks, "--metrics-port", str(metrics_port))),
+    specs = [NodeSpec("prefill", "prefill", (*blocks, "--metrics-port", "0")),
              NodeSpec("decode", "decode", blocks)]
     started = start_nodes(specs, tmp_path_factory.mktemp("auth_nodes"))
     yield started
     stop_nodes(started.values())
+
+
+@pytest.fixture(scope="module")
+def metrics_port(nodes: dict[str, Node]) -> int:
+    return nodes["prefill"].metrics_port
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from pdserve.tests.support.cluster import (
     NodeSpec,
     Result,
     assert_same_first_token,
-    free_port,
     generate,
     sampling,
     scrape_metric,
@@ -46,9 +45,6 @@ TEXT = (
 )
 
 
-METRICS_PORTS = {name: free_port() for name in METHODS}
-
-
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
     # The reference prefills in the same 64-token chunks as the prefill nodes: where chunks are cut
@@ -60,7 +56,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]
                               (*spec_flag, "--max-num-batched-tokens", str(CHUNK_BUDGET),
                                "--transport", transport)))
         specs.append(NodeSpec(f"decode_{name}", "decode", (*spec_flag, "--prefill-timeout", "30",
-                                                           "--metrics-port", str(METRICS_PORTS[name]))))
+                                                           "--metrics-port", "0")))
     started = start_nodes(specs, tmp_path_factory.mktemp("pd_spec_nodes"))
     yield started
     stop_nodes(started.values())
@@ -108,7 +104,7 @@ def test_pd_speculative_greedy_equals_plain_mixed(nodes: dict[str, Node], prompt
         assert not ref.chunks[-1].HasField("speculate_metrics")  # the reference really is plain decoding
     assert accepted_total > 0
     # The decode node's Prometheus counters add up the same per-request metrics.
-    assert scrape_metric(METRICS_PORTS[method], "pdserve_spec_accepted_tokens_total", {}) == accepted_total
+    assert scrape_metric(decode.metrics_port, "pdserve_spec_accepted_tokens_total", {}) == accepted_total
     # D's first step only has P's drafts to verify: more than one token there means they were accepted.
     assert max(first_decode_chunk_sizes) >= 2, first_decode_chunk_sizes
     assert wait_until(lambda: prefill.all_blocks_free() and decode.all_blocks_free(), 2.0), (

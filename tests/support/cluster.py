@@ -76,6 +76,12 @@ class Node:
         return int(self.info["pid"])
 
     @property
+    def metrics_port(self) -> int:
+        """The Prometheus port the node bound (started with `--metrics-port 0`: the OS picked it, so no
+        other process can take it between a test's choice and the node's bind)."""
+        return int(self.info["metrics"].rsplit(":", 1)[1])
+
+    @property
     def stub(self) -> node_pb2_grpc.NodeStub:
         return node_pb2_grpc.NodeStub(self.channel)
 
