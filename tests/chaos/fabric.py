@@ -31,7 +31,7 @@ from pathlib import Path
 from pdserve.common.leftovers import POOL_PREFIX, QUEUE_MARKER_PREFIX, SHM_DIR, pid_alive
 from pdserve.rpc.registry import NODES_PATH
 from pdserve.tests.integration.netns import HostNetwork
-from pdserve.tests.support.cluster import Node, NodeSpec, start_nodes, stop_nodes, wait_until
+from pdserve.tests.support.cluster import Node, NodeSpec, free_port, start_nodes, stop_nodes, wait_until
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 NFT = shutil.which("nft") or "/usr/sbin/nft"
@@ -40,17 +40,11 @@ ROUTER_NICE = -10  # the router's priority while it has a CPU of its own (router
 _OWNER = re.compile(rf"(?:{POOL_PREFIX}|{QUEUE_MARKER_PREFIX})(\d+)-(\w+)")
 
 
-def free_port_on(address: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
-
-
 class RedisProcess:
     """redis-server on one address and port; kill and start again on the same port."""
 
     def __init__(self, address: str, workdir: Path) -> None:
-        self.address, self.port, self.workdir = address, free_port_on(address), workdir
+        self.address, self.port, self.workdir = address, free_port(address), workdir
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,7 +79,7 @@ class RouterProcess:
 
     def __init__(self, address: str, registry: str, log_path: Path, flags: tuple[str, ...] = (),
                  log_level: str = "WARNING") -> None:
-        self.address, self.port, self.log_path = address, free_port_on(address), log_path
+        self.address, self.port, self.log_path = address, free_port(address), log_path
         argv = [sys.executable, "-m", "pdserve.cli", "--log-level", log_level, "router", "--host", address,
                 "--port", str(self.port), "--registry", registry, *flags]
         with log_path.open("w") as log:

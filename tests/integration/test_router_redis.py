@@ -23,6 +23,7 @@ from pdserve.node.registry_client import Heartbeater, RedisRegistryClient, regis
 from pdserve.router.config import HealthConfig, RegistryConfig, RouterConfig
 from pdserve.router.server import BackgroundRouter
 from pdserve.rpc.registry import REDIS_KEY_PREFIX, NodeInfo, RegistryAuth, encode_node
+from pdserve.tests.support.cluster import free_port
 from pdserve.tests.support.secret import TEST_SECRET
 from pdserve.tests.support.stub_node import StubNodeServer
 
@@ -30,12 +31,6 @@ MODEL = "pdserve-demo"
 BODY = {"model": MODEL, "prompt": "x", "max_tokens": 2}
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 pytestmark = pytest.mark.skipif(not Path(REDIS_SERVER).exists(), reason="redis-server is not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisProcess:
@@ -76,7 +71,7 @@ class RedisProcess:
 
 @pytest.fixture()
 def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
-    server = RedisProcess(_free_port(), tmp_path)
+    server = RedisProcess(free_port(), tmp_path)
     server.start()
     yield server
     server.kill()
@@ -181,7 +176,7 @@ def test_redis_client_reports_an_unreachable_store() -> None:
     from pdserve.node.registry_client import RegistryUnavailable
 
     async def scenario() -> None:
-        client = RedisRegistryClient(f"redis://127.0.0.1:{_free_port()}/0", RegistryAuth(TEST_SECRET),
+        client = RedisRegistryClient(f"redis://127.0.0.1:{free_port()}/0", RegistryAuth(TEST_SECRET),
                                      timeout_s=0.2)
         info = NodeInfo(node_id="x", role="mixed", model=MODEL, grpc_address="127.0.0.1:1")
         with pytest.raises(RegistryUnavailable, match="redis heartbeat"):
@@ -195,7 +190,7 @@ def test_redis_client_reports_an_unreachable_store() -> None:
 
 def test_forged_and_unsigned_redis_entries_are_ignored_and_counted(tmp_path: Path) -> None:
     """Whoever can write Redis (here: past its password) still cannot add a node without the secret."""
-    server = RedisProcess(_free_port(), tmp_path, password="redis-pass-for-this-test")
+    server = RedisProcess(free_port(), tmp_path, password="redis-pass-for-this-test")
     server.start()
     try:
         with StubNodeServer("n0") as node, BackgroundRouter(_config(server.url)) as r:

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import json
 import os
+import random
 import selectors
 import signal
 import socket
@@ -149,12 +150,32 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: floa
     return predicate()
 
 
-def free_port() -> int:
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORT_FLOOR = 10000
+_port_picker = random.Random()
+
+
+def free_port(address: str = "127.0.0.1") -> int:
     """A port nothing listens on right now (bound and released): for 'unreachable peer' cases and for
-    flags that need a number up front."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    flags that need a number up front. It is drawn below the kernel's ephemeral range: a port from that
+    range (what binding port 0 gives) can be taken by any outgoing connection, or any server binding
+    port 0, between this choice and the bind of the process it is meant for."""
+    ceiling = _ephemeral_low()
+    for _ in range(200):
+        port = _port_picker.randrange(_PORT_FLOOR, ceiling) if ceiling > _PORT_FLOOR + 100 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind((address, port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise OSError(f"no free port on {address}")
 
 
 def tokenizer() -> Tokenizer:
