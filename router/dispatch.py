@@ -318,6 +318,7 @@ class Dispatcher:
             else:
                 call = self._pool.stub(route.decode).Generate(request)
             self._pool.begin(route)
+            finished = False
             try:
                 try:
                     first = await (self._answer(call, route) if whole else self._first_chunk(call, route))
@@ -340,9 +341,14 @@ class Dispatcher:
                 if not whole and not first.finish_reason:
                     async for chunk in self._rest(call, route):
                         yield chunk
+                finished = True
                 return
             finally:
-                call.cancel()  # a no-op after a clean end; otherwise it aborts the request on the nodes
+                # A stream that ended with its finish reason is left to close on its own: its status
+                # may still be on the way, and cancelling it then would abort a finished request on
+                # the node. Any other way out (a failure, the client gone) aborts it on the nodes.
+                if not finished:
+                    call.cancel()
                 self._pool.end(route)
         status, code = (last.status, last.code) if last is not None else (503, "no_capacity")
         raise APIError(status, f"no node could serve the request after {self._retry.attempts} tries: "

@@ -192,6 +192,21 @@ def test_client_disconnect_cancels_every_choice_of_a_fanned_out_request(stream: 
         _wait_until(lambda: _node_view(r, "a")["router_inflight"] == 0)
 
 
+def test_a_stream_that_ended_is_not_cancelled_on_its_node_while_its_status_is_on_the_way() -> None:
+    # the node ends the call 0.5 s after its last chunk: the client has its whole answer at once, and
+    # the finished request is not aborted on the node meanwhile
+    late_status = StubBehavior(tokens=4, end_delay_s=0.5)
+    with StubNodeServer("a", behavior=late_status) as a, BackgroundRouter(_config()) as r:
+        register_with_router(r.url, a.info())
+        started = time.monotonic()
+        body = BODY | {"stream": True}
+        with httpx.stream("POST", r.url + "/v1/completions", json=body, timeout=10) as resp:
+            events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and time.monotonic() - started < 0.5
+        _wait_until(lambda: a.counters.completed == 1)
+        assert a.counters.cancelled == 0
+
+
 def test_admission_answers_429_fast_beyond_its_limits() -> None:
     slow = StubBehavior(tokens=30, token_delay_s=0.05)
     admission = AdmissionConfig(max_inflight_requests=1, max_queued_requests=0, retry_after_s=2,

@@ -67,6 +67,7 @@ class StubBehavior:
     error_after_chunks: int | None = None
     hang: bool = False  # never answer
     silent_after_chunks: int | None = None  # after this many chunks, send nothing more (a stopped node)
+    end_delay_s: float = 0.0  # after the last chunk, the call's status comes this much later
     speculate: bool = True  # report speculate_metrics on the last chunk
     reported_waiting: int = 0  # what Stats says is queued (load the router reads only from Stats)
     total_blocks: int = 0  # the KV blocks Stats reports (0: none reported)
@@ -158,6 +159,7 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
             sent += len(ids)
             chunks += 1
             yield self._chunk(request, ids, sent, total, b, first=chunks == 1)
+        await asyncio.sleep(b.end_delay_s)
 
     def _chunk(self, request: node_pb2.GenerateRequest, ids: list[int], sent: int, total: int,
                b: StubBehavior, first: bool) -> node_pb2.GenerateChunk:
