@@ -159,7 +159,8 @@ class StubNodeServicer(node_pb2_grpc.NodeServicer):
             sent += len(ids)
             chunks += 1
             yield self._chunk(request, ids, sent, total, b, first=chunks == 1)
-        await asyncio.sleep(b.end_delay_s)
+        if b.end_delay_s:
+            await asyncio.sleep(b.end_delay_s)
 
     def _chunk(self, request: node_pb2.GenerateRequest, ids: list[int], sent: int, total: int,
                b: StubBehavior, first: bool) -> node_pb2.GenerateChunk:
